@@ -1,0 +1,30 @@
+# Two commands set everything up on a fresh machine:
+#   make demo   -> local virtualenv + the main job (cut resnet50 after layer2)
+#   make test   -> local virtualenv + the test suite
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+
+.PHONY: demo test venv bench clean
+
+$(BIN)/surgery: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[dev]'
+	touch $(BIN)/surgery
+
+venv: $(BIN)/surgery
+
+demo: venv
+	$(BIN)/surgery cut resnet50 --at layer2 --out demo-output/resnet50-cut --force
+
+test: venv
+	$(BIN)/python -m pytest -n 2 --dist loadgroup -q
+
+bench: venv
+	$(BIN)/python bench/surgery_zoo.py
+	$(BIN)/python bench/growth_zoo.py
+	$(BIN)/python bench/xross_cost.py
+
+clean:
+	rm -rf $(VENV) demo-output

@@ -1,0 +1,95 @@
+"""Resolve user names (module paths or fx node names) to positions in a traced graph.
+
+A module path (``layer2``, ``layer2.1``, ``features.7``) names the point right after
+the last node its call computes; an fx node name (``add_3``, ``layer1_0_relu_1``)
+names the point right after that node.
+"""
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass, field
+from functools import cached_property
+
+from torch import fx
+
+from surgery.errors import SurgeryError, did_you_mean
+
+_SKIP_OPS = ("placeholder", "output", "get_attr")
+
+
+@dataclass
+class GraphIndex:
+    """Positions of the nodes of one graph and the module calls that produced them."""
+
+    graph: fx.Graph
+    nodes: list[fx.Node] = field(init=False)
+    position: dict[fx.Node, int] = field(init=False)
+    module_calls: dict[str, list[list[int]]] = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.nodes = list(self.graph.nodes)
+        self.position = {n: i for i, n in enumerate(self.nodes)}
+        calls: dict[str, dict[int, list[int]]] = defaultdict(lambda: defaultdict(list))
+        for i, n in enumerate(self.nodes):
+            if n.op in _SKIP_OPS:
+                continue
+            for key in (n.meta.get("nn_module_stack") or {}):
+                path, _, call = key.partition("@")
+                calls[path][int(call or 0)].append(i)
+            if n.op == "call_module" and not n.meta.get("nn_module_stack"):
+                calls[str(n.target)][0].append(i)
+        self.module_calls = {p: [c[k] for k in sorted(c)] for p, c in calls.items() if p}
+
+    @cached_property
+    def output_position(self) -> int:
+        return next(i for i, n in enumerate(self.nodes) if n.op == "output")
+
+    @cached_property
+    def node_names(self) -> dict[str, int]:
+        return {n.name: i for i, n in enumerate(self.nodes) if n.op not in _SKIP_OPS}
+
+    def module_end(self, path: str) -> int:
+        """Position of the last node of the (single) call of module ``path``."""
+        calls = self.module_calls[path]
+        if len(calls) > 1:
+            ends = [self.nodes[max(c)].name for c in calls]
+            raise SurgeryError(
+                f"module '{path}' is called {len(calls)} times; cut at one call by its fx node name: {', '.join(ends)}"
+            )
+        return max(calls[0])
+
+    def resolve(self, name: str) -> int:
+        """Position of the cut named ``name`` (module path first, then fx node name)."""
+        if name in self.module_calls:
+            return self.module_end(name)
+        if name in self.node_names:
+            return self.node_names[name]
+        raise SurgeryError(
+            f"'{name}' is neither a module path nor an fx node name of this model ({did_you_mean(name, self.all_names())}); "
+            "list them with surgery.cut_points(model) or `surgery nodes MODEL`"
+        )
+
+    def all_names(self) -> list[str]:
+        return list(self.module_calls) + list(self.node_names)
+
+    def node(self, name: str) -> fx.Node:
+        """The node whose output the name refers to (the last node of a module's call)."""
+        return self.nodes[self.resolve(name)]
+
+    @cached_property
+    def last_use(self) -> list[int]:
+        """For each position, the position of its last user (or itself when unused)."""
+        pos = self.position
+        return [max((pos[u] for u in n.users), default=i) for i, n in enumerate(self.nodes)]
+
+    def live_after(self, p: int, first: fx.Node | None = None) -> list[fx.Node]:
+        """Values computed at or before ``p`` and still used after it (``first`` leads; then graph order).
+
+        ``get_attr`` nodes never cross a boundary: each piece fetches its own parameters.
+        """
+        last = self.last_use
+        live = [n for n in self.nodes[: p + 1] if n.op != "get_attr" and last[self.position[n]] > p]
+        if first is not None and first in live:
+            live.remove(first)
+            live.insert(0, first)
+        return live
