@@ -7,30 +7,41 @@
 >>> torch.equal(pieces(x), net(x))
 True
 """
+from surgery.adapters import Adapter, adapter, stitch
 from surgery.cut import Pieces, cut
+from surgery.cutpoints import CutPoint, cut_points
 from surgery.errors import SurgeryError
 from surgery.flops import count_flops, count_params
 from surgery.io import load, save
+from surgery.matching import match_channels
 from surgery.models import build_model, list_models, load_weights
 from surgery.recipe import Recipe, recipe_of
+from surgery.render import render
 from surgery.replace import replace
 from surgery.specs import ValueSpec
 from surgery.tracing import trace
 
 __all__ = [
+    "Adapter",
+    "CutPoint",
     "Pieces",
     "Recipe",
+    "adapter",
     "SurgeryError",
     "ValueSpec",
     "build_model",
     "count_flops",
     "count_params",
     "cut",
+    "cut_points",
     "list_models",
     "load",
     "load_weights",
+    "match_channels",
     "recipe_of",
+    "render",
     "replace",
     "save",
+    "stitch",
     "trace",
 ]

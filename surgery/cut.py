@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from torch import fx, nn
 
-from surgery.errors import SurgeryError
+from surgery.errors import SurgeryError, running_on
 from surgery.flops import count_flops, count_params
 from surgery.names import GraphIndex
 from surgery.recipe import Recipe, recipe_of
@@ -151,7 +151,8 @@ class Pieces(nn.Module):
         try:
             args = example
             for k, piece in enumerate(self.pieces):
-                out = piece(*args)
+                with running_on(args, f"piece {k}"):
+                    out = piece(*args)
                 yield k, piece, args, out
                 if k + 1 < len(self):
                     args = self._boundary_args(k + 1, out)
@@ -276,7 +277,9 @@ def split_graph(
 
         for n in nodes[bounds[k] + 1 : bounds[k + 1] + 1]:
             if n.op != "get_attr":
-                env[n] = g.node_copy(n, arg)
+                new = g.create_node(n.op, n.target, fx.map_arg(n.args, arg), fx.map_arg(n.kwargs, arg), n.name, n.type)
+                new.meta = dict(n.meta)
+                env[n] = new
         if outs is not None:
             g.output(env[outs[0]] if len(outs) == 1 else tuple(env[v] for v in outs))
         out.append((g, ins, outs))

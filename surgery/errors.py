@@ -1,8 +1,10 @@
 """User-facing errors: one line that names the problem and the fix."""
 from __future__ import annotations
 
+import contextlib
 import difflib
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from typing import Any
 
 
 class SurgeryError(ValueError):
@@ -26,3 +28,22 @@ def did_you_mean(name: str, candidates: Iterable[str], n: int = 5) -> str:
     """``"closest: a, b, c"`` or a hint to list them, for the end of an error message."""
     found = closest(name, candidates, n)
     return f"closest: {', '.join(found)}" if found else "none is close"
+
+
+def _describe_inputs(inputs: Any) -> str:
+    shapes = [tuple(getattr(x, "shape", ())) for x in (inputs if isinstance(inputs, (tuple, list)) else (inputs,))]
+    return ", ".join(str(s) for s in shapes)
+
+
+@contextlib.contextmanager
+def running_on(inputs: Any, what: str = "the model") -> Iterator[None]:
+    """Turn an error raised while running ``what`` on ``inputs`` into a one-line :class:`SurgeryError`."""
+    try:
+        yield
+    except SurgeryError:
+        raise
+    except (RuntimeError, ValueError, TypeError, IndexError, AssertionError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise SurgeryError(
+            f"{what} failed on an input of shape {_describe_inputs(inputs)}: {first}; pass an input the model accepts (CLI: --input)"
+        ) from None

@@ -31,6 +31,8 @@ def _jsonable(v: Any) -> Any:
         return v
     if isinstance(v, list):
         return [_jsonable(x) for x in v]
+    if isinstance(v, dict) and all(isinstance(k, str) for k in v):
+        return {k: _jsonable(x) for k, x in v.items()}
     raise TypeError(type(v).__name__)
 
 
