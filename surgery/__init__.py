@@ -15,6 +15,7 @@ from surgery.flops import count_flops, count_params
 from surgery.io import load, save
 from surgery.matching import match_channels
 from surgery.models import build_model, list_models, load_weights
+from surgery.permute import permute_channels
 from surgery.recipe import Recipe, recipe_of
 from surgery.render import render
 from surgery.replace import replace
@@ -38,6 +39,7 @@ __all__ = [
     "load",
     "load_weights",
     "match_channels",
+    "permute_channels",
     "recipe_of",
     "render",
     "replace",

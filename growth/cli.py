@@ -1,0 +1,196 @@
+"""``growth``: grow networks from the shell without changing what they compute.
+
+    growth sites resnet18 --op net2deeper
+    growth mutate resnet18 --op net2wider --at layer2.0.conv1 --factor 1.5 --out DIR
+    growth random resnet18 --steps 20 --seed 0 --log mutations.jsonl --out DIR
+    growth replay resnet18 mutations.jsonl --out DIR
+
+Every command that grows prints, per step, the parameter and FLOP change and the
+measured max |change of the output|; ``--out`` saves the result with ``surgery.save``.
+"""
+from __future__ import annotations
+
+import inspect
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Annotated, Any, Optional
+
+import torch
+import typer
+from torch import nn
+
+from growth.mutation import MutationRecord, apply_step, mutate, read_log, replay as replay_log
+from growth.registry import OPS, SITE_JOIN, get_op, sites as op_sites
+from surgery.clikit import console, load_model_arg, parse_shape, run_app, table
+from surgery.errors import SurgeryError
+from surgery.flops import human
+from surgery.io import prepare_output_dir, save
+
+app = typer.Typer(
+    help="Grow trained networks (Net2Net: wider, deeper, branches, kernels, skips) without changing their function.",
+    no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
+)
+
+ModelArg = Annotated[str, typer.Argument(help="torchvision model name, package.module:callable, or a saved directory")]
+InputOpt = Annotated[Optional[str], typer.Option("--input", help="example input shape, e.g. 1,3,224,224 (default: a small size the model runs on)")]
+ClassesOpt = Annotated[Optional[int], typer.Option("--num-classes", help="classifier outputs (torchvision models)")]
+TrustOpt = Annotated[bool, typer.Option("--trust-code", help="allow saved recipes that import code outside torchvision")]
+OutOpt = Annotated[Optional[Path], typer.Option("--out", help="save the grown model to this directory")]
+ForceOpt = Annotated[bool, typer.Option(help="replace a non-empty output directory")]
+
+
+def _example(input_shape: str | None) -> torch.Tensor | None:
+    return torch.randn(*parse_shape(input_shape)) if input_shape else None
+
+
+def _change(before: int, after: int) -> str:
+    sign = "+" if after >= before else "-"
+    return f"{human(before)} -> {human(after)} ({sign}{human(abs(after - before))})"
+
+
+def _print_steps(title: str, records: Sequence[MutationRecord]) -> None:
+    rows = [
+        (r.step, r.op, r.site, _change(r.params_before, r.params_after), _change(r.flops_before, r.flops_after), f"{r.max_abs_change:.3g}")
+        for r in records
+    ]
+    steps = table(title, ["step", "op", "site", "params", "FLOPs", "max |Δ output|"], rows)
+    for column in steps.columns[1:3]:
+        column.overflow = "fold"  # names are the point: wrap them rather than cut them
+    console.print(steps)
+    if records:
+        first, last = records[0], records[-1]
+        worst = max(r.max_abs_change for r in records)
+        console.print(
+            f"params {_change(first.params_before, last.params_after)}, FLOPs {_change(first.flops_before, last.flops_after)}, "
+            f"max |Δ output| {worst:.3g} (eval mode)"
+        )
+
+
+def _start(model: str, out: Path | None, force: bool, num_classes: int | None, trust_code: bool) -> nn.Module:
+    """Refuse a non-empty --out before any work, then load MODEL."""
+    if out is not None:
+        prepare_output_dir(out, force)
+    return load_model_arg(model, num_classes=num_classes, trust_code=trust_code)
+
+
+def _finish(title: str, records: Sequence[MutationRecord], grown: nn.Module, out: Path | None, force: bool) -> None:
+    """Print the steps and save the grown model to --out."""
+    _print_steps(title, records)
+    if out is not None:
+        save(grown, out, force=force)
+        console.print(f"saved to {out}/")
+
+
+@app.command()
+def sites(
+    model: ModelArg,
+    op: Annotated[str, typer.Option("--op", help=f"one of {', '.join(sorted(OPS))}")],
+    input: InputOpt = None,
+    num_classes: ClassesOpt = None,
+    trust_code: TrustOpt = False,
+) -> None:
+    """List where OP applies in MODEL (module paths or fx node names; src->dst pairs for add_skip)."""
+    net = load_model_arg(model, num_classes=num_classes, trust_code=trust_code)
+    found = op_sites(net, op, _example(input))
+    listing = table(f"where {op} applies in {model}", ["#", "site"], list(enumerate(found)))
+    listing.columns[1].overflow = "fold"
+    console.print(listing)
+    console.print(f"{op} applies at {len(found)} sites")
+
+
+def _op_args(op: str, given: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+    """Split the options given on the command line into the op's site and its keyword arguments."""
+    spec = get_op(op)
+    accepted = set(inspect.signature(spec.fn).parameters)
+    missing = [p for p in spec.site_params if given.get(p) is None]
+    if missing:
+        raise SurgeryError(f"{op} needs {' and '.join('--' + p for p in missing)}; list candidates with `growth sites MODEL --op {op}`")
+    wrong = [k for k, v in given.items() if v is not None and k not in accepted]
+    if wrong:
+        raise SurgeryError(f"{', '.join('--' + w.replace('_', '-') for w in wrong)} does not apply to {op}")
+    site = SITE_JOIN.join(str(given[p]) for p in spec.site_params)
+    args = {k: v for k, v in given.items() if v is not None and k not in spec.site_params}
+    if args.get("activation") == "none":
+        args["activation"] = None
+    return site, args
+
+
+@app.command(name="mutate")
+def mutate_command(
+    model: ModelArg,
+    op: Annotated[str, typer.Option("--op", help=f"one of {', '.join(sorted(OPS))}")],
+    at: Annotated[Optional[str], typer.Option(help="layer to widen / branch beside / whose kernel to grow")] = None,
+    after: Annotated[Optional[str], typer.Option(help="net2deeper: node after which to insert the identity layer")] = None,
+    src: Annotated[Optional[str], typer.Option(help="add_skip: where the skip starts")] = None,
+    dst: Annotated[Optional[str], typer.Option(help="add_skip: where the skip is added")] = None,
+    factor: Annotated[Optional[float], typer.Option(help="net2wider: width multiplier (> 1)")] = None,
+    new_width: Annotated[Optional[int], typer.Option(help="net2wider: the new width")] = None,
+    noise: Annotated[Optional[float], typer.Option(help="net2wider: zero-sum symmetry-breaking noise (relative std)")] = None,
+    seed: Annotated[Optional[int], typer.Option(help="seed of random choices (net2wider copies, net2branch init)")] = None,
+    kind: Annotated[Optional[str], typer.Option(help="net2deeper: conv or linear")] = None,
+    kernel_size: Annotated[Optional[int], typer.Option(help="net2deeper / net2branch / widen_kernel kernel size")] = None,
+    groups: Annotated[Optional[int], typer.Option(help="net2deeper: conv groups")] = None,
+    batchnorm: Annotated[Optional[bool], typer.Option("--batchnorm/--no-batchnorm", help="net2deeper: identity BatchNorm")] = None,
+    activation: Annotated[Optional[str], typer.Option(help="net2deeper: relu or none")] = None,
+    hidden: Annotated[Optional[int], typer.Option(help="net2branch: channels inside the branch")] = None,
+    merge: Annotated[Optional[str], typer.Option(help="net2branch: add or concat")] = None,
+    width: Annotated[Optional[int], typer.Option(help="net2branch: channels appended with --merge concat")] = None,
+    out: OutOpt = None,
+    force: ForceOpt = False,
+    input: InputOpt = None,
+    num_classes: ClassesOpt = None,
+    trust_code: TrustOpt = False,
+) -> None:
+    """Apply one growth op to MODEL, check the output did not move, and save it."""
+    given = {k: v for k, v in locals().items() if k not in ("model", "op", "out", "force", "input", "num_classes", "trust_code")}
+    site, args = _op_args(op, given)
+    net = _start(model, out, force, num_classes, trust_code)
+    example = _example(input)
+    grown, record = apply_step(net, MutationRecord(op, site, args, input_shape=list(example.shape) if example is not None else None), example)
+    _finish(f"{op} on {model}", [record], grown, out, force)
+
+
+@app.command(name="random")
+def random_command(
+    model: ModelArg,
+    steps: Annotated[int, typer.Option(help="number of growth steps")] = 20,
+    seed: Annotated[int, typer.Option(help="seed of every random choice")] = 0,
+    log: Annotated[Optional[Path], typer.Option(help="JSONL log of the steps (replay it with `growth replay`)")] = None,
+    ops: Annotated[Optional[str], typer.Option(help=f"comma-separated ops to draw from (default: {','.join(OPS)})")] = None,
+    out: OutOpt = None,
+    force: ForceOpt = False,
+    input: InputOpt = None,
+    num_classes: ClassesOpt = None,
+    trust_code: TrustOpt = False,
+) -> None:
+    """Grow MODEL by STEPS random feasible ops, logging each step."""
+    net = _start(model, out, force, num_classes, trust_code)
+    names = [o.strip() for o in ops.split(",") if o.strip()] if ops else None
+    grown, records = mutate(net, steps, seed, log=log, example_input=_example(input), ops=names)
+    if log is not None:
+        console.print(f"logged to {log}")
+    _finish(f"{steps} random growth steps of {model} (seed {seed})", records, grown, out, force)
+
+
+@app.command(name="replay")
+def replay_command(
+    model: ModelArg,
+    log: Annotated[Path, typer.Argument(help="JSONL log written by `growth random`")],
+    out: OutOpt = None,
+    force: ForceOpt = False,
+    num_classes: ClassesOpt = None,
+    trust_code: TrustOpt = False,
+) -> None:
+    """Re-apply every step of LOG to MODEL (same seeds, same network)."""
+    steps = read_log(log)
+    net = _start(model, out, force, num_classes, trust_code)
+    grown, records = replay_log(net, steps)
+    _finish(f"replay of {log} on {model}", records, grown, out, force)
+
+
+def main() -> None:
+    run_app(app)
+
+
+if __name__ == "__main__":
+    main()

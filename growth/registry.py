@@ -1,0 +1,82 @@
+"""The growth ops by name: where each applies, how random growth draws it, how to run it from a record.
+
+Every op module registers a :class:`GrowthOp`; :func:`sites` and random growth
+(:mod:`growth.mutation`) only go through this table.
+
+>>> import torchvision, growth
+>>> growth.sites(torchvision.models.resnet18(), "net2wider")[:3]
+['conv1', 'layer1.0.conv1', 'layer1.0.conv2']
+>>> sorted(growth.OPS)
+['add_skip', 'net2branch', 'net2deeper', 'net2wider', 'widen_kernel']
+"""
+from __future__ import annotations
+
+import random
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import fx, nn
+
+from growth.graphedit import Workbench
+from surgery.errors import SurgeryError, did_you_mean
+
+SiteFinder = Callable[..., list[str]]
+Proposal = tuple[str, dict[str, Any]]
+Proposer = Callable[[random.Random, Workbench], "Proposal | None"]
+
+
+@dataclass(frozen=True)
+class GrowthOp:
+    """One op: the function, the parameters a site fills, its site finder and random proposer.
+
+    ``find_sites(work, **args)`` lists the sites where the op applies with ``args``;
+    ``propose(rng, work)`` draws a feasible ``(site, args)`` or None; ``probability`` is
+    its default weight in random growth.
+    """
+
+    name: str
+    fn: Callable[..., fx.GraphModule]
+    site_params: tuple[str, ...]
+    find_sites: SiteFinder
+    propose: Proposer
+    probability: float
+
+    def site_args(self, site: str) -> dict[str, str]:
+        """``{"at": site}``, or ``{"src": a, "dst": b}`` for a two-name site ``"a->b"``."""
+        parts = site.split(SITE_JOIN) if len(self.site_params) > 1 else [site]
+        if len(parts) != len(self.site_params):
+            raise SurgeryError(f"{self.name} sites look like {SITE_JOIN.join(self.site_params)}; got '{site}'")
+        return dict(zip(self.site_params, parts))
+
+    def apply(
+        self, model: nn.Module, site: str, args: dict[str, Any], example_input: torch.Tensor | None = None, check: bool = False
+    ) -> fx.GraphModule:
+        return self.fn(model, **self.site_args(site), **args, example_input=example_input, check=check)
+
+
+SITE_JOIN = "->"
+OPS: dict[str, GrowthOp] = {}
+
+
+def register_op(op: GrowthOp) -> GrowthOp:
+    OPS[op.name] = op
+    return op
+
+
+def get_op(name: str) -> GrowthOp:
+    if name not in OPS:
+        raise SurgeryError(f"unknown growth op '{name}'; known: {', '.join(sorted(OPS))} ({did_you_mean(name, OPS)})")
+    return OPS[name]
+
+
+def sites(model: nn.Module, op: str, example_input: torch.Tensor | None = None, **args: Any) -> list[str]:
+    """Where ``op`` applies in ``model`` (with ``args``, e.g. ``kind="linear"`` for net2deeper), in graph order."""
+    return get_op(op).find_sites(Workbench(model, example_input, read_only=True), **args)
+
+
+def not_applicable(op: str, site: str, reason: str, applicable: list[str]) -> SurgeryError:
+    """The one-line refusal: why ``op`` does not apply at ``site``, and where it does."""
+    shown = ", ".join(applicable[:8]) + (f", ... ({len(applicable)} in all)" if len(applicable) > 8 else "")
+    return SurgeryError(f"{op} does not apply at '{site}': {reason}; applicable sites: {shown or 'none in this model'}")

@@ -1,0 +1,32 @@
+"""A test-sized run of examples/grow_and_train.py: growth mid-training keeps the test accuracy exactly."""
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+import surgery
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _example():
+    spec = importlib.util.spec_from_file_location("grow_and_train", ROOT / "examples" / "grow_and_train.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.slow
+def test_grow_and_train_keeps_accuracy_through_growth(cifar10_archive: Path, data_cache: Path, tmp_path: Path, capsys) -> None:
+    example = _example()
+    result = example.main([
+        "--data", str(cifar10_archive), "--cache-dir", str(data_cache), "--subset", "640", "--test-subset", "320",
+        "--epochs", "3", "--grow-at-epoch", "1", "--widths", "8", "16", "32", "--batch-size", "64", "--out", str(tmp_path / "grown"),
+    ])
+    out = capsys.readouterr().out
+    assert result["before"] == result["after"], out
+    assert "(equal)" in out and "the grown net ends" in out
+    grown = surgery.load(tmp_path / "grown", trust_code=True)
+    assert grown.get_submodule("features.2.block.net2deeper0.0").out_channels == 48

@@ -1,0 +1,1 @@
+"""xross: train K CNNs together with cross mutual learning (data pipeline, trainer, CLI)."""
