@@ -46,7 +46,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--lr", type=float, default=0.02)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--cache-dir", type=Path, default=None, help="where the decoded images are cached")
-    p.add_argument("--out", type=Path, default=None, help="save the grown net here (load with trust_code=True)")
+    p.add_argument("--out", type=Path, default=None, help="save the grown net here (load with surgery.load)")
     args = p.parse_args(argv)
     if not 0 < args.grow_at_epoch < args.epochs:
         p.error(f"--grow-at-epoch must be between 1 and {args.epochs - 1}")
@@ -140,7 +140,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
           f"{final['grown']:.2f}% vs {final['ungrown']:.2f}%")
     if args.out is not None:
         surgery.save(grown, args.out, force=True)
-        print(f"saved the grown net to {args.out}/ (surgery.load(dir, trust_code=True))")
+        print(f"saved the grown net to {args.out}/ (surgery.load(dir))")
     return {"before": before, "after": after, "grown": final["grown"], "ungrown": final["ungrown"]}
 
 

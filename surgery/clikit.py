@@ -26,7 +26,7 @@ def run_app(app: typer.Typer, argv: Sequence[str] | None = None) -> None:
         app(args=list(argv) if argv is not None else None, prog_name=None, standalone_mode=True)
     except SurgeryError as e:
         err_console.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
-        sys.exit(2)
+        sys.exit(e.exit_code)
 
 
 def fail(message: str) -> None:

@@ -10,8 +10,10 @@ from typing import Any
 class SurgeryError(ValueError):
     """Bad input to the library. The message is one line: what is wrong and what to do.
 
-    The command-line tools print it (no traceback) and exit with status 2.
+    The command-line tools print it (no traceback) and exit with ``exit_code`` (2).
     """
+
+    exit_code = 2
 
 
 def closest(name: str, candidates: Iterable[str], n: int = 5) -> list[str]:

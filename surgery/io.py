@@ -32,7 +32,7 @@ from torch import nn
 
 from surgery.cut import META_KEY, Origin, PieceInfo, Pieces, cut, piece_info
 from surgery.errors import SurgeryError
-from surgery.models import assign_state, is_code_source
+from surgery.models import assign_state, needs_trust
 from surgery.modspec import module_from_spec, module_spec
 from surgery.recipe import Recipe, recipe_of
 from surgery.specs import ValueSpec
@@ -178,7 +178,7 @@ def _check_trust(data: dict[str, Any], trust_code: bool) -> None:
             if isinstance(p, dict) and p.get("kind") == "cut":
                 sources.append(Recipe.from_json((p.get("origin") or {}).get("model")).source)
     for s in sources:
-        if is_code_source(s) and not trust_code:
+        if needs_trust(s) and not trust_code:
             raise SurgeryError(
                 f"the recipe builds its model with '{s}' (code outside torchvision); "
                 "load with trust_code=True (CLI: --trust-code) if you trust where it came from"

@@ -29,9 +29,17 @@ def list_models() -> list[str]:
     return sorted(torchvision.models.list_models(module=torchvision.models))
 
 
+_OWN_PACKAGES = ("surgery.", "growth.", "xross.")
+
+
 def is_code_source(source: str) -> bool:
     """True for ``package.module:callable`` sources (importing them runs their code)."""
     return ":" in source
+
+
+def needs_trust(source: str) -> bool:
+    """True for code sources outside torchvision and this library (loading them needs trust_code)."""
+    return is_code_source(source) and not source.startswith(_OWN_PACKAGES)
 
 
 def build_model(
@@ -53,7 +61,7 @@ def build_model(
     """
     kwargs = {k: v for k, v in kwargs.items() if v is not None}
     if is_code_source(source):
-        if not trust_code:
+        if needs_trust(source) and not trust_code:
             raise SurgeryError(
                 f"the recipe builds its model with '{source}' (code outside torchvision); "
                 "load with trust_code=True (CLI: --trust-code) if you trust where it came from"

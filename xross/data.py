@@ -561,10 +561,15 @@ def _atomic_write(path: Path, write: Callable[[str], None]) -> None:
 # --------------------------------------------------------------------------- augmentation
 
 
-def _generator(*parts: str | int) -> torch.Generator:
-    """A CPU generator seeded from ``parts`` by a fixed hash (same in every process and Python version)."""
+def derive_seed(*parts: str | int) -> int:
+    """A 63-bit seed from ``parts`` by a fixed hash (the same in every process and Python version)."""
     digest = hashlib.blake2b("/".join(map(str, parts)).encode(), digest_size=8).digest()
-    return torch.Generator().manual_seed(int.from_bytes(digest, "little") >> 1)
+    return int.from_bytes(digest, "little") >> 1
+
+
+def _generator(*parts: str | int) -> torch.Generator:
+    """A CPU generator seeded by :func:`derive_seed` of ``parts``."""
+    return torch.Generator().manual_seed(derive_seed(*parts))
 
 
 @dataclass(frozen=True)

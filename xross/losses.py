@@ -1,0 +1,143 @@
+"""The training objectives: Independent, KD, DML and XML (RESEARCH.md sections 1-2).
+
+Every mode says which paths it needs and gives, for student i, named loss terms and
+their weighted total. Teacher distributions are always detached.
+
+* independent: ``CE_i``
+* kd:  ``alpha * CE_i + (1 - alpha) * T^2 * KL(softmax(t/T), softmax(s_i/T))``, t a fixed
+  teacher (ensembles average their softmax)
+* dml: ``0.5 * CE_i + 0.5 * mean_j KL(p_j, p_i)``
+* xml: ``(CE_i + mean_j KL(p_j, p_i) + sum_j sum_{pi in cross(i,j)} [KL(p_j, p_pi) + CE(p_pi, y)])
+  / (n_cross (K - 1))`` where cross(i, j) are the paths through parts of i and j only
+  (2^P - 2 of them, so the normaliser is 2(K-1) at P = 2, as in the research).
+"""
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from surgery.errors import SurgeryError
+from xross.cohort import Cohort, Path
+
+
+def kl(teacher_logits: torch.Tensor, student_logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """``KL(p_t || p_s)`` averaged over the batch; the teacher side is detached."""
+    t = F.log_softmax(teacher_logits.detach().float() / temperature, dim=1)
+    s = F.log_softmax(student_logits.float() / temperature, dim=1)
+    return F.kl_div(s, t, reduction="batchmean", log_target=True)
+
+
+@dataclasses.dataclass
+class LossTerms:
+    """Named loss terms of one student and their weighted total."""
+
+    terms: dict[str, torch.Tensor]
+    total: torch.Tensor
+
+
+def _path_tag(path: Path) -> str:
+    return "-".join(map(str, path))
+
+
+@dataclasses.dataclass
+class Mode:
+    """Base: which paths a step needs and each student's loss."""
+
+    label_smoothing: float = 0.0
+
+    def ce(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(logits.float(), labels, label_smoothing=self.label_smoothing)
+
+    def paths(self, cohort: Cohort) -> list[Path]:
+        return [cohort.own_path(i) for i in range(cohort.num_nets)]
+
+    def loss(self, i: int, logits: dict[Path, torch.Tensor], labels: torch.Tensor, cohort: Cohort, teacher: torch.Tensor | None = None) -> LossTerms:
+        raise NotImplementedError
+
+
+@dataclasses.dataclass
+class Independent(Mode):
+    def loss(self, i, logits, labels, cohort, teacher=None) -> LossTerms:
+        ce = self.ce(logits[cohort.own_path(i)], labels)
+        return LossTerms({"ce": ce}, ce)
+
+
+@dataclasses.dataclass
+class KD(Mode):
+    temperature: float = 4.0
+    alpha: float = 0.5
+    needs_teacher = True
+
+    def loss(self, i, logits, labels, cohort, teacher=None) -> LossTerms:
+        if teacher is None:
+            raise SurgeryError("mode kd needs a teacher (--teacher DIR or name)")
+        own = logits[cohort.own_path(i)]
+        ce = self.ce(own, labels)
+        soft = kl(teacher, own, self.temperature) * self.temperature**2
+        return LossTerms({"ce": ce, "kd": soft}, self.alpha * ce + (1 - self.alpha) * soft)
+
+
+def _mean_peer_kl(i: int, logits: dict[Path, torch.Tensor], cohort: Cohort) -> torch.Tensor:
+    own = logits[cohort.own_path(i)]
+    peers = [kl(logits[cohort.own_path(j)], own) for j in range(cohort.num_nets) if j != i]
+    return torch.stack(peers).mean()
+
+
+@dataclasses.dataclass
+class DML(Mode):
+    def loss(self, i, logits, labels, cohort, teacher=None) -> LossTerms:
+        ce = self.ce(logits[cohort.own_path(i)], labels)
+        k = _mean_peer_kl(i, logits, cohort)
+        return LossTerms({"ce": ce, "kl": k}, 0.5 * ce + 0.5 * k)
+
+
+@dataclasses.dataclass
+class XML(Mode):
+    """Cross mutual learning; ``cross='single'`` keeps the paths one part away from the student's own."""
+
+    cross: str = "all"
+
+    def __post_init__(self) -> None:
+        if self.cross not in ("all", "single"):
+            raise SurgeryError(f"unknown cross '{self.cross}'; choose all or single")
+
+    def cross_paths(self, cohort: Cohort, i: int, j: int) -> list[Path]:
+        return cohort.cross_paths(i, j, single=self.cross == "single")
+
+    def paths(self, cohort: Cohort) -> list[Path]:
+        needed = dict.fromkeys(super().paths(cohort))
+        for i in range(cohort.num_nets):
+            for j in range(cohort.num_nets):
+                if i != j:
+                    needed.update(dict.fromkeys(self.cross_paths(cohort, i, j)))
+        return list(needed)
+
+    def loss(self, i, logits, labels, cohort, teacher=None) -> LossTerms:
+        terms = {"ce": self.ce(logits[cohort.own_path(i)], labels), "kl": _mean_peer_kl(i, logits, cohort)}
+        n_cross = 0
+        for j in range(cohort.num_nets):
+            if j == i:
+                continue
+            target = logits[cohort.own_path(j)]
+            for path in self.cross_paths(cohort, i, j):
+                terms[f"kl@{_path_tag(path)}"] = kl(target, logits[path])
+                terms[f"ce@{_path_tag(path)}"] = self.ce(logits[path], labels)
+            n_cross = len(self.cross_paths(cohort, i, j))
+        total = torch.stack(list(terms.values())).sum() / (n_cross * (cohort.num_nets - 1))
+        return LossTerms(terms, total)
+
+
+MODES: dict[str, Callable[..., Mode]] = {"independent": Independent, "kd": KD, "dml": DML, "xml": XML}
+
+
+def make_mode(name: str, **options: Any) -> Mode:
+    """A mode by name with the options it understands (others are ignored)."""
+    if name not in MODES:
+        raise SurgeryError(f"unknown mode '{name}'; choose one of {', '.join(MODES)}")
+    cls = MODES[name]
+    fields = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    return cls(**{k: v for k, v in options.items() if k in fields})

@@ -1,0 +1,59 @@
+"""Metrics to CSV files in the run directory (and TensorBoard when it is installed)."""
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+from typing import Any
+
+
+class MetricsLog:
+    """Appends rows to ``<name>.csv``; the header is the keys of the first row written.
+
+    On resume the existing files are cut back to the checkpoint's global step, so a
+    resumed run's CSVs equal an uninterrupted run's.
+    """
+
+    def __init__(self, run_dir: Path, tensorboard: bool = True):
+        self.run_dir = run_dir
+        self.writer: Any = None
+        if tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:  # tensorboard is an optional extra
+                SummaryWriter = None  # noqa: N806
+            if SummaryWriter is not None:
+                self.writer = SummaryWriter(str(run_dir / "tensorboard"))
+
+    def _path(self, name: str) -> Path:
+        return self.run_dir / f"{name}.csv"
+
+    def write(self, name: str, row: dict[str, Any], step: int) -> None:
+        path = self._path(name)
+        new = not path.exists()
+        with open(path, "a", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=list(row))
+            if new:
+                w.writeheader()
+            w.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()})
+        if self.writer is not None:
+            for k, v in row.items():
+                if isinstance(v, float):
+                    self.writer.add_scalar(f"{name}/{k}", v, step)
+
+    def truncate(self, name: str, key: str, upto: int) -> None:
+        """Drop rows whose ``key`` column exceeds ``upto`` (rows written after a checkpoint)."""
+        path = self._path(name)
+        if not path.exists():
+            return
+        with open(path, newline="") as f:
+            rows = list(csv.reader(f))
+        if not rows:
+            return
+        col = rows[0].index(key)
+        kept = [rows[0]] + [r for r in rows[1:] if int(float(r[col])) <= upto]
+        with open(path, "w", newline="") as f:
+            csv.writer(f).writerows(kept)
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
