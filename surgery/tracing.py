@@ -7,8 +7,8 @@
 
 Tracing runs with the model in eval mode: Python control flow on ``self.training``
 (GoogLeNet's auxiliary heads, say) is frozen as at inference. Leaf modules keep
-switching with ``.train()``/``.eval()`` at run time: every ``torch.nn`` layer, and
-by default torchvision's ``StochasticDepth``.
+switching with ``.train()``/``.eval()`` at run time: every ``torch.nn`` layer, any
+module whose class sets ``surgery_leaf = True``, and torchvision's ``StochasticDepth``.
 """
 from __future__ import annotations
 
@@ -42,7 +42,7 @@ class ScopedTracer(fx.Tracer):
         self.failed_in: tuple[str, str] | None = None
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
-        if module_qualified_name in self.leaf_paths or isinstance(m, self.leaf_types):
+        if module_qualified_name in self.leaf_paths or isinstance(m, self.leaf_types) or getattr(m, "surgery_leaf", False):
             return True
         return super().is_leaf_module(m, module_qualified_name)
 

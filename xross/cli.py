@@ -27,7 +27,7 @@ from xross.cohort import Cohort, parse_path
 from xross.config import TrainConfig
 from xross.data import BatchLoader, load_split
 from xross.evaluate import EvalResult, best_path, evaluate, pareto_front
-from xross.trainer import build_cohort
+from xross.trainer import DTYPES, build_cohort
 
 app = typer.Typer(help="Train K networks so that their pieces become interchangeable (XML), evaluate and export stitched paths.", no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
 
@@ -73,6 +73,7 @@ def train(
     seed: Annotated[Optional[int], _opt("random seed")] = None,
     device: Annotated[Optional[str], _opt("auto | cpu | cuda | cuda:N")] = None,
     amp: Annotated[Optional[str], _opt("off | bf16 | fp16 (CUDA)")] = None,
+    dtype: Annotated[Optional[str], _opt("float32 | float64 (exact comparisons, debugging)")] = None,
     channels_last: Annotated[Optional[bool], _opt("channels-last memory format", "--channels-last/--no-channels-last")] = None,
     compile: Annotated[Optional[bool], _opt("torch.compile the parts (CUDA)", "--compile/--no-compile")] = None,
     threads: Annotated[Optional[int], _opt("CPU threads")] = None,
@@ -106,7 +107,7 @@ def _rebuild(run: Path) -> tuple[TrainConfig, Cohort]:
     cohort = build_cohort(cfg, torch.device("cpu"))
     path, state = CheckpointDir(run).load_latest()
     cohort.load_state_dict(state["cohort"])
-    return cfg, cohort.eval()
+    return cfg, cohort.to(DTYPES[cfg.dtype]).eval()
 
 
 def _print_eval(cohort: Cohort, result: EvalResult, run: Path) -> None:
@@ -129,7 +130,9 @@ def eval_run(
     """Top-1/top-5 of every path, ensembles and the Pareto front; writes RUN/eval.json."""
     cfg, cohort = _rebuild(run)
     test = load_split(cfg.data, "test", subset=eval_subset or cfg.eval_subset, image_size=cfg.image_size, cache_dir=cfg.cache_dir, seed=cfg.seed)
-    result = evaluate(cohort, BatchLoader(test, batch_size, train=False).epoch(0), cfg.image_size)
+    dtype = DTYPES[cfg.dtype]
+    batches = ((x.to(dtype), y) for x, y in BatchLoader(test, batch_size, train=False).epoch(0))
+    result = evaluate(cohort, batches, cfg.image_size)
     result.save(run / "eval.json")
     _print_eval(cohort, result, run)
 

@@ -54,6 +54,7 @@ class TrainConfig:
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     amp: str = "off"  # off | bf16 | fp16 (CUDA only)
+    dtype: str = "float32"  # float32 | float64 (exact comparisons, debugging)
     channels_last: bool = False
     compile: bool = False
     sync_bn: bool = True  # global BatchNorm statistics when distributed

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import warnings
 from collections.abc import Iterable
 
 import torch
@@ -93,10 +94,14 @@ class GlobalBatchNorm2d(nn.BatchNorm2d):
     deviations (for the variance). Outside distributed training it is a plain BatchNorm2d.
     """
 
+    surgery_leaf = True  # traced as one call, like the BatchNorm2d it replaces
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not (self.training and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
             return super().forward(x)
-        from torch.distributed.nn.functional import all_reduce
+        with warnings.catch_warnings():  # deprecated in favour of functional collectives, which lack autograd here
+            warnings.simplefilter("ignore", FutureWarning)
+            from torch.distributed.nn.functional import all_reduce
 
         c = x.shape[1]
         count = torch.tensor([x.numel() / c], device=x.device, dtype=x.dtype)

@@ -74,7 +74,7 @@ def _topk_correct(logits: torch.Tensor, labels: torch.Tensor) -> tuple[int, int]
 
 def path_costs(cohort: Cohort, paths: Iterable[Path], image_size: int, device: torch.device | str = "cpu") -> dict[Path, tuple[int, float]]:
     """(parameters, forward FLOPs per image) of each path; FLOPs of each part counted once."""
-    x = torch.zeros(1, 3, image_size, image_size, device=device)
+    x = torch.zeros(1, 3, image_size, image_size, device=device, dtype=next(cohort.parameters()).dtype)
     flops: dict[int, float] = {}
     out: dict[Path, tuple[int, float]] = {}
     with torch.no_grad():

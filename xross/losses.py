@@ -24,10 +24,15 @@ from surgery.errors import SurgeryError
 from xross.cohort import Cohort, Path
 
 
+def _upcast(t: torch.Tensor) -> torch.Tensor:
+    """Losses in at least float32 (mixed precision hands over half-precision logits)."""
+    return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
+
+
 def kl(teacher_logits: torch.Tensor, student_logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
     """``KL(p_t || p_s)`` averaged over the batch; the teacher side is detached."""
-    t = F.log_softmax(teacher_logits.detach().float() / temperature, dim=1)
-    s = F.log_softmax(student_logits.float() / temperature, dim=1)
+    t = F.log_softmax(_upcast(teacher_logits.detach()) / temperature, dim=1)
+    s = F.log_softmax(_upcast(student_logits) / temperature, dim=1)
     return F.kl_div(s, t, reduction="batchmean", log_target=True)
 
 
@@ -50,7 +55,7 @@ class Mode:
     label_smoothing: float = 0.0
 
     def ce(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        return F.cross_entropy(logits.float(), labels, label_smoothing=self.label_smoothing)
+        return F.cross_entropy(_upcast(logits), labels, label_smoothing=self.label_smoothing)
 
     def paths(self, cohort: Cohort) -> list[Path]:
         return [cohort.own_path(i) for i in range(cohort.num_nets)]

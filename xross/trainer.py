@@ -66,6 +66,7 @@ class Position:
 
 
 ADAPTER_OWNERS = {"student": "any", "up": "src", "down": "dst"}
+DTYPES = {"float32": torch.float32, "float64": torch.float64}
 SCHEDULES = ("alternate", "joint")
 
 
@@ -128,7 +129,8 @@ class Trainer:
         config.num_classes = config.num_classes or len(train.classes)
         config.image_size = config.image_size or int(train.images.shape[-1])
         self.config = config
-        self.cohort = build_cohort(config, self.device, self.dist.enabled)
+        self.dtype = DTYPES[config.dtype]
+        self.cohort = build_cohort(config, self.device, self.dist.enabled).to(self.dtype)
         if config.channels_last:
             self.cohort = self.cohort.to(memory_format=torch.channels_last)
         self.mode: Mode = make_mode(config.mode, cross=config.cross, temperature=config.temperature, alpha=config.kd_alpha, label_smoothing=config.label_smoothing)
@@ -180,6 +182,8 @@ class Trainer:
             raise SurgeryError(f"unknown schedule '{config.schedule}'; choose one of {', '.join(SCHEDULES)}")
         if config.adapter_update not in ADAPTER_OWNERS:
             raise SurgeryError(f"unknown adapter_update '{config.adapter_update}'; choose one of {', '.join(ADAPTER_OWNERS)}")
+        if config.dtype not in DTYPES:
+            raise SurgeryError(f"unknown dtype '{config.dtype}'; choose one of {', '.join(DTYPES)}")
         if config.amp not in ("off", "bf16", "fp16"):
             raise SurgeryError(f"unknown amp '{config.amp}'; choose off, bf16 or fp16")
         if config.mode == "kd" and not config.teacher:
@@ -233,6 +237,7 @@ class Trainer:
     def train_step(self, images: torch.Tensor, labels: torch.Tensor, students: list[int] | None = None) -> dict[int, LossTerms]:
         """One optimizer step on a batch; only ``students`` (default all) learn from it."""
         students = list(range(self.cohort.num_nets)) if students is None else students
+        images = images.to(self.dtype)
         if self.config.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
         with self.autocast():
@@ -260,7 +265,7 @@ class Trainer:
         return losses
 
     def _check_finite(self, losses: dict[int, LossTerms]) -> None:
-        values = torch.stack([v.detach().float() for loss in losses.values() for v in loss.terms.values()])
+        values = torch.stack([v.detach().double() for loss in losses.values() for v in loss.terms.values()])
         if bool(torch.isfinite(values).all()):
             return
         for i, loss in losses.items():
@@ -269,7 +274,7 @@ class Trainer:
                     last = self.checkpoints.latest()
                     p = self.position
                     raise TrainingDiverged(
-                        f"loss term '{name}' of net {i} ({self.config.nets[i]}) is {float(v)} at epoch {p.epoch + 1} step {p.step + 1} "
+                        f"loss term '{name}' of net {i} ({self.config.nets[i]}) is {float(v.detach())} at epoch {p.epoch + 1} step {p.step + 1} "
                         f"(global step {p.global_step + 1}); stopped without saving; the last good checkpoint is "
                         f"{last if last else 'none (no epoch finished yet)'}"
                     )
@@ -340,7 +345,8 @@ class Trainer:
 
     def evaluate(self, paths: list[tuple[int, ...]] | None = None) -> EvalResult:
         """Top-1/top-5 of ``paths`` (default all) on the evaluation split (rank 0's result everywhere)."""
-        result = evaluate(self.cohort, self.test_loader.epoch(0), self.config.image_size, paths)
+        batches = ((x.to(self.dtype), y) for x, y in self.test_loader.epoch(0))
+        result = evaluate(self.cohort, batches, self.config.image_size, paths)
         self.dist.barrier()
         return result
 
