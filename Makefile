@@ -9,7 +9,6 @@ BIN    := $(VENV)/bin
 
 $(BIN)/surgery: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet -e '.[dev]'
 	touch $(BIN)/surgery
 

@@ -24,6 +24,7 @@ from surgery.specs import ValueSpec
 
 Shape = tuple[int, ...]
 INITS = ("auto", "identity", "random", "matching")
+KINDS = {"auto": (1, 2, 3), "conv": (3,), "linear": (1, 2)}  # kind -> per-sample ranks it maps
 
 
 def _shape(spec: ValueSpec | Sequence[int]) -> Shape:
@@ -99,6 +100,7 @@ class Adapter(nn.Module):
 def adapter(
     in_spec: ValueSpec | Sequence[int],
     out_spec: ValueSpec | Sequence[int],
+    kind: str = "auto",
     *,
     batchnorm: bool = False,
     relu: bool | None = None,
@@ -108,6 +110,8 @@ def adapter(
     """An :class:`Adapter` from per-sample shape ``in_spec`` to ``out_spec``.
 
     Args:
+        kind: ``"conv"`` (1x1 conv, for (C,H,W) boundaries), ``"linear"`` (for (D,) or
+            (T,D) boundaries) or ``"auto"`` (by the shapes).
         batchnorm: add BatchNorm (LayerNorm for token/vector boundaries) after the map.
         relu: ReLU after the map; default on for (C,H,W) boundaries, off for linear ones.
         init: ``"identity"`` (channel j copies channel j, the rest zero), ``"random"``
@@ -117,7 +121,11 @@ def adapter(
     """
     if init not in INITS:
         raise SurgeryError(f"unknown adapter init '{init}'; choose one of {', '.join(INITS)}")
+    if kind not in KINDS:
+        raise SurgeryError(f"unknown adapter kind '{kind}'; choose one of {', '.join(KINDS)}")
     a_in, a_out = _shape(in_spec), _shape(out_spec)
+    if len(a_in) not in KINDS[kind]:
+        raise SurgeryError(f"a {kind} adapter maps {' or '.join(f'{r}-d' for r in KINDS[kind])} per-sample shapes, not {'x'.join(map(str, a_in))}")
     ad = Adapter(a_in, a_out, batchnorm=batchnorm, relu=(len(a_in) == 3) if relu is None else relu)
     if init == "matching":
         if assignment is None:

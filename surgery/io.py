@@ -4,7 +4,7 @@
 >>> net = surgery.build_model("resnet18", num_classes=10).eval()
 >>> pieces = surgery.cut(net, at="layer2")
 >>> d = tempfile.mkdtemp()
->>> surgery.save(pieces, d, force=True)
+>>> _ = surgery.save(pieces, d, force=True)
 >>> again = surgery.load(d).eval()
 >>> x = torch.randn(1, 3, 32, 32)
 >>> torch.equal(again(x), pieces(x))

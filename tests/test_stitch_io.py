@@ -87,6 +87,9 @@ def test_adapter_inits_and_resizing() -> None:
     assert isinstance(tokens.map, torch.nn.Linear) and tokens(torch.randn(2, 197, 768)).shape == (2, 197, 384)
     with pytest.raises(surgery.SurgeryError, match="no adapter maps"):
         surgery.adapter((197, 768), (50, 768))
+    assert isinstance(surgery.adapter((8, 4, 4), (16, 4, 4), kind="conv").map, torch.nn.Conv2d)
+    with pytest.raises(surgery.SurgeryError, match="a linear adapter maps 1-d or 2-d"):
+        surgery.adapter((8, 4, 4), (16, 4, 4), kind="linear")
 
 
 @pytest.mark.parametrize("method", ["hungarian", "gale-shapley"])
@@ -247,3 +250,23 @@ def test_cli_refuses_non_empty_output_and_keeps_it(cli, tmp_path: Path) -> None:
     r = cli("surgery", "cut", "resnet18", "--at", "layer2", "--out", out)
     assert r.code == 2 and "not empty" in r.err
     assert (out / "notes.txt").read_text() == "mine"
+
+
+def test_cli_weights_files_load_without_pickles(cli, tmp_path: Path) -> None:
+    from safetensors.torch import save_file
+
+    model = surgery.build_model("resnet18", num_classes=10)
+    state = {k: v.contiguous() for k, v in model.state_dict().items()}
+    save_file(state, str(tmp_path / "w.safetensors"))
+    torch.save({"state_dict": state}, tmp_path / "w.pt")
+    for weights in ("w.safetensors", "w.pt"):
+        out = tmp_path / f"cut-{weights}"
+        r = cli("surgery", "cut", "resnet18", "--num-classes", "10", "--at", "layer2", "--input", "1,3,32,32", "--weights", tmp_path / weights, "--out", out)
+        assert r.code == 0 and "= 0 on" in r.out, r
+        loaded = surgery.load(out)
+        assert torch.equal(loaded[0].get_submodule("conv1").weight, model.conv1.weight)
+    torch.save({"model": model}, tmp_path / "pickled.pt")  # a whole pickled module, not a state_dict
+    r = cli("surgery", "cut", "resnet18", "--num-classes", "10", "--at", "layer2", "--weights", tmp_path / "pickled.pt", "--out", tmp_path / "p")
+    assert r.code == 2 and "cannot be read as weights" in r.err and not (tmp_path / "p").exists()
+    r = cli("surgery", "cut", "resnet18", "--at", "layer2", "--weights", tmp_path / "w.pt", "--out", tmp_path / "q")  # 1000 vs 10 classes
+    assert r.code == 2 and "do not fit the model" in r.err and "fc.weight" in r.err

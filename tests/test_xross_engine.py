@@ -71,7 +71,8 @@ def test_sigint_mid_epoch_then_resume_is_bit_identical(tmp_path, cifar10_archive
     position = final_state(interrupted)["position"]
     assert position["epoch"] == 0 and 3 <= position["step"] < 8, position  # mid-epoch (8 steps per epoch)
 
-    code, _, err = finish(xross(*train_args(cifar10_archive, data_cache, interrupted, "--resume")))
+    resume = ["train", "--resume", "--out", str(interrupted), "--no-progress"]  # everything else comes from the run
+    code, _, err = finish(xross(*resume))
     assert code == 0, err
     a, b = final_state(straight), final_state(interrupted)
     assert a["position"] == b["position"]

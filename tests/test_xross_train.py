@@ -136,6 +136,9 @@ def test_corrupt_archive_and_existing_run_dir(cli, tmp_path, cifar10_archive, da
     assert (run / "mine.txt").read_text() == "keep"
     r = cli("xross", "train", "--data", cifar10_archive, "--out", tmp_path / "none", "--resume", "--no-progress")
     assert r.code == 2 and "cannot resume" in r.err
+    (run / "config.yaml").write_text(TrainConfig(out=str(run)).to_yaml())
+    r = cli("xross", "train", "--resume", "--out", run, "--mode", "dml", "--no-progress")
+    assert r.code == 2 and "drop --mode" in r.err
 
 
 def test_eval_json_round_trip(tmp_path) -> None:
@@ -150,3 +153,35 @@ def test_eval_json_round_trip(tmp_path) -> None:
     assert best_path(paths, max_params=16e6).path == (0, 1)
     assert best_path(paths, max_flops=1.5e9).path == (1, 1)
     assert json.loads((tmp_path / "e.json").read_text())["samples"] == 100
+
+
+def test_config_file_repeats_a_run(cli, tmp_path, cifar10_archive, data_cache) -> None:
+    first = tmp_path / "first"
+    r = cli("xross", "train", "--nets", "resnet18,resnet18", "--cut", "layer2", "--mode", "dml", "--data", cifar10_archive,
+            "--subset", "64", "--eval-subset", "32", "--epochs", "1", "--batch-size", "32", "--cache-dir", data_cache,
+            "--out", first, "--no-progress")
+    assert r.code == 0, r
+    again = tmp_path / "again"
+    r = cli("xross", "train", "--config", first / "config.yaml", "--out", again, "--no-progress")
+    assert r.code == 0, r
+    for name in ("steps.csv", "epochs.csv", "eval.json"):
+        assert (first / name).read_text() == (again / name).read_text(), name
+    assert TrainConfig.load(again / "config.yaml").out == str(again)
+
+
+def test_kd_from_a_saved_teacher_ensemble(tmp_path, cifar10_archive, data_cache) -> None:
+    teachers = []
+    for k, name in enumerate(("resnet18", "resnet34")):
+        torch.manual_seed(k)
+        teachers.append(str(surgery.save(surgery.build_model(name, num_classes=10), tmp_path / f"teacher{k}")))
+    cfg = small_config(tmp_path, cifar10_archive, data_cache, mode="kd", teacher=teachers, temperature=2.0, subset=64)
+    trainer = Trainer(cfg, progress=False)
+    images, labels = first_batch(trainer)
+    target = trainer.teacher_logits(images)
+    with torch.no_grad():  # the target's softmax at T is the teachers' mean softmax at T
+        mean = torch.stack([t(images).div(2.0).softmax(1) for t in trainer.teachers]).mean(0)
+    assert torch.allclose(target.div(2.0).softmax(1), mean, atol=1e-6)
+    losses = trainer.train_step(images, labels)
+    assert set(losses[0].terms) == {"ce", "kd"}
+    with pytest.raises(surgery.SurgeryError, match="needs --teacher"):
+        Trainer(small_config(tmp_path / "b", cifar10_archive, data_cache, mode="kd"), progress=False)

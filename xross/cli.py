@@ -93,13 +93,35 @@ def train(
     for key in ("out", "cache_dir"):
         if key in given:
             given[key] = str(given[key])
-    base = TrainConfig.load(config) if config else TrainConfig()
-    cfg = TrainConfig.from_dict({**dataclasses.asdict(base), **given})
+    if resume:
+        cfg = _resume_config(given)
+    else:
+        base = TrainConfig.load(config) if config else TrainConfig()
+        cfg = TrainConfig.from_dict({**dataclasses.asdict(base), **given})
     command = "xross " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     trainer = Trainer(cfg, resume=resume, force=force, progress=progress, command=command)
     result = trainer.fit()
     if trainer.dist.is_main:
         _print_eval(trainer.cohort, result, trainer.run_dir)
+
+
+RESUME_MAY_CHANGE = ("out", "epochs", "device", "threads", "log_every", "eval_every", "cache_dir")
+
+
+def _resume_config(given: dict[str, Any]) -> TrainConfig:
+    """The run's own config; only options that do not change the computation may be given with --resume."""
+    if "out" not in given:
+        raise SurgeryError("--resume needs --out RUN_DIR (the run to continue)")
+    saved = Path(given["out"]) / "config.yaml"
+    if not saved.is_file():
+        raise SurgeryError(f"cannot resume: '{saved}' does not exist; start the run without --resume")
+    changed = [k for k in given if k not in RESUME_MAY_CHANGE]
+    if changed:
+        raise SurgeryError(f"--resume continues the run as it was configured; drop --{changed[0].replace('_', '-')} (only {', '.join('--' + k.replace('_', '-') for k in RESUME_MAY_CHANGE)} may be given)")
+    cfg = TrainConfig.load(saved)
+    for k, v in given.items():
+        setattr(cfg, k, v)
+    return cfg
 
 
 def _rebuild(run: Path) -> tuple[TrainConfig, Cohort]:

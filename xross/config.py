@@ -25,6 +25,7 @@ class TrainConfig:
     mode: str = "xml"  # independent | kd | dml | xml
     schedule: str = "alternate"  # alternate | joint
     cross: str = "all"  # all | single (xml)
+    shared_prefixes: bool = True  # compute each path prefix once per step (False: every path from scratch)
     adapter_update: str = "student"  # student | all: which students' losses train the adapters (alternate)
     temperature: float = 4.0  # kd
     kd_alpha: float = 0.5  # kd

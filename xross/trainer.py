@@ -100,7 +100,12 @@ def load_teachers(sources: list[str], device: torch.device) -> list[nn.Module]:
 
 
 class Trainer:
-    """Trains a cohort as ``config`` says; ``fit()`` runs to the end (or to a signal)."""
+    """Trains a cohort as ``config`` says; ``fit()`` runs to the end (or to a signal).
+
+    ``resume=True`` continues the run in ``config.out`` from its newest loadable
+    checkpoint; ``config`` should be the run's own (``TrainConfig.load(out/"config.yaml")``),
+    with at most ``epochs`` raised to train longer.
+    """
 
     def __init__(
         self,
@@ -115,9 +120,9 @@ class Trainer:
         self.dist = dist or init_distributed(config.device)
         self.run_dir = Path(config.out)
         self.progress = progress and self.dist.is_main
-        if resume:
-            config = self._config_for_resume(config)
-        elif self.dist.is_main:
+        if resume and not (self.run_dir / "config.yaml").is_file():
+            raise SurgeryError(f"cannot resume: '{self.run_dir / 'config.yaml'}' does not exist; start the run without --resume")
+        if not resume and self.dist.is_main:
             self._prepare_run_dir(force)
         self.dist.barrier()
         if config.threads:
@@ -168,14 +173,6 @@ class Trainer:
                 raise SurgeryError(f"run directory '{self.run_dir}' is not empty; pass --resume to continue it or --force to start over")
             shutil.rmtree(self.run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
-
-    def _config_for_resume(self, config: TrainConfig) -> TrainConfig:
-        saved = self.run_dir / "config.yaml"
-        if not saved.is_file():
-            raise SurgeryError(f"cannot resume: '{saved}' does not exist; start the run without --resume")
-        resumed = TrainConfig.load(saved)
-        resumed.epochs = config.epochs  # the one option a resumed run may change (to train longer)
-        return resumed
 
     def _check_options(self, config: TrainConfig) -> None:
         if config.schedule not in SCHEDULES:
@@ -241,7 +238,7 @@ class Trainer:
         if self.config.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
         with self.autocast():
-            logits = self.cohort.forward_paths(images, self.paths)
+            logits = self.cohort.forward_paths(images, self.paths, shared=self.config.shared_prefixes)
             target = self.teacher_logits(images)
             losses = {i: self.mode.loss(i, logits, labels, self.cohort, target) for i in students}
         self._check_finite(losses)
