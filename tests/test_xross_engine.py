@@ -15,6 +15,7 @@ import torch
 from surgery.errors import SurgeryError
 from xross.checkpoint import CheckpointDir, read_checkpoint
 from xross.config import TrainConfig
+from xross.evaluate import EvalResult
 from xross.trainer import Trainer, TrainingDiverged, build_cohort
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -36,6 +37,16 @@ def xross(*args: str, **kw) -> subprocess.Popen:
 def finish(p: subprocess.Popen, timeout: float = 300) -> tuple[int, str, str]:
     out, err = p.communicate(timeout=timeout)
     return p.returncode, out, err
+
+
+def torchrun(*args: str, nproc: int = 2) -> None:
+    """`torchrun --nproc_per_node=N -m xross ARGS` on CPU (gloo); fails the test with its stderr if it fails."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", "-m", "xross", *args],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
 
 
 def rows(csv: Path) -> int:
@@ -138,16 +149,11 @@ def test_torchrun_two_processes_match_one_process(tmp_path, cifar10_archive, dat
     # float64: a freshly initialised ResNet's float32 gradients are ill-conditioned on some batches
     # (plain BatchNorm2d differs from float64 by up to a few 1e-3 there), which would swamp a 1e-5 check
     common = ["train", "--dtype", "float64", "--nets", "resnet18,resnet34", "--cut", "layer2", "--mode", "xml", "--data", str(cifar10_archive),
-              "--subset", "128", "--eval-subset", "32", "--batch-size", "32", "--epochs", "1", "--optimizer", "sgd",
+              "--subset", "128", "--eval-subset", "64", "--batch-size", "32", "--epochs", "1", "--optimizer", "sgd",
               "--lr", "0.05", "--cache-dir", str(data_cache), "--no-progress", "--eval-every", "0"]
     code, _, err = finish(xross(*common, "--out", str(tmp_path / "one")))
     assert code == 0, err
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    done = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "xross", *common, "--out", str(tmp_path / "two")],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
+    torchrun(*common, "--out", str(tmp_path / "two"))
     one, two = final_state(tmp_path / "one"), final_state(tmp_path / "two")
     assert one["position"] == two["position"] == {"epoch": 1, "step": 0, "global_step": 4}
     worst = max((one["cohort"][k].float() - two["cohort"][k].float()).abs().max().item() for k in one["cohort"])
@@ -155,3 +161,23 @@ def test_torchrun_two_processes_match_one_process(tmp_path, cifar10_archive, dat
     initial = build_cohort(TrainConfig.load(tmp_path / "one" / "config.yaml"), torch.device("cpu")).state_dict()
     moved = max((one["cohort"][k].float() - v.float()).abs().max().item() for k, v in initial.items())
     assert moved > 1e-3  # training really moved the weights, so the comparison means something
+    # evaluation is sharded over the ranks (one batch each here) and the counts summed
+    e1, e2 = EvalResult.load(tmp_path / "one" / "eval.json"), EvalResult.load(tmp_path / "two" / "eval.json")
+    assert e1.samples == e2.samples == 64
+    assert [(r.path, r.top1, r.top5) for r in e1.paths] == [(r.path, r.top1, r.top5) for r in e2.paths]
+
+
+@pytest.mark.slow
+def test_torchrun_resume_is_bit_identical(tmp_path, cifar10_archive, data_cache) -> None:
+    common = ["train", "--nets", "resnet18,resnet34", "--cut", "layer2", "--mode", "xml", "--data", str(cifar10_archive),
+              "--subset", "128", "--eval-subset", "32", "--batch-size", "32", "--optimizer", "sgd", "--lr", "0.05",
+              "--cache-dir", str(data_cache), "--no-progress", "--eval-every", "0"]
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    torchrun(*common, "--epochs", "2", "--out", str(straight))
+    torchrun(*common, "--epochs", "1", "--out", str(resumed))
+    assert final_state(resumed)["position"]["epoch"] == 1
+    torchrun("train", "--resume", "--out", str(resumed), "--epochs", "2", "--no-progress")
+    a, b = final_state(straight), final_state(resumed)
+    assert a["position"] == b["position"] == {"epoch": 2, "step": 0, "global_step": 8}
+    assert_same_tensors(a["cohort"], b["cohort"])
+    assert (straight / "steps.csv").read_text() == (resumed / "steps.csv").read_text()

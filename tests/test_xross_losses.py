@@ -166,3 +166,18 @@ def test_bad_cohorts() -> None:
         Cohort.build(["resnet18", "resnet34"], cuts=["layer2.0.conv1"], num_classes=10)
     with pytest.raises(surgery.SurgeryError, match="unknown cross"):
         XML(cross="some")
+
+
+def test_sharded_evaluation_with_summed_counts_equals_whole(cohort: Cohort) -> None:
+    from xross.evaluate import evaluate
+
+    g = torch.Generator().manual_seed(2)
+    batches = [(torch.randn(5, 3, 16, 16, generator=g), torch.randint(0, 10, (5,), generator=g)) for _ in range(5)]
+    whole = evaluate(cohort, batches, 16)
+    # two "ranks": rank 1 sees batches 1, 3; rank 0 sees 0, 2, 4 and receives rank 1's counts in the reduce
+    seen: list[torch.Tensor] = []
+    evaluate(cohort, batches[1::2], 16, reduce=lambda t: seen.append(t.clone()) or t)
+    sharded = evaluate(cohort, batches[0::2], 16, reduce=lambda t: t + seen[0])
+    assert sharded.samples == whole.samples == 25
+    assert sharded == whole
+    assert len({r.top1 for r in whole.paths}) > 1  # the paths differ, so a mixed-up unpacking would show

@@ -87,6 +87,15 @@ def any_rank(flag: bool, info: DistInfo) -> bool:
     return bool(t.item())
 
 
+def sum_over_ranks(counts: torch.Tensor, info: DistInfo) -> torch.Tensor:
+    """Element-wise sum of ``counts`` over every rank (``counts`` itself outside distributed runs)."""
+    if not info.enabled:
+        return counts
+    total = counts.to(info.device, copy=True)
+    dist.all_reduce(total)
+    return total.to(counts.device)
+
+
 class GlobalBatchNorm2d(nn.BatchNorm2d):
     """BatchNorm2d whose training statistics span every rank (works on CPU with gloo).
 

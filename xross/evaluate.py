@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path as FsPath
 from typing import Any
 
@@ -93,11 +93,19 @@ def path_costs(cohort: Cohort, paths: Iterable[Path], image_size: int, device: t
 
 
 @torch.no_grad()
-def evaluate(cohort: Cohort, batches: Iterable[tuple[torch.Tensor, torch.Tensor]], image_size: int, paths: Sequence[Path] | None = None) -> EvalResult:
+def evaluate(
+    cohort: Cohort,
+    batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
+    image_size: int,
+    paths: Sequence[Path] | None = None,
+    reduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
+) -> EvalResult:
     """Top-1/top-5 (%) of every path (default all K**P) plus ensembles, in eval mode.
 
     Ensembles average softmax outputs: ``nets`` over the K full networks,
-    ``all_paths`` over every evaluated path.
+    ``all_paths`` over every evaluated path. In a distributed run each rank passes its
+    shard of ``batches`` and a ``reduce`` that sums a tensor of counts over the ranks,
+    so every rank returns the result on the whole evaluation set.
     """
     paths = list(paths) if paths is not None else cohort.paths()
     own = [cohort.own_path(i) for i in range(cohort.num_nets)]
@@ -122,11 +130,26 @@ def evaluate(cohort: Cohort, batches: Iterable[tuple[torch.Tensor, torch.Tensor]
             n += len(labels)
     finally:
         cohort.train(was)
+    if reduce is not None:
+        n, counts, ens = _reduce_counts(reduce, n, counts, ens)
     if n == 0:
         raise SurgeryError("the evaluation set is empty")
     costs = path_costs(cohort, paths, image_size, device)
     results = [PathResult(p, cohort.path_name(p), 100 * c[0] / n, 100 * c[1] / n, *costs[p]) for p, c in counts.items()]
     return EvalResult(results, {k: {"top1": 100 * v[0] / n, "top5": 100 * v[1] / n} for k, v in ens.items()}, n)
+
+
+def _reduce_counts(
+    reduce: Callable[[torch.Tensor], torch.Tensor], n: int, counts: dict[Path, list[int]], ens: dict[str, list[int]]
+) -> tuple[int, dict[Path, list[int]], dict[str, list[int]]]:
+    """The counts summed by ``reduce`` (e.g. over ranks), packed into one int64 tensor and back."""
+    packed = torch.tensor([n, *(c for v in counts.values() for c in v), *(c for v in ens.values() for c in v)], dtype=torch.int64)
+    total = reduce(packed).tolist()
+    n, rest = total[0], total[1:]
+    counts = {p: rest[2 * i : 2 * i + 2] for i, p in enumerate(counts)}
+    rest = rest[2 * len(counts) :]
+    ens = {k: rest[2 * i : 2 * i + 2] for i, k in enumerate(ens)}
+    return n, counts, ens
 
 
 def pareto_front(results: Sequence[PathResult], cost: str = "params") -> list[PathResult]:

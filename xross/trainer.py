@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
+import itertools
 import json
 import shutil
 import signal
@@ -37,7 +39,7 @@ from xross.checkpoint import CheckpointDir
 from xross.cohort import Cohort
 from xross.config import TrainConfig
 from xross.data import Augment, BatchLoader, ImageTensors, derive_seed, load_split
-from xross.distributed import DistInfo, any_rank, average_gradients, globalise_batchnorm, init_distributed
+from xross.distributed import DistInfo, any_rank, average_gradients, globalise_batchnorm, init_distributed, sum_over_ranks
 from xross.evaluate import EvalResult, evaluate
 from xross.losses import LossTerms, Mode, make_mode
 from xross.metrics import MetricsLog
@@ -341,11 +343,10 @@ class Trainer:
         self._save_checkpoint()
 
     def evaluate(self, paths: list[tuple[int, ...]] | None = None) -> EvalResult:
-        """Top-1/top-5 of ``paths`` (default all) on the evaluation split (rank 0's result everywhere)."""
-        batches = ((x.to(self.dtype), y) for x, y in self.test_loader.epoch(0))
-        result = evaluate(self.cohort, batches, self.config.image_size, paths)
-        self.dist.barrier()
-        return result
+        """Top-1/top-5 of ``paths`` (default all) on the evaluation split; ranks share the batches."""
+        shard = itertools.islice(self.test_loader.epoch(0), self.dist.rank, None, self.dist.world_size)
+        batches = ((x.to(self.dtype), y) for x, y in shard)
+        return evaluate(self.cohort, batches, self.config.image_size, paths, reduce=functools.partial(sum_over_ranks, info=self.dist))
 
     # --- checkpoints and signals ----------------------------------------------------------------
 
