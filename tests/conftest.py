@@ -8,7 +8,8 @@ import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-CIFAR10_ARCHIVE = ROOT.parent / "shared" / "data" / "cifar10-jpeg.tar.xz"
+# the shared archive beside the project; CIFAR10_ARCHIVE=/path/to/archive.tar.xz points elsewhere
+CIFAR10_ARCHIVE = Path(os.environ.get("CIFAR10_ARCHIVE", ROOT.parent / "shared" / "data" / "cifar10-jpeg.tar.xz"))
 
 if os.environ.get("PYTEST_XDIST_WORKER"):
     torch.set_num_threads(1)
@@ -17,7 +18,7 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
 @pytest.fixture(scope="session")
 def cifar10_archive() -> Path:
     """The shared CIFAR-10 JPEG archive (ImageFolder layout inside a .tar.xz)."""
-    assert CIFAR10_ARCHIVE.is_file(), f"shared data missing: {CIFAR10_ARCHIVE}"
+    assert CIFAR10_ARCHIVE.is_file(), f"shared data missing: {CIFAR10_ARCHIVE} (set CIFAR10_ARCHIVE to the archive's path)"
     return CIFAR10_ARCHIVE
 
 
