@@ -19,7 +19,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
-import itertools
 import json
 import shutil
 import signal
@@ -151,7 +150,7 @@ class Trainer:
         augment = Augment()
         kw = {"device": self.device, "seed": config.seed, "rank": self.dist.rank, "world_size": self.dist.world_size}
         self.train_loader = BatchLoader(train, config.batch_size, train=True, augment=augment, **kw)
-        self.test_loader = BatchLoader(test, config.batch_size, train=False, augment=augment, device=self.device)
+        self.test_loader = BatchLoader(test, config.batch_size, train=False, augment=augment, **kw)
         self.total_steps = config.epochs * len(self.train_loader)
         self.checkpoints = CheckpointDir(self.run_dir, config.keep_checkpoints)
         self.position = Position()
@@ -343,9 +342,8 @@ class Trainer:
         self._save_checkpoint()
 
     def evaluate(self, paths: list[tuple[int, ...]] | None = None) -> EvalResult:
-        """Top-1/top-5 of ``paths`` (default all) on the evaluation split; ranks share the batches."""
-        shard = itertools.islice(self.test_loader.epoch(0), self.dist.rank, None, self.dist.world_size)
-        batches = ((x.to(self.dtype), y) for x, y in shard)
+        """Top-1/top-5 of ``paths`` (default all) on the evaluation split; each rank scores its part of every batch."""
+        batches = ((x.to(self.dtype), y) for x, y in self.test_loader.epoch(0))
         return evaluate(self.cohort, batches, self.config.image_size, paths, reduce=functools.partial(sum_over_ranks, info=self.dist))
 
     # --- checkpoints and signals ----------------------------------------------------------------
