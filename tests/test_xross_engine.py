@@ -39,6 +39,14 @@ def finish(p: subprocess.Popen, timeout: float = 300) -> tuple[int, str, str]:
     return p.returncode, out, err
 
 
+def ddp_args(archive: Path, cache: Path, *extra: str) -> list[str]:
+    """A small XML run (4 global steps of 32 per epoch) for the one- vs two-process comparisons."""
+    return [
+        "train", "--nets", "resnet18,resnet34", "--cut", "layer2", "--mode", "xml", "--data", str(archive), "--subset", "128",
+        "--batch-size", "32", "--optimizer", "sgd", "--lr", "0.05", "--cache-dir", str(cache), "--no-progress", "--eval-every", "0", *extra,
+    ]
+
+
 def torchrun(*args: str, nproc: int = 2) -> None:
     """`torchrun --nproc_per_node=N -m xross ARGS` on CPU (gloo); fails the test with its stderr if it fails."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -148,9 +156,7 @@ def test_same_seed_gives_identical_metrics(tmp_path, cifar10_archive, data_cache
 def test_torchrun_two_processes_match_one_process(tmp_path, cifar10_archive, data_cache) -> None:
     # float64: a freshly initialised ResNet's float32 gradients are ill-conditioned on some batches
     # (plain BatchNorm2d differs from float64 by up to a few 1e-3 there), which would swamp a 1e-5 check
-    common = ["train", "--dtype", "float64", "--nets", "resnet18,resnet34", "--cut", "layer2", "--mode", "xml", "--data", str(cifar10_archive),
-              "--subset", "128", "--eval-subset", "48", "--batch-size", "32", "--epochs", "1", "--optimizer", "sgd",
-              "--lr", "0.05", "--cache-dir", str(data_cache), "--no-progress", "--eval-every", "0"]
+    common = ddp_args(cifar10_archive, data_cache, "--dtype", "float64", "--eval-subset", "48", "--epochs", "1")
     code, _, err = finish(xross(*common, "--out", str(tmp_path / "one")))
     assert code == 0, err
     torchrun(*common, "--out", str(tmp_path / "two"))
@@ -169,9 +175,7 @@ def test_torchrun_two_processes_match_one_process(tmp_path, cifar10_archive, dat
 
 @pytest.mark.slow
 def test_torchrun_resume_is_bit_identical(tmp_path, cifar10_archive, data_cache) -> None:
-    common = ["train", "--nets", "resnet18,resnet34", "--cut", "layer2", "--mode", "xml", "--data", str(cifar10_archive),
-              "--subset", "128", "--eval-subset", "32", "--batch-size", "32", "--optimizer", "sgd", "--lr", "0.05",
-              "--cache-dir", str(data_cache), "--no-progress", "--eval-every", "0"]
+    common = ddp_args(cifar10_archive, data_cache, "--eval-subset", "32")
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     torchrun(*common, "--epochs", "2", "--out", str(straight))
     torchrun(*common, "--epochs", "1", "--out", str(resumed))

@@ -65,11 +65,11 @@ class EvalResult:
             raise SurgeryError(f"cannot read evaluation {path}: {e}; run `xross eval` again") from None
 
 
-def _topk_correct(logits: torch.Tensor, labels: torch.Tensor) -> tuple[int, int]:
+def _topk_correct(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """How many of ``labels`` are the top-1 and among the top-5 of ``logits``: an int64 pair on the CPU."""
     k = min(5, logits.shape[1])
-    top = logits.topk(k, dim=1).indices
-    hit = top == labels[:, None]
-    return int(hit[:, 0].sum()), int(hit.any(dim=1).sum())
+    hit = logits.topk(k, dim=1).indices == labels[:, None]
+    return torch.stack([hit[:, 0].sum(), hit.any(dim=1).sum()]).cpu()
 
 
 def path_costs(cohort: Cohort, paths: Iterable[Path], image_size: int, device: torch.device | str = "cpu") -> dict[Path, tuple[int, float]]:
@@ -109,49 +109,35 @@ def evaluate(
     """
     paths = list(paths) if paths is not None else cohort.paths()
     own = [cohort.own_path(i) for i in range(cohort.num_nets)]
+    ensembles = {"nets": own, "all_paths": paths}
+    # correct predictions: a row per path, then per ensemble; columns top-1, top-5
+    hits = torch.zeros(len(paths) + len(ensembles), 2, dtype=torch.int64)
+    n = 0
     was = cohort.training
     cohort.eval()
-    counts = {p: [0, 0] for p in paths}
-    ens = {"nets": [0, 0], "all_paths": [0, 0]}
-    n = 0
     device = next(cohort.parameters()).device
     try:
         for images, labels in batches:
             if len(labels) == 0:  # a rank's part of a short last batch
                 continue
             logits = cohort.forward_paths(images, list(dict.fromkeys([*paths, *own])))
-            for p in paths:
-                c1, c5 = _topk_correct(logits[p].float(), labels)
-                counts[p][0] += c1
-                counts[p][1] += c5
-            for name, members in (("nets", own), ("all_paths", paths)):
+            for row, p in enumerate(paths):
+                hits[row] += _topk_correct(logits[p].float(), labels)
+            for row, members in enumerate(ensembles.values(), start=len(paths)):
                 probs = torch.stack([logits[p].float().softmax(1) for p in members]).mean(0)
-                c1, c5 = _topk_correct(probs, labels)
-                ens[name][0] += c1
-                ens[name][1] += c5
+                hits[row] += _topk_correct(probs, labels)
             n += len(labels)
     finally:
         cohort.train(was)
     if reduce is not None:
-        n, counts, ens = _reduce_counts(reduce, n, counts, ens)
+        total = reduce(torch.cat([hits.flatten(), torch.tensor([n])]))
+        hits, n = total[:-1].view_as(hits), int(total[-1])
     if n == 0:
         raise SurgeryError("the evaluation set is empty")
+    pct = [[100 * c / n for c in row] for row in hits.tolist()]
     costs = path_costs(cohort, paths, image_size, device)
-    results = [PathResult(p, cohort.path_name(p), 100 * c[0] / n, 100 * c[1] / n, *costs[p]) for p, c in counts.items()]
-    return EvalResult(results, {k: {"top1": 100 * v[0] / n, "top5": 100 * v[1] / n} for k, v in ens.items()}, n)
-
-
-def _reduce_counts(
-    reduce: Callable[[torch.Tensor], torch.Tensor], n: int, counts: dict[Path, list[int]], ens: dict[str, list[int]]
-) -> tuple[int, dict[Path, list[int]], dict[str, list[int]]]:
-    """The counts summed by ``reduce`` (e.g. over ranks), packed into one int64 tensor and back."""
-    packed = torch.tensor([n, *(c for v in counts.values() for c in v), *(c for v in ens.values() for c in v)], dtype=torch.int64)
-    total = reduce(packed).tolist()
-    n, rest = total[0], total[1:]
-    counts = {p: rest[2 * i : 2 * i + 2] for i, p in enumerate(counts)}
-    rest = rest[2 * len(counts) :]
-    ens = {k: rest[2 * i : 2 * i + 2] for i, k in enumerate(ens)}
-    return n, counts, ens
+    results = [PathResult(p, cohort.path_name(p), *pct[row], *costs[p]) for row, p in enumerate(paths)]
+    return EvalResult(results, {k: dict(zip(("top1", "top5"), pct[len(paths) + i])) for i, k in enumerate(ensembles)}, n)
 
 
 def pareto_front(results: Sequence[PathResult], cost: str = "params") -> list[PathResult]:
