@@ -30,7 +30,7 @@ from torch import fx, nn
 
 from growth.graphedit import Workbench, replay_of, seeded
 from growth.registry import GrowthOp, Proposal, not_applicable, register_op
-from surgery.errors import SurgeryError
+from growth.errors import GrowthError
 from surgery.permute import ChannelMap, remap_channels
 from surgery.recipe import register_replay
 
@@ -62,11 +62,11 @@ def net2branch(
         example_input, check: see :func:`growth.net2wider`.
     """
     if merge not in MERGES:
-        raise SurgeryError(f"merge='{merge}' is not one of {', '.join(MERGES)}")
+        raise GrowthError(f"merge='{merge}' is not one of {', '.join(MERGES)}")
     if kernel_size < 1 or (hidden is not None and hidden < 1) or (width is not None and width < 1):
-        raise SurgeryError("kernel_size, hidden and width must be positive")
+        raise GrowthError("kernel_size, hidden and width must be positive")
     if width is not None and merge == "add":
-        raise SurgeryError("width= only applies to merge='concat' (an added branch has the width of its layer)")
+        raise GrowthError("width= only applies to merge='concat' (an added branch has the width of its layer)")
     seed = random.randrange(2**31) if seed is None else int(seed)
     work = Workbench(model, example_input)
     node = work.node(at)

@@ -9,8 +9,7 @@ True
 """
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -18,7 +17,9 @@ import torch
 import torch.utils._pytree as pytree
 from torch import nn
 
-from surgery.errors import SurgeryError, running_on
+from growth.errors import GrowthError
+from surgery._util import evaluating
+from surgery.errors import running_on
 from surgery.flops import count_flops, count_params
 
 RELATIVE_TOLERANCE = 1e-4
@@ -39,20 +40,6 @@ class OutputChange:
         return self.max_abs <= tolerance * self.scale
 
 
-@contextlib.contextmanager
-def evaluating(*models: nn.Module) -> Iterator[None]:
-    """Eval mode and no autograd for the duration; each model's own mode is restored afterwards."""
-    modes = [m.training for m in models]
-    for m in models:
-        m.eval()
-    try:
-        with torch.no_grad():
-            yield
-    finally:
-        for m, mode in zip(models, modes):
-            m.train(mode)
-
-
 def _tensors(value: Any) -> list[torch.Tensor]:
     return [v for v in pytree.tree_leaves(value) if isinstance(v, torch.Tensor)]
 
@@ -69,10 +56,10 @@ def output_change(before: nn.Module, after: nn.Module, inputs: Sequence[torch.Te
 
 
 def check_preserved(before: nn.Module, after: nn.Module, inputs: Sequence[torch.Tensor], op: str) -> OutputChange:
-    """Raise :class:`SurgeryError` if ``after`` moved the output beyond ``1e-4 * max|before(x)|``."""
+    """Raise :class:`GrowthError` if ``after`` moved the output beyond ``1e-4 * max|before(x)|``."""
     change = output_change(before, after, inputs)
     if not change.within():
-        raise SurgeryError(
+        raise GrowthError(
             f"{op} changed the output by {change.max_abs:.3g} (max |y| = {change.scale:.3g}) on an input of shape "
             f"{tuple(inputs[0].shape)}, beyond the tolerance {RELATIVE_TOLERANCE:g} * max|y|; this is a bug, please report it"
         )

@@ -22,7 +22,7 @@ from torch import nn
 from growth.mutation import MutationRecord, apply_step, mutate, read_log, replay as replay_log
 from growth.registry import OPS, SITE_JOIN, get_op, sites as op_sites
 from surgery.clikit import console, load_model_arg, parse_shape, run_app, table
-from surgery.errors import SurgeryError
+from growth.errors import GrowthError
 from surgery.flops import human
 from surgery.io import prepare_output_dir, save
 
@@ -104,10 +104,10 @@ def _op_args(op: str, given: dict[str, Any]) -> tuple[str, dict[str, Any]]:
     accepted = set(inspect.signature(spec.fn).parameters)
     missing = [p for p in spec.site_params if given.get(p) is None]
     if missing:
-        raise SurgeryError(f"{op} needs {' and '.join('--' + p for p in missing)}; list candidates with `growth sites MODEL --op {op}`")
+        raise GrowthError(f"{op} needs {' and '.join('--' + p for p in missing)}; list candidates with `growth sites MODEL --op {op}`")
     wrong = [k for k, v in given.items() if v is not None and k not in accepted]
     if wrong:
-        raise SurgeryError(f"{', '.join('--' + w.replace('_', '-') for w in wrong)} does not apply to {op}")
+        raise GrowthError(f"{', '.join('--' + w.replace('_', '-') for w in wrong)} does not apply to {op}")
     site = SITE_JOIN.join(str(given[p]) for p in spec.site_params)
     args = {k: v for k, v in given.items() if v is not None and k not in spec.site_params}
     if args.get("activation") == "none":

@@ -32,7 +32,7 @@ from growth.check import evaluating
 from growth.graphedit import Workbench, replay_of
 from growth.registry import GrowthOp, Proposal, not_applicable, register_op
 from growth.signs import negative_reasons
-from surgery.errors import SurgeryError
+from growth.errors import GrowthError
 from surgery.recipe import register_replay
 
 KINDS = ("conv", "linear")
@@ -83,13 +83,13 @@ def net2deeper(
 
 def _check_arguments(kind: str, kernel_size: int, groups: int, activation: str | None) -> None:
     if kind not in KINDS:
-        raise SurgeryError(f"kind='{kind}' is not one of {', '.join(KINDS)}")
+        raise GrowthError(f"kind='{kind}' is not one of {', '.join(KINDS)}")
     if kernel_size < 1 or kernel_size % 2 == 0:
-        raise SurgeryError(f"kernel_size={kernel_size} has no centre tap; give an odd size (1, 3, 5)")
+        raise GrowthError(f"kernel_size={kernel_size} has no centre tap; give an odd size (1, 3, 5)")
     if groups < 1 or (kind == "linear" and groups != 1):
-        raise SurgeryError(f"groups={groups} is not possible for kind='{kind}'; give groups >= 1 (1 for linear)")
+        raise GrowthError(f"groups={groups} is not possible for kind='{kind}'; give groups >= 1 (1 for linear)")
     if activation not in ACTIVATIONS:
-        raise SurgeryError(f"activation={activation!r} is not one of 'relu' or None")
+        raise GrowthError(f"activation={activation!r} is not one of 'relu' or None")
 
 
 def deeper_obstacle(

@@ -31,6 +31,7 @@ from torch import fx, nn
 
 from growth.check import check_preserved
 from surgery.channels import ChannelAnalysis, Shapes, analyze_channels, infer_shapes
+from growth.errors import GrowthError
 from surgery.errors import SurgeryError
 from surgery.names import GraphIndex
 from surgery.permute import traced_copy
@@ -48,7 +49,7 @@ class Workbench:
 
     def __init__(self, model: nn.Module, example_input: torch.Tensor | None = None, *, read_only: bool = False):
         if not isinstance(model, nn.Module):
-            raise SurgeryError(f"expected an nn.Module, got {type(model).__name__}")
+            raise GrowthError(f"expected an nn.Module, got {type(model).__name__}")
         self.source = model
         self.example_input = example_input
         self.gm = trace(model) if read_only else traced_copy(model)
@@ -158,7 +159,7 @@ class Workbench:
         try:
             infer_shapes(self.gm, self.example_input if self.example_input is not None else self._meta_inputs())
         except SurgeryError as e:
-            raise SurgeryError(f"{op} produced a network that no longer runs ({e}); this is a bug, please report it") from None
+            raise GrowthError(f"{op} produced a network that no longer runs ({e}); this is a bug, please report it") from None
         if self.example_input is not None:
             args["input_shape"] = list(self.example_input.shape)
         result = extend_recipe(self.gm, self.source, op, **args)

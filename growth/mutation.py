@@ -28,7 +28,7 @@ from torch import nn
 from growth.check import cost, output_change
 from growth.graphedit import Workbench, default_inputs
 from growth.registry import OPS, get_op
-from surgery.errors import SurgeryError
+from growth.errors import GrowthError
 
 
 @dataclasses.dataclass
@@ -57,7 +57,7 @@ def probabilities(ops: Iterable[str] | None = None, probs: dict[str, float] | No
         get_op(name)
     weights = {name: (probs or {}).get(name, OPS[name].probability) for name in names}
     if any(w < 0 for w in weights.values()) or not any(w > 0 for w in weights.values()):
-        raise SurgeryError(f"op probabilities must be >= 0 with at least one > 0; got {weights}")
+        raise GrowthError(f"op probabilities must be >= 0 with at least one > 0; got {weights}")
     return {name: w for name, w in weights.items() if w > 0}
 
 
@@ -99,7 +99,7 @@ def random_mutation(
         site, args = proposal
         shape = list(example_input.shape) if example_input is not None else None
         return apply_step(model, MutationRecord(name, site, args, input_shape=shape), example_input)
-    raise SurgeryError(f"no growth op among {', '.join(probabilities(ops, probs))} applies anywhere in {type(model).__name__}")
+    raise GrowthError(f"no growth op among {', '.join(probabilities(ops, probs))} applies anywhere in {type(model).__name__}")
 
 
 def mutate(
@@ -117,7 +117,7 @@ def mutate(
     log on the same starting model gives bit-identical weights.
     """
     if steps < 0:
-        raise SurgeryError(f"steps={steps} must be >= 0")
+        raise GrowthError(f"steps={steps} must be >= 0")
     rng = random.Random(seed)
     op_names = list(ops) if ops is not None else None
     records: list[MutationRecord] = []
@@ -140,14 +140,14 @@ _FIELDS = {f.name: f for f in dataclasses.fields(MutationRecord)}
 
 def _record(data: Any, where: str) -> MutationRecord:
     if not isinstance(data, dict):
-        raise SurgeryError(f"{where}: a log line must be a JSON object; the log is corrupt")
+        raise GrowthError(f"{where}: a log line must be a JSON object; the log is corrupt")
     if not isinstance(data.get("op"), str) or not isinstance(data.get("site"), str) or not isinstance(data.get("args", {}), dict):
-        raise SurgeryError(f"{where}: needs 'op' and 'site' strings and an 'args' object; the log is corrupt")
+        raise GrowthError(f"{where}: needs 'op' and 'site' strings and an 'args' object; the log is corrupt")
     if data["op"] not in OPS:
-        raise SurgeryError(f"{where}: unknown op '{data['op']}'; known: {', '.join(sorted(OPS))}")
+        raise GrowthError(f"{where}: unknown op '{data['op']}'; known: {', '.join(sorted(OPS))}")
     unknown = sorted(set(data) - set(_FIELDS))
     if unknown:
-        raise SurgeryError(f"{where}: unknown field(s) {', '.join(unknown)}; the log is corrupt")
+        raise GrowthError(f"{where}: unknown field(s) {', '.join(unknown)}; the log is corrupt")
     return MutationRecord(**data)
 
 
@@ -157,7 +157,7 @@ def read_log(log: str | os.PathLike[str]) -> list[MutationRecord]:
     try:
         lines = path.read_text().splitlines()
     except (OSError, UnicodeDecodeError) as e:
-        raise SurgeryError(f"cannot read growth log '{path}': {e.strerror if isinstance(e, OSError) else e}") from None
+        raise GrowthError(f"cannot read growth log '{path}': {e.strerror if isinstance(e, OSError) else e}") from None
     records = []
     for number, line in enumerate(lines, start=1):
         if not line.strip():
@@ -165,7 +165,7 @@ def read_log(log: str | os.PathLike[str]) -> list[MutationRecord]:
         try:
             data = json.loads(line)
         except json.JSONDecodeError as e:
-            raise SurgeryError(f"{path}:{number}: not valid JSON ({e.msg}); the log is corrupt") from None
+            raise GrowthError(f"{path}:{number}: not valid JSON ({e.msg}); the log is corrupt") from None
         records.append(_record(data, f"{path}:{number}"))
     return records
 

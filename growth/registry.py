@@ -20,7 +20,8 @@ import torch
 from torch import fx, nn
 
 from growth.graphedit import Workbench
-from surgery.errors import SurgeryError, did_you_mean
+from growth.errors import GrowthError
+from surgery.errors import did_you_mean
 
 SiteFinder = Callable[..., list[str]]
 Proposal = tuple[str, dict[str, Any]]
@@ -47,7 +48,7 @@ class GrowthOp:
         """``{"at": site}``, or ``{"src": a, "dst": b}`` for a two-name site ``"a->b"``."""
         parts = site.split(SITE_JOIN) if len(self.site_params) > 1 else [site]
         if len(parts) != len(self.site_params):
-            raise SurgeryError(f"{self.name} sites look like {SITE_JOIN.join(self.site_params)}; got '{site}'")
+            raise GrowthError(f"{self.name} sites look like {SITE_JOIN.join(self.site_params)}; got '{site}'")
         return dict(zip(self.site_params, parts))
 
     def apply(
@@ -67,7 +68,7 @@ def register_op(op: GrowthOp) -> GrowthOp:
 
 def get_op(name: str) -> GrowthOp:
     if name not in OPS:
-        raise SurgeryError(f"unknown growth op '{name}'; known: {', '.join(sorted(OPS))} ({did_you_mean(name, OPS)})")
+        raise GrowthError(f"unknown growth op '{name}'; known: {', '.join(sorted(OPS))} ({did_you_mean(name, OPS)})")
     return OPS[name]
 
 
@@ -76,7 +77,7 @@ def sites(model: nn.Module, op: str, example_input: torch.Tensor | None = None, 
     return get_op(op).find_sites(Workbench(model, example_input, read_only=True), **args)
 
 
-def not_applicable(op: str, site: str, reason: str, applicable: list[str]) -> SurgeryError:
+def not_applicable(op: str, site: str, reason: str, applicable: list[str]) -> GrowthError:
     """The one-line refusal: why ``op`` does not apply at ``site``, and where it does."""
     shown = ", ".join(applicable[:8]) + (f", ... ({len(applicable)} in all)" if len(applicable) > 8 else "")
-    return SurgeryError(f"{op} does not apply at '{site}': {reason}; applicable sites: {shown or 'none in this model'}")
+    return GrowthError(f"{op} does not apply at '{site}': {reason}; applicable sites: {shown or 'none in this model'}")

@@ -26,7 +26,7 @@ from torch import fx, nn
 from growth.graphedit import Workbench, replay_of
 from growth.registry import GrowthOp, Proposal, not_applicable, register_op
 from surgery.channels import ChannelGroup
-from surgery.errors import SurgeryError
+from growth.errors import GrowthError
 from surgery.permute import ChannelMap, remap_channels
 from surgery.recipe import register_replay
 
@@ -59,7 +59,7 @@ def net2wider(
     """
     names = [at] if isinstance(at, str) else list(at)
     if not names:
-        raise SurgeryError("net2wider needs at least one layer name in at=")
+        raise GrowthError("net2wider needs at least one layer name in at=")
     _check_amount(factor, new_width)
     seed = random.randrange(2**31) if seed is None else int(seed)
     work = Workbench(model, example_input)
@@ -78,9 +78,9 @@ def net2wider(
 
 def _check_amount(factor: float | None, new_width: int | None) -> None:
     if (factor is None) == (new_width is None):
-        raise SurgeryError("give exactly one of factor= (e.g. 1.5) or new_width= to net2wider")
+        raise GrowthError("give exactly one of factor= (e.g. 1.5) or new_width= to net2wider")
     if factor is not None and not factor > 1:
-        raise SurgeryError(f"factor={factor} does not widen; give a factor > 1 (e.g. 1.5)")
+        raise GrowthError(f"factor={factor} does not widen; give a factor > 1 (e.g. 1.5)")
 
 
 def _new_width(group: ChannelGroup, name: str, factor: float | None, new_width: int | None) -> int:
@@ -88,9 +88,9 @@ def _new_width(group: ChannelGroup, name: str, factor: float | None, new_width: 
     if new_width is None:
         return max(channels + blocks, math.ceil(channels * factor / blocks - 1e-9) * blocks)
     if new_width <= channels:
-        raise SurgeryError(f"new_width={new_width} is not larger than the {channels} channels at '{name}'; give a larger width")
+        raise GrowthError(f"new_width={new_width} is not larger than the {channels} channels at '{name}'; give a larger width")
     if new_width % blocks:
-        raise SurgeryError(
+        raise GrowthError(
             f"new_width={new_width} at '{name}' is not a multiple of {blocks}: grouped convs read these channels in {blocks} blocks"
         )
     return new_width

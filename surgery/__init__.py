@@ -10,7 +10,7 @@ True
 from surgery.adapters import Adapter, adapter, stitch
 from surgery.cut import Pieces, cut
 from surgery.cutpoints import CutPoint, cut_points
-from surgery.errors import SurgeryError
+from surgery.errors import SurgeryError, UserError
 from surgery.flops import count_flops, count_params
 from surgery.io import load, save
 from surgery.matching import match_channels
@@ -29,6 +29,7 @@ __all__ = [
     "Recipe",
     "adapter",
     "SurgeryError",
+    "UserError",
     "ValueSpec",
     "build_model",
     "count_flops",

@@ -20,6 +20,7 @@ from torch import nn
 
 from surgery.cut import Pieces, _as_args, piece_info
 from surgery.errors import SurgeryError
+from surgery._util import evaluating
 from surgery.specs import ValueSpec
 
 Shape = tuple[int, ...]
@@ -141,15 +142,10 @@ def _flatten(part: nn.Module) -> list[nn.Module]:
     return list(part) if isinstance(part, Pieces) else [part]
 
 
-@torch.no_grad()
 def _output_of(modules: list[nn.Module], example: tuple[Any, ...]) -> Any:
     pieces = Pieces(modules)
-    was = pieces.training
-    pieces.eval()
-    try:
+    with evaluating(pieces):
         return pieces(*example)
-    finally:
-        pieces.train(was)
 
 
 def stitch(

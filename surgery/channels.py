@@ -40,6 +40,7 @@ from torch import fx, nn
 from torch.func import functional_call
 from torchvision.ops import StochasticDepth, stochastic_depth
 
+from surgery._util import first_line
 from surgery.errors import SurgeryError
 from surgery.names import GraphIndex
 from surgery.tracing import trace
@@ -130,7 +131,7 @@ def infer_shapes(gm: fx.GraphModule, example_input: Any = None) -> Shapes:
         try:
             run.run(*(torch.empty(s, dtype=dtype, device="meta") for s in shapes))
         except Exception as e:  # noqa: BLE001 - any failure means "not this input size"
-            failure = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            failure = first_line(e)
             continue
         return Shapes(shapes, dtype, run.shapes)
     tried = "; ".join("x".join(map(str, s[0])) for s in candidates)

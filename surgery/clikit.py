@@ -14,7 +14,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from surgery.errors import SurgeryError
+from surgery.errors import SurgeryError, UserError
 
 console = Console()
 err_console = Console(stderr=True)
@@ -24,7 +24,7 @@ def run_app(app: typer.Typer, argv: Sequence[str] | None = None) -> None:
     """Run a typer app; library errors print one line and exit with status 2 (no traceback)."""
     try:
         app(args=list(argv) if argv is not None else None, prog_name=None, standalone_mode=True)
-    except SurgeryError as e:
+    except UserError as e:
         err_console.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
         sys.exit(e.exit_code)
 

@@ -25,6 +25,7 @@ import torch
 from torch import fx, nn
 
 from surgery.errors import SurgeryError, running_on
+from surgery._util import evaluating
 from surgery.flops import count_flops, count_params
 from surgery.names import GraphIndex
 from surgery.recipe import Recipe, recipe_of
@@ -146,9 +147,7 @@ class Pieces(nn.Module):
     @torch.no_grad()
     def _walk(self, example: tuple[Any, ...]) -> Iterator[tuple[int, nn.Module, tuple[Any, ...], Any]]:
         """Run ``example`` through in eval mode, yielding ``(k, piece, args, output)`` per piece."""
-        was_training = self.training
-        self.eval()
-        try:
+        with evaluating(self):
             args = example
             for k, piece in enumerate(self.pieces):
                 with running_on(args, f"piece {k}"):
@@ -156,8 +155,6 @@ class Pieces(nn.Module):
                 yield k, piece, args, out
                 if k + 1 < len(self):
                     args = self._boundary_args(k + 1, out)
-        finally:
-            self.train(was_training)
 
     def infer_specs(self, *example: Any) -> Pieces:
         """Record the specs of every boundary by running ``example`` through (eval mode)."""

@@ -17,6 +17,7 @@ from torch import fx, nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from surgery.errors import running_on
+from surgery._util import evaluating
 from surgery.names import GraphIndex
 from surgery.specs import ValueSpec
 from surgery.tracing import LeafSpec, trace_graph
@@ -116,11 +117,8 @@ def cut_points(
     rec = None
     if example_input is not None:
         example = tuple(example_input) if isinstance(example_input, (tuple, list)) else (example_input,)
-        was_training = model.training
-        try:
+        with evaluating(model):
             rec = _record(model, graph, example)
-        finally:
-            model.train(was_training)
 
     entries: list[tuple[int, int, str, str]] = []  # (position, depth, kind, name)
     for path, calls in index.module_calls.items():

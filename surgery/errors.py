@@ -6,14 +6,23 @@ import difflib
 from collections.abc import Iterable, Iterator
 from typing import Any
 
+from surgery._util import first_line
 
-class SurgeryError(ValueError):
-    """Bad input to the library. The message is one line: what is wrong and what to do.
 
-    The command-line tools print it (no traceback) and exit with ``exit_code`` (2).
+class UserError(ValueError):
+    """Bad input to the library: the base of every error users are meant to catch.
+
+    The message is one line: what is wrong and what to do. The command-line tools
+    print it (no traceback) and exit with ``exit_code`` (2).
+    :class:`SurgeryError`, :class:`growth.errors.GrowthError` and
+    :class:`xross.errors.XrossError` derive from it, one per package.
     """
 
     exit_code = 2
+
+
+class SurgeryError(UserError):
+    """Bad input to :mod:`surgery` (tracing, cutting, stitching, files)."""
 
 
 def closest(name: str, candidates: Iterable[str], n: int = 5) -> list[str]:
@@ -42,10 +51,10 @@ def running_on(inputs: Any, what: str = "the model") -> Iterator[None]:
     """Turn an error raised while running ``what`` on ``inputs`` into a one-line :class:`SurgeryError`."""
     try:
         yield
-    except SurgeryError:
+    except UserError:
         raise
     except (RuntimeError, ValueError, TypeError, IndexError, AssertionError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise SurgeryError(
-            f"{what} failed on an input of shape {_describe_inputs(inputs)}: {first}; pass an input the model accepts (CLI: --input)"
+            f"{what} failed on an input of shape {_describe_inputs(inputs)}: {first_line(e)}; "
+            "pass an input the model accepts (CLI: --input)"
         ) from None

@@ -4,9 +4,10 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import Any
 
-import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
+
+from surgery._util import evaluating
 
 
 def count_params(modules: nn.Module | Iterable[nn.Module]) -> int:
@@ -20,16 +21,10 @@ def count_params(modules: nn.Module | Iterable[nn.Module]) -> int:
     return sum(seen.values())
 
 
-@torch.no_grad()
 def count_flops(module: nn.Module, *inputs: Any) -> int:
     """Forward FLOPs of ``module(*inputs)`` (run in eval mode, mode restored afterwards)."""
-    was_training = module.training
-    module.eval()
-    try:
-        with FlopCounterMode(display=False) as counter:
-            module(*inputs)
-    finally:
-        module.train(was_training)
+    with evaluating(module), FlopCounterMode(display=False) as counter:
+        module(*inputs)
     return int(counter.get_total_flops())
 
 

@@ -21,8 +21,6 @@ import hashlib
 import json
 import os
 import platform
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +28,7 @@ import torch
 import torchvision
 from torch import nn
 
+from surgery._util import atomic_directory
 from surgery.cut import META_KEY, Origin, PieceInfo, Pieces, cut, piece_info
 from surgery.errors import SurgeryError
 from surgery.models import assign_state, needs_trust
@@ -119,17 +118,6 @@ def prepare_output_dir(directory: str | os.PathLike[str], force: bool) -> Path:
     return target
 
 
-def replace_dir_atomically(tmp: Path, target: Path) -> None:
-    """Move the finished ``tmp`` directory to ``target``; an old ``target`` goes only once the new one is in place."""
-    backup = None
-    if target.exists():
-        backup = target.with_name(f".{target.name}.old-{os.getpid()}")
-        target.rename(backup)
-    tmp.rename(target)
-    if backup is not None:
-        shutil.rmtree(backup, ignore_errors=True)
-
-
 def save(obj: nn.Module, directory: str | os.PathLike[str], *, force: bool = False) -> Path:
     """Save a model or :class:`Pieces` to ``directory`` (``recipe.json`` + ``weights.safetensors``).
 
@@ -140,16 +128,13 @@ def save(obj: nn.Module, directory: str | os.PathLike[str], *, force: bool = Fal
 
     target = prepare_output_dir(directory, force)
     recipe = describe(obj)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
-    try:
+
+    def fill(tmp: Path) -> None:
         save_file(_state_for_safetensors(obj), str(tmp / WEIGHTS_FILE), metadata={"format": FORMAT})
         recipe["weights"] = {"file": WEIGHTS_FILE, "sha256": _sha256(tmp / WEIGHTS_FILE)}
         (tmp / RECIPE_FILE).write_text(json.dumps(recipe, indent=2) + "\n")
-        replace_dir_atomically(tmp, target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+
+    atomic_directory(target, fill)
     return target
 
 

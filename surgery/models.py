@@ -19,6 +19,7 @@ import torch
 import torchvision
 from torch import nn
 
+from surgery._util import first_line
 from surgery.errors import SurgeryError, did_you_mean
 from surgery.recipe import Recipe, attach_recipe, import_callable
 
@@ -103,9 +104,8 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - torch raises many kinds for bad files
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise SurgeryError(
-            f"'{path}' cannot be read as weights ({first}); save a plain state_dict "
+            f"'{path}' cannot be read as weights ({first_line(e)}); save a plain state_dict "
             "(safetensors or torch.save(model.state_dict()))"
         ) from None
     for key in ("state_dict", "model", "model_state_dict"):

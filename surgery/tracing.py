@@ -21,6 +21,7 @@ import torch
 from torch import fx, nn
 
 from surgery.errors import SurgeryError
+from surgery._util import evaluating, first_line
 from surgery.recipe import attach_recipe, recipe_of
 
 LeafSpec = str | type
@@ -80,13 +81,11 @@ def trace_graph(
     if not isinstance(model, nn.Module):
         raise SurgeryError(f"expected an nn.Module, got {type(model).__name__}")
     tracer = ScopedTracer(leaf_modules)
-    was_training = model.training
-    if was_training:
-        model.eval()
     try:
-        return tracer.trace(model, concrete_args=concrete_args)
+        with evaluating(model, grad=True):
+            return tracer.trace(model, concrete_args=concrete_args)
     except Exception as e:  # noqa: BLE001 - fx raises anything the model's code raises
-        what = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        what = first_line(e)
         where = _user_frame(e.__traceback__)
         if tracer.failed_in is not None and tracer.failed_in[0]:
             path, cls = tracer.failed_in
@@ -96,9 +95,6 @@ def trace_graph(
         raise SurgeryError(
             f"cannot trace {type(model).__name__}: {what}" + (f" at {where}" if where else "") + f"; {fix}"
         ) from None
-    finally:
-        if was_training:
-            model.train()
 
 
 def trace(

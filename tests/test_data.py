@@ -17,7 +17,7 @@ from safetensors.torch import save_file
 from torchvision.transforms.v2 import functional as TF
 
 import xross.data
-from surgery.errors import SurgeryError
+from xross.errors import XrossError
 from xross.data import CIFAR_MEAN, CIFAR_STD, Augment, BatchLoader, ImageTensors, load_split, loader_throughput
 
 CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
@@ -93,7 +93,7 @@ def test_truncated_archive_is_reported(cifar10_archive: Path, tmp_path: Path) ->
     cut = tmp_path / "cut.tar.xz"
     with open(cifar10_archive, "rb") as f:
         cut.write_bytes(f.read(1_000_000))
-    with pytest.raises(SurgeryError, match="corrupt or truncated"):
+    with pytest.raises(XrossError, match="corrupt or truncated"):
         load_split(cut, "train", cache_dir=tmp_path / "cache", progress=False)
 
 
@@ -109,7 +109,7 @@ def test_cut_plain_tar_is_reported(tmp_path: Path, where: str) -> None:
     cut_at = {"in a header": middle.offset + 100, "between members": middle.offset, "in a member": middle.offset_data + 10}[where]
     cut = tmp_path / "cut.tar"
     cut.write_bytes(whole.read_bytes()[:cut_at])
-    with pytest.raises(SurgeryError, match=f"archive {cut} is corrupt or truncated"):
+    with pytest.raises(XrossError, match=f"archive {cut} is corrupt or truncated"):
         load_split(cut, "train", cache_dir=tmp_path / "cache", progress=False)
 
 
@@ -124,14 +124,14 @@ def test_damaged_compressed_archive_is_reported(tmp_path: Path, suffix: str, dam
         data[len(data) // 2] ^= 0xFF
     damaged = tmp_path / f"damaged{suffix}"
     damaged.write_bytes(data)
-    with pytest.raises(SurgeryError, match=f"archive {damaged} is corrupt or truncated"):
+    with pytest.raises(XrossError, match=f"archive {damaged} is corrupt or truncated"):
         load_split(damaged, "train", cache_dir=tmp_path / "cache", progress=False)
 
 
 def test_missing_path_and_unknown_name(tmp_path: Path) -> None:
-    with pytest.raises(SurgeryError, match="does not exist"):
+    with pytest.raises(XrossError, match="does not exist"):
         load_split(tmp_path / "nowhere.tar.xz", cache_dir=tmp_path, progress=False)
-    with pytest.raises(SurgeryError, match=r"unknown dataset 'cifar-10'.*cifar10, cifar100.*closest: cifar10"):
+    with pytest.raises(XrossError, match=r"unknown dataset 'cifar-10'.*cifar10, cifar100.*closest: cifar10"):
         load_split("cifar-10", cache_dir=tmp_path, progress=False)
 
 
@@ -169,9 +169,9 @@ def test_archive_under_a_top_folder_matches_the_folder(tmp_path: Path) -> None:
     from_archive = load_split(archive, "train", cache_dir=tmp_path / "cache", progress=False)
     assert torch.equal(from_archive.images, from_folder.images) and torch.equal(from_archive.labels, from_folder.labels)
     assert from_archive.classes == ["a", "b"]
-    with pytest.raises(SurgeryError, match=r"no 'val/' folder \(it has 'test', 'train'\)"):
+    with pytest.raises(XrossError, match=r"no 'val/' folder \(it has 'test', 'train'\)"):
         load_split(archive, "val", cache_dir=tmp_path / "cache", progress=False)
-    with pytest.raises(SurgeryError, match=r"no 'val/' folder \(it has 'test', 'train'\)"):
+    with pytest.raises(XrossError, match=r"no 'val/' folder \(it has 'test', 'train'\)"):
         load_split(folder, "val", cache_dir=tmp_path / "cache", progress=False)
 
 
@@ -183,7 +183,7 @@ def test_images_pair_with_their_labels_and_subset_is_balanced(tmp_path: Path) ->
         assert sorted(torch.bincount(data.labels).tolist()) == [2, 3, 4]  # c is full, a and b split the rest
     assert torch.equal(picks[0].images, picks[1].images)
     assert any(not torch.equal(picks[0].images, other.images) for other in picks[2:])
-    with pytest.raises(SurgeryError, match="subset=13 but .* has only 12 images"):
+    with pytest.raises(XrossError, match="subset=13 but .* has only 12 images"):
         load_split(folder, subset=13, cache_dir=tmp_path / "cache", progress=False)
 
 
@@ -192,7 +192,7 @@ def test_mixed_sizes_need_image_size_then_are_resized(tmp_path: Path) -> None:
     small, tall = tagged_pixels(0, 0, (8, 8)), np.random.default_rng(0).integers(0, 256, (12, 6, 3), dtype=np.uint8)
     save_image(root / "train" / "a" / "small.png", small)
     save_image(root / "train" / "b" / "tall.png", tall)
-    with pytest.raises(SurgeryError, match=r"2 different sizes \(e.g. 8x8, 12x6\); pass image_size=N"):
+    with pytest.raises(XrossError, match=r"2 different sizes \(e.g. 8x8, 12x6\); pass image_size=N"):
         load_split(root, cache_dir=tmp_path / "cache", progress=False)
     data = load_split(root, image_size=8, cache_dir=tmp_path / "cache", progress=False)
     assert data.images.shape == (2, 3, 8, 8)
@@ -216,7 +216,7 @@ def damaged_png() -> bytes:
 def test_undecodable_image_is_named(tmp_path: Path, name: str, content: bytes) -> None:
     root = make_folder(tmp_path / "data", {"a": 2})
     (root / "train" / "a" / name).write_bytes(content)
-    with pytest.raises(SurgeryError, match=f"cannot decode image 'train/a/{name}'"):
+    with pytest.raises(XrossError, match=f"cannot decode image 'train/a/{name}'"):
         load_split(root, cache_dir=tmp_path / "cache", progress=False)
 
 
@@ -224,7 +224,7 @@ def test_split_without_images_is_reported(tmp_path: Path) -> None:
     root = tmp_path / "data"
     (root / "test" / "a").mkdir(parents=True)
     (root / "test" / "a" / "readme.txt").write_text("no images here")
-    with pytest.raises(SurgeryError, match="no images"):
+    with pytest.raises(XrossError, match="no images"):
         load_split(root, "test", cache_dir=tmp_path / "cache", progress=False)
 
 
@@ -247,7 +247,7 @@ def test_cifar_names_use_torchvision_arrays(tmp_path: Path, monkeypatch: pytest.
     assert torch.bincount(data.labels).tolist() == [5, 5]
     kept = [next(i for i in range(20) if torch.equal(torch.from_numpy(arrays[i]).permute(2, 0, 1), image)) for image in data.images]
     assert [i % 2 for i in kept] == data.labels.tolist()
-    with pytest.raises(SurgeryError, match="'train' and 'test', not 'val'"):
+    with pytest.raises(XrossError, match="'train' and 'test', not 'val'"):
         load_split("cifar10", "val", cache_dir=tmp_path, progress=False)
 
 
@@ -296,7 +296,7 @@ def test_augment_eval_only_normalises() -> None:
     out = Augment()(images, train=False)
     assert out.dtype == torch.float32 and out.shape == images.shape
     assert torch.equal(out, normalise(images))
-    with pytest.raises(SurgeryError, match="uint8"):
+    with pytest.raises(XrossError, match="uint8"):
         Augment()(images.float())
 
 
@@ -372,9 +372,9 @@ def test_eval_loader_sees_every_sample_once_in_order(cifar512: ImageTensors) -> 
 
 
 def test_loader_rejects_bad_sharding(cifar512: ImageTensors) -> None:
-    with pytest.raises(SurgeryError, match="not a positive multiple of world_size=2"):
+    with pytest.raises(XrossError, match="not a positive multiple of world_size=2"):
         BatchLoader(cifar512, 63, world_size=2)
-    with pytest.raises(SurgeryError, match="rank=2 is outside"):
+    with pytest.raises(XrossError, match="rank=2 is outside"):
         BatchLoader(cifar512, 64, rank=2, world_size=2)
 
 

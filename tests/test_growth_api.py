@@ -10,6 +10,7 @@ from torch import nn
 import growth
 import surgery
 from growth.check import vary_constant_weights
+from growth.errors import GrowthError
 from surgery.errors import SurgeryError
 
 
@@ -84,7 +85,7 @@ def test_widen_every_conv_of_resnet50() -> None:
 
 def test_grouped_convs_keep_new_channels_in_their_group() -> None:
     net = surgery.build_model("resnext50_32x4d").eval()
-    with pytest.raises(SurgeryError, match="not a multiple of 32"):
+    with pytest.raises(GrowthError, match="not a multiple of 32"):
         growth.net2wider(net, "layer1.0.conv1", new_width=130)
     wide = growth.net2wider(net, "layer1.0.conv1", factor=1.5, seed=0)
     assert wide.get_submodule("layer1.0.conv2").in_channels == 192
@@ -115,35 +116,35 @@ def test_identity_layers_start_as_identity(resnet18: nn.Module) -> None:
 
 
 def test_refusals_say_why_and_where(resnet18: nn.Module) -> None:
-    with pytest.raises(SurgeryError, match=r"'layer1.0.bn2' \(BatchNorm2d\) can output negative values.*applicable sites: relu, maxpool"):
+    with pytest.raises(GrowthError, match=r"'layer1.0.bn2' \(BatchNorm2d\) can output negative values.*applicable sites: relu, maxpool"):
         growth.net2deeper(resnet18, "layer1.0.bn2")
     assert _same_output(resnet18, growth.net2deeper(resnet18, "layer1.0.bn2", activation=None), X)
-    with pytest.raises(SurgeryError, match=r"a conv needs \(N, C, H, W\), use kind='linear'"):
+    with pytest.raises(GrowthError, match=r"a conv needs \(N, C, H, W\), use kind='linear'"):
         growth.net2deeper(resnet18, "flatten")
-    with pytest.raises(SurgeryError, match="reaches the model output"):
+    with pytest.raises(GrowthError, match="reaches the model output"):
         growth.net2wider(resnet18, "fc", factor=1.5)
-    with pytest.raises(SurgeryError, match="coupled to conv1, layer1.0.conv2 \\(a residual addition"):
+    with pytest.raises(GrowthError, match="coupled to conv1, layer1.0.conv2 \\(a residual addition"):
         growth.net2branch(resnet18, "layer1.1.conv2", merge="concat")
-    with pytest.raises(SurgeryError, match="not a Conv2d or Linear"):
+    with pytest.raises(GrowthError, match="not a Conv2d or Linear"):
         growth.net2branch(resnet18, "layer1.0.bn1")
-    with pytest.raises(SurgeryError, match="3x3 kernel can only grow by an even amount"):
+    with pytest.raises(GrowthError, match="3x3 kernel can only grow by an even amount"):
         growth.widen_kernel(resnet18, "layer1.0.conv1", kernel_size=4)
-    with pytest.raises(SurgeryError, match="which 3x3 does not enlarge"):
+    with pytest.raises(GrowthError, match="which 3x3 does not enlarge"):
         growth.widen_kernel(resnet18, "layer1.0.conv1", kernel_size=3)
-    with pytest.raises(SurgeryError, match="does not come before"):
+    with pytest.raises(GrowthError, match="does not come before"):
         growth.add_skip(resnet18, "layer2", "layer1")
     upsampling = nn.Sequential(nn.Conv2d(3, 4, 3, stride=2), nn.Conv2d(4, 4, 3, padding=1), nn.Upsample(scale_factor=2))
-    with pytest.raises(SurgeryError, match="the source is 31x31, not an integer multiple of the destination's 62x62"):
+    with pytest.raises(GrowthError, match="the source is 31x31, not an integer multiple of the destination's 62x62"):
         growth.add_skip(upsampling, "0", "2")
-    with pytest.raises(SurgeryError, match="overwritten in place later"):
+    with pytest.raises(GrowthError, match="overwritten in place later"):
         growth.add_skip(resnet18, "bn1", "layer1")
-    with pytest.raises(SurgeryError, match="two .N, C, H, W. or two .N, F. values"):
+    with pytest.raises(GrowthError, match="two .N, C, H, W. or two .N, F. values"):
         growth.add_skip(resnet18, "layer4", "fc")
 
 
 def test_branch_padding_suggests_a_kernel() -> None:
     net = surgery.build_model("convnext_tiny").eval()
-    with pytest.raises(SurgeryError, match="try kernel_size=2"):
+    with pytest.raises(GrowthError, match="try kernel_size=2"):
         growth.net2branch(net, "features.2.1")
 
 
@@ -152,10 +153,10 @@ def test_bad_input_is_one_line(resnet18: nn.Module) -> None:
     with pytest.raises(SurgeryError, match="closest: layer2.0.conv2, layer2.0.conv1"):
         growth.net2wider(resnet18, "layer2.0.conv", factor=1.5)
     for bad in ({"factor": 1.0}, {"factor": 0.5}, {"new_width": 64}, {}, {"factor": 2.0, "new_width": 128}):
-        with pytest.raises(SurgeryError) as e:
+        with pytest.raises(GrowthError) as e:
             growth.net2wider(resnet18, "layer1.0.conv1", **bad)
         assert "\n" not in str(e.value)
-    with pytest.raises(SurgeryError, match="unknown growth op 'net2wide'.*closest: net2wider"):
+    with pytest.raises(GrowthError, match="unknown growth op 'net2wide'.*closest: net2wider"):
         growth.sites(resnet18, "net2wide")
     with pytest.raises(SurgeryError, match="cannot trace"):
         growth.net2wider(nn.Transformer(d_model=8, nhead=2), "x", factor=1.5)

@@ -13,7 +13,7 @@ from torch import nn
 import growth
 import surgery
 from growth.check import vary_constant_weights
-from surgery.errors import SurgeryError
+from growth.errors import GrowthError
 
 STEPS = 20
 
@@ -86,11 +86,11 @@ def test_random_mutation_follows_the_rng_and_the_probabilities() -> None:
     assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
     _, rec = growth.random_mutation(net, random.Random(0), ops=["widen_kernel"])
     assert rec.op == "widen_kernel" and rec.args == {"kernel_size": [5, 5]}
-    with pytest.raises(SurgeryError, match="no growth op among add_skip applies"):
+    with pytest.raises(GrowthError, match="no growth op among add_skip applies"):
         growth.random_mutation(nn.Sequential(nn.Linear(4, 4)), random.Random(0), ops=["add_skip"])
-    with pytest.raises(SurgeryError, match="unknown growth op 'deeper'"):
+    with pytest.raises(GrowthError, match="unknown growth op 'deeper'"):
         growth.random_mutation(net, random.Random(0), ops=["deeper"])
-    with pytest.raises(SurgeryError, match="at least one > 0"):
+    with pytest.raises(GrowthError, match="at least one > 0"):
         growth.random_mutation(net, random.Random(0), probs={op: 0.0 for op in growth.OPS})
 
 
@@ -108,7 +108,7 @@ def test_random_mutation_follows_the_rng_and_the_probabilities() -> None:
 def test_unreadable_logs_name_the_line(tmp_path: Path, content: str | bytes, message: str) -> None:
     log = tmp_path / "mutations.jsonl"
     log.write_bytes(content if isinstance(content, bytes) else content.encode())
-    with pytest.raises(SurgeryError, match=message):
+    with pytest.raises(GrowthError, match=message):
         growth.read_log(log)
-    with pytest.raises(SurgeryError, match="cannot read growth log .*No such file"):
+    with pytest.raises(GrowthError, match="cannot read growth log .*No such file"):
         growth.read_log(tmp_path / "missing.jsonl")

@@ -12,11 +12,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from surgery.errors import SurgeryError
+from xross.errors import XrossError
 from xross.checkpoint import CheckpointDir, read_checkpoint
 from xross.config import TrainConfig
 from xross.evaluate import EvalResult
-from xross.trainer import Trainer, TrainingDiverged, build_cohort
+from xross.errors import TrainingDiverged
+from xross.trainer import Trainer, build_cohort
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -115,7 +116,7 @@ def test_truncated_checkpoint_is_reported_and_the_previous_one_loads(tmp_path, c
     Trainer(cfg, progress=False).fit()
     older, newest = CheckpointDir(Path(cfg.out)).files()
     newest.write_bytes(newest.read_bytes()[:5000])
-    with pytest.raises(SurgeryError, match="truncated or corrupt"):
+    with pytest.raises(XrossError, match="truncated or corrupt"):
         read_checkpoint(newest)
     assert read_checkpoint(older)["position"]["epoch"] == 1
     with pytest.warns(UserWarning, match="trying the previous one"):

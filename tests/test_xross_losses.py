@@ -158,13 +158,13 @@ def test_export_path_is_a_saveable_stitched_model(cohort: Cohort, tmp_path) -> N
 
 
 def test_bad_cohorts() -> None:
-    with pytest.raises(surgery.SurgeryError, match="same number of cuts"):
+    with pytest.raises(surgery.UserError, match="same number of cuts"):
         Cohort.build(["resnet18", "resnet34"], cuts=[["layer1", "layer2"], ["layer2"]], num_classes=10)
-    with pytest.raises(surgery.SurgeryError, match="closest: layer2"):
+    with pytest.raises(surgery.UserError, match="closest: layer2"):
         Cohort.build(["resnet18", "resnet34"], cuts=["layer22"], num_classes=10)
-    with pytest.raises(surgery.SurgeryError, match="single-tensor boundary"):
+    with pytest.raises(surgery.UserError, match="single-tensor boundary"):
         Cohort.build(["resnet18", "resnet34"], cuts=["layer2.0.conv1"], num_classes=10)
-    with pytest.raises(surgery.SurgeryError, match="unknown cross"):
+    with pytest.raises(surgery.UserError, match="unknown cross"):
         XML(cross="some")
 
 

@@ -183,5 +183,5 @@ def test_kd_from_a_saved_teacher_ensemble(tmp_path, cifar10_archive, data_cache)
     assert torch.allclose(target.div(2.0).softmax(1), mean, atol=1e-6)
     losses = trainer.train_step(images, labels)
     assert set(losses[0].terms) == {"ce", "kd"}
-    with pytest.raises(surgery.SurgeryError, match="needs --teacher"):
+    with pytest.raises(surgery.UserError, match="needs --teacher"):
         Trainer(small_config(tmp_path / "b", cifar10_archive, data_cache, mode="kd"), progress=False)

@@ -7,7 +7,6 @@ strings and containers only. The newest ``keep`` checkpoints are kept.
 """
 from __future__ import annotations
 
-import os
 import re
 import warnings
 from pathlib import Path
@@ -15,34 +14,15 @@ from typing import Any
 
 import torch
 
-from surgery.errors import SurgeryError
+from surgery._util import atomic_write, first_line
+from xross.errors import XrossError
 
 _NAME = re.compile(r"^step-(\d{9})\.pt$")
 
 
-def _fsync_dir(directory: Path) -> None:
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:  # pragma: no cover - platforms without directory fds
-        return
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def write_atomically(path: Path, state: dict[str, Any]) -> None:
     """``torch.save(state, path)`` via temp file + fsync + rename."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            torch.save(state, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    _fsync_dir(path.parent)
+    atomic_write(path, lambda tmp: torch.save(state, tmp))
 
 
 def read_checkpoint(path: Path) -> dict[str, Any]:
@@ -50,12 +30,11 @@ def read_checkpoint(path: Path) -> dict[str, Any]:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
-        raise SurgeryError(f"checkpoint {path} does not exist") from None
+        raise XrossError(f"checkpoint {path} does not exist") from None
     except Exception as e:  # noqa: BLE001 - torch raises many kinds for a damaged file
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise SurgeryError(f"checkpoint {path} is truncated or corrupt ({first[:160]}); an older checkpoint may still load") from None
+        raise XrossError(f"checkpoint {path} is truncated or corrupt ({first_line(e, 160)}); an older checkpoint may still load") from None
     if not isinstance(state, dict) or "cohort" not in state:
-        raise SurgeryError(f"checkpoint {path} is not an xross checkpoint")
+        raise XrossError(f"checkpoint {path} is not an xross checkpoint")
     return state
 
 
@@ -87,10 +66,10 @@ class CheckpointDir:
         """The newest checkpoint that loads; a damaged newer one is reported and skipped."""
         files = self.files()
         if not files:
-            raise SurgeryError(f"no checkpoint in {self.dir}; start the run without --resume")
+            raise XrossError(f"no checkpoint in {self.dir}; start the run without --resume")
         for path in reversed(files):
             try:
                 return path, read_checkpoint(path)
-            except SurgeryError as e:
+            except XrossError as e:
                 warnings.warn(f"{e}; trying the previous one", stacklevel=2)
-        raise SurgeryError(f"every checkpoint in {self.dir} is damaged; start again without --resume (use --force)")
+        raise XrossError(f"every checkpoint in {self.dir} is damaged; start again without --resume (use --force)")

@@ -20,7 +20,7 @@ import typer
 
 import surgery
 from surgery.clikit import console, run_app, table
-from surgery.errors import SurgeryError
+from xross.errors import XrossError
 from surgery.flops import human, parse_human
 from xross.checkpoint import CheckpointDir
 from xross.cohort import Cohort, parse_path
@@ -111,13 +111,13 @@ RESUME_MAY_CHANGE = ("out", "epochs", "device", "threads", "log_every", "eval_ev
 def _resume_config(given: dict[str, Any]) -> TrainConfig:
     """The run's own config; only options that do not change the computation may be given with --resume."""
     if "out" not in given:
-        raise SurgeryError("--resume needs --out RUN_DIR (the run to continue)")
+        raise XrossError("--resume needs --out RUN_DIR (the run to continue)")
     saved = Path(given["out"]) / "config.yaml"
     if not saved.is_file():
-        raise SurgeryError(f"cannot resume: '{saved}' does not exist; start the run without --resume")
+        raise XrossError(f"cannot resume: '{saved}' does not exist; start the run without --resume")
     changed = [k for k in given if k not in RESUME_MAY_CHANGE]
     if changed:
-        raise SurgeryError(f"--resume continues the run as it was configured; drop --{changed[0].replace('_', '-')} (only {', '.join('--' + k.replace('_', '-') for k in RESUME_MAY_CHANGE)} may be given)")
+        raise XrossError(f"--resume continues the run as it was configured; drop --{changed[0].replace('_', '-')} (only {', '.join('--' + k.replace('_', '-') for k in RESUME_MAY_CHANGE)} may be given)")
     cfg = TrainConfig.load(saved)
     for k, v in given.items():
         setattr(cfg, k, v)
@@ -162,7 +162,7 @@ def eval_run(
 def _results(run: Path) -> EvalResult:
     path = run / "eval.json"
     if not path.is_file():
-        raise SurgeryError(f"'{run}' has no eval.json; run `xross eval {run}` first")
+        raise XrossError(f"'{run}' has no eval.json; run `xross eval {run}` first")
     return EvalResult.load(path)
 
 
@@ -177,7 +177,7 @@ def best(
         mp = parse_human(max_params) if max_params else None
         mf = parse_human(max_flops) if max_flops else None
     except ValueError:
-        raise SurgeryError("budgets are numbers with an optional k/M/G/T suffix, e.g. 12M") from None
+        raise XrossError("budgets are numbers with an optional k/M/G/T suffix, e.g. 12M") from None
     r = best_path(_results(run).paths, max_params=mp, max_flops=mf)
     console.print(f"best path {','.join(map(str, r.path))} ({r.name}): top-1 {r.top1:.2f}%, {human(r.params)} params, {human(r.flops)} FLOPs")
 

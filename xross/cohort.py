@@ -28,7 +28,7 @@ from torch import nn
 
 import surgery
 from surgery.cut import piece_info
-from surgery.errors import SurgeryError
+from xross.errors import XrossError
 
 Path = tuple[int, ...]
 
@@ -43,10 +43,10 @@ def build_net(source: str | nn.Module, num_classes: int, stem: str = "imagenet")
     if stem == "imagenet":
         return net
     if stem != "cifar":
-        raise SurgeryError(f"unknown stem '{stem}'; choose imagenet or cifar")
+        raise XrossError(f"unknown stem '{stem}'; choose imagenet or cifar")
     conv = getattr(net, "conv1", None)
     if not isinstance(conv, nn.Conv2d) or not hasattr(net, "maxpool"):
-        raise SurgeryError(f"the cifar stem needs a ResNet-style net with conv1 and maxpool; {type(net).__name__} has not")
+        raise XrossError(f"the cifar stem needs a ResNet-style net with conv1 and maxpool; {type(net).__name__} has not")
     net = surgery.replace(net, "conv1", nn.Conv2d(conv.in_channels, conv.out_channels, 3, 1, 1, bias=False))
     return surgery.replace(net, "maxpool", nn.Identity())
 
@@ -54,15 +54,15 @@ def build_net(source: str | nn.Module, num_classes: int, stem: str = "imagenet")
 def normalise_cuts(cuts: Sequence[str] | Sequence[Sequence[str]], num_nets: int) -> list[list[str]]:
     """Per-net cut lists from shared names (``["layer2"]``) or per-net lists (``[["layer2"], ["features.4"]]``)."""
     if not cuts:
-        raise SurgeryError("give at least one cut (e.g. layer2): a cohort needs P >= 2 parts")
+        raise XrossError("give at least one cut (e.g. layer2): a cohort needs P >= 2 parts")
     if all(isinstance(c, str) for c in cuts):
         return [list(cuts) for _ in range(num_nets)]  # type: ignore[arg-type]
     per_net = [list(c) for c in cuts]  # type: ignore[arg-type]
     if len(per_net) != num_nets:
-        raise SurgeryError(f"cuts are given for {len(per_net)} networks but the cohort has {num_nets}")
+        raise XrossError(f"cuts are given for {len(per_net)} networks but the cohort has {num_nets}")
     counts = {len(c) for c in per_net}
     if len(counts) != 1:
-        raise SurgeryError(f"every network needs the same number of cuts; got {[len(c) for c in per_net]}")
+        raise XrossError(f"every network needs the same number of cuts; got {[len(c) for c in per_net]}")
     return per_net
 
 
@@ -73,7 +73,7 @@ class Cohort(nn.Module):
         super().__init__()
         parts = {len(n) for n in nets}
         if len(nets) < 2 or len(parts) != 1 or parts.pop() < 2:
-            raise SurgeryError("a cohort needs K >= 2 networks cut into the same number P >= 2 of parts")
+            raise XrossError("a cohort needs K >= 2 networks cut into the same number P >= 2 of parts")
         self.nets = nn.ModuleList(nets)
         self.adapters = nn.ModuleDict(adapters)
         self.names = list(names)
@@ -115,7 +115,7 @@ class Cohort(nn.Module):
             cut_net = surgery.cut(net.eval(), net_cuts, example)
             for b, piece in enumerate(list(cut_net)[:-1]):
                 if piece_info(piece).out_arity != 1:
-                    raise SurgeryError(
+                    raise XrossError(
                         f"net {k} cut at '{net_cuts[b]}' hands over {piece_info(piece).out_arity} values; "
                         "stitching needs a single-tensor boundary such as a stage output ('layer2')"
                     )
@@ -228,7 +228,7 @@ class Cohort(nn.Module):
     def export_path(self, path: Path) -> surgery.Pieces:
         """The path as a standalone :class:`surgery.Pieces` (shares parameters with the cohort)."""
         if len(path) != self.num_parts or not all(0 <= n < self.num_nets for n in path):
-            raise SurgeryError(f"path {list(path)} needs {self.num_parts} net indices in 0..{self.num_nets - 1}")
+            raise XrossError(f"path {list(path)} needs {self.num_parts} net indices in 0..{self.num_nets - 1}")
         return surgery.Pieces(self.modules_of(path))
 
 
@@ -247,7 +247,7 @@ def parse_path(text: str, num_nets: int, num_parts: int) -> Path:
     try:
         path = tuple(int(t) for t in text.split(","))
     except ValueError:
-        raise SurgeryError(f"path '{text}' is not comma-separated net indices like 0,1") from None
+        raise XrossError(f"path '{text}' is not comma-separated net indices like 0,1") from None
     if len(path) != num_parts or not all(0 <= n < num_nets for n in path):
-        raise SurgeryError(f"path '{text}' needs {num_parts} net indices in 0..{num_nets - 1}")
+        raise XrossError(f"path '{text}' needs {num_parts} net indices in 0..{num_nets - 1}")
     return path

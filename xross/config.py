@@ -10,7 +10,9 @@ from typing import Any
 
 import yaml
 
-from surgery.errors import SurgeryError, did_you_mean
+from surgery._util import first_line
+from xross.errors import XrossError
+from surgery.errors import did_you_mean
 
 
 @dataclasses.dataclass
@@ -73,7 +75,7 @@ class TrainConfig:
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = [k for k in data if k not in known]
         if unknown:
-            raise SurgeryError(f"unknown config key '{unknown[0]}' ({did_you_mean(unknown[0], known)})")
+            raise XrossError(f"unknown config key '{unknown[0]}' ({did_you_mean(unknown[0], known)})")
         return cls(**data)
 
     @classmethod
@@ -81,11 +83,11 @@ class TrainConfig:
         try:
             data = yaml.safe_load(Path(path).read_text())
         except OSError as e:
-            raise SurgeryError(f"cannot read config {path}: {e.strerror}") from None
+            raise XrossError(f"cannot read config {path}: {e.strerror}") from None
         except yaml.YAMLError as e:
-            raise SurgeryError(f"config {path} is not valid YAML: {str(e).splitlines()[0]}") from None
+            raise XrossError(f"config {path} is not valid YAML: {first_line(e)}") from None
         if not isinstance(data, dict):
-            raise SurgeryError(f"config {path} must be a mapping of option: value")
+            raise XrossError(f"config {path} must be a mapping of option: value")
         return cls.from_dict(data)
 
     def per_net_cuts(self) -> list[list[str]]:
@@ -96,7 +98,7 @@ class TrainConfig:
             if len(names) == 1:
                 names = names * len(self.nets)
             if len(names) != len(self.nets):
-                raise SurgeryError(f"cut '{entry}' names {len(names)} points but there are {len(self.nets)} nets; give one name, or one per net")
+                raise XrossError(f"cut '{entry}' names {len(names)} points but there are {len(self.nets)} nets; give one name, or one per net")
             for k, n in enumerate(names):
                 per_net[k].append(n)
         return per_net

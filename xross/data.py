@@ -29,11 +29,10 @@ import json
 import lzma
 import os
 import tarfile
-import tempfile
 import time
 import warnings
 import zlib
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any, BinaryIO
@@ -50,7 +49,9 @@ from torchvision.datasets.folder import IMG_EXTENSIONS
 from torchvision.io import ImageReadMode, decode_jpeg
 from torchvision.transforms.v2 import functional as TF
 
-from surgery.errors import SurgeryError, did_you_mean
+from surgery._util import atomic_write, atomic_write_text
+from xross.errors import XrossError
+from surgery.errors import did_you_mean
 
 __all__ = [
     "ARCHIVE_SUFFIXES",
@@ -148,9 +149,9 @@ def load_split(
     torch.Size([1, 3, 4, 4])
     """
     if subset is not None and subset <= 0:
-        raise SurgeryError(f"subset={subset} is not a positive number of images; pass subset>=1 or None for all")
+        raise XrossError(f"subset={subset} is not a positive number of images; pass subset>=1 or None for all")
     if image_size is not None and image_size <= 0:
-        raise SurgeryError(f"image_size={image_size} is not a positive size; pass image_size>=1 or None")
+        raise XrossError(f"image_size={image_size} is not a positive size; pass image_size>=1 or None")
     origin = _resolve_source(source)
     cache_root = Path(cache_dir) if cache_dir is not None else _default_cache_dir()
     entry = _CacheEntry.of(cache_root, origin, split, subset, image_size, seed)
@@ -172,12 +173,12 @@ def _resolve_source(source: str | os.PathLike) -> str | Path:
     path = Path(source).expanduser().absolute()
     if not path.exists():
         if isinstance(source, str) and os.sep not in source and "/" not in source:
-            raise SurgeryError(
+            raise XrossError(
                 f"unknown dataset '{source}' (and no such path); {_SOURCES_HINT} ({did_you_mean(source, DATASETS)})"
             )
-        raise SurgeryError(f"dataset path '{path}' does not exist; {_SOURCES_HINT}")
+        raise XrossError(f"dataset path '{path}' does not exist; {_SOURCES_HINT}")
     if path.is_file() and not path.name.lower().endswith(ARCHIVE_SUFFIXES):
-        raise SurgeryError(f"'{path}' is neither a directory nor a {'/'.join(ARCHIVE_SUFFIXES)} archive; {_SOURCES_HINT}")
+        raise XrossError(f"'{path}' is neither a directory nor a {'/'.join(ARCHIVE_SUFFIXES)} archive; {_SOURCES_HINT}")
     return path
 
 
@@ -198,13 +199,13 @@ def _build(
 def _torchvision_split(name: str, split: str, cache_root: Path) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
     """CIFAR-10/100 through torchvision's downloader, as uint8 NCHW images and int64 labels."""
     if split not in ("train", "test"):
-        raise SurgeryError(f"{name} has the splits 'train' and 'test', not '{split}'")
+        raise XrossError(f"{name} has the splits 'train' and 'test', not '{split}'")
     dataset_class = getattr(torchvision.datasets, DATASETS[name])
     root = cache_root / name
     try:
         dataset = dataset_class(root=str(root), train=split == "train", download=True)
     except (OSError, RuntimeError) as e:
-        raise SurgeryError(
+        raise XrossError(
             f"cannot download {name} into {root} ({e}); check the network, or pass a local ImageFolder directory or archive"
         ) from None
     images = torch.from_numpy(dataset.data).permute(0, 3, 1, 2).contiguous()
@@ -231,7 +232,7 @@ def _is_image(name: str) -> bool:
 def _listing(items: list[tuple[str, str, bytearray | Path]], where: str, split: str) -> _Listing:
     """Sort ``(class, name, payload)`` items like ImageFolder and number the classes."""
     if not items:
-        raise SurgeryError(
+        raise XrossError(
             f"no images ({', '.join(IMG_EXTENSIONS)}) in {where} under '{split}/<class>/'; put each class's images in its own folder"
         )
     items.sort(key=lambda item: (item[0], item[1]))
@@ -241,9 +242,9 @@ def _listing(items: list[tuple[str, str, bytearray | Path]], where: str, split: 
     return _Listing([name for _, name, _ in items], [payload for _, _, payload in items], labels, classes)
 
 
-def _missing_split(where: str, split: str, found: Sequence[str]) -> SurgeryError:
+def _missing_split(where: str, split: str, found: Sequence[str]) -> XrossError:
     have = f"it has {', '.join(repr(s) for s in found)}" if found else "it has no split folders"
-    return SurgeryError(f"{where} has no '{split}/' folder ({have}); pass one of those splits or use the layout <split>/<class>/<image>")
+    return XrossError(f"{where} has no '{split}/' folder ({have}); pass one of those splits or use the layout <split>/<class>/<image>")
 
 
 def _scan_folder(root: Path, split: str) -> _Listing:
@@ -274,7 +275,7 @@ def _scan_archive(path: Path, split: str, progress: bool) -> _Listing:
                     bar.update(raw.tell())
                 _require_end(tar, stream)
     except _CORRUPT_ARCHIVE as e:
-        raise SurgeryError(f"archive {path} is corrupt or truncated: {str(e) or type(e).__name__}; download or copy it again") from None
+        raise XrossError(f"archive {path} is corrupt or truncated: {str(e) or type(e).__name__}; download or copy it again") from None
     root = _archive_root(image_paths)
     items = [(parts[-2], "/".join(parts), data) for parts, data in kept if parts[:-3] == root]
     if image_paths and not items:
@@ -346,7 +347,7 @@ def _stratified(labels: torch.Tensor, subset: int | None, seed: int, where: str)
     if subset is None:
         return torch.arange(len(labels))
     if subset > len(labels):
-        raise SurgeryError(f"subset={subset} but {where} has only {len(labels)} images; pass subset<={len(labels)} or None")
+        raise XrossError(f"subset={subset} but {where} has only {len(labels)} images; pass subset<={len(labels)} or None")
     generator = _generator("subset", seed)
     counts = torch.bincount(labels)
     quotas = _quotas(counts, subset, generator)
@@ -411,7 +412,7 @@ def _decode_with_pil(data: bytearray, name: str) -> torch.Tensor:
             else:
                 pixels = np.array(image.convert("RGB"))
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
-        raise SurgeryError(f"cannot decode image '{name}' ({e}); replace or remove that file") from None
+        raise XrossError(f"cannot decode image '{name}' ({e}); replace or remove that file") from None
     return torch.from_numpy(pixels).permute(2, 0, 1).contiguous()
 
 
@@ -423,7 +424,7 @@ def _stack(images: list[torch.Tensor], image_size: int | None) -> torch.Tensor:
     if image_size is None:
         if len(by_size) > 1:
             sizes = ", ".join(f"{h}x{w}" for h, w in itertools.islice(by_size, 4))
-            raise SurgeryError(f"the images have {len(by_size)} different sizes (e.g. {sizes}); pass image_size=N to resize them all to NxN")
+            raise XrossError(f"the images have {len(by_size)} different sizes (e.g. {sizes}); pass image_size=N to resize them all to NxN")
         return torch.stack(images)
     batch = torch.empty((len(images), 3, image_size, image_size), dtype=torch.uint8)
     for positions in by_size.values():
@@ -511,8 +512,8 @@ class _CacheEntry:
         meta = {"key": self.key, "classes": data.classes, "count": len(data)}
         try:
             self.tensors.parent.mkdir(parents=True, exist_ok=True)
-            _atomic_write(self.tensors, lambda tmp: save_file({"images": data.images, "labels": data.labels}, tmp))
-            _atomic_write(self.meta, lambda tmp: Path(tmp).write_text(json.dumps(meta)))
+            atomic_write(self.tensors, lambda tmp: save_file({"images": data.images, "labels": data.labels}, str(tmp)))
+            atomic_write_text(self.meta, json.dumps(meta))
         except OSError as e:
             warnings.warn(
                 f"cannot write the decoded-data cache in {self.tensors.parent} ({e}); "
@@ -544,18 +545,6 @@ def _check_cached(data: ImageTensors, meta: dict[str, Any], key: dict[str, Any])
         raise ValueError(f"labels are {labels.dtype} {tuple(labels.shape)} for {meta.get('count')} images")
     if len(labels) and not 0 <= int(labels.min()) <= int(labels.max()) < len(data.classes):
         raise ValueError(f"labels fall outside the {len(data.classes)} classes")
-
-
-def _atomic_write(path: Path, write: Callable[[str], None]) -> None:
-    """``write`` into a temporary file beside ``path``, then rename it over ``path``."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 # --------------------------------------------------------------------------- augmentation
@@ -613,9 +602,9 @@ class Augment:
         flip: bool = True,
     ) -> None:
         if len(mean) != len(std):
-            raise SurgeryError(f"mean has {len(mean)} channels but std has {len(std)}; give one value per channel to each")
+            raise XrossError(f"mean has {len(mean)} channels but std has {len(std)}; give one value per channel to each")
         if crop_padding < 0:
-            raise SurgeryError(f"crop_padding={crop_padding} is negative; pass 0 to turn the random crop off")
+            raise XrossError(f"crop_padding={crop_padding} is negative; pass 0 to turn the random crop off")
         self.mean = torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1)
         self.std = torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1)
         self.crop_padding = crop_padding
@@ -643,7 +632,7 @@ class Augment:
     def apply(self, images_uint8: torch.Tensor, params: CropFlip | None) -> torch.Tensor:
         """Crop and flip by ``params`` (None: neither), then normalise."""
         if images_uint8.dtype != torch.uint8 or images_uint8.dim() != 4:
-            raise SurgeryError(f"Augment takes uint8 (N, C, H, W) images, got {images_uint8.dtype} {tuple(images_uint8.shape)}")
+            raise XrossError(f"Augment takes uint8 (N, C, H, W) images, got {images_uint8.dtype} {tuple(images_uint8.shape)}")
         images = images_uint8 if params is None else self._crop_flip(images_uint8, params)
         mean, std = self._stats(images.device)
         return images.float().div_(255).sub_(mean).div_(std)
@@ -715,12 +704,12 @@ class BatchLoader:
         world_size: int = 1,
     ) -> None:
         if batch_size <= 0 or world_size <= 0 or batch_size % world_size:
-            raise SurgeryError(
+            raise XrossError(
                 f"batch_size={batch_size} is not a positive multiple of world_size={world_size}; "
                 "batch_size is the global batch, pass a multiple of the number of processes"
             )
         if not 0 <= rank < world_size:
-            raise SurgeryError(f"rank={rank} is outside 0..{world_size - 1} for world_size={world_size}")
+            raise XrossError(f"rank={rank} is outside 0..{world_size - 1} for world_size={world_size}")
         self.batch_size = batch_size
         self.train = train
         self.augment = augment if augment is not None else Augment()
@@ -732,7 +721,7 @@ class BatchLoader:
         self.images = data.images.to(self.device)
         self.labels = data.labels.to(self.device)
         if len(self) == 0 and len(data) > 0:
-            raise SurgeryError(f"{len(data)} images make no full batch of {batch_size}; lower batch_size or pass drop_last=False")
+            raise XrossError(f"{len(data)} images make no full batch of {batch_size}; lower batch_size or pass drop_last=False")
 
     def __len__(self) -> int:
         """Steps per epoch."""
@@ -742,7 +731,7 @@ class BatchLoader:
     def epoch(self, epoch: int, start_step: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """The ``(float images, int64 labels)`` batches of ``epoch`` from step ``start_step`` on."""
         if not 0 <= start_step <= len(self):
-            raise SurgeryError(f"start_step={start_step} is outside 0..{len(self)} (steps per epoch)")
+            raise XrossError(f"start_step={start_step} is outside 0..{len(self)} (steps per epoch)")
         order = self._order(epoch)
         return (self._batch(order, epoch, step) for step in range(start_step, len(self)))
 
@@ -770,7 +759,7 @@ def loader_throughput(
     True
     """
     if steps <= 0:
-        raise SurgeryError(f"steps={steps} is not positive; pass steps>=1")
+        raise XrossError(f"steps={steps} is not positive; pass steps>=1")
     loader = BatchLoader(data, batch_size, device=device)
     batches = itertools.islice(itertools.chain.from_iterable(map(loader.epoch, itertools.count())), steps)
     start = time.perf_counter()

@@ -16,7 +16,8 @@ from typing import Any
 
 import torch
 
-from surgery.errors import SurgeryError
+from xross.errors import XrossError
+from surgery._util import evaluating
 from surgery.flops import count_flops, count_params, human
 from xross.cohort import Cohort, Path
 
@@ -62,7 +63,7 @@ class EvalResult:
         try:
             return cls.from_json(json.loads(path.read_text()))
         except (OSError, ValueError, KeyError, TypeError) as e:
-            raise SurgeryError(f"cannot read evaluation {path}: {e}; run `xross eval` again") from None
+            raise XrossError(f"cannot read evaluation {path}: {e}; run `xross eval` again") from None
 
 
 def _topk_correct(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -85,9 +86,8 @@ def path_costs(cohort: Cohort, paths: Iterable[Path], image_size: int, device: t
                 if id(m) not in flops:
                     flops[id(m)] = count_flops(m, h)
                 total += flops[id(m)]
-                was = m.training
-                h = m.eval()(h)
-                m.train(was)
+                with evaluating(m):
+                    h = m(h)
             out[path] = (count_params(cohort.modules_of(path)), total)
     return out
 
@@ -113,10 +113,8 @@ def evaluate(
     # correct predictions: a row per path, then per ensemble; columns top-1, top-5
     hits = torch.zeros(len(paths) + len(ensembles), 2, dtype=torch.int64)
     n = 0
-    was = cohort.training
-    cohort.eval()
     device = next(cohort.parameters()).device
-    try:
+    with evaluating(cohort):
         for images, labels in batches:
             if len(labels) == 0:  # a rank's part of a short last batch
                 continue
@@ -127,13 +125,11 @@ def evaluate(
                 probs = torch.stack([logits[p].float().softmax(1) for p in members]).mean(0)
                 hits[row] += _topk_correct(probs, labels)
             n += len(labels)
-    finally:
-        cohort.train(was)
     if reduce is not None:
         total = reduce(torch.cat([hits.flatten(), torch.tensor([n])]))
         hits, n = total[:-1].view_as(hits), int(total[-1])
     if n == 0:
-        raise SurgeryError("the evaluation set is empty")
+        raise XrossError("the evaluation set is empty")
     pct = [[100 * c / n for c in row] for row in hits.tolist()]
     costs = path_costs(cohort, paths, image_size, device)
     results = [PathResult(p, cohort.path_name(p), *pct[row], *costs[p]) for row, p in enumerate(paths)]
@@ -156,7 +152,7 @@ def best_path(results: Sequence[PathResult], max_params: float | None = None, ma
     fits = [r for r in results if (max_params is None or r.params <= max_params) and (max_flops is None or r.flops <= max_flops)]
     if not fits:
         smallest = min(results, key=lambda r: (r.params, r.flops))
-        raise SurgeryError(
+        raise XrossError(
             f"no path fits the budget (max params {human(max_params) if max_params else '-'}, max FLOPs "
             f"{human(max_flops) if max_flops else '-'}); the smallest path '{smallest.name}' has "
             f"{human(smallest.params)} params and {human(smallest.flops)} FLOPs"

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from surgery.errors import SurgeryError
+from xross.errors import XrossError
 from xross.cohort import Cohort, Path
 
 
@@ -79,7 +79,7 @@ class KD(Mode):
 
     def loss(self, i, logits, labels, cohort, teacher=None) -> LossTerms:
         if teacher is None:
-            raise SurgeryError("mode kd needs a teacher (--teacher DIR or name)")
+            raise XrossError("mode kd needs a teacher (--teacher DIR or name)")
         own = logits[cohort.own_path(i)]
         ce = self.ce(own, labels)
         soft = kl(teacher, own, self.temperature) * self.temperature**2
@@ -108,7 +108,7 @@ class XML(Mode):
 
     def __post_init__(self) -> None:
         if self.cross not in ("all", "single"):
-            raise SurgeryError(f"unknown cross '{self.cross}'; choose all or single")
+            raise XrossError(f"unknown cross '{self.cross}'; choose all or single")
 
     def cross_paths(self, cohort: Cohort, i: int, j: int) -> list[Path]:
         return cohort.cross_paths(i, j, single=self.cross == "single")
@@ -142,7 +142,7 @@ MODES: dict[str, Callable[..., Mode]] = {"independent": Independent, "kd": KD, "
 def make_mode(name: str, **options: Any) -> Mode:
     """A mode by name with the options it understands (others are ignored)."""
     if name not in MODES:
-        raise SurgeryError(f"unknown mode '{name}'; choose one of {', '.join(MODES)}")
+        raise XrossError(f"unknown mode '{name}'; choose one of {', '.join(MODES)}")
     cls = MODES[name]
     fields = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
     return cls(**{k: v for k, v in options.items() if k in fields})

@@ -14,7 +14,7 @@ from collections.abc import Callable, Iterable
 
 import torch
 
-from surgery.errors import SurgeryError
+from xross.errors import XrossError
 from xross.config import TrainConfig
 
 OPTIMIZERS: dict[str, Callable[[Iterable[torch.nn.Parameter], TrainConfig], torch.optim.Optimizer]] = {
@@ -26,9 +26,9 @@ OPTIMIZERS: dict[str, Callable[[Iterable[torch.nn.Parameter], TrainConfig], torc
 
 def make_optimizer(params: Iterable[torch.nn.Parameter], config: TrainConfig) -> torch.optim.Optimizer:
     if config.optimizer not in OPTIMIZERS:
-        raise SurgeryError(f"unknown optimizer '{config.optimizer}'; choose one of {', '.join(OPTIMIZERS)}")
+        raise XrossError(f"unknown optimizer '{config.optimizer}'; choose one of {', '.join(OPTIMIZERS)}")
     if config.nesterov and config.optimizer != "sgd":
-        raise SurgeryError("--nesterov applies to sgd only")
+        raise XrossError("--nesterov applies to sgd only")
     return OPTIMIZERS[config.optimizer](params, config)
 
 
@@ -58,7 +58,7 @@ def lr_at(
 ) -> float:
     """Learning rate at ``step`` of ``total``: linear warm-up, then the schedule over the rest."""
     if schedule not in SCHEDULES:
-        raise SurgeryError(f"unknown lr schedule '{schedule}'; choose one of {', '.join(SCHEDULES)}")
+        raise XrossError(f"unknown lr schedule '{schedule}'; choose one of {', '.join(SCHEDULES)}")
     warm = int(round(warmup_epochs * steps_per_epoch))
     if step < warm:
         return base * (step + 1) / warm

@@ -32,7 +32,8 @@ import torch
 from torch import nn
 
 import surgery
-from surgery.errors import SurgeryError
+from surgery._util import first_line
+from xross.errors import Interrupted, TrainingDiverged, XrossError
 from surgery.io import versions
 from xross.checkpoint import CheckpointDir
 from xross.cohort import Cohort
@@ -43,18 +44,6 @@ from xross.evaluate import EvalResult, evaluate
 from xross.losses import LossTerms, Mode, make_mode
 from xross.metrics import MetricsLog
 from xross.optim import lr_at, make_optimizer, set_lr
-
-
-class Interrupted(SurgeryError):
-    """SIGINT/SIGTERM stopped the run after a checkpoint was written."""
-
-    exit_code = 130
-
-
-class TrainingDiverged(SurgeryError):
-    """A loss term became NaN or infinite; nothing was saved after the last good checkpoint."""
-
-    exit_code = 3
 
 
 @dataclasses.dataclass
@@ -74,7 +63,7 @@ SCHEDULES = ("alternate", "joint")
 def build_cohort(config: TrainConfig, device: torch.device, distributed: bool = False) -> Cohort:
     """The cohort a (resolved) config describes, on ``device``, with seeded initial weights."""
     if config.num_classes is None or config.image_size is None:
-        raise SurgeryError("the config lacks num_classes/image_size; they are filled in from the data when training starts")
+        raise XrossError("the config lacks num_classes/image_size; they are filled in from the data when training starts")
     torch.manual_seed(config.seed)
     transform = (lambda net: globalise_batchnorm(net, device)) if (distributed and config.sync_bn) else None
     cohort = Cohort.build(
@@ -95,7 +84,7 @@ def load_teachers(sources: list[str], device: torch.device) -> list[nn.Module]:
     teachers = []
     for src in sources:
         if not (Path(src) / "recipe.json").is_file():
-            raise SurgeryError(f"teacher '{src}' is not a saved model directory; export one with `xross export` or surgery.save")
+            raise XrossError(f"teacher '{src}' is not a saved model directory; export one with `xross export` or surgery.save")
         teachers.append(surgery.load(src).to(device).eval().requires_grad_(False))
     return teachers
 
@@ -122,7 +111,7 @@ class Trainer:
         self.run_dir = Path(config.out)
         self.progress = progress and self.dist.is_main
         if resume and not (self.run_dir / "config.yaml").is_file():
-            raise SurgeryError(f"cannot resume: '{self.run_dir / 'config.yaml'}' does not exist; start the run without --resume")
+            raise XrossError(f"cannot resume: '{self.run_dir / 'config.yaml'}' does not exist; start the run without --resume")
         if not resume and self.dist.is_main:
             self._prepare_run_dir(force)
         self.dist.barrier()
@@ -171,23 +160,23 @@ class Trainer:
     def _prepare_run_dir(self, force: bool) -> None:
         if self.run_dir.exists() and any(self.run_dir.iterdir()):
             if not force:
-                raise SurgeryError(f"run directory '{self.run_dir}' is not empty; pass --resume to continue it or --force to start over")
+                raise XrossError(f"run directory '{self.run_dir}' is not empty; pass --resume to continue it or --force to start over")
             shutil.rmtree(self.run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
 
     def _check_options(self, config: TrainConfig) -> None:
         if config.schedule not in SCHEDULES:
-            raise SurgeryError(f"unknown schedule '{config.schedule}'; choose one of {', '.join(SCHEDULES)}")
+            raise XrossError(f"unknown schedule '{config.schedule}'; choose one of {', '.join(SCHEDULES)}")
         if config.adapter_update not in ADAPTER_OWNERS:
-            raise SurgeryError(f"unknown adapter_update '{config.adapter_update}'; choose one of {', '.join(ADAPTER_OWNERS)}")
+            raise XrossError(f"unknown adapter_update '{config.adapter_update}'; choose one of {', '.join(ADAPTER_OWNERS)}")
         if config.dtype not in DTYPES:
-            raise SurgeryError(f"unknown dtype '{config.dtype}'; choose one of {', '.join(DTYPES)}")
+            raise XrossError(f"unknown dtype '{config.dtype}'; choose one of {', '.join(DTYPES)}")
         if config.amp not in ("off", "bf16", "fp16"):
-            raise SurgeryError(f"unknown amp '{config.amp}'; choose off, bf16 or fp16")
+            raise XrossError(f"unknown amp '{config.amp}'; choose off, bf16 or fp16")
         if config.mode == "kd" and not config.teacher:
-            raise SurgeryError("mode kd needs --teacher DIR (a saved model, e.g. from `xross export`)")
+            raise XrossError("mode kd needs --teacher DIR (a saved model, e.g. from `xross export`)")
         if config.epochs < 1 or config.batch_size < 1:
-            raise SurgeryError("epochs and batch_size must be positive")
+            raise XrossError("epochs and batch_size must be positive")
         if self.dist.is_main and self.device.type != "cuda":
             for flag, on in (("--amp", config.amp != "off"), ("--compile", config.compile)):
                 if on:
@@ -370,7 +359,7 @@ class Trainer:
             self.scaler.load_state_dict(state["scaler"])
             self.position = Position(**state["position"])
         except (KeyError, RuntimeError, ValueError, TypeError) as e:
-            raise SurgeryError(f"checkpoint {path} does not fit this run ({str(e).splitlines()[0][:160]})") from None
+            raise XrossError(f"checkpoint {path} does not fit this run ({first_line(e, 160)})") from None
         torch.set_rng_state(state["rng"]["torch"])
         if "cuda" in state["rng"] and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(state["rng"]["cuda"])
