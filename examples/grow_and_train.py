@@ -1,7 +1,13 @@
 """Grow a small VGG-like net in the middle of its CIFAR-10 training, without losing what it learned.
 
-    python examples/grow_and_train.py            # 10k images, 10 epochs: about 3.5 min on 2 CPU cores
-    python examples/grow_and_train.py --subset 5000 --epochs 6 --grow-at-epoch 3 --out grown-vgg
+    python examples/grow_and_train.py --data cifar10-jpeg.tar.xz   # 10k images, 10 epochs: ~3.5 min on 2 cores
+    python examples/grow_and_train.py --data cifar10-jpeg.tar.xz --subset 5000 --epochs 6 --grow-at-epoch 3 --out vgg
+    python examples/grow_and_train.py --subset 640 --test-subset 320 --epochs 3 --grow-at-epoch 1   # generated data
+
+``--data`` is CIFAR-10 as an ImageFolder directory or a .tar/.tar.gz/.tar.xz archive of one
+(``<split>/<class>/<image>``). Without it the script generates a CIFAR-10-like stand-in
+(:mod:`xross.data.synthetic`: 10 classes of 32x32 JPEGs, exactly ``--subset`` training and
+``--test-subset`` test images) in the cache directory, and trains on that.
 
 The net trains for ``--grow-at-epoch`` epochs. Then it grows, deeper then wider
 (Net2Net's more stable order): ``growth.net2deeper`` inserts an identity
@@ -26,15 +32,14 @@ from torch import nn
 
 import growth
 import surgery
-from xross.data import BatchLoader, load_split
-
-ROOT = Path(__file__).resolve().parents[1]
-DEFAULT_DATA = ROOT.parent / "shared" / "data" / "cifar10-jpeg.tar.xz"
+from xross.data import BatchLoader, default_cache_dir, load_split
+from xross.data.synthetic import CIFAR10_CLASSES, write_synthetic
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data", type=Path, default=DEFAULT_DATA, help="CIFAR-10 ImageFolder archive or directory")
+    p.add_argument("--data", type=Path, default=None,
+                   help="CIFAR-10 ImageFolder archive or directory (default: generate a CIFAR-10-like stand-in)")
     p.add_argument("--subset", type=int, default=10000, help="training images (stratified)")
     p.add_argument("--test-subset", type=int, default=2000, help="test images (stratified)")
     p.add_argument("--epochs", type=int, default=10)
@@ -50,7 +55,22 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if not 0 < args.grow_at_epoch < args.epochs:
         p.error(f"--grow-at-epoch must be between 1 and {args.epochs - 1}")
+    if min(args.subset, args.test_subset) <= 0:
+        p.error("--subset and --test-subset must be positive numbers of images")
     return args
+
+
+def generated_data(args: argparse.Namespace) -> Path:
+    """Without ``--data``: a CIFAR-10-like stand-in of ``--subset`` + ``--test-subset`` images, made once per size."""
+    train, test = (-(-n // len(CIFAR10_CLASSES)) for n in (args.subset, args.test_subset))  # images per class
+    cache = args.cache_dir if args.cache_dir is not None else default_cache_dir()
+    root = write_synthetic(
+        cache / "synthetic" / f"cifar10-{train}x{test}-seed{args.seed}",
+        train_per_class=train, test_per_class=test, seed=args.seed,
+    )
+    print(f"no --data: training on a generated CIFAR-10 stand-in in {root} "
+          "(pass --data path/to/cifar10-jpeg.tar.xz for the real images)")
+    return root
 
 
 @torch.no_grad()
@@ -100,8 +120,9 @@ def grow(model: nn.Module, images: torch.Tensor, factor: float, noise: float, se
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     torch.manual_seed(args.seed)
-    train = load_split(args.data, "train", subset=args.subset, cache_dir=args.cache_dir, seed=args.seed)
-    test = load_split(args.data, "test", subset=args.test_subset, cache_dir=args.cache_dir, seed=args.seed)
+    data = args.data if args.data is not None else generated_data(args)
+    train = load_split(data, "train", subset=args.subset, cache_dir=args.cache_dir, seed=args.seed)
+    test = load_split(data, "test", subset=args.test_subset, cache_dir=args.cache_dir, seed=args.seed)
     train_loader = BatchLoader(train, args.batch_size, seed=args.seed)
     test_loader = BatchLoader(test, 256, train=False)
     model = surgery.build_model("growth.models:small_vgg", widths=list(args.widths), num_classes=len(train.classes))
@@ -114,14 +135,16 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         for group in optimizer.param_groups:
             group["lr"] = cosine_lr(args.lr, epoch, args.epochs)
         loss = train_epoch(model, train_loader, epoch, optimizer)
-        print(f"epoch {epoch + 1}: loss {loss:.3f}, test accuracy {accuracy(model, test_loader):.2f}% ({time.perf_counter() - start:.0f} s)")
+        acc, seconds = accuracy(model, test_loader), time.perf_counter() - start
+        print(f"epoch {epoch + 1}: loss {loss:.3f}, test accuracy {acc:.2f}% ({seconds:.0f} s)")
 
     before = accuracy(model, test_loader)
     images, _ = next(BatchLoader(train, min(256, len(train)), train=False).epoch(0))
     grown = grow(model, images, args.factor, args.noise, args.seed)
     after = accuracy(grown, test_loader)
     print(f"growth: {surgery.count_params(model):,} -> {surgery.count_params(grown):,} parameters; "
-          f"test accuracy right before {before:.2f}%, right after {after:.2f}% ({'equal' if after == before else 'DIFFERENT'})")
+          f"test accuracy right before {before:.2f}%, right after {after:.2f}% "
+          f"({'equal' if after == before else 'DIFFERENT'})")
 
     runs = {"grown": (grown, sgd(grown, args.lr)), "ungrown": (model, sgd(model, args.lr))}
     final: dict[str, float] = {}
@@ -135,7 +158,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             line.append(f"{name} loss {loss:.3f} acc {final[name]:.2f}%")
         print(f"epoch {epoch + 1}: " + "; ".join(line))
 
-    verdict = "above" if final["grown"] > final["ungrown"] else ("equal to" if final["grown"] == final["ungrown"] else "below")
+    grown_acc, ungrown_acc = final["grown"], final["ungrown"]
+    verdict = "above" if grown_acc > ungrown_acc else ("equal to" if grown_acc == ungrown_acc else "below")
     print(f"after {args.epochs} epochs the grown net ends {verdict} the ungrown one: "
           f"{final['grown']:.2f}% vs {final['ungrown']:.2f}%")
     if args.out is not None:

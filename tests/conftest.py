@@ -1,4 +1,12 @@
-"""Shared fixtures. Tests run on CPU; under pytest-xdist each worker uses one thread."""
+"""Shared fixtures. Tests run on CPU; under pytest-xdist each worker uses one thread.
+
+The data tests run on a small generated CIFAR-10 stand-in (:mod:`xross.data.synthetic`),
+made once per test session (per xdist worker): 10 classes named like CIFAR-10's, 60
+training and 20 test 32x32 JPEGs per class, as an ImageFolder directory and as a
+``.tar.xz`` archive laid out like the CIFAR-10 JPEG archive. ``CIFAR10_ARCHIVE=/path/to/
+cifar10-jpeg.tar.xz`` runs them on the real archive instead (``cifar10_archive`` is then
+that file).
+"""
 from __future__ import annotations
 
 import os
@@ -8,18 +16,42 @@ import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-# the shared archive beside the project; CIFAR10_ARCHIVE=/path/to/archive.tar.xz points elsewhere
-CIFAR10_ARCHIVE = Path(os.environ.get("CIFAR10_ARCHIVE", ROOT.parent / "shared" / "data" / "cifar10-jpeg.tar.xz"))
+REAL_ARCHIVE = Path(os.environ["CIFAR10_ARCHIVE"]).expanduser() if os.environ.get("CIFAR10_ARCHIVE") else None
+SYNTHETIC_TRAIN, SYNTHETIC_TEST = 60, 20  # images per class of the generated dataset
 
 if os.environ.get("PYTEST_XDIST_WORKER"):
     torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="session")
-def cifar10_archive() -> Path:
-    """The shared CIFAR-10 JPEG archive (ImageFolder layout inside a .tar.xz)."""
-    assert CIFAR10_ARCHIVE.is_file(), f"shared data missing: {CIFAR10_ARCHIVE} (set CIFAR10_ARCHIVE to the archive's path)"
-    return CIFAR10_ARCHIVE
+def synthetic_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The generated CIFAR-10 stand-in as an ImageFolder directory ``<root>/<split>/<class>/<nnnn>.jpg``."""
+    from xross.data.synthetic import write_synthetic
+
+    root = tmp_path_factory.mktemp("synthetic") / "cifar10-synthetic"
+    return write_synthetic(root, train_per_class=SYNTHETIC_TRAIN, test_per_class=SYNTHETIC_TEST, seed=0)
+
+
+@pytest.fixture(scope="session")
+def synthetic_archive(synthetic_folder: Path) -> Path:
+    """The generated dataset as a ``.tar.xz`` with members ``<split>/<class>/<image>`` (the CIFAR archive's layout)."""
+    from xross.data.synthetic import pack_archive
+
+    return pack_archive(synthetic_folder, synthetic_folder.parent / "cifar10-synthetic.tar.xz")
+
+
+@pytest.fixture(scope="session")
+def real_cifar10() -> Path | None:
+    """The real CIFAR-10 JPEG archive named by ``CIFAR10_ARCHIVE``, or None when that is not set."""
+    if REAL_ARCHIVE is not None:
+        assert REAL_ARCHIVE.is_file(), f"CIFAR10_ARCHIVE={REAL_ARCHIVE} is not a file"
+    return REAL_ARCHIVE
+
+
+@pytest.fixture(scope="session")
+def cifar10_archive(real_cifar10: Path | None, synthetic_archive: Path) -> Path:
+    """The dataset of the data tests: ``$CIFAR10_ARCHIVE`` when set, else the generated ``.tar.xz``."""
+    return real_cifar10 if real_cifar10 is not None else synthetic_archive
 
 
 @pytest.fixture(scope="session")

@@ -1,7 +1,12 @@
-"""xross.data: decoding, caching, augmentation and batching (the shared CIFAR-10 archive and tiny local folders)."""
+"""xross.data: decoding, caching, augmentation and batching.
+
+On the generated CIFAR-10 stand-in (tests/conftest.py), or the real archive with ``CIFAR10_ARCHIVE``,
+and on tiny local folders.
+"""
 from __future__ import annotations
 
 import doctest
+import importlib
 import io
 import tarfile
 import time
@@ -16,9 +21,10 @@ from PIL import Image
 from safetensors.torch import save_file
 from torchvision.transforms.v2 import functional as TF
 
-import xross.data
-from xross.errors import XrossError
+import xross.data.sources
 from xross.data import CIFAR_MEAN, CIFAR_STD, Augment, BatchLoader, ImageTensors, load_split, loader_throughput
+from xross.data.synthetic import pack_archive, write_synthetic
+from xross.errors import XrossError
 
 CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 
@@ -62,7 +68,7 @@ def cifar512(cifar10_archive: Path, data_cache: Path) -> ImageTensors:
     return load_split(cifar10_archive, "train", subset=512, cache_dir=data_cache, progress=False)
 
 
-# --------------------------------------------------------------------------- the shared archive
+# --------------------------------------------------------------------------- the CIFAR-10 archive (generated or real)
 
 
 def test_archive_subset_is_stratified_uint8_nchw(cifar512: ImageTensors) -> None:
@@ -70,7 +76,8 @@ def test_archive_subset_is_stratified_uint8_nchw(cifar512: ImageTensors) -> None
     assert images.dtype == torch.uint8 and images.shape == (512, 3, 32, 32) and images.is_contiguous()
     assert labels.dtype == torch.int64 and labels.shape == (512,)
     assert cifar512.classes == CIFAR10_CLASSES
-    assert sorted(torch.bincount(labels, minlength=10).tolist()) == [51] * 8 + [52] * 2
+    share, extra = divmod(512, 10)  # every class has more than 52 images: the quotas differ by at most one
+    assert sorted(torch.bincount(labels, minlength=10).tolist()) == [share] * (10 - extra) + [share + 1] * extra
     assert torch.equal(labels, labels.sort().values)  # ImageFolder order: class by class
     assert len(torch.unique(images.flatten(1), dim=0)) == 512  # 512 different decoded photos
 
@@ -81,7 +88,7 @@ def test_cache_hit_is_identical_and_does_not_read_the_archive(
     def no_reading(*args: object) -> None:
         raise AssertionError("the archive was read again")
 
-    monkeypatch.setattr(xross.data, "_scan_archive", no_reading)
+    monkeypatch.setattr(xross.data.sources, "scan_archive", no_reading)
     start = time.perf_counter()
     again = load_split(cifar10_archive, "train", subset=512, cache_dir=data_cache, progress=False)
     assert time.perf_counter() - start < 1.0
@@ -92,9 +99,48 @@ def test_cache_hit_is_identical_and_does_not_read_the_archive(
 def test_truncated_archive_is_reported(cifar10_archive: Path, tmp_path: Path) -> None:
     cut = tmp_path / "cut.tar.xz"
     with open(cifar10_archive, "rb") as f:
-        cut.write_bytes(f.read(1_000_000))
+        cut.write_bytes(f.read(min(cifar10_archive.stat().st_size // 2, 1_000_000)))
     with pytest.raises(XrossError, match="corrupt or truncated"):
         load_split(cut, "train", cache_dir=tmp_path / "cache", progress=False)
+
+
+def test_generated_dataset_reads_alike_from_folder_and_archives(
+    synthetic_folder: Path, synthetic_archive: Path, tmp_path: Path
+) -> None:
+    """The stand-in has the real archive's layout and formats; every form of it decodes to the same tensors."""
+    with tarfile.open(synthetic_archive) as tar:
+        members = [m for m in tar.getmembers() if m.isfile()]
+        first = tar.extractfile(members[0]).read()
+    assert {m.name.split("/")[0] for m in members} == {"train", "test"}
+    assert all(len(m.name.split("/")) == 3 and m.name.endswith(".jpg") for m in members)
+    assert first[:3] == b"\xff\xd8\xff" and Image.open(io.BytesIO(first)).size == (32, 32)
+    gz = pack_archive(synthetic_folder, tmp_path / "same.tar.gz")
+    cache = tmp_path / "cache"
+    for split in ("train", "test"):
+        per_class = [len(list((synthetic_folder / split / c).glob("*.jpg"))) for c in CIFAR10_CLASSES]
+        sources = (synthetic_folder, synthetic_archive, gz)
+        forms = [load_split(source, split, cache_dir=cache, progress=False) for source in sources]
+        assert forms[0].classes == CIFAR10_CLASSES and torch.bincount(forms[0].labels).tolist() == per_class
+        assert forms[0].images.shape == (sum(per_class), 3, 32, 32)
+        for other in forms[1:]:
+            assert torch.equal(other.images, forms[0].images) and torch.equal(other.labels, forms[0].labels)
+
+
+def test_generated_dataset_is_deterministic_and_learnable(synthetic_folder: Path, tmp_path: Path) -> None:
+    per_class = len(list((synthetic_folder / "train" / "cat").glob("*.jpg")))
+    same = write_synthetic(tmp_path / "same", train_per_class=per_class, test_per_class=1, seed=0)
+    other = write_synthetic(tmp_path / "other", train_per_class=per_class, test_per_class=1, seed=1)
+    image = Path("train", "cat", "0003.jpg")
+    assert (same / image).read_bytes() == (synthetic_folder / image).read_bytes() != (other / image).read_bytes()
+    cache = tmp_path / "cache"
+    train, test = (load_split(synthetic_folder, split, cache_dir=cache, progress=False) for split in ("train", "test"))
+    def colour(data: ImageTensors) -> torch.Tensor:
+        return data.images.float().mean((2, 3))  # the mean colour of each image
+
+    centroids = torch.stack([colour(train)[train.labels == c].mean(0) for c in range(len(train.classes))])
+    predicted = torch.cdist(colour(test), centroids).argmin(1)
+    assert (predicted == test.labels).float().mean() > 0.8  # the class shows in the pixels
+    assert len(torch.unique(train.images.flatten(1), dim=0)) == len(train)  # and no two images are alike
 
 
 # --------------------------------------------------------------------------- sources and errors
@@ -106,7 +152,8 @@ def test_cut_plain_tar_is_reported(tmp_path: Path, where: str) -> None:
     whole = make_archive(make_folder(tmp_path / "data", {"a": 30, "b": 30}), tmp_path / "whole.tar")
     with tarfile.open(whole) as tar:
         middle = tar.getmembers()[30]
-    cut_at = {"in a header": middle.offset + 100, "between members": middle.offset, "in a member": middle.offset_data + 10}[where]
+    header, data = middle.offset, middle.offset_data
+    cut_at = {"in a header": header + 100, "between members": header, "in a member": data + 10}[where]
     cut = tmp_path / "cut.tar"
     cut.write_bytes(whole.read_bytes()[:cut_at])
     with pytest.raises(XrossError, match=f"archive {cut} is corrupt or truncated"):
@@ -177,7 +224,8 @@ def test_archive_under_a_top_folder_matches_the_folder(tmp_path: Path) -> None:
 
 def test_images_pair_with_their_labels_and_subset_is_balanced(tmp_path: Path) -> None:
     folder = make_folder(tmp_path / "data", {"a": 5, "b": 5, "c": 2})
-    picks = [load_split(folder, subset=9, seed=seed, cache_dir=tmp_path / "cache", progress=False) for seed in (0, 0, 1, 2, 3)]
+    cache = tmp_path / "cache"
+    picks = [load_split(folder, subset=9, seed=seed, cache_dir=cache, progress=False) for seed in (0, 0, 1, 2, 3)]
     for data in picks:
         assert torch.equal(data.images[:, 0, 0, 0] // 40, data.labels)  # red channel encodes the class
         assert sorted(torch.bincount(data.labels).tolist()) == [2, 3, 4]  # c is full, a and b split the rest
@@ -211,7 +259,8 @@ def damaged_png() -> bytes:
 
 
 @pytest.mark.parametrize(
-    "name, content", [("bad.jpg", b"\xff\xd8\xff\xe0 not really a jpeg"), ("bad.png", damaged_png()), ("empty.png", b"")]
+    "name, content",
+    [("bad.jpg", b"\xff\xd8\xff\xe0 not really a jpeg"), ("bad.png", damaged_png()), ("empty.png", b"")],
 )
 def test_undecodable_image_is_named(tmp_path: Path, name: str, content: bytes) -> None:
     root = make_folder(tmp_path / "data", {"a": 2})
@@ -245,7 +294,8 @@ def test_cifar_names_use_torchvision_arrays(tmp_path: Path, monkeypatch: pytest.
     assert calls == [(tmp_path / "cifar10", False, True)]
     assert data.images.is_contiguous() and data.classes == ["x", "y"]
     assert torch.bincount(data.labels).tolist() == [5, 5]
-    kept = [next(i for i in range(20) if torch.equal(torch.from_numpy(arrays[i]).permute(2, 0, 1), image)) for image in data.images]
+    chw = [torch.from_numpy(array).permute(2, 0, 1) for array in arrays]
+    kept = [next(i for i in range(20) if torch.equal(chw[i], image)) for image in data.images]
     assert [i % 2 for i in kept] == data.labels.tolist()
     with pytest.raises(XrossError, match="'train' and 'test', not 'val'"):
         load_split("cifar10", "val", cache_dir=tmp_path, progress=False)
@@ -358,7 +408,9 @@ def test_start_step_resumes_exactly(cifar512: ImageTensors) -> None:
 @pytest.mark.parametrize("train, batch_size", [(True, 64), (False, 100)])
 def test_two_ranks_together_equal_one_process(cifar512: ImageTensors, train: bool, batch_size: int) -> None:
     single = list(BatchLoader(cifar512, batch_size, train=train, seed=7).epoch(4))
-    ranks = [list(BatchLoader(cifar512, batch_size, train=train, seed=7, rank=r, world_size=2).epoch(4)) for r in (0, 1)]
+    ranks = [
+        list(BatchLoader(cifar512, batch_size, train=train, seed=7, rank=r, world_size=2).epoch(4)) for r in (0, 1)
+    ]
     assert len(ranks[0]) == len(ranks[1]) == len(single)
     for (x, y), (x0, y0), (x1, y1) in zip(single, *ranks):
         assert torch.equal(torch.cat([x0, x1]), x) and torch.equal(torch.cat([y0, y1]), y)
@@ -382,6 +434,10 @@ def test_loader_throughput_is_positive(cifar512: ImageTensors) -> None:
     assert loader_throughput(cifar512, batch_size=64, steps=5) > 0
 
 
-def test_docstring_examples_run() -> None:
-    result = doctest.testmod(xross.data)
+DATA_MODULES = ["", ".sources", ".subset", ".decode", ".cache", ".augment", ".loader", ".progress", ".synthetic"]
+
+
+@pytest.mark.parametrize("module", DATA_MODULES)
+def test_docstring_examples_run(module: str) -> None:
+    result = doctest.testmod(importlib.import_module(f"xross.data{module}"))
     assert result.attempted > 0 and result.failed == 0
