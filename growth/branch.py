@@ -25,14 +25,16 @@ from __future__ import annotations
 import operator
 import random
 
+from typing import Any
+
 import torch
 from torch import fx, nn
 
 from growth.graphedit import Workbench, replay_of, seeded
-from growth.registry import GrowthOp, Proposal, not_applicable, register_op
+from growth.registry import MAX_GROWTH, MAX_KERNEL, GrowthOp, Proposal, not_applicable, register_op
 from growth.errors import GrowthError
-from surgery.permute import ChannelMap, remap_channels
 from surgery.recipe import register_replay
+from surgery.remap import ChannelMap, remap_channels
 
 MERGES = ("add", "concat")
 
@@ -46,7 +48,7 @@ def net2branch(
     width: int | None = None,
     seed: int | None = None,
     *,
-    example_input: torch.Tensor | None = None,
+    example_input: Any = None,
     check: bool = False,
 ) -> fx.GraphModule:
     """Add a zero-contribution branch beside the Conv2d/Linear ``at``.
@@ -65,6 +67,8 @@ def net2branch(
         raise GrowthError(f"merge='{merge}' is not one of {', '.join(MERGES)}")
     if kernel_size < 1 or (hidden is not None and hidden < 1) or (width is not None and width < 1):
         raise GrowthError("kernel_size, hidden and width must be positive")
+    if kernel_size > MAX_KERNEL:
+        raise GrowthError(f"kernel_size={kernel_size} is larger than a step creates (at most {MAX_KERNEL})")
     if width is not None and merge == "add":
         raise GrowthError("width= only applies to merge='concat' (an added branch has the width of its layer)")
     seed = random.randrange(2**31) if seed is None else int(seed)
@@ -75,6 +79,8 @@ def net2branch(
         raise not_applicable("net2branch", at, reason, branch_sites(work, kernel_size, merge))
     layer = work.module(node)
     inputs, outputs = _widths(layer)
+    if (hidden or 0) > MAX_GROWTH * inputs or (width or 0) > MAX_GROWTH * outputs:
+        raise GrowthError(f"hidden/width at '{at}' more than {MAX_GROWTH}x the layer's own channels; grow in several steps")
     out_width = outputs if merge == "add" else (width or max(1, outputs // 2))
     with seeded(seed):
         layers = _branch_layers(layer, hidden or max(1, inputs // 2), out_width, kernel_size, work.shapes.dtype)
@@ -132,6 +138,10 @@ def branch_obstacle(work: Workbench, node: fx.Node, kernel_size: int, merge: str
 
 def _concat_obstacle(work: Workbench, node: fx.Node) -> str | None:
     layout = work.analysis.layout(node.name)
+    if layout is None:
+        return "its output carries no channels the analysis follows"
+    if len(layout.segments) != 1:
+        return f"its output holds {len(layout.segments)} channel groups (it is split further on); appended channels would join none"
     group = work.analysis.groups[layout.segments[0].group]
     reason = group.obstacle(replicate=True)
     if reason is not None:

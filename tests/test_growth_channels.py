@@ -71,13 +71,17 @@ def test_layer_norms_block_replication_but_not_permutation(analyses) -> None:
 def test_grouped_convs_and_shuffles(analyses) -> None:
     assert _analysis("resnext50_32x4d", analyses).group_at("layer1.0.conv1").blocks == 32
     shuffle = _analysis("shufflenet_v2_x0_5", analyses)
-    assert "splits these channels" in shuffle.group_at("stage2.0.branch1.2").obstacle(replicate=False)
+    with pytest.raises(surgery.SurgeryError, match="holds several channel groups"):  # the next block chunks it
+        shuffle.group_at("stage2.0.branch1.2")
+    reasons = [g.obstacle(replicate=False) or "" for g in shuffle.groups.values()]
+    assert any("splits these channels into 2 parts laid out differently" in r for r in reasons)
     assert shuffle.group_at("stage2.1.branch2.0").obstacle(replicate=True) is None
 
 
 def test_what_cannot_be_followed_is_named(analyses) -> None:
     vit = _analysis("vit_b_16", analyses)
-    assert "'cat' concatenates these channels" in vit.group_at("conv_proj").obstacle(replicate=False)
+    stream = vit.group_at("conv_proj")  # the class token's cat is followed: the stream can be permuted
+    assert stream.obstacle(replicate=False) is None and "heads" in stream.obstacle(replicate=True)
     assert vit.group_at("encoder.layers.encoder_layer_0.mlp.0").obstacle(replicate=True) is None
     assert vit.shapes.input_shapes == ((2, 3, 224, 224),)
     r18 = _analysis("resnet18", analyses)

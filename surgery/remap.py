@@ -20,7 +20,6 @@ True
 """
 from __future__ import annotations
 
-import copy
 from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -29,9 +28,10 @@ import torch
 from torch import fx, nn
 
 from surgery.channels import ChannelAnalysis, Endpoint, Layout, analyze_channels
+from surgery.channels.registry import _LITERAL_EDITS
 from surgery.errors import SurgeryError
 from surgery.recipe import extend_recipe, register_replay
-from surgery.tracing import trace
+from surgery.capture import traced_copy
 
 
 @dataclass(frozen=True)
@@ -192,6 +192,13 @@ def _batchnorm_through(bn: nn.Module, m: ChannelMap, ep: Endpoint) -> None:
     bn.num_features = m.size
 
 
+def _groupnorm_through(gn: nn.GroupNorm, m: ChannelMap, ep: Endpoint) -> None:
+    _rows(gn, m)
+    if gn.num_groups == gn.num_channels:  # one channel per group: an instance norm, whose group count follows
+        gn.num_groups = m.size
+    gn.num_channels = m.size
+
+
 def _layernorm_through(ln: nn.LayerNorm, m: ChannelMap, ep: Endpoint) -> None:
     for name in ("weight", "bias"):
         t = getattr(ln, name, None)
@@ -202,6 +209,14 @@ def _layernorm_through(ln: nn.LayerNorm, m: ChannelMap, ep: Endpoint) -> None:
     ln.normalized_shape = tuple(shape)
 
 
+def _attention_out(mha: nn.MultiheadAttention, m: ChannelMap) -> None:
+    _linear_out(mha.out_proj, m)
+
+
+def _attention_in(mha: nn.MultiheadAttention, m: ChannelMap, noise: float, gen: torch.Generator | None) -> None:
+    _set(mha, "in_proj_weight", _read(mha.in_proj_weight.detach(), m, 1, noise, gen))
+
+
 def _prelu_through(prelu: nn.PReLU, m: ChannelMap, ep: Endpoint) -> None:
     _rows(prelu, m, ("weight",))
     prelu.num_parameters = m.size
@@ -210,9 +225,11 @@ def _prelu_through(prelu: nn.PReLU, m: ChannelMap, ep: Endpoint) -> None:
 _EDITS: dict[type, _Edit] = {
     nn.Conv2d: _Edit(_conv_out, _conv_in, _conv_through),
     nn.Linear: _Edit(_linear_out, _linear_in),
-    nn.modules.batchnorm._BatchNorm: _Edit(through=_batchnorm_through),
+    nn.modules.batchnorm._NormBase: _Edit(through=_batchnorm_through),
+    nn.GroupNorm: _Edit(through=_groupnorm_through),
     nn.LayerNorm: _Edit(through=_layernorm_through),
     nn.PReLU: _Edit(through=_prelu_through),
+    nn.MultiheadAttention: _Edit(_attention_out, _attention_in),
 }
 
 
@@ -224,6 +241,31 @@ def _remap_parameter(gm: fx.GraphModule, ep: Endpoint, m: ChannelMap) -> None:
     owner_path, _, name = ep.target.rpartition(".")
     owner = gm.get_submodule(owner_path) if owner_path else gm
     _set(owner, name, _take(getattr(owner, name).detach(), ep.dim, m))
+
+
+def _boundaries(layout: Layout, maps: dict[int, ChannelMap]) -> dict[int, int]:
+    """Old position -> new position of every segment boundary along ``layout``'s dim under ``maps``."""
+    table, old, new = {0: 0}, 0, 0
+    for s in layout.segments:
+        old += s.size
+        new += maps[s.group].size * s.inner if s.group in maps else s.size
+        table[old] = new
+    return table
+
+
+def _rewrite_literal(node: fx.Node, ep: Endpoint, layout: Layout, maps: dict[int, ChannelMap]) -> bool:
+    """Rewrite the channel counts a graph node spells out (a slice, a split) for ``maps``; True if it changed."""
+    table = _boundaries(layout, maps)
+    if all(k == v for k, v in table.items()):
+        return False
+
+    def moved(position: int) -> int:
+        if position not in table:
+            raise SurgeryError(f"node '{node.name}' cuts channels at position {position}, inside a channel group")
+        return table[position]
+
+    _LITERAL_EDITS[ep.kind](node, ep, moved, layout.size)
+    return True
 
 
 def remap_channels(
@@ -239,19 +281,27 @@ def remap_channels(
 
     ``analysis`` must describe ``gm``'s graph. Producers in ``keep_producers`` (node names)
     are left alone: their output is extended by other means (a concatenation). ``noise``
-    is passed to the consumers' columns (see :func:`_read`). The graph itself is unchanged.
+    is passed to the consumers' columns (see :func:`_read`). The graph only changes where
+    it spells out a channel count that changes (a slice bound, split sizes: the groups'
+    ``literals``); it is then recompiled.
     """
     edits: dict[tuple[str, str, int], tuple[str, Endpoint]] = {}
     for gid in maps:
         group = analysis.groups[gid]
-        for role, endpoints in (("out", group.producers), ("through", group.followers), ("in", group.consumers)):
+        roles = (("out", group.producers), ("through", group.followers), ("in", group.consumers))
+        for role, endpoints in (*roles, ("literal", group.literals)):
             for ep in endpoints:
                 if role == "out" and ep.node in keep_producers:
                     continue
                 edits.setdefault((ep.target, role, ep.dim), (role, ep))
-    order = {"out": 0, "through": 1, "in": 2}
+    order = {"out": 0, "through": 1, "in": 2, "literal": 3}
+    nodes = {n.name: n for n in gm.graph.nodes}
+    rewritten = False
     for (target, role, _), (_, ep) in sorted(edits.items(), key=lambda kv: order[kv[1][0]]):
         layout = analysis.layouts[ep.space]
+        if role == "literal":
+            rewritten = _rewrite_literal(nodes[ep.node], ep, layout, maps) or rewritten
+            continue
         m = layout_map(layout, maps)
         if m is None:
             continue
@@ -269,24 +319,11 @@ def remap_channels(
             fn(module, m)
         else:
             fn(module, m, ep)
+    if rewritten:
+        gm.recompile()
 
 
 # ----------------------------------------------------------------------------- permute_channels
-
-
-def traced_copy(model: nn.Module) -> fx.GraphModule:
-    """A GraphModule of a deep copy of ``model`` that keeps the model's own module tree.
-
-    ``surgery.trace`` rebuilds containers as plain modules and drops modules the graph
-    never calls; here the copy's top-level children are put back, so ``result.layer2[0]``
-    indexes a Sequential as before and unused heads keep their weights.
-    """
-    twin = copy.deepcopy(model)
-    gm = trace(twin)
-    for name, child in twin.named_children():
-        setattr(gm, name, child)
-    return gm
-
 
 
 def permute_channels(model: nn.Module, at: str, perm: Sequence[int], *, example_input: Any = None) -> fx.GraphModule:

@@ -1,0 +1,106 @@
+"""Channel rules for elementwise ops: activations and dropout pass channels through, arithmetic couples them.
+
+Unary modules, functions and methods keep their input's layout; broadcasting binary
+ops (``+``, ``*``, ...) join the groups of same-size operands, and a parameter they
+combine with the channels (ConvNeXt's layer scale, say, possibly reshaped to broadcast)
+follows them.
+"""
+from __future__ import annotations
+
+import operator
+
+import torch
+import torch.nn.functional as F
+from torch import fx, nn
+from torchvision.ops import StochasticDepth, stochastic_depth
+
+from surgery.channels.groups import Endpoint, Layout
+from surgery.channels.registry import (
+    _FUNCTION_RULES,
+    _METHOD_RULES,
+    _MODULE_RULES,
+    _register,
+)
+from surgery.channels.rules.arguments import _parameter_source
+from surgery.channels.walk import _fallback, _Walk
+
+_ELEMENTWISE_MODULES = (
+    nn.ReLU, nn.ReLU6, nn.GELU, nn.SiLU, nn.Hardswish, nn.Hardsigmoid, nn.Sigmoid, nn.Tanh, nn.LeakyReLU, nn.ELU,
+    nn.SELU, nn.Mish, nn.Softplus, nn.Hardtanh, nn.modules.dropout._DropoutNd, nn.Identity, StochasticDepth,
+)
+
+
+@_register(_MODULE_RULES, _ELEMENTWISE_MODULES)
+def _pass_module(w: _Walk, node: fx.Node, module: nn.Module) -> Layout | None:
+    return w.layout(node.args[0]) if node.args else None
+
+
+_UNARY_FUNCTIONS = [
+    torch.relu, torch.relu_, F.relu, F.relu_, F.relu6, F.gelu, F.silu, F.hardswish, F.hardsigmoid, F.sigmoid,
+    torch.sigmoid, torch.tanh, F.tanh, F.leaky_relu, F.elu, F.selu, F.mish, F.softplus, F.hardtanh, F.dropout,
+    F.dropout2d, operator.neg, torch.neg, torch.abs, stochastic_depth,
+]
+_UNARY_METHODS = [
+    "relu", "relu_", "sigmoid", "sigmoid_", "tanh", "contiguous", "clone", "detach", "float", "double", "to", "type_as",
+    "neg", "abs",
+]
+
+
+@_register(_FUNCTION_RULES, _UNARY_FUNCTIONS)
+@_register(_METHOD_RULES, _UNARY_METHODS)
+def _unary(w: _Walk, node: fx.Node) -> Layout | None:
+    others = [a for a in (*node.args[1:], *node.kwargs.values()) if isinstance(a, fx.Node) and a in w.layouts]
+    if others:
+        return _fallback(w, node)
+    return w.layout(node.args[0])
+
+
+_BINARY_FUNCTIONS = [
+    operator.add, operator.iadd, operator.sub, operator.isub, operator.mul, operator.imul, operator.truediv,
+    operator.itruediv, torch.add, torch.sub, torch.mul, torch.div,
+]
+_BINARY_METHODS = ["add", "add_", "sub", "sub_", "mul", "mul_", "div", "div_"]
+
+
+@_register(_FUNCTION_RULES, _BINARY_FUNCTIONS)
+@_register(_METHOD_RULES, _BINARY_METHODS)
+def _binary(w: _Walk, node: fx.Node) -> Layout | None:
+    """Broadcasting elementwise ops: same-size tracked operands couple their groups."""
+    out_shape = w.shape(node)
+    if out_shape is None:
+        return None
+    ndim = len(out_shape)
+    operands = [a for a in node.args[:2] if isinstance(a, fx.Node) and w.shape(a) is not None]
+    tracked = [(a, w.layout(a)) for a in operands if a in w.layouts]
+    if not tracked:
+        return None
+    aligned = {a: lay.dim + ndim - len(w.shape(a)) for a, lay in tracked}
+    full = [(a, lay) for a, lay in tracked if w.shape(a)[lay.dim] == out_shape[aligned[a]] and lay.size > 1]
+    for a, lay in tracked:
+        if (a, lay) not in full:
+            w.block([lay], f"{w.describe(node)} broadcasts these channels against a wider dim")
+    if not full:
+        return None
+    dims = {aligned[a] for a, _ in full}
+    layouts = [lay for _, lay in full]
+    if len(dims) > 1:
+        w.block(layouts, f"{w.describe(node)} combines channels that sit on different dims")
+        return None
+    if not w.couple(layouts, node, "combines"):
+        return None
+    out = layouts[0].at(dims.pop())
+    for a in operands:
+        if a in w.layouts:
+            continue
+        shape = w.shape(a)
+        own = out.dim - (ndim - len(shape))
+        if own < 0 or shape[own] == 1:
+            continue
+        source = _parameter_source(w, a, own)
+        if source is not None:
+            w.add(out, "followers", Endpoint(node.name, source[0], "parameter", node.name, dim=source[1]))
+        else:
+            w.block(
+                [out], f"{w.describe(node)} combines them with '{a.name}', a value the channel analysis does not follow"
+            )
+    return out
