@@ -14,6 +14,8 @@ from collections.abc import Sequence
 
 from torch import nn
 
+from surgery.trust import model_builder
+
 
 def conv_bn_relu(in_channels: int, out_channels: int) -> nn.Sequential:
     """3x3 conv (no bias), BatchNorm, ReLU."""
@@ -26,6 +28,7 @@ def conv_bn_relu(in_channels: int, out_channels: int) -> nn.Sequential:
     )
 
 
+@model_builder
 def small_vgg(widths: Sequence[int] = (32, 64, 128), num_classes: int = 10, image_size: int = 32) -> nn.Sequential:
     """A VGG-like net: one conv-bn-relu block and a 2x2 max-pool per width, then flatten and a Linear.
 

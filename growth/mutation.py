@@ -14,40 +14,44 @@ True
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import random
 from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import torch
+from pydantic import AfterValidator, Field, NonNegativeInt, PositiveInt
 from torch import nn
 
 from growth.check import cost, output_change
-from growth.graphedit import Workbench, default_inputs
+from growth.graphedit import Workbench, default_inputs, input_record
 from growth.registry import OPS, get_op
 from growth.errors import GrowthError
+from surgery._util import first_line
+from surgery.errors import SurgeryError, UserError
+from surgery.inputs import Example, InputSpec, check_example_size
+from surgery.schema import FileModel, Float, parse
 
 
-@dataclasses.dataclass
-class MutationRecord:
-    """One growth step as logged: what was done where, what it cost, how far the output moved."""
+class MutationRecord(FileModel):
+    """One growth step as logged (a line of the JSONL log): what was done where, what it cost, how far the output moved."""
 
     op: str
     site: str
-    args: dict[str, Any]
-    params_before: int = 0
-    params_after: int = 0
-    flops_before: int = 0
-    flops_after: int = 0
-    max_abs_change: float = 0.0
-    step: int = 0
-    input_shape: list[int] | None = None
+    args: dict[str, Any] = Field(default_factory=dict)
+    params_before: NonNegativeInt = 0
+    params_after: NonNegativeInt = 0
+    flops_before: NonNegativeInt = 0
+    flops_after: NonNegativeInt = 0
+    max_abs_change: Float = 0.0
+    step: NonNegativeInt = 0
+    input_shape: Annotated[list[PositiveInt], AfterValidator(check_example_size)] | None = None  # one float input
+    inputs: list[InputSpec] | None = None  # or: the inputs by name, shape and dtype
 
     def to_json(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        return self.model_dump(mode="json")
 
 
 def probabilities(ops: Iterable[str] | None = None, probs: dict[str, float] | None = None) -> dict[str, float]:
@@ -64,13 +68,15 @@ def probabilities(ops: Iterable[str] | None = None, probs: dict[str, float] | No
 def _measured(record: MutationRecord, before: nn.Module, after: nn.Module, inputs: Sequence[torch.Tensor]) -> MutationRecord:
     old, new = cost(before, inputs), cost(after, inputs)
     change = output_change(before, after, inputs)
-    return dataclasses.replace(
-        record, params_before=old.params, params_after=new.params, flops_before=old.flops, flops_after=new.flops,
-        max_abs_change=change.max_abs,
+    return record.model_copy(
+        update={
+            "params_before": old.params, "params_after": new.params, "flops_before": old.flops, "flops_after": new.flops,
+            "max_abs_change": change.max_abs,
+        }
     )
 
 
-def apply_step(model: nn.Module, record: MutationRecord, example_input: torch.Tensor | None = None) -> tuple[nn.Module, MutationRecord]:
+def apply_step(model: nn.Module, record: MutationRecord, example_input: Any = None) -> tuple[nn.Module, MutationRecord]:
     """Apply the op ``record`` names at its site with its arguments; return the grown model and the measured record."""
     grown = get_op(record.op).apply(model, record.site, record.args, example_input)
     return grown, _measured(record, model, grown, default_inputs(model, example_input))
@@ -81,7 +87,7 @@ def random_mutation(
     rng: random.Random,
     ops: Iterable[str] | None = None,
     probs: dict[str, float] | None = None,
-    example_input: torch.Tensor | None = None,
+    example_input: Any = None,
 ) -> tuple[nn.Module, MutationRecord]:
     """One random feasible growth step: ``(grown model, record)``.
 
@@ -97,8 +103,8 @@ def random_mutation(
             del weights[name]
             continue
         site, args = proposal
-        shape = list(example_input.shape) if example_input is not None else None
-        return apply_step(model, MutationRecord(name, site, args, input_shape=shape), example_input)
+        record = MutationRecord(op=name, site=site, args=args, **input_record(Example.of(example_input)))
+        return apply_step(model, record, example_input)
     raise GrowthError(f"no growth op among {', '.join(probabilities(ops, probs))} applies anywhere in {type(model).__name__}")
 
 
@@ -107,7 +113,7 @@ def mutate(
     steps: int,
     seed: int,
     log: str | os.PathLike[str] | None = None,
-    example_input: torch.Tensor | None = None,
+    example_input: Any = None,
     ops: Iterable[str] | None = None,
     probs: dict[str, float] | None = None,
 ) -> tuple[nn.Module, list[MutationRecord]]:
@@ -135,20 +141,14 @@ def mutate(
     return model, records
 
 
-_FIELDS = {f.name: f for f in dataclasses.fields(MutationRecord)}
-
-
 def _record(data: Any, where: str) -> MutationRecord:
-    if not isinstance(data, dict):
-        raise GrowthError(f"{where}: a log line must be a JSON object; the log is corrupt")
-    if not isinstance(data.get("op"), str) or not isinstance(data.get("site"), str) or not isinstance(data.get("args", {}), dict):
-        raise GrowthError(f"{where}: needs 'op' and 'site' strings and an 'args' object; the log is corrupt")
-    if data["op"] not in OPS:
-        raise GrowthError(f"{where}: unknown op '{data['op']}'; known: {', '.join(sorted(OPS))}")
-    unknown = sorted(set(data) - set(_FIELDS))
-    if unknown:
-        raise GrowthError(f"{where}: unknown field(s) {', '.join(unknown)}; the log is corrupt")
-    return MutationRecord(**data)
+    try:
+        record = parse(MutationRecord, data, where, fix="the log is corrupt")
+    except SurgeryError as e:
+        raise GrowthError(str(e)) from None
+    if record.op not in OPS:
+        raise GrowthError(f"{where}: unknown op '{record.op}'; known: {', '.join(sorted(OPS))}")
+    return record
 
 
 def read_log(log: str | os.PathLike[str]) -> list[MutationRecord]:
@@ -157,7 +157,7 @@ def read_log(log: str | os.PathLike[str]) -> list[MutationRecord]:
     try:
         lines = path.read_text().splitlines()
     except (OSError, UnicodeDecodeError) as e:
-        raise GrowthError(f"cannot read growth log '{path}': {e.strerror if isinstance(e, OSError) else e}") from None
+        raise GrowthError(f"cannot read growth log '{path}': {e.strerror if isinstance(e, OSError) else first_line(e)}") from None
     records = []
     for number, line in enumerate(lines, start=1):
         if not line.strip():
@@ -170,12 +170,27 @@ def read_log(log: str | os.PathLike[str]) -> list[MutationRecord]:
     return records
 
 
+def _recorded_example(record: MutationRecord) -> Example | None:
+    """The input a step was measured on: seeded random images of its shape, or tensors of its specs."""
+    if record.inputs:
+        return Example.from_specs(record.inputs)
+    return Example((torch.randn(record.input_shape, generator=torch.Generator().manual_seed(0)),), {}) if record.input_shape else None
+
+
 def replay(model: nn.Module, log: str | os.PathLike[str] | Sequence[MutationRecord]) -> tuple[nn.Module, list[MutationRecord]]:
     """Re-apply every step of a growth log to ``model``; returns the grown model and freshly measured records."""
     records = read_log(log) if isinstance(log, (str, os.PathLike)) else list(log)
     done = []
     for record in records:
-        example = torch.randn(record.input_shape, generator=torch.Generator().manual_seed(0)) if record.input_shape else None
-        model, measured = apply_step(model, record, example)
+        example = _recorded_example(record)
+        try:
+            model, measured = apply_step(model, record, example)
+        except UserError:
+            raise
+        except Exception as e:  # noqa: BLE001 - logged arguments from a file may break an op anywhere
+            raise GrowthError(
+                f"step {record.step} ({record.op} at '{record.site}') fails on its logged arguments ({first_line(e)}); "
+                "the log is corrupt or from another version"
+            ) from None
         done.append(measured)
     return model, done

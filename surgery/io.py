@@ -11,9 +11,12 @@
 True
 
 A directory holds ``recipe.json`` (how to rebuild: architecture source, constructor
-kwargs, transforms, cut names, versions, the weights' SHA-256) and
-``weights.safetensors``. Loading rebuilds the structure from the recipe (re-tracing
-and re-cutting), checks the checksum, then loads the weights.
+kwargs, transforms, cut names, versions, the weights' SHA-256; its schema is
+:class:`surgery.recipe_file.RecipeFile`) and ``weights.safetensors``. Loading
+validates the recipe, resolves every name in it through :mod:`surgery.trust` (code
+outside the trusted packages needs ``trust_code=True``), checks the checksum, rebuilds
+the structure (re-tracing and re-cutting), then loads the weights. Whatever is wrong
+with a directory, loading it raises a one-line :class:`SurgeryError`.
 """
 from __future__ import annotations
 
@@ -21,6 +24,7 @@ import hashlib
 import json
 import os
 import platform
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -28,15 +32,17 @@ import torch
 import torchvision
 from torch import nn
 
-from surgery._util import atomic_directory
+from surgery._util import atomic_directory, first_line
 from surgery.cut import META_KEY, Origin, PieceInfo, Pieces, cut, piece_info
-from surgery.errors import SurgeryError
-from surgery.models import assign_state, needs_trust
+from surgery.errors import SurgeryError, UserError
+from surgery.inputs import Example, vocab_size
+from surgery.models import assign_state, is_code_source, rebuild
 from surgery.modspec import module_from_spec, module_spec
-from surgery.recipe import Recipe, recipe_of
+from surgery.recipe import recipe_of
+from surgery.recipe_file import FORMAT, CutEntry, ModuleEntry, RecipeFile, SpecEntry
 from surgery.specs import ValueSpec
+from surgery.trust import Kind, resolve
 
-FORMAT = "surgery/1"
 RECIPE_FILE = "recipe.json"
 WEIGHTS_FILE = "weights.safetensors"
 
@@ -84,7 +90,7 @@ def describe(obj: nn.Module) -> dict[str, Any]:
         if recipe is None:
             raise _no_recipe(type(obj).__name__)
         body = {"kind": "model", "model": recipe.to_json()}
-    return {"format": FORMAT, **body, "versions": versions()}
+    return {"format": FORMAT, "format_version": RecipeFile.current_version(), **body, "versions": versions()}
 
 
 def _state_for_safetensors(obj: nn.Module) -> dict[str, torch.Tensor]:
@@ -138,113 +144,103 @@ def save(obj: nn.Module, directory: str | os.PathLike[str], *, force: bool = Fal
     return target
 
 
-def read_recipe(directory: str | os.PathLike[str]) -> dict[str, Any]:
-    """Parse and sanity-check ``recipe.json`` of a saved directory."""
+def read_recipe(directory: str | os.PathLike[str]) -> RecipeFile:
+    """Parse and validate ``recipe.json`` of a saved directory (one-line errors naming the field)."""
     path = Path(directory) / RECIPE_FILE
     if not path.is_file():
         raise SurgeryError(f"'{directory}' has no {RECIPE_FILE}; it is not a directory saved by surgery.save")
     try:
-        data = json.loads(path.read_text())
+        data = json.loads(path.read_bytes())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise SurgeryError(f"{path} is not valid JSON ({e}); the file is corrupt or truncated, save again") from None
-    if not isinstance(data, dict) or data.get("format") != FORMAT:
-        raise SurgeryError(f"{path} is not a {FORMAT} recipe (format={data.get('format') if isinstance(data, dict) else None!r})")
-    if data.get("kind") not in ("model", "pieces") or not isinstance(data.get("weights"), dict):
-        raise SurgeryError(f"{path} lacks 'kind' or 'weights'; the file is corrupt, save again")
-    return data
+        raise SurgeryError(f"{path} is not valid JSON ({first_line(e)}); the file is corrupt or truncated, save again") from None
+    except OSError as e:
+        raise SurgeryError(f"cannot read {path}: {e.strerror}") from None
+    return RecipeFile.read(data, str(path))
 
 
-def _check_trust(data: dict[str, Any], trust_code: bool) -> None:
-    sources = []
-    if data["kind"] == "model":
-        sources.append(Recipe.from_json(data["model"]).source)
-    else:
-        for p in data.get("pieces", []):
-            if isinstance(p, dict) and p.get("kind") == "cut":
-                sources.append(Recipe.from_json((p.get("origin") or {}).get("model")).source)
-    for s in sources:
-        if needs_trust(s) and not trust_code:
-            raise SurgeryError(
-                f"the recipe builds its model with '{s}' (code outside torchvision); "
-                "load with trust_code=True (CLI: --trust-code) if you trust where it came from"
-            )
-
-
-def _read_weights(directory: Path, data: dict[str, Any]) -> dict[str, torch.Tensor]:
+def _read_weights(directory: Path, recipe: RecipeFile) -> dict[str, torch.Tensor]:
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
-    name = data["weights"].get("file", WEIGHTS_FILE)
-    if not isinstance(name, str) or "/" in name or name.startswith("."):
-        raise SurgeryError(f"recipe names a weights file {name!r} outside its directory; the recipe is corrupt")
-    path = directory / name
+    path = directory / recipe.weights.file
     if not path.is_file():
         raise SurgeryError(f"'{path}' is missing; copy the whole saved directory")
-    if _sha256(path) != data["weights"].get("sha256"):
+    if _sha256(path) != recipe.weights.sha256:
         raise SurgeryError(f"'{path}' does not match the SHA-256 in {RECIPE_FILE}: it was modified or truncated; save again")
     try:
         return load_file(str(path))
     except (SafetensorError, OSError) as e:
-        raise SurgeryError(f"'{path}' is not a readable safetensors file ({e})") from None
+        raise SurgeryError(f"'{path}' is not a readable safetensors file ({first_line(e)})") from None
 
 
 def _leaf_modules(names: list[str], trust_code: bool) -> list[str | type]:
-    from surgery.recipe import import_callable
-
-    out: list[str | type] = []
-    for n in names:
-        if ":" not in n:
-            out.append(n)
-        elif n.startswith(("torch", "surgery.", "growth.", "xross.")) or trust_code:
-            out.append(import_callable(n))
-        else:
-            raise SurgeryError(f"leaf module class '{n}' needs trust_code=True to import")
-    return out
+    """Leaf modules as recorded: module paths stay strings, ``module:Class`` names are resolved as classes."""
+    return [n if ":" not in n else resolve(n, kind=Kind.MODULE_CLASS, trust_code=trust_code, what="the leaf module") for n in names]
 
 
-def _rebuild_part(entry: Any, cache: dict[str, Pieces], trust_code: bool) -> nn.Module:
-    if not isinstance(entry, dict):
-        raise SurgeryError("a piece entry of the recipe is not an object; the recipe is corrupt")
-    if entry.get("kind") == "module":
-        return module_from_spec(entry.get("spec"))
-    if entry.get("kind") != "cut":
-        raise SurgeryError(f"unknown piece kind {entry.get('kind')!r}; the recipe is corrupt")
-    origin = entry.get("origin") or {}
-    key = json.dumps({k: origin.get(k) for k in ("model", "cuts", "leaf_modules")}, sort_keys=True)
+def _check_names(recipe: RecipeFile, trust_code: bool) -> None:
+    """Resolve every code name of the recipe before anything is built (refusals come first, in one line)."""
+    models = [recipe.model] if recipe.model is not None else [e.origin.model for e in recipe.pieces or [] if isinstance(e, CutEntry)]
+    for model in models:
+        if is_code_source(model.source):
+            resolve(model.source, kind=Kind.MODEL_SOURCE, trust_code=trust_code, what="the model source")
+    for entry in recipe.pieces or []:
+        if isinstance(entry, CutEntry):
+            _leaf_modules(entry.origin.leaf_modules, trust_code)
+
+
+def _specs(entries: list[SpecEntry] | None) -> tuple[ValueSpec, ...] | None:
+    return tuple(ValueSpec.from_json(e.model_dump()) for e in entries) if entries else None
+
+
+def _rebuild_part(entry: CutEntry | ModuleEntry, cache: dict[str, Pieces], trust_code: bool) -> nn.Module:
+    if isinstance(entry, ModuleEntry):
+        return module_from_spec(entry.spec.model_dump(by_alias=True, exclude_none=True), trust_code=trust_code)
+    origin = entry.origin
+    key = origin.model_dump_json(exclude={"index"})
     if key not in cache:
-        model = Recipe.from_json(origin.get("model")).build(trust_code=trust_code)
-        cache[key] = cut(model, list(origin.get("cuts") or []), leaf_modules=_leaf_modules(origin.get("leaf_modules") or [], trust_code))
+        model = rebuild(origin.model, trust_code=trust_code)
+        example = Example.from_specs(origin.inputs, vocab_size(model)) if origin.inputs else None
+        if origin.tracer == "export" and example is None:
+            raise SurgeryError("a piece captured by torch.export records no inputs to capture it again; the recipe is corrupt")
+        leaves = _leaf_modules(origin.leaf_modules, trust_code)
+        with warnings.catch_warnings():  # notes about the capture were given when the pieces were cut
+            warnings.simplefilter("ignore")
+            cache[key] = cut(model, origin.cuts, example, leaf_modules=leaves, tracer=origin.tracer)
     pieces = cache[key]
-    index = origin.get("index")
-    if not isinstance(index, int) or not 0 <= index < len(pieces):
-        raise SurgeryError(f"piece index {index!r} is out of range for cuts {origin.get('cuts')}; the recipe is corrupt")
-    part = pieces[index]
+    if origin.index >= len(pieces):
+        raise SurgeryError(f"piece index {origin.index} is out of range for cuts {origin.cuts}; the recipe is corrupt")
+    part = pieces[origin.index]
     info = piece_info(part)
-    if entry.get("in_specs"):
-        info.in_specs = tuple(ValueSpec.from_json(s) for s in entry["in_specs"])
-    if entry.get("out_specs"):
-        info.out_specs = tuple(ValueSpec.from_json(s) for s in entry["out_specs"])
+    if (entry.in_names, entry.out_names) != (list(info.in_names), list(info.out_names)):
+        raise SurgeryError(
+            f"piece {origin.index} rebuilt from the recipe takes {list(info.in_names)} and returns {list(info.out_names)}, "
+            f"but the recipe records {entry.in_names} and {entry.out_names}; it was saved by another version or is corrupt"
+        )
+    info.in_specs = _specs(entry.in_specs) or info.in_specs
+    info.out_specs = _specs(entry.out_specs) or info.out_specs
     return part
 
 
 def load(directory: str | os.PathLike[str], *, trust_code: bool = False) -> nn.Module:
     """Rebuild what :func:`save` wrote: a model or a :class:`Pieces`, on the CPU, in train mode.
 
-    Raises :class:`SurgeryError` for a missing, corrupt, tampered or truncated file, or a
-    recipe that needs code outside torchvision when ``trust_code`` is False.
+    Raises a one-line :class:`SurgeryError` for a missing, corrupt, tampered or truncated
+    file, or a recipe that names code outside the trusted packages when ``trust_code`` is
+    False (see :mod:`surgery.trust`): nothing outside them is imported or called then.
     """
     directory = Path(directory)
-    data = read_recipe(directory)
-    _check_trust(data, trust_code)
-    state = _read_weights(directory, data)
-    if data["kind"] == "model":
-        obj = Recipe.from_json(data["model"]).build(trust_code=trust_code)
-    else:
-        cache: dict[str, Pieces] = {}
-        entries = data.get("pieces")
-        if not isinstance(entries, list) or not entries:
-            raise SurgeryError(f"{directory / RECIPE_FILE} lists no pieces; the recipe is corrupt")
-        obj = Pieces([_rebuild_part(e, cache, trust_code) for e in entries], data.get("cuts"))
+    recipe = read_recipe(directory)
+    _check_names(recipe, trust_code)
+    state = _read_weights(directory, recipe)
+    try:
+        if recipe.model is not None:
+            obj: nn.Module = rebuild(recipe.model, trust_code=trust_code)
+        else:
+            cache: dict[str, Pieces] = {}
+            obj = Pieces([_rebuild_part(e, cache, trust_code) for e in recipe.pieces or []], recipe.cuts)
+    except UserError as e:
+        raise SurgeryError(f"{directory / RECIPE_FILE} does not rebuild: {first_line(e)}") from None
     assign_state(obj, state, what=f"in '{directory}'")
     return obj.train()
 

@@ -2,26 +2,23 @@
 
 Works for ``torch.nn`` layers (kwargs read back from the module's attributes, checked
 by rebuilding), ``nn.Sequential`` of such layers, and the library's own modules
-(which define ``spec_kwargs()``). Only classes from torch, torchvision.ops and this
-library are rebuilt, so a recipe file can never name arbitrary code.
+(which define ``spec_kwargs()``). Class names are resolved by :mod:`surgery.trust`:
+only ``nn.Module`` classes of trusted packages are rebuilt, so a recipe file can never
+name arbitrary code.
 """
 from __future__ import annotations
 
-import importlib
 import inspect
 from typing import Any
 
 import torch
 from torch import nn
 
+from surgery._util import first_line
 from surgery.errors import SurgeryError
+from surgery.trust import Kind, class_name, in_trusted_package, resolve
 
-_ALLOWED = ("torch.nn.", "torchvision.ops.", "surgery.", "growth.", "xross.")
 _SKIP = {"self", "device", "dtype"}
-
-
-def _class_path(cls: type) -> str:
-    return f"{cls.__module__}:{cls.__qualname__}"
 
 
 def _jsonable(v: Any) -> Any:
@@ -61,11 +58,11 @@ def _kwargs_from_attributes(m: nn.Module) -> dict[str, Any]:
 def module_spec(m: nn.Module) -> dict[str, Any]:
     """A JSON description of ``m`` that :func:`module_from_spec` rebuilds (random weights)."""
     cls = type(m)
-    path = _class_path(cls)
-    if not path.startswith(_ALLOWED):
+    path = class_name(cls)
+    if not in_trusted_package(cls.__module__):
         raise SurgeryError(
-            f"cannot save a {cls.__name__} ({path}) in a recipe: only torch.nn layers, nn.Sequential of them "
-            "and this library's modules are rebuilt without running foreign code"
+            f"cannot save a {cls.__name__} ({path}) in a recipe: only nn.Module classes of trusted packages "
+            "(torch.nn layers, nn.Sequential of them, this library's modules) are rebuilt without running foreign code"
         )
     if cls in (nn.Sequential, nn.ModuleList):
         spec: dict[str, Any] = {"class": path, "children": [module_spec(c) for c in m]}
@@ -85,26 +82,28 @@ def _shapes(m: nn.Module) -> dict[str, tuple[int, ...]]:
     return {k: tuple(v.shape) for k, v in m.state_dict().items()}
 
 
-def module_from_spec(spec: Any) -> nn.Module:
-    """Rebuild a module from :func:`module_spec` output (allowed classes only)."""
+def module_from_spec(spec: Any, *, trust_code: bool = False) -> nn.Module:
+    """Rebuild a module from :func:`module_spec` output (nn.Module classes of trusted packages only).
+
+    ``spec`` comes from a file: its shape is checked here (the recipe schema checks it
+    too), its class goes through :func:`surgery.trust.resolve`, and a constructor that
+    refuses the recorded arguments gives a one-line :class:`SurgeryError`.
+    """
     if not isinstance(spec, dict) or not isinstance(spec.get("class"), str):
-        raise SurgeryError(f"module spec {spec!r} has no 'class': the recipe file is corrupt")
-    path = spec["class"]
-    if not path.startswith(_ALLOWED) or ":" not in path:
-        raise SurgeryError(f"module class '{path}' is not allowed in a recipe (only torch.nn, torchvision.ops and this library)")
-    mod_name, _, qual = path.partition(":")
+        raise SurgeryError(f"module spec {str(spec)[:80]} has no 'class': the recipe file is corrupt")
+    unknown = set(spec) - {"class", "kwargs", "children"}
+    if unknown:
+        raise SurgeryError(f"module spec of '{spec['class']}' has unknown field(s) {', '.join(sorted(unknown))}: the recipe is corrupt")
+    cls = resolve(spec["class"], kind=Kind.MODULE_CLASS, trust_code=trust_code, what="the module class")
+    children = spec.get("children")
+    kwargs = spec.get("kwargs") or {}
+    if children is not None and not isinstance(children, list) or not isinstance(kwargs, dict):
+        raise SurgeryError(f"module spec of '{spec['class']}' needs 'children' as a list and 'kwargs' as an object")
     try:
-        obj: Any = importlib.import_module(mod_name)
-        for part in qual.split("."):
-            obj = getattr(obj, part)
-    except (ImportError, AttributeError):
-        raise SurgeryError(f"module class '{path}' does not exist in this installation; check versions") from None
-    if not (isinstance(obj, type) and issubclass(obj, nn.Module)):
-        raise SurgeryError(f"'{path}' is not an nn.Module class")
-    if "children" in spec:
-        return obj(*[module_from_spec(c) for c in spec["children"]])
-    kwargs = {k: _tuples(v) for k, v in (spec.get("kwargs") or {}).items()}
-    try:
-        return obj(**kwargs)
-    except (TypeError, ValueError) as e:
-        raise SurgeryError(f"cannot rebuild {path} with {kwargs}: {e}") from None
+        if children is not None:
+            return cls(*[module_from_spec(c, trust_code=trust_code) for c in children])
+        return cls(**{k: _tuples(v) for k, v in kwargs.items()})
+    except SurgeryError:
+        raise
+    except Exception as e:  # noqa: BLE001 - recorded arguments from a file may break a constructor anywhere
+        raise SurgeryError(f"cannot rebuild {spec['class']} with {kwargs}: {first_line(e)}") from None

@@ -8,19 +8,27 @@ rebuild the exact structure; the weights then come from a safetensors file.
 
 The recipe travels with the module as the attribute ``surgery_recipe``: models made
 by :func:`surgery.build_model` carry one, and every library transform returns a model
-whose recipe has the transform appended.
+whose recipe has the transform appended. Packages above surgery (``growth``) register
+their replays when imported; a recipe that needs them loads them through
+:mod:`surgery.plugins` (trusted entry points only), so surgery never imports them itself.
+
+>>> r = Recipe(source="resnet18", kwargs={"num_classes": 10}).then("replace", name="fc", module=None)
+>>> r.to_json()["transforms"]
+[{'op': 'replace', 'args': {'name': 'fc', 'module': None}}]
 """
 from __future__ import annotations
 
-import copy
-import dataclasses
-import importlib
+import inspect
 from collections.abc import Callable
 from typing import Any
 
+from pydantic import Field
 from torch import nn
 
-from surgery.errors import SurgeryError
+from surgery._util import first_line
+from surgery.errors import SurgeryError, UserError, did_you_mean
+from surgery.schema import FileModel
+from surgery.plugins import load_plugins
 
 RECIPE_ATTR = "surgery_recipe"
 
@@ -38,57 +46,47 @@ def register_replay(op: str) -> Callable[[Replay], Replay]:
     return deco
 
 
-def _load_transform_providers() -> None:
-    # Transforms register themselves when their module is imported.
-    import surgery.replace  # noqa: F401
+class Transform(FileModel):
+    """One structural change since the source was built: the op's name and its JSON arguments."""
 
-    try:
-        import growth.ops  # noqa: F401
-    except ImportError:  # pragma: no cover - growth is part of the same distribution
-        pass
+    op: str
+    args: dict[str, Any] = Field(default_factory=dict)
 
 
-@dataclasses.dataclass
-class Recipe:
+class Recipe(FileModel):
     """Architecture source + constructor kwargs + the transforms applied since."""
 
     source: str
-    kwargs: dict[str, Any] = dataclasses.field(default_factory=dict)
-    transforms: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+    kwargs: dict[str, Any] = Field(default_factory=dict)
+    transforms: list[Transform] = Field(default_factory=list)
 
     def then(self, op: str, **args: Any) -> Recipe:
         """A new recipe with transform ``op(**args)`` appended."""
-        return Recipe(self.source, dict(self.kwargs), [*copy.deepcopy(self.transforms), {"op": op, "args": args}])
+        new = self.model_copy(deep=True)
+        new.transforms.append(Transform(op=op, args=args))
+        return new
 
     def to_json(self) -> dict[str, Any]:
-        return {"source": self.source, "kwargs": self.kwargs, "transforms": self.transforms}
+        return self.model_dump(mode="json")
 
-    @classmethod
-    def from_json(cls, data: Any) -> Recipe:
-        if not isinstance(data, dict) or not isinstance(data.get("source"), str):
-            raise SurgeryError("recipe has no 'source' string: the recipe file is corrupt; save the model again")
-        kwargs = data.get("kwargs", {})
-        transforms = data.get("transforms", [])
-        if not isinstance(kwargs, dict) or not isinstance(transforms, list):
-            raise SurgeryError("recipe 'kwargs' must be an object and 'transforms' a list: the recipe file is corrupt")
-        for t in transforms:
-            if not isinstance(t, dict) or not isinstance(t.get("op"), str) or not isinstance(t.get("args", {}), dict):
-                raise SurgeryError(f"recipe transform {t!r} is malformed: the recipe file is corrupt")
-        return cls(data["source"], kwargs, transforms)
 
-    def build(self, *, trust_code: bool = False) -> nn.Module:
-        """Build the source architecture and replay every transform (random weights)."""
-        from surgery.models import build_model
-
-        model = build_model(self.source, trust_code=trust_code, **self.kwargs)
-        _load_transform_providers()
-        for t in self.transforms:
-            op = t["op"]
-            if op not in _REPLAYS:
-                raise SurgeryError(f"recipe uses unknown transform '{op}'; known: {', '.join(sorted(_REPLAYS))}")
-            model = _REPLAYS[op](model, **t.get("args", {}))
-        attach_recipe(model, self)
-        return model
+def replay(model: nn.Module, k: int, t: Transform) -> nn.Module:
+    """Apply transform ``t`` (the ``k``-th of a recipe) to ``model`` with its replay; one-line errors."""
+    load_plugins()
+    where = f"recipe transform {k} ('{t.op}')"
+    fn = _REPLAYS.get(t.op)
+    if fn is None:
+        raise SurgeryError(f"{where} is unknown here ({did_you_mean(t.op, _REPLAYS)}); install the package that provides it")
+    try:
+        inspect.signature(fn).bind(model, **t.args)
+    except TypeError as e:
+        raise SurgeryError(f"{where} has arguments it does not take ({first_line(e)}); the recipe is corrupt") from None
+    try:
+        return fn(model, **t.args)
+    except UserError as e:
+        raise SurgeryError(f"{where} does not apply: {first_line(e)}") from None
+    except Exception as e:  # noqa: BLE001 - recorded arguments from a file may break the op anywhere
+        raise SurgeryError(f"{where} fails on its recorded arguments ({first_line(e)}); the recipe is corrupt") from None
 
 
 def recipe_of(module: nn.Module) -> Recipe | None:
@@ -107,21 +105,3 @@ def extend_recipe(result: nn.Module, source: nn.Module, op: str, **args: Any) ->
     """Give ``result`` the recipe of ``source`` followed by ``op(**args)`` (none if source has none)."""
     base = recipe_of(source)
     return attach_recipe(result, base.then(op, **args) if base is not None else None)
-
-
-def import_callable(spec: str) -> Callable[..., Any]:
-    """Resolve ``"package.module:attr.path"`` to the object it names."""
-    mod_name, _, attr_path = spec.partition(":")
-    if not mod_name or not attr_path:
-        raise SurgeryError(f"'{spec}' is not of the form 'package.module:callable'")
-    try:
-        obj: Any = importlib.import_module(mod_name)
-    except ImportError as e:
-        raise SurgeryError(f"cannot import '{mod_name}' for '{spec}': {e}; install it or fix the name") from None
-    for part in attr_path.split("."):
-        if not hasattr(obj, part):
-            raise SurgeryError(f"'{mod_name}' has no attribute '{attr_path}'; check the name after ':' in '{spec}'")
-        obj = getattr(obj, part)
-    if not callable(obj):
-        raise SurgeryError(f"'{spec}' is not callable; name a class or function that returns an nn.Module")
-    return obj

@@ -1,69 +1,69 @@
 """Evaluate every stitched path of a cohort, ensembles, the Pareto front, and budgets.
 
 >>> from xross.evaluate import PathResult, best_path
->>> results = [PathResult((0, 0), "a > a", 70.0, 90.0, 21_000_000, 3e9),
-...            PathResult((1, 1), "b > b", 68.0, 89.0, 11_000_000, 1e9)]
+>>> results = [PathResult(path=(0, 0), name="a > a", top1=70.0, top5=90.0, params=21_000_000, flops=3e9),
+...            PathResult(path=(1, 1), name="b > b", top1=68.0, top5=89.0, params=11_000_000, flops=1e9)]
 >>> best_path(results, max_params=12e6).path
 (1, 1)
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path as FsPath
-from typing import Any
+from typing import Annotated, Literal
 
 import torch
+from pydantic import Field, NonNegativeFloat, NonNegativeInt, PositiveInt, Strict
 
 from xross.errors import XrossError
-from surgery._util import evaluating
+from surgery._util import atomic_write_text, evaluating, first_line
+from surgery.errors import SurgeryError
+from surgery.schema import FileModel, Float, parse
 from surgery.flops import count_flops, count_params, human
-from xross.cohort import Cohort, Path
+from xross.cohort import Cohort, Path, call_part
 
 
-@dataclasses.dataclass
-class PathResult:
-    path: Path
+class PathResult(FileModel):
+    """Accuracy and cost of one path: top-1/top-5 in %, parameters, forward FLOPs per image."""
+
+    path: Annotated[tuple[Annotated[NonNegativeInt, Strict()], ...], Strict(False)]  # a JSON list, held as a tuple
     name: str
-    top1: float
-    top5: float
-    params: int
-    flops: float  # forward FLOPs per image
-
-    def to_json(self) -> dict[str, Any]:
-        return {**dataclasses.asdict(self), "path": list(self.path)}
-
-    @classmethod
-    def from_json(cls, d: dict[str, Any]) -> PathResult:
-        return cls(**{**d, "path": tuple(d["path"])})
+    top1: Float = Field(ge=0, le=100)
+    top5: Float = Field(ge=0, le=100)
+    params: NonNegativeInt
+    flops: NonNegativeFloat
 
 
-@dataclasses.dataclass
-class EvalResult:
+class Accuracy(FileModel):
+    top1: Float = Field(ge=0, le=100)
+    top5: Float = Field(ge=0, le=100)
+
+
+class EvalResult(FileModel):
+    """``eval.json``: every evaluated path, the ensembles (mean softmax) and the number of images."""
+
+    format_version: Literal[1] = 1
     paths: list[PathResult]
-    ensembles: dict[str, dict[str, float]]  # name -> {"top1":, "top5":}
-    samples: int
+    ensembles: dict[str, Accuracy]
+    samples: PositiveInt
 
     def own(self, net: int, num_parts: int) -> PathResult:
         return next(r for r in self.paths if r.path == (net,) * num_parts)
 
-    def to_json(self) -> dict[str, Any]:
-        return {"paths": [r.to_json() for r in self.paths], "ensembles": self.ensembles, "samples": self.samples}
-
-    @classmethod
-    def from_json(cls, d: dict[str, Any]) -> EvalResult:
-        return cls([PathResult.from_json(r) for r in d["paths"]], d["ensembles"], d["samples"])
-
     def save(self, path: FsPath) -> None:
-        path.write_text(json.dumps(self.to_json(), indent=1) + "\n")
+        atomic_write_text(path, self.model_dump_json(indent=1) + "\n")
 
     @classmethod
     def load(cls, path: FsPath) -> EvalResult:
         try:
-            return cls.from_json(json.loads(path.read_text()))
-        except (OSError, ValueError, KeyError, TypeError) as e:
-            raise XrossError(f"cannot read evaluation {path}: {e}; run `xross eval` again") from None
+            data = json.loads(path.read_bytes())
+        except (OSError, ValueError) as e:
+            raise XrossError(f"cannot read evaluation {path}: {first_line(e)}; run `xross eval` again") from None
+        try:
+            return parse(cls, data, str(path), fix="run `xross eval` again")
+        except SurgeryError as e:
+            raise XrossError(str(e)) from None
 
 
 def _topk_correct(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -83,11 +83,12 @@ def path_costs(cohort: Cohort, paths: Iterable[Path], image_size: int, device: t
             h = x
             total = 0.0
             for m in cohort.modules_of(path):
+                args = h if isinstance(h, tuple) else (h,)
                 if id(m) not in flops:
-                    flops[id(m)] = count_flops(m, h)
+                    flops[id(m)] = count_flops(m, *args)
                 total += flops[id(m)]
                 with evaluating(m):
-                    h = m(h)
+                    h = call_part(m, h)
             out[path] = (count_params(cohort.modules_of(path)), total)
     return out
 
@@ -132,8 +133,12 @@ def evaluate(
         raise XrossError("the evaluation set is empty")
     pct = [[100 * c / n for c in row] for row in hits.tolist()]
     costs = path_costs(cohort, paths, image_size, device)
-    results = [PathResult(p, cohort.path_name(p), *pct[row], *costs[p]) for row, p in enumerate(paths)]
-    return EvalResult(results, {k: dict(zip(("top1", "top5"), pct[len(paths) + i])) for i, k in enumerate(ensembles)}, n)
+    results = [
+        PathResult(path=p, name=cohort.path_name(p), top1=pct[row][0], top5=pct[row][1], params=costs[p][0], flops=costs[p][1])
+        for row, p in enumerate(paths)
+    ]
+    accuracy = {k: Accuracy(top1=pct[len(paths) + i][0], top5=pct[len(paths) + i][1]) for i, k in enumerate(ensembles)}
+    return EvalResult(paths=results, ensembles=accuracy, samples=n)
 
 
 def pareto_front(results: Sequence[PathResult], cost: str = "params") -> list[PathResult]:
