@@ -21,6 +21,7 @@ from growth.errors import GrowthError
 from surgery._util import evaluating
 from surgery.errors import running_on
 from surgery.flops import count_flops, count_params
+from surgery.inputs import Example
 
 RELATIVE_TOLERANCE = 1e-4
 
@@ -44,10 +45,15 @@ def _tensors(value: Any) -> list[torch.Tensor]:
     return [v for v in pytree.tree_leaves(value) if isinstance(v, torch.Tensor)]
 
 
-def output_change(before: nn.Module, after: nn.Module, inputs: Sequence[torch.Tensor]) -> OutputChange:
-    """Run both models in eval mode on ``inputs`` and compare every output tensor."""
-    with evaluating(before, after), running_on(tuple(inputs)):
-        ys, zs = _tensors(before(*inputs)), _tensors(after(*inputs))
+def _example(inputs: Example | Sequence[torch.Tensor]) -> Example:
+    return inputs if isinstance(inputs, Example) else Example(tuple(inputs), {})
+
+
+def output_change(before: nn.Module, after: nn.Module, inputs: Example | Sequence[torch.Tensor]) -> OutputChange:
+    """Run both models in eval mode on ``inputs`` (positional tensors or an Example) and compare every output tensor."""
+    example = _example(inputs)
+    with evaluating(before, after), running_on(tuple(example.tensors())):
+        ys, zs = _tensors(example(before)), _tensors(example(after))
     if len(ys) != len(zs) or any(y.shape != z.shape for y, z in zip(ys, zs)):
         return OutputChange(float("inf"), 0.0)
     max_abs = max((float((z - y).abs().max()) for y, z in zip(ys, zs)), default=0.0)
@@ -55,13 +61,13 @@ def output_change(before: nn.Module, after: nn.Module, inputs: Sequence[torch.Te
     return OutputChange(max_abs, scale)
 
 
-def check_preserved(before: nn.Module, after: nn.Module, inputs: Sequence[torch.Tensor], op: str) -> OutputChange:
+def check_preserved(before: nn.Module, after: nn.Module, inputs: Example | Sequence[torch.Tensor], op: str) -> OutputChange:
     """Raise :class:`GrowthError` if ``after`` moved the output beyond ``1e-4 * max|before(x)|``."""
     change = output_change(before, after, inputs)
     if not change.within():
         raise GrowthError(
-            f"{op} changed the output by {change.max_abs:.3g} (max |y| = {change.scale:.3g}) on an input of shape "
-            f"{tuple(inputs[0].shape)}, beyond the tolerance {RELATIVE_TOLERANCE:g} * max|y|; this is a bug, please report it"
+            f"{op} changed the output by {change.max_abs:.3g} (max |y| = {change.scale:.3g}) on the input "
+            f"{_example(inputs).describe()}, beyond the tolerance {RELATIVE_TOLERANCE:g} * max|y|; this is a bug, please report it"
         )
     return change
 
@@ -93,7 +99,8 @@ class Cost:
     flops: int
 
 
-def cost(model: nn.Module, inputs: Sequence[torch.Tensor]) -> Cost:
-    """Parameters and forward FLOPs of ``model`` on ``inputs``."""
-    with running_on(tuple(inputs)):
-        return Cost(count_params(model), count_flops(model, *inputs))
+def cost(model: nn.Module, inputs: Example | Sequence[torch.Tensor]) -> Cost:
+    """Parameters and forward FLOPs of ``model`` on ``inputs`` (positional tensors or an Example)."""
+    example = _example(inputs)
+    with running_on(tuple(example.tensors())):
+        return Cost(count_params(model), count_flops(model, *example.args, **example.kwargs))

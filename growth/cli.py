@@ -15,32 +15,37 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Annotated, Any, Optional
 
-import torch
 import typer
 from torch import nn
 
+from growth.graphedit import input_record
 from growth.mutation import MutationRecord, apply_step, mutate, read_log, replay as replay_log
 from growth.registry import OPS, SITE_JOIN, get_op, sites as op_sites
-from surgery.clikit import console, load_model_arg, parse_shape, run_app, table
+from surgery.clikit import console, load_model_arg, run_app, table
+from surgery.inputs import Example, vocab_size
 from growth.errors import GrowthError
 from surgery.flops import human
 from surgery.io import prepare_output_dir, save
 
 app = typer.Typer(
+    name="growth",
     help="Grow trained networks (Net2Net: wider, deeper, branches, kernels, skips) without changing their function.",
     no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
 )
 
-ModelArg = Annotated[str, typer.Argument(help="torchvision model name, package.module:callable, or a saved directory")]
-InputOpt = Annotated[Optional[str], typer.Option("--input", help="example input shape, e.g. 1,3,224,224 (default: a small size the model runs on)")]
+ModelArg = Annotated[str, typer.Argument(help="a model reference: torchvision name, timm:NAME, hf:DIR, pkg.module:callable, DIR")]
+InputOpt = Annotated[
+    Optional[list[str]],
+    typer.Option("--input", help="example input, [name=][dtype:]shape: 1,3,224,224 or input_ids=int64:1,16 (repeatable; default: guessed)"),
+]
 ClassesOpt = Annotated[Optional[int], typer.Option("--num-classes", help="classifier outputs (torchvision models)")]
-TrustOpt = Annotated[bool, typer.Option("--trust-code", help="allow saved recipes that import code outside torchvision")]
+TrustOpt = Annotated[bool, typer.Option("--trust-code", help="allow saved files that name code outside the trusted packages")]
 OutOpt = Annotated[Optional[Path], typer.Option("--out", help="save the grown model to this directory")]
 ForceOpt = Annotated[bool, typer.Option(help="replace a non-empty output directory")]
 
 
-def _example(input_shape: str | None) -> torch.Tensor | None:
-    return torch.randn(*parse_shape(input_shape)) if input_shape else None
+def _example(net: nn.Module, inputs: list[str] | None) -> Example | None:
+    return Example.parse(inputs, vocab_size(net)) if inputs else None
 
 
 def _change(before: int, after: int) -> str:
@@ -91,7 +96,7 @@ def sites(
 ) -> None:
     """List where OP applies in MODEL (module paths or fx node names; src->dst pairs for add_skip)."""
     net = load_model_arg(model, num_classes=num_classes, trust_code=trust_code)
-    found = op_sites(net, op, _example(input))
+    found = op_sites(net, op, _example(net, input))
     listing = table(f"where {op} applies in {model}", ["#", "site"], list(enumerate(found)))
     listing.columns[1].overflow = "fold"
     console.print(listing)
@@ -127,7 +132,7 @@ def mutate_command(
     new_width: Annotated[Optional[int], typer.Option(help="net2wider: the new width")] = None,
     noise: Annotated[Optional[float], typer.Option(help="net2wider: zero-sum symmetry-breaking noise (relative std)")] = None,
     seed: Annotated[Optional[int], typer.Option(help="seed of random choices (net2wider copies, net2branch init)")] = None,
-    kind: Annotated[Optional[str], typer.Option(help="net2deeper: conv or linear")] = None,
+    kind: Annotated[Optional[str], typer.Option(help="net2deeper: conv, linear, or block (a residual block copied with zero branches)")] = None,
     kernel_size: Annotated[Optional[int], typer.Option(help="net2deeper / net2branch / widen_kernel kernel size")] = None,
     groups: Annotated[Optional[int], typer.Option(help="net2deeper: conv groups")] = None,
     batchnorm: Annotated[Optional[bool], typer.Option("--batchnorm/--no-batchnorm", help="net2deeper: identity BatchNorm")] = None,
@@ -145,8 +150,8 @@ def mutate_command(
     given = {k: v for k, v in locals().items() if k not in ("model", "op", "out", "force", "input", "num_classes", "trust_code")}
     site, args = _op_args(op, given)
     net = _start(model, out, force, num_classes, trust_code)
-    example = _example(input)
-    grown, record = apply_step(net, MutationRecord(op, site, args, input_shape=list(example.shape) if example is not None else None), example)
+    example = _example(net, input)
+    grown, record = apply_step(net, MutationRecord(op=op, site=site, args=args, **input_record(example)), example)
     _finish(f"{op} on {model}", [record], grown, out, force)
 
 
@@ -166,7 +171,7 @@ def random_command(
     """Grow MODEL by STEPS random feasible ops, logging each step."""
     net = _start(model, out, force, num_classes, trust_code)
     names = [o.strip() for o in ops.split(",") if o.strip()] if ops else None
-    grown, records = mutate(net, steps, seed, log=log, example_input=_example(input), ops=names)
+    grown, records = mutate(net, steps, seed, log=log, example_input=_example(net, input), ops=names)
     if log is not None:
         console.print(f"logged to {log}")
     _finish(f"{steps} random growth steps of {model} (seed {seed})", records, grown, out, force)

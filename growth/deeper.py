@@ -25,17 +25,20 @@ from __future__ import annotations
 
 import random
 
+from typing import Any
+
 import torch
 from torch import fx, nn
 
+from growth.block import block_obstacle, block_sites, insert_block_copy
 from growth.check import evaluating
 from growth.graphedit import Workbench, replay_of
-from growth.registry import GrowthOp, Proposal, not_applicable, register_op
+from growth.registry import MAX_KERNEL, GrowthOp, Proposal, not_applicable, register_op
 from growth.signs import negative_reasons
 from growth.errors import GrowthError
 from surgery.recipe import register_replay
 
-KINDS = ("conv", "linear")
+KINDS = ("conv", "linear", "block")
 ACTIVATIONS = ("relu", None)
 
 
@@ -48,15 +51,17 @@ def net2deeper(
     batchnorm: bool = True,
     activation: str | None = "relu",
     *,
-    example_input: torch.Tensor | None = None,
+    example_input: Any = None,
     check: bool = False,
 ) -> fx.GraphModule:
     """Insert an identity layer after ``after``; every former reader of ``after`` reads the new layer.
 
     Args:
         model: any fx-traceable module; it is not modified.
-        after: a module path or fx node name.
-        kind: ``"conv"`` (kxk conv on dim 1 of an NCHW value) or ``"linear"`` (on the last dim).
+        after: a module path or fx node name (``kind="block"``: the module path of a residual block).
+        kind: ``"conv"`` (kxk conv on dim 1 of an NCHW value), ``"linear"`` (on the last dim), or
+            ``"block"``: a copy of the residual block ``after`` inserted after it, every residual branch
+            starting at zero (transformer layers, ConvNeXt and ResNet blocks; see :mod:`growth.block`).
         kernel_size: odd conv kernel size (padding ``k // 2`` keeps the spatial size).
         groups: conv groups; the identity stays within each group.
         batchnorm: insert an identity BatchNorm after the layer (``BatchNorm1d`` for linear, 2-D values only).
@@ -65,6 +70,12 @@ def net2deeper(
     """
     _check_arguments(kind, kernel_size, groups, activation)
     work = Workbench(model, example_input)
+    if kind == "block":
+        reason = block_obstacle(work, after)
+        if reason is not None:
+            raise not_applicable("net2deeper", after, reason, block_sites(work))
+        insert_block_copy(work, after)
+        return work.finish("net2deeper", check, after=after, kind=kind)
     node = work.node(after)
     reason = deeper_obstacle(work, node, kind, groups, batchnorm, activation, negative_reasons(work.gm))
     if reason is not None:
@@ -84,8 +95,8 @@ def net2deeper(
 def _check_arguments(kind: str, kernel_size: int, groups: int, activation: str | None) -> None:
     if kind not in KINDS:
         raise GrowthError(f"kind='{kind}' is not one of {', '.join(KINDS)}")
-    if kernel_size < 1 or kernel_size % 2 == 0:
-        raise GrowthError(f"kernel_size={kernel_size} has no centre tap; give an odd size (1, 3, 5)")
+    if kernel_size < 1 or kernel_size % 2 == 0 or kernel_size > MAX_KERNEL:
+        raise GrowthError(f"kernel_size={kernel_size} is not an odd size up to {MAX_KERNEL} with a centre tap; give 1, 3, 5, ...")
     if groups < 1 or (kind == "linear" and groups != 1):
         raise GrowthError(f"groups={groups} is not possible for kind='{kind}'; give groups >= 1 (1 for linear)")
     if activation not in ACTIVATIONS:
@@ -125,6 +136,8 @@ def deeper_sites(
 ) -> list[str]:
     """Every node after which an identity layer of this kind keeps the function, in graph order."""
     _check_arguments(kind, kernel_size, groups, activation)
+    if kind == "block":
+        return block_sites(work)
     negative = negative_reasons(work.gm)
     return [
         work.site_name(n)
@@ -165,7 +178,7 @@ def value_at(work: Workbench, node: fx.Node) -> torch.Tensor:
             return out
 
     with evaluating(work.gm):
-        Capture(work.gm).run(*work.inputs())
+        Capture(work.gm).run(*work.inputs().flat(work.gm.graph), enable_io_processing=False)
     return seen["value"]
 
 

@@ -21,6 +21,7 @@ Sequential(
 from __future__ import annotations
 
 import contextlib
+import inspect
 from collections import OrderedDict
 from collections.abc import Callable, Iterator, Sequence
 from functools import cached_property
@@ -33,10 +34,11 @@ from growth.check import check_preserved
 from surgery.channels import ChannelAnalysis, Shapes, analyze_channels, infer_shapes
 from growth.errors import GrowthError
 from surgery.errors import SurgeryError
+from surgery._util import first_line
+from surgery.inputs import Example, InputSpec, check_example_size
 from surgery.names import GraphIndex
-from surgery.permute import traced_copy
 from surgery.recipe import extend_recipe
-from surgery.tracing import trace
+from surgery.capture import trace, traced_copy
 
 STACK = "nn_module_stack"
 
@@ -47,12 +49,12 @@ class Workbench:
     ``read_only=True`` skips the copy (the graph shares ``model``'s weights): for looking, not editing.
     """
 
-    def __init__(self, model: nn.Module, example_input: torch.Tensor | None = None, *, read_only: bool = False):
+    def __init__(self, model: nn.Module, example_input: Any = None, *, read_only: bool = False):
         if not isinstance(model, nn.Module):
             raise GrowthError(f"expected an nn.Module, got {type(model).__name__}")
         self.source = model
-        self.example_input = example_input
-        self.gm = trace(model) if read_only else traced_copy(model)
+        self.example_input = Example.of(example_input)
+        self.gm = trace(model, example_input=self.example_input) if read_only else traced_copy(model, self.example_input)
 
     @cached_property
     def analysis(self) -> ChannelAnalysis:
@@ -157,24 +159,18 @@ class Workbench:
         self.gm.graph.lint()
         self.gm.recompile()
         try:
-            infer_shapes(self.gm, self.example_input if self.example_input is not None else self._meta_inputs())
+            infer_shapes(self.gm, self.inputs())
         except SurgeryError as e:
             raise GrowthError(f"{op} produced a network that no longer runs ({e}); this is a bug, please report it") from None
-        if self.example_input is not None:
-            args["input_shape"] = list(self.example_input.shape)
+        args.update(input_record(self.example_input))
         result = extend_recipe(self.gm, self.source, op, **args)
         if check:
             check_preserved(self.source, result, self.inputs(), op)
         return result
 
-    def inputs(self) -> tuple[torch.Tensor, ...]:
-        """The example input if one was given, else a seeded random input of the shapes that ran."""
-        if self.example_input is not None:
-            return (self.example_input,)
-        return self.shapes.example_inputs(torch.Generator().manual_seed(0))
-
-    def _meta_inputs(self) -> tuple[torch.Tensor, ...]:
-        return tuple(torch.empty(s, dtype=self.shapes.dtype, device="meta") for s in self.shapes.input_shapes)
+    def inputs(self) -> Example:
+        """The example input if one was given, else the seeded random input of the shapes that ran."""
+        return self.example_input if self.example_input is not None else self.shapes.example
 
 
 @contextlib.contextmanager
@@ -185,18 +181,42 @@ def seeded(seed: int) -> Iterator[None]:
         yield
 
 
-def default_inputs(model: nn.Module, example_input: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
+def default_inputs(model: nn.Module, example_input: Any = None) -> Example:
     """What the ops check and measure on: ``example_input``, else a seeded random input of a size ``model`` runs on."""
-    if example_input is not None:
-        return (example_input,)
-    return infer_shapes(trace(model)).example_inputs(torch.Generator().manual_seed(0))
+    given = Example.of(example_input)
+    return given if given is not None else infer_shapes(trace(model)).example
+
+
+def input_record(example: Example | None) -> dict[str, Any]:
+    """How a recipe or log records the example an op ran on: ``input_shape`` for one float tensor, else ``inputs``."""
+    if example is None:
+        return {}
+    specs = example.specs()
+    if len(specs) == 1 and specs[0].name is None and specs[0].dtype.startswith("float"):
+        return {"input_shape": list(specs[0].shape)}
+    return {"inputs": [s.model_dump() for s in specs]}
+
+
+def example_from_record(input_shape: list[int] | None = None, inputs: list[dict[str, Any]] | None = None) -> Example | None:
+    """The example an op recorded (see :func:`input_record`): zeros of the shape, or tensors of the specs."""
+    if inputs:
+        return Example.from_specs([InputSpec.model_validate(s) for s in inputs])
+    if not input_shape:
+        return None
+    try:
+        return Example((torch.zeros(check_example_size(list(input_shape))),), {})
+    except (ValueError, TypeError) as e:
+        raise GrowthError(f"the recorded input_shape {input_shape} is not an example input: {first_line(e)}") from None
 
 
 def replay_of(op: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
     """A recipe replay for ``op``: its recorded arguments, with ``input_shape`` turned back into an input."""
 
-    def replay(model: nn.Module, input_shape: list[int] | None = None, **args: Any) -> nn.Module:
-        example = torch.zeros(input_shape) if input_shape else None
-        return op(model, **args, example_input=example)
+    def replay(model: nn.Module, input_shape: list[int] | None = None, inputs: list[dict[str, Any]] | None = None, **args: Any) -> nn.Module:
+        return op(model, **args, example_input=example_from_record(input_shape, inputs))
 
+    # the op's own parameters, so a recipe's arguments can be checked before the call
+    own = [p for name, p in inspect.signature(op).parameters.items() if name not in ("example_input", "check")]
+    recorded = [inspect.Parameter(n, inspect.Parameter.KEYWORD_ONLY, default=None) for n in ("input_shape", "inputs")]
+    replay.__signature__ = inspect.Signature([*own, *recorded])  # type: ignore[attr-defined]
     return replay

@@ -18,11 +18,14 @@ from __future__ import annotations
 
 import random
 
+from typing import Any
+
 import torch
 from torch import fx, nn
 
+from growth.errors import GrowthError
 from growth.graphedit import Workbench, replay_of
-from growth.registry import GrowthOp, Proposal, not_applicable, register_op
+from growth.registry import MAX_KERNEL, GrowthOp, Proposal, not_applicable, register_op
 from surgery.recipe import register_replay
 
 
@@ -31,7 +34,7 @@ def widen_kernel(
     at: str,
     kernel_size: int | tuple[int, int] = 5,
     *,
-    example_input: torch.Tensor | None = None,
+    example_input: Any = None,
     check: bool = False,
 ) -> fx.GraphModule:
     """Zero-pad the kernel of the Conv2d ``at`` to ``kernel_size`` (an int or (height, width)).
@@ -43,6 +46,8 @@ def widen_kernel(
         example_input, check: see :func:`growth.net2wider`.
     """
     size = _pair(kernel_size)
+    if max(size) > MAX_KERNEL:
+        raise GrowthError(f"kernel_size={kernel_size} is larger than a step creates (at most {MAX_KERNEL})")
     work = Workbench(model, example_input)
     node = work.node(at)
     reason = kernel_obstacle(work, node, size)

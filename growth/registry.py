@@ -16,7 +16,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-import torch
 from torch import fx, nn
 
 from growth.graphedit import Workbench
@@ -52,12 +51,14 @@ class GrowthOp:
         return dict(zip(self.site_params, parts))
 
     def apply(
-        self, model: nn.Module, site: str, args: dict[str, Any], example_input: torch.Tensor | None = None, check: bool = False
+        self, model: nn.Module, site: str, args: dict[str, Any], example_input: Any = None, check: bool = False
     ) -> fx.GraphModule:
         return self.fn(model, **self.site_args(site), **args, example_input=example_input, check=check)
 
 
 SITE_JOIN = "->"
+MAX_GROWTH = 16  # one step makes a layer at most this many times wider (grow further in several steps)
+MAX_KERNEL = 31  # the largest kernel side a step creates
 OPS: dict[str, GrowthOp] = {}
 
 
@@ -72,7 +73,7 @@ def get_op(name: str) -> GrowthOp:
     return OPS[name]
 
 
-def sites(model: nn.Module, op: str, example_input: torch.Tensor | None = None, **args: Any) -> list[str]:
+def sites(model: nn.Module, op: str, example_input: Any = None, **args: Any) -> list[str]:
     """Where ``op`` applies in ``model`` (with ``args``, e.g. ``kind="linear"`` for net2deeper), in graph order."""
     return get_op(op).find_sites(Workbench(model, example_input, read_only=True), **args)
 

@@ -20,6 +20,8 @@ from __future__ import annotations
 import operator
 import random
 
+from typing import Any
+
 import torch
 from torch import fx, nn
 
@@ -29,7 +31,7 @@ from surgery.recipe import register_replay
 
 
 def add_skip(
-    model: nn.Module, src: str, dst: str, *, example_input: torch.Tensor | None = None, check: bool = False
+    model: nn.Module, src: str, dst: str, *, example_input: Any = None, check: bool = False
 ) -> fx.GraphModule:
     """Add a zero-initialised 1x1 conv (or Linear) from ``src``'s output to ``dst``'s output.
 

@@ -20,15 +20,17 @@ import math
 import random
 from collections.abc import Sequence
 
+from typing import Any
+
 import torch
 from torch import fx, nn
 
 from growth.graphedit import Workbench, replay_of
-from growth.registry import GrowthOp, Proposal, not_applicable, register_op
+from growth.registry import MAX_GROWTH, GrowthOp, Proposal, not_applicable, register_op
 from surgery.channels import ChannelGroup
 from growth.errors import GrowthError
-from surgery.permute import ChannelMap, remap_channels
 from surgery.recipe import register_replay
+from surgery.remap import ChannelMap, remap_channels
 
 
 def net2wider(
@@ -39,7 +41,7 @@ def net2wider(
     noise: float = 0.0,
     seed: int | None = None,
     *,
-    example_input: torch.Tensor | None = None,
+    example_input: Any = None,
     check: bool = False,
 ) -> fx.GraphModule:
     """Widen the output channels (features) of layer ``at`` and everything coupled to it.
@@ -81,12 +83,18 @@ def _check_amount(factor: float | None, new_width: int | None) -> None:
         raise GrowthError("give exactly one of factor= (e.g. 1.5) or new_width= to net2wider")
     if factor is not None and not factor > 1:
         raise GrowthError(f"factor={factor} does not widen; give a factor > 1 (e.g. 1.5)")
+    if factor is not None and factor > MAX_GROWTH:
+        raise GrowthError(f"factor={factor} is more than one step grows (at most {MAX_GROWTH}); widen in several steps")
 
 
 def _new_width(group: ChannelGroup, name: str, factor: float | None, new_width: int | None) -> int:
     channels, blocks = group.channels, group.blocks
     if new_width is None:
         return max(channels + blocks, math.ceil(channels * factor / blocks - 1e-9) * blocks)
+    if new_width > MAX_GROWTH * channels:
+        raise GrowthError(
+            f"new_width={new_width} is more than {MAX_GROWTH}x the {channels} channels at '{name}'; widen in several steps"
+        )
     if new_width <= channels:
         raise GrowthError(f"new_width={new_width} is not larger than the {channels} channels at '{name}'; give a larger width")
     if new_width % blocks:

@@ -7,23 +7,30 @@
 >>> torch.equal(pieces(x), net(x))
 True
 """
+from surgery import refs
 from surgery.adapters import Adapter, adapter, stitch
+from surgery.capture import Capture, capture, trace
 from surgery.cut import Pieces, cut
 from surgery.cutpoints import CutPoint, cut_points
 from surgery.errors import SurgeryError, UserError
+from surgery.export import export
 from surgery.flops import count_flops, count_params
+from surgery.inputs import Example
 from surgery.io import load, save
 from surgery.matching import match_channels
 from surgery.models import build_model, list_models, load_weights
-from surgery.permute import permute_channels
 from surgery.recipe import Recipe, recipe_of
+from surgery.remap import permute_channels
 from surgery.render import render
 from surgery.replace import replace
 from surgery.specs import ValueSpec
-from surgery.tracing import trace
 
 __all__ = [
     "Adapter",
+    "Capture",
+    "Example",
+    "capture",
+    "refs",
     "CutPoint",
     "Pieces",
     "Recipe",
@@ -36,6 +43,7 @@ __all__ = [
     "count_params",
     "cut",
     "cut_points",
+    "export",
     "list_models",
     "load",
     "load_weights",

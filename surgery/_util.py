@@ -17,6 +17,7 @@ import os
 import shutil
 import tempfile
 from collections.abc import Callable, Iterator
+from typing import Any
 from pathlib import Path
 
 import torch
@@ -37,6 +38,17 @@ def evaluating(*models: nn.Module, grad: bool = False) -> Iterator[None]:
     finally:
         for m, mode in zip(models, modes):
             m.train(mode)
+
+
+def max_difference(a: Any, b: Any) -> float:
+    """max |a - b| over the tensors of two outputs of the same structure (a ModelOutput, a tuple, a tensor); inf if they differ."""
+    from torch.utils import _pytree as pytree
+
+    xs = [t for t in pytree.tree_leaves(a) if isinstance(t, torch.Tensor)]
+    ys = [t for t in pytree.tree_leaves(b) if isinstance(t, torch.Tensor)]
+    if len(xs) != len(ys) or any(x.shape != y.shape for x, y in zip(xs, ys)):
+        return float("inf")
+    return max((float((x.float() - y.float()).abs().max()) if x.numel() else 0.0 for x, y in zip(xs, ys)), default=0.0)
 
 
 def first_line(error: BaseException, limit: int = 300) -> str:

@@ -5,13 +5,23 @@ The CLIs are thin: they parse options, call the library, and print rich tables. 
 """
 from __future__ import annotations
 
+import inspect
 import sys
+import types
+import typing
+import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Optional
 
 import typer
+
+try:  # typer >= 0.20 vendors click
+    from typer._click import exceptions as click_exceptions
+except ImportError:  # pragma: no cover - older typer uses click itself
+    from click import exceptions as click_exceptions  # type: ignore[no-redef]
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from surgery.errors import SurgeryError, UserError
@@ -20,13 +30,30 @@ console = Console()
 err_console = Console(stderr=True)
 
 
+def _one_line_warning(message: Any, category: type[Warning], filename: str, lineno: int, file: Any = None, line: Any = None) -> None:
+    err_console.print(f"[yellow]warning:[/] {escape(str(message))}", highlight=False, soft_wrap=True)
+
+
 def run_app(app: typer.Typer, argv: Sequence[str] | None = None) -> None:
-    """Run a typer app; library errors print one line and exit with status 2 (no traceback)."""
+    """Run a typer app: library errors and usage errors print one line and exit with status 2 (no traceback).
+
+    Warnings print as one line too (``warning: ...``).
+    """
+    show = warnings.showwarning
+    warnings.showwarning = _one_line_warning
     try:
-        app(args=list(argv) if argv is not None else None, prog_name=None, standalone_mode=True)
+        code = app(args=list(argv) if argv is not None else None, prog_name=app.info.name, standalone_mode=False)
     except UserError as e:
-        err_console.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
+        err_console.print(f"[bold red]error:[/] {escape(str(e))}", highlight=False, soft_wrap=True)
         sys.exit(e.exit_code)
+    except click_exceptions.UsageError as e:
+        where = f"; see '{e.ctx.command_path} --help'" if e.ctx is not None else ""
+        message = escape(" ".join(e.format_message().replace("Value error, ", "").split()).rstrip("."))
+        err_console.print(f"[bold red]error:[/] {message}{where}", highlight=False, soft_wrap=True)
+        sys.exit(e.exit_code)
+    finally:
+        warnings.showwarning = show
+    sys.exit(code if isinstance(code, int) else 0)
 
 
 def fail(message: str) -> None:
@@ -47,25 +74,25 @@ def default_input_shape(source: str) -> tuple[int, ...]:
     return (1, 3, 299, 299) if source == "inception_v3" else (1, 3, 224, 224)
 
 
+def example_for(model: Any, inputs: Sequence[str] | None) -> Any:
+    """The example input of a command: ``--input`` items (``[name=][dtype:]shape``), else a guess from the model."""
+    from surgery.inputs import Example, default_example, vocab_size
+
+    return Example.parse(inputs, vocab_size(model)) if inputs else default_example(model)
+
+
 def load_model_arg(
-    name_or_dir: str,
+    reference: str,
     *,
     num_classes: int | None = None,
     weights: Path | None = None,
     trust_code: bool = False,
-    extra: dict[str, Any] | None = None,
+    verify: bool = True,
 ) -> Any:
-    """A model from a CLI argument: a saved directory, a torchvision name, or ``package.module:callable``."""
-    from surgery.io import RECIPE_FILE, load
-    from surgery.models import build_model, load_weights
+    """The model a CLI argument names (see :mod:`surgery.refs`); names typed on the command line are trusted."""
+    from surgery.refs import load
 
-    path = Path(name_or_dir)
-    if (path / RECIPE_FILE).is_file():
-        model = load(path, trust_code=trust_code)
-        if weights is not None:
-            load_weights(model, weights)
-        return model
-    return build_model(name_or_dir, num_classes=num_classes, weights=weights, trust_code=True, **(extra or {}))
+    return load(reference, trust_code=trust_code, trust_typed=True, num_classes=num_classes, weights=weights, verify=verify)
 
 
 def table(title: str, columns: Sequence[str], rows: Sequence[Sequence[Any]], justify: Callable[[str], str] | None = None) -> Table:
@@ -76,3 +103,78 @@ def table(title: str, columns: Sequence[str], rows: Sequence[Sequence[Any]], jus
     for r in rows:
         t.add_row(*[str(v) for v in r])
     return t
+
+
+# --- command-line options generated from a declared model (one source for defaults, types, choices, help)
+
+CLI_HINT = "cli"  # a field's json_schema_extra may hold {"cli": {"name": "cut", "comma": True}}
+
+
+def _cli_hint(field: Any) -> dict[str, Any]:
+    extra = field.json_schema_extra if isinstance(field.json_schema_extra, dict) else {}
+    hint = extra.get(CLI_HINT) or {}
+    return hint if isinstance(hint, dict) else {}
+
+
+def _option_type(annotation: Any, comma: bool) -> Any:
+    """The CLI type of a field: ``Optional[...]`` of its scalar type, a Literal's choices, a repeatable list or comma text."""
+    args = [a for a in typing.get_args(annotation) if a is not type(None)]
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType) and len(args) == 1:
+        return _option_type(args[0], comma)
+    if origin is typing.Annotated:
+        return _option_type(args[0], comma)
+    if origin is list:
+        return str if comma else list[str]
+    return annotation
+
+
+def option_name(field_name: str, field: Any) -> str:
+    """The parameter name of a field's option (``cuts`` -> ``cut`` where the field says so)."""
+    return str(_cli_hint(field).get("name") or field_name)
+
+
+def options_from_model(model: type[Any], exclude: Sequence[str] = ()) -> list[inspect.Parameter]:
+    """One keyword parameter per field of pydantic ``model``, typed and documented for typer.
+
+    Every option defaults to None (meaning "not given"): a bool becomes ``--x/--no-x``,
+    a Literal its choices, a list a repeatable option (or comma-separated text when the
+    field's hint says ``comma``), and the help is the field's description and default.
+    """
+    params = []
+    for name, field in model.model_fields.items():
+        if name in exclude:
+            continue
+        hint = _cli_hint(field)
+        cli_name = option_name(name, field)
+        kind = _option_type(field.annotation, bool(hint.get("comma")))
+        flag = f"--{cli_name.replace('_', '-')}"
+        decl = f"{flag}/--no-{cli_name.replace('_', '-')}" if kind is bool else flag
+        default = field.get_default(call_default_factory=True)
+        shown = ",".join(default) if isinstance(default, list) and hint.get("comma") else default
+        text = f"{field.description or name} [default: {shown}]"
+        option = typer.Option(decl, help=text, show_default=False)
+        params.append(inspect.Parameter(cli_name, inspect.Parameter.KEYWORD_ONLY, default=None, annotation=Annotated[Optional[kind], option]))
+    return params
+
+
+def model_values(model: type[Any], given: dict[str, Any]) -> dict[str, Any]:
+    """Field values from the options a user gave (None: not given); comma text is split into a list."""
+    out: dict[str, Any] = {}
+    for name, field in model.model_fields.items():
+        value = given.get(option_name(name, field))
+        if value is None:
+            continue
+        if _cli_hint(field).get("comma") and isinstance(value, str):
+            from surgery.refs import split_references
+
+            value = split_references(value)
+        out[name] = value
+    return out
+
+
+def with_signature(fn: Callable[..., Any], params: Sequence[inspect.Parameter]) -> Callable[..., Any]:
+    """Give ``fn(**options)`` the signature typer reads its options from."""
+    fn.__signature__ = inspect.Signature(list(params))  # type: ignore[attr-defined]
+    fn.__annotations__ = {p.name: p.annotation for p in params}
+    return fn

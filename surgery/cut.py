@@ -11,9 +11,13 @@ True
 
 Every value still needed after a cut crosses it: a cut inside a residual block hands
 both the branch and the block input to the next piece (as a tuple, the cut node's
-value first), so nothing is recomputed and the result is bit-identical. Pieces share
-parameters with the model they were cut from, like
-``torchvision.models.feature_extraction``; ``copy.deepcopy`` the model first to detach them.
+value first), so nothing is recomputed and the result is bit-identical. The graph comes
+from :func:`surgery.capture.capture` (torch.fx, or torch.export for models fx cannot
+trace): the first piece takes the same call as the model (keyword inputs such as
+``input_ids=...`` included) and the last returns what the model returns (a Hugging Face
+``ModelOutput`` stays one). Pieces share parameters with the model they were cut from,
+like ``torchvision.models.feature_extraction``; ``copy.deepcopy`` the model first to
+detach them.
 """
 from __future__ import annotations
 
@@ -24,13 +28,17 @@ from typing import Any
 import torch
 from torch import fx, nn
 
-from surgery.errors import SurgeryError, running_on
+from torch.fx.graph import CodeGen, _PyTreeCodeGen, _PyTreeInfo
+
 from surgery._util import evaluating
+from surgery.capture import Capture, capture
+from surgery.errors import SurgeryError, running_on
 from surgery.flops import count_flops, count_params
+from surgery.inputs import Example, InputSpec
 from surgery.names import GraphIndex
 from surgery.recipe import Recipe, recipe_of
 from surgery.specs import ValueSpec, format_specs, specs_of
-from surgery.tracing import LeafSpec, trace_graph
+from surgery.tracing import LeafSpec
 
 META_KEY = "surgery"
 
@@ -43,6 +51,8 @@ class Origin:
     cuts: tuple[str, ...]
     index: int
     leaf_modules: tuple[str, ...] = ()
+    tracer: str = "fx"
+    inputs: tuple[InputSpec, ...] = ()  # what torch.export ran on (the graph is captured again from these)
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -50,6 +60,8 @@ class Origin:
             "cuts": list(self.cuts),
             "index": self.index,
             "leaf_modules": list(self.leaf_modules),
+            "tracer": self.tracer,
+            "inputs": [s.model_dump() for s in self.inputs],
         }
 
 
@@ -79,12 +91,14 @@ def piece_info(module: nn.Module) -> PieceInfo:
         return meta[META_KEY]
     spec_in = getattr(module, "in_spec", None)
     spec_out = getattr(module, "out_spec", None)
+    names = tuple(getattr(module, "boundary_names", ("input",)))  # an adapter may pass side values through
+    side = (None,) * (len(names) - 1)
     return PieceInfo(
         None,
-        ("input",),
-        ("output",),
-        (spec_in,) if isinstance(spec_in, ValueSpec) else None,
-        (spec_out,) if isinstance(spec_out, ValueSpec) else None,
+        names,
+        ("output", *names[1:]),
+        (spec_in, *side) if isinstance(spec_in, ValueSpec) else None,
+        (spec_out, *side) if isinstance(spec_out, ValueSpec) else None,
     )
 
 
@@ -145,20 +159,27 @@ class Pieces(nn.Module):
         return value if piece_info(self.pieces[k - 1]).out_arity > 1 else (value,)
 
     @torch.no_grad()
-    def _walk(self, example: tuple[Any, ...]) -> Iterator[tuple[int, nn.Module, tuple[Any, ...], Any]]:
-        """Run ``example`` through in eval mode, yielding ``(k, piece, args, output)`` per piece."""
+    def _walk(self, example: Example) -> Iterator[tuple[int, nn.Module, tuple[Any, ...], Any]]:
+        """Run ``example`` through in eval mode, yielding ``(k, piece, inputs, output)`` per piece.
+
+        ``inputs`` are the values piece k received (for the first piece: the example's
+        positional inputs, then its keyword inputs).
+        """
         with evaluating(self):
-            args = example
+            args: tuple[Any, ...] = (*example.args, *example.kwargs.values())
             for k, piece in enumerate(self.pieces):
                 with running_on(args, f"piece {k}"):
-                    out = piece(*args)
+                    out = example(piece) if k == 0 else piece(*args)
                 yield k, piece, args, out
                 if k + 1 < len(self):
                     args = self._boundary_args(k + 1, out)
 
     def infer_specs(self, *example: Any) -> Pieces:
-        """Record the specs of every boundary by running ``example`` through (eval mode)."""
-        for _, piece, args, out in self._walk(example):
+        """Record the specs of every boundary by running ``example`` through (eval mode).
+
+        ``example``: the model's positional inputs, or one :class:`~surgery.inputs.Example`.
+        """
+        for _, piece, args, out in self._walk(_as_example(example)):
             if META_KEY in getattr(piece, "meta", {}):
                 info = piece_info(piece)
                 info.in_specs = tuple(ValueSpec.of(a) for a in args)
@@ -167,24 +188,26 @@ class Pieces(nn.Module):
 
     def summary(self, *example: Any) -> list[PieceSummary]:
         """Per piece: input/output specs, parameters and forward FLOPs on ``example``."""
+        ex = _as_example(example)
         rows = []
-        for k, piece, args, out in self._walk(example):
+        for k, piece, args, out in self._walk(ex):
             rows.append(
                 PieceSummary(
                     k,
                     format_specs(tuple(ValueSpec.of(a) for a in args)),
                     format_specs(specs_of(out, piece_info(piece).out_arity)),
                     count_params(piece),
-                    count_flops(piece, *args),
+                    count_flops(piece, *ex.args, **ex.kwargs) if k == 0 else count_flops(piece, *args),
                 )
             )
         return rows
 
-    def save(self, directory: str, *, force: bool = False) -> None:
-        """Save as safetensors weights + a JSON recipe (see :func:`surgery.save`)."""
-        from surgery.io import save
 
-        save(self, directory, force=force)
+def _as_example(example: tuple[Any, ...]) -> Example:
+    """``(x,)``, ``(x, y)`` or ``(Example,)`` as an Example."""
+    if len(example) == 1 and isinstance(example[0], Example):
+        return example[0]
+    return Example(tuple(example), {})
 
 
 def cut(
@@ -194,16 +217,20 @@ def cut(
     *,
     leaf_modules: Sequence[LeafSpec] = (),
     concrete_args: dict[str, Any] | None = None,
+    tracer: str = "auto",
 ) -> Pieces:
     """Cut ``model`` after each named point: N names give N+1 pieces.
 
     Args:
-        model: any fx-traceable module (or a GraphModule).
-        at: module paths (``"layer2"``, ``"features.7"``) or fx node names
-            (``"add_3"``), in graph order.
-        example_input: optional input (tensor or tuple) used to record the shape of
-            every boundary (``pieces.infos()[k].out_specs``).
-        leaf_modules, concrete_args: passed to :func:`surgery.trace`.
+        model: any ``nn.Module`` (captured by :func:`surgery.capture.capture`) or a GraphModule.
+        at: module paths (``"layer2"``, ``"features.7"``, a container such as
+            ``"blocks"``) or node names (``"add_3"``), in graph order.
+        example_input: optional input (a tensor, a tuple of positional inputs, a dict of
+            keyword inputs, or an :class:`~surgery.inputs.Example`) used to record the
+            shape of every boundary (``pieces.infos()[k].out_specs``); torch.export
+            captures on it.
+        leaf_modules, concrete_args: passed to the fx front-end.
+        tracer: ``"auto"`` (fx, fx with automatic leaves, torch.export), ``"fx"`` or ``"export"``.
 
     Returns:
         :class:`Pieces`; ``torch.equal(pieces(x), model(x))`` holds in eval mode.
@@ -212,8 +239,9 @@ def cut(
     names = [at] if isinstance(at, str) else list(at)
     if not names:
         raise SurgeryError("give at least one cut name (e.g. at='layer2')")
-    graph = trace_graph(model, leaf_modules, concrete_args)
-    index = GraphIndex(graph)
+    example = Example.of(example_input)
+    cap = capture(model, example, tracer=tracer, leaf_modules=leaf_modules, concrete_args=concrete_args)
+    index = GraphIndex(cap.graph)
     positions = [index.resolve(name) for name in names]
     for (a, pa), (b, pb) in zip(zip(names, positions), zip(names[1:], positions[1:])):
         if a == b:
@@ -226,23 +254,55 @@ def cut(
     last_compute = max(i for i, n in enumerate(index.nodes) if n.op not in ("output", "get_attr"))
     if positions[-1] >= last_compute:
         raise SurgeryError(f"cutting at '{names[-1]}' leaves the last piece empty; cut earlier in the graph")
+    pieces = _pieces(model, cap, index, positions, names, leaf_modules)
+    result = Pieces(pieces, names)
+    example = example if example is not None else cap.example
+    if example is not None:
+        result.infer_specs(example)
+    return result
+
+
+def _pieces(
+    model: nn.Module, cap: Capture, index: GraphIndex, positions: list[int], names: list[str], leaf_modules: Sequence[LeafSpec]
+) -> list[fx.GraphModule]:
+    leaf_names = tuple(m if isinstance(m, str) else f"{m.__module__}:{m.__qualname__}" for m in leaf_modules) + cap.leaves
+    inputs = tuple(cap.example.specs()) if cap.tracer == "export" and cap.example is not None else ()
     origin_recipe = recipe_of(model)
-    leaf_names = tuple(m if isinstance(m, str) else f"{m.__module__}:{m.__qualname__}" for m in leaf_modules)
-    graphs = split_graph(index, positions)
     pieces = []
-    for k, (g, ins, outs) in enumerate(graphs):
-        gm = fx.GraphModule(model, g, class_name="Piece")
-        gm.training = model.training  # its submodules are the model's own, already in that mode
+    for k, (g, ins, outs) in enumerate(split_graph(index, positions)):
+        gm = fx.GraphModule(cap.root, g, class_name="Piece")
+        gm.train(model.training)
         gm.meta[META_KEY] = PieceInfo(
-            Origin(origin_recipe, tuple(names), k, leaf_names),
+            Origin(origin_recipe, tuple(names), k, leaf_names, cap.tracer if cap.tracer != "graph" else "fx", inputs),
             tuple(n.name for n in ins) if ins is not None else tuple(n.name for n in g.nodes if n.op == "placeholder"),
             tuple(n.name for n in outs) if outs is not None else ("output",),
         )
         pieces.append(gm)
-    result = Pieces(pieces, names)
-    if example_input is not None:
-        result.infer_specs(*_as_args(example_input))
-    return result
+    return pieces
+
+
+def _codegen(source: CodeGen, first: bool, last: bool) -> CodeGen:
+    """The calling convention of a piece: the model's own inputs (first piece) and outputs (last piece)."""
+    if not isinstance(source, _PyTreeCodeGen) or source.pytree_info is None:
+        return CodeGen()
+    info = source.pytree_info
+    if first and last:
+        return _PyTreeCodeGen(info)
+    if first:
+        return _PyTreeCodeGen(_PyTreeInfo(info.orig_args, info.in_spec, None))
+    if last:
+        return _OutputsOnly(_PyTreeInfo([], None, info.out_spec))
+    return CodeGen()
+
+
+class _OutputsOnly(_PyTreeCodeGen):
+    """Plain positional inputs, outputs rebuilt into the model's output structure (a ModelOutput, say)."""
+
+    def gen_fn_def(self, free_vars: list[str], maybe_return_annotation: str, *, expanded_def: bool = False) -> str:
+        return CodeGen.gen_fn_def(self, free_vars, maybe_return_annotation, expanded_def=expanded_def)
+
+    def process_inputs(self, *inputs: Any) -> Any:
+        return inputs
 
 
 def split_graph(
@@ -252,7 +312,8 @@ def split_graph(
 
     Piece k holds the nodes in ``(positions[k-1], positions[k]]`` in their original
     order (so in-place ops keep their order); ``get_attr`` nodes are re-created in
-    every piece that reads them.
+    every piece that reads them. The first piece keeps the graph's way of taking its
+    inputs and the last its way of returning outputs.
     """
     nodes = index.nodes
     bounds = [-1, *positions, index.output_position]
@@ -262,6 +323,7 @@ def split_graph(
         ins = crossing[k - 1] if k > 0 else None
         outs = crossing[k] if k < len(positions) else None
         g = fx.Graph()
+        g._codegen = _codegen(index.graph._codegen, k == 0, k == len(bounds) - 2)
         env: dict[fx.Node, fx.Node] = {}
         for v in ins or ():
             env[v] = g.placeholder(v.name)

@@ -21,10 +21,10 @@ def count_params(modules: nn.Module | Iterable[nn.Module]) -> int:
     return sum(seen.values())
 
 
-def count_flops(module: nn.Module, *inputs: Any) -> int:
-    """Forward FLOPs of ``module(*inputs)`` (run in eval mode, mode restored afterwards)."""
+def count_flops(module: nn.Module, *inputs: Any, **kw_inputs: Any) -> int:
+    """Forward FLOPs of ``module(*inputs, **kw_inputs)`` (run in eval mode, mode restored afterwards)."""
     with evaluating(module), FlopCounterMode(display=False) as counter:
-        module(*inputs)
+        module(*inputs, **kw_inputs)
     return int(counter.get_total_flops())
 
 

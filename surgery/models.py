@@ -20,8 +20,10 @@ import torchvision
 from torch import nn
 
 from surgery._util import first_line
-from surgery.errors import SurgeryError, did_you_mean
-from surgery.recipe import Recipe, attach_recipe, import_callable
+from surgery.ecosystems import SOURCES, source_prefix
+from surgery.errors import SurgeryError, UserError, did_you_mean
+from surgery.recipe import Recipe, attach_recipe, replay
+from surgery.trust import Kind, resolve
 
 
 @functools.lru_cache(maxsize=1)
@@ -30,44 +32,67 @@ def list_models() -> list[str]:
     return sorted(torchvision.models.list_models(module=torchvision.models))
 
 
-_OWN_PACKAGES = ("surgery.", "growth.", "xross.")
+_DOWNLOADING_KWARGS = ("weights", "pretrained", "weights_backbone", "pretrained_backbone")
 
 
 def is_code_source(source: str) -> bool:
-    """True for ``package.module:callable`` sources (importing them runs their code)."""
-    return ":" in source
+    """True for ``package.module:callable`` sources (importing them runs their code; not ``timm:``/``hf:``)."""
+    return ":" in source and source_prefix(source) is None
 
 
-def needs_trust(source: str) -> bool:
-    """True for code sources outside torchvision and this library (loading them needs trust_code)."""
-    return is_code_source(source) and not source.startswith(_OWN_PACKAGES)
+def _from_ecosystem(prefix: str, source: str, kwargs: dict[str, Any]) -> nn.Module:
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            model, recipe = SOURCES[prefix](source.partition(":")[2], kwargs)
+    except UserError:
+        raise
+    except Exception as e:  # noqa: BLE001 - a builder given arguments it does not take fails in its own way
+        raise SurgeryError(f"cannot build '{source}' with {kwargs}: {first_line(e)}") from None
+    return attach_recipe(model, recipe)
 
 
 def build_model(
     source: str,
     *,
     weights: str | Path | None = None,
-    trust_code: bool = True,
+    trust_code: bool = False,
     **kwargs: Any,
 ) -> nn.Module:
     """Build a model with random (or local-file) weights; it carries a recipe for saving.
 
     Args:
-        source: a torchvision classification model name (``"resnet50"``) or
-            ``"package.module:callable"`` returning an ``nn.Module``.
+        source: a torchvision classification model name (``"resnet50"``),
+            ``"timm:NAME"``, ``"hf:DIR"`` (a local ``save_pretrained`` directory) or
+            ``"hf:ClassName"`` with ``config={...}``, or ``"package.module:callable"``
+            returning an ``nn.Module`` (see :mod:`surgery.ecosystems`).
         weights: optional local state_dict file loaded into the model.
-        trust_code: allow ``package.module:callable`` sources. Loading a saved recipe
-            passes ``False`` unless the caller trusts the directory.
+        trust_code: allow ``package.module:callable`` sources outside torch, torchvision,
+            timm, transformers and this library (see :mod:`surgery.trust`); pass True for
+            names you typed yourself, never for names read from someone else's file.
         **kwargs: constructor keyword arguments (``num_classes=10``, ...), recorded in the recipe.
     """
-    kwargs = {k: v for k, v in kwargs.items() if v is not None}
+    model = _construct(source, {k: v for k, v in kwargs.items() if v is not None}, trust_code)
+    if weights is not None:
+        load_weights(model, weights)
+    return model
+
+
+def _construct(source: str, kwargs: dict[str, Any], trust_code: bool) -> nn.Module:
+    """The model ``source`` builds with ``kwargs`` (random weights), carrying its recipe."""
+    if not isinstance(source, str) or not source:
+        raise SurgeryError(f"a model source must be a non-empty string, not {type(source).__name__}")
+    downloading = [k for k in _DOWNLOADING_KWARGS if kwargs.get(k) not in (None, False)]
+    if downloading:
+        raise SurgeryError(
+            f"'{downloading[0]}' would download weights; nothing is downloaded here: build without it and pass a "
+            "local state_dict file (weights=..., CLI --weights)"
+        )
+    prefix = source_prefix(source)
+    if prefix is not None:
+        return _from_ecosystem(prefix, source, kwargs)
     if is_code_source(source):
-        if needs_trust(source) and not trust_code:
-            raise SurgeryError(
-                f"the recipe builds its model with '{source}' (code outside torchvision); "
-                "load with trust_code=True (CLI: --trust-code) if you trust where it came from"
-            )
-        fn = import_callable(source)
+        fn = resolve(source, kind=Kind.MODEL_SOURCE, trust_code=trust_code, what="the model source")
     else:
         if source not in list_models():
             raise SurgeryError(
@@ -76,16 +101,28 @@ def build_model(
             )
         fn = functools.partial(torchvision.models.get_model, source, weights=None)
     try:
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message="The default weight initialization")
+        with warnings.catch_warnings():  # constructors' chatter (init notes, deprecations) is not the user's business
+            warnings.simplefilter("ignore")
             model = fn(**kwargs)
-    except (TypeError, ValueError) as e:
-        raise SurgeryError(f"cannot build '{source}' with {kwargs}: {e}") from None
+    except UserError:
+        raise
+    except Exception as e:  # noqa: BLE001 - a builder given arguments it does not take fails in its own way
+        raise SurgeryError(f"cannot build '{source}' with {kwargs}: {first_line(e)}") from None
     if not isinstance(model, nn.Module):
         raise SurgeryError(f"'{source}' returned {type(model).__name__}, not an nn.Module")
-    if weights is not None:
-        load_weights(model, weights)
-    return attach_recipe(model, Recipe(source, kwargs))
+    return attach_recipe(model, Recipe(source=source, kwargs=kwargs))
+
+
+def rebuild(recipe: Recipe, *, trust_code: bool = False) -> nn.Module:
+    """Build ``recipe``'s source architecture and replay every transform (random weights).
+
+    A transform this installation does not know, or whose recorded arguments do not
+    apply, is a one-line :class:`SurgeryError` naming it.
+    """
+    model = _construct(recipe.source, recipe.kwargs, trust_code)
+    for k, t in enumerate(recipe.transforms):
+        model = replay(model, k, t)
+    return attach_recipe(model, recipe)
 
 
 def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:

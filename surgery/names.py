@@ -1,8 +1,12 @@
-"""Resolve user names (module paths or fx node names) to positions in a traced graph.
+"""Resolve user names (module paths or node names) to positions in a captured graph.
 
 A module path (``layer2``, ``layer2.1``, ``features.7``) names the point right after
-the last node its call computes; an fx node name (``add_3``, ``layer1_0_relu_1``)
-names the point right after that node.
+the last node its call computes; a container that ``forward`` loops over instead of
+calling (``blocks``, ``model.layers``: a ModuleList, ModuleDict or Sequential) names the
+point right after the last node computed inside it; a node name (``add_3``,
+``layer1_0_relu_1``) names the point right after that node. Module paths come from each
+node's ``meta['nn_module_stack']``, which torch.fx and torch.export both record, so a
+module path means the same point whichever front-end captured the graph.
 """
 from __future__ import annotations
 
@@ -33,9 +37,12 @@ class GraphIndex:
         for i, n in enumerate(self.nodes):
             if n.op in _SKIP_OPS:
                 continue
-            for key in (n.meta.get("nn_module_stack") or {}):
-                path, _, call = key.partition("@")
-                calls[path][int(call or 0)].append(i)
+            for key, value in (n.meta.get("nn_module_stack") or {}).items():
+                path = value[0] if isinstance(value, tuple) and value and isinstance(value[0], str) else key
+                if path.startswith("_empty_nn_module_stack"):  # torch.export's marker for nodes of no module
+                    continue
+                call = key.partition("@")[2]
+                calls[path][int(call) if call.isdigit() else 0].append(i)
             if n.op == "call_module" and not n.meta.get("nn_module_stack"):
                 calls[str(n.target)][0].append(i)
         self.module_calls = {p: [c[k] for k in sorted(c)] for p, c in calls.items() if p}
@@ -58,19 +65,33 @@ class GraphIndex:
             )
         return max(calls[0])
 
+    @cached_property
+    def containers(self) -> dict[str, int]:
+        """Module paths never called themselves but holding called modules, with the position of their last node."""
+        ends: dict[str, int] = {}
+        for path, calls in self.module_calls.items():
+            parts = path.split(".")
+            for k in range(1, len(parts)):
+                prefix = ".".join(parts[:k])
+                if prefix not in self.module_calls:
+                    ends[prefix] = max(ends.get(prefix, -1), max(max(c) for c in calls))
+        return ends
+
     def resolve(self, name: str) -> int:
-        """Position of the cut named ``name`` (module path first, then fx node name)."""
+        """Position of the cut named ``name`` (module path, then container, then node name)."""
         if name in self.module_calls:
             return self.module_end(name)
+        if name in self.containers:
+            return self.containers[name]
         if name in self.node_names:
             return self.node_names[name]
         raise SurgeryError(
-            f"'{name}' is neither a module path nor an fx node name of this model ({did_you_mean(name, self.all_names())}); "
+            f"'{name}' is not a module path or node name of this model ({did_you_mean(name, self.all_names())}); "
             "list them with surgery.cut_points(model) or `surgery nodes MODEL`"
         )
 
     def all_names(self) -> list[str]:
-        return list(self.module_calls) + list(self.node_names)
+        return list(self.module_calls) + list(self.containers) + list(self.node_names)
 
     def node(self, name: str) -> fx.Node:
         """The node whose output the name refers to (the last node of a module's call)."""

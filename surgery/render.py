@@ -19,7 +19,7 @@ from torch import fx, nn
 from surgery.cut import Pieces, piece_info
 from surgery.errors import SurgeryError
 from surgery.specs import format_specs
-from surgery.tracing import trace
+from surgery.capture import trace
 
 _COLOURS = ("#dbeafe", "#dcfce7", "#fef3c7", "#fce7f3", "#ede9fe", "#e0f2fe", "#fee2e2", "#f1f5f9")
 _FORMATS = ("dot", "gv", "svg", "png", "pdf")

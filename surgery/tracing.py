@@ -1,14 +1,18 @@
-"""Trace any ``nn.Module`` into a ``torch.fx.GraphModule`` that keeps module-path names.
+"""The torch.fx front-end: trace an ``nn.Module`` into a graph that keeps module-path names.
 
->>> import torchvision, surgery
->>> gm = surgery.trace(torchvision.models.resnet18())
->>> [n.target for n in gm.graph.nodes if n.op == "call_module"][:3]
-['conv1', 'bn1', 'relu']
+>>> import torchvision
+>>> graph, auto = fx_graph(torchvision.models.resnet18())
+>>> [n.target for n in graph.nodes if n.op == "call_module"][:3], auto
+(['conv1', 'bn1', 'relu'], [])
 
 Tracing runs with the model in eval mode: Python control flow on ``self.training``
 (GoogLeNet's auxiliary heads, say) is frozen as at inference. Leaf modules keep
 switching with ``.train()``/``.eval()`` at run time: every ``torch.nn`` layer, any
 module whose class sets ``surgery_leaf = True``, and torchvision's ``StochasticDepth``.
+
+Modules fx cannot trace become leaves automatically (:func:`fx_graph`);
+:mod:`surgery.capture` falls back to torch.export when the model's own ``forward`` is
+the problem.
 """
 from __future__ import annotations
 
@@ -20,9 +24,8 @@ from typing import Any
 import torch
 from torch import fx, nn
 
-from surgery.errors import SurgeryError
 from surgery._util import evaluating, first_line
-from surgery.recipe import attach_recipe, recipe_of
+from surgery.errors import SurgeryError
 
 LeafSpec = str | type
 
@@ -66,68 +69,66 @@ def _user_frame(tb: Any) -> str:
     return where
 
 
+MAX_AUTO_LEAVES = 64
+
+
+def _fail(model: nn.Module, error: Exception, failed_in: tuple[str, str] | None) -> SurgeryError:
+    where = _user_frame(error.__traceback__)
+    if failed_in is not None and failed_in[0]:
+        path, cls = failed_in
+        fix = f"mark '{path}' ({cls}) as a leaf: leaf_modules=['{path}'] (CLI --leaf {path})"
+    else:
+        fix = "fix the argument it depends on with concrete_args={...}"
+    return SurgeryError(f"cannot trace {type(model).__name__}: {first_line(error)}" + (f" at {where}" if where else "") + f"; {fix}")
+
+
+def fx_graph(
+    model: nn.Module,
+    leaf_modules: Sequence[LeafSpec] = (),
+    concrete_args: dict[str, Any] | None = None,
+    *,
+    auto_leaves: bool = True,
+) -> tuple[fx.Graph, list[str]]:
+    """The fx graph of ``model`` (nodes carry ``meta['nn_module_stack']``) and the modules made leaves on the way.
+
+    With ``auto_leaves``, a module whose code fx cannot trace becomes a leaf (one call in
+    the graph) and tracing starts again, until it traces or the failure is in the
+    model's own ``forward``; when a second module of the same class fails, every
+    module of that class becomes a leaf at once. Raises :class:`SurgeryError` naming the
+    operation and module that fx cannot trace.
+    """
+    if not isinstance(model, nn.Module):
+        raise SurgeryError(f"expected an nn.Module, got {type(model).__name__}")
+    leaves: list[LeafSpec] = list(leaf_modules)
+    added: list[str] = []
+    failed_classes: set[type] = set()
+    while True:
+        tracer = ScopedTracer(leaves)
+        try:
+            with evaluating(model, grad=True):
+                return tracer.trace(model, concrete_args=concrete_args), added
+        except Exception as e:  # noqa: BLE001 - fx raises anything the model's code raises
+            path = tracer.failed_in[0] if tracer.failed_in else ""
+            if not auto_leaves or not path or path in leaves or len(added) >= MAX_AUTO_LEAVES:
+                raise _fail(model, e, tracer.failed_in) from None
+            cls = type(model.get_submodule(path))
+            new = [path]
+            if cls in failed_classes:
+                new = [p for p, m in model.named_modules() if type(m) is cls and p and p not in leaves]
+            failed_classes.add(cls)
+            leaves += new
+            added += new
+
+
 def trace_graph(
     model: nn.Module,
     leaf_modules: Sequence[LeafSpec] = (),
     concrete_args: dict[str, Any] | None = None,
 ) -> fx.Graph:
-    """The fx graph of ``model`` (its nodes carry ``meta['nn_module_stack']``).
+    """The fx graph of ``model`` with exactly the given leaves (no automatic ones); see :func:`fx_graph`.
 
     A ``GraphModule`` is not re-traced: its graph (and node metadata) is used as is.
-    Raises :class:`SurgeryError` naming the operation and module that fx cannot trace.
     """
     if isinstance(model, fx.GraphModule) and not leaf_modules and not concrete_args:
         return model.graph
-    if not isinstance(model, nn.Module):
-        raise SurgeryError(f"expected an nn.Module, got {type(model).__name__}")
-    tracer = ScopedTracer(leaf_modules)
-    try:
-        with evaluating(model, grad=True):
-            return tracer.trace(model, concrete_args=concrete_args)
-    except Exception as e:  # noqa: BLE001 - fx raises anything the model's code raises
-        what = first_line(e)
-        where = _user_frame(e.__traceback__)
-        if tracer.failed_in is not None and tracer.failed_in[0]:
-            path, cls = tracer.failed_in
-            fix = f"mark '{path}' ({cls}) as a leaf: leaf_modules=['{path}'] (CLI --leaf {path})"
-        else:
-            fix = "fix the argument it depends on with concrete_args={...}"
-        raise SurgeryError(
-            f"cannot trace {type(model).__name__}: {what}" + (f" at {where}" if where else "") + f"; {fix}"
-        ) from None
-
-
-def trace(
-    model: nn.Module,
-    leaf_modules: Sequence[LeafSpec] = (),
-    concrete_args: dict[str, Any] | None = None,
-) -> fx.GraphModule:
-    """Trace ``model`` into a GraphModule whose submodules keep their module paths.
-
-    The GraphModule shares parameters with ``model`` and carries its recipe.
-
-    Args:
-        model: any ``nn.Module`` fx can trace.
-        leaf_modules: module paths (``"layer2.0"``) or classes to keep as single
-            calls instead of tracing through them (use it for untraceable blocks).
-        concrete_args: fixed values for forward arguments (e.g. flags driving ``if``s).
-
-    Example:
-        >>> import torchvision, surgery
-        >>> gm = surgery.trace(torchvision.models.resnet18(), leaf_modules=["layer1"])
-        >>> "layer1" in [n.target for n in gm.graph.nodes]
-        True
-    """
-    graph = trace_graph(model, leaf_modules, concrete_args)
-    if isinstance(model, fx.GraphModule) and graph is model.graph:
-        graph = _copy_graph(graph)
-    gm = fx.GraphModule(model, graph, class_name=type(model).__name__)
-    gm.train(model.training)
-    return attach_recipe(gm, recipe_of(model))
-
-
-def _copy_graph(graph: fx.Graph) -> fx.Graph:
-    new = fx.Graph()
-    out = new.graph_copy(graph, {})
-    new.output(out)
-    return new
+    return fx_graph(model, leaf_modules, concrete_args, auto_leaves=False)[0]

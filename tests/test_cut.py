@@ -121,6 +121,6 @@ def test_replace_gives_cifar_stem_and_records_it() -> None:
     new = surgery.replace(new, "maxpool", torch.nn.Identity())
     assert model.conv1.kernel_size == (7, 7)  # the input model is untouched
     assert new(torch.randn(2, 3, 32, 32)).shape == (2, 10)
-    assert [t["op"] for t in surgery.recipe_of(new).transforms] == ["replace", "replace"]
-    rebuilt = surgery.recipe_of(new).build()
+    assert [t.op for t in surgery.recipe_of(new).transforms] == ["replace", "replace"]
+    rebuilt = surgery.models.rebuild(surgery.recipe_of(new))
     assert repr(rebuilt) == repr(new)

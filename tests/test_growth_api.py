@@ -106,7 +106,7 @@ def test_identity_layers_start_as_identity(resnet18: nn.Module) -> None:
     assert weight.shape == (64, 16, 3, 3) and int(weight.sum()) == 64
     assert torch.equal(weight[:, :, 1, 1][torch.arange(64), torch.arange(64) % 16], torch.ones(64))
     # the BatchNorm holds the statistics of the value it follows and undoes them
-    value = surgery.cut(resnet18.eval(), "layer1")[0](growth.graphedit.default_inputs(resnet18)[0])
+    value = surgery.cut(resnet18.eval(), "layer1")[0](growth.graphedit.default_inputs(resnet18).args[0])
     assert torch.allclose(bn.running_mean, value.mean((0, 2, 3)), atol=1e-5)
     assert torch.allclose(bn.weight, torch.sqrt(value.var((0, 2, 3), unbiased=False) + bn.eps), atol=1e-5)
     with torch.no_grad():
@@ -186,7 +186,7 @@ def test_every_op_saves_and_loads_exactly(resnet18: nn.Module, tmp_path) -> None
     grown = growth.add_skip(grown, "layer2", "layer3.1")
     grown = growth.net2deeper(grown, "flatten", kind="linear")
     grown = surgery.permute_channels(grown, "layer4", torch.randperm(512).tolist())
-    ops = [t["op"] for t in surgery.recipe_of(grown).transforms]
+    ops = [t.op for t in surgery.recipe_of(grown).transforms]
     assert ops == ["net2wider", "net2deeper", "net2branch", "widen_kernel", "add_skip", "net2deeper", "permute_channels"]
     surgery.save(grown, tmp_path / "grown")
     again = surgery.load(tmp_path / "grown")

@@ -87,9 +87,8 @@ def test_adapter_inits_and_resizing() -> None:
     assert isinstance(tokens.map, torch.nn.Linear) and tokens(torch.randn(2, 197, 768)).shape == (2, 197, 384)
     with pytest.raises(surgery.SurgeryError, match="no adapter maps"):
         surgery.adapter((197, 768), (50, 768))
-    assert isinstance(surgery.adapter((8, 4, 4), (16, 4, 4), kind="conv").map, torch.nn.Conv2d)
-    with pytest.raises(surgery.SurgeryError, match="a linear adapter maps 1-d or 2-d"):
-        surgery.adapter((8, 4, 4), (16, 4, 4), kind="linear")
+    assert isinstance(surgery.adapter((8, 4, 4), (16, 4, 4)).map, torch.nn.Conv2d)
+    assert isinstance(surgery.adapter((8,), (16,)).map, torch.nn.Linear)
 
 
 @pytest.mark.parametrize("method", ["hungarian", "gale-shapley"])
@@ -159,15 +158,18 @@ class Gate(torch.nn.Module):
         return -x
 
 
-def test_untraceable_model_names_the_op_and_the_fix() -> None:
+def test_untraceable_block_becomes_a_leaf_or_names_the_op_and_the_fix() -> None:
     with pytest.raises(surgery.SurgeryError) as err:
-        surgery.cut(DataDependent(), "inner.0")
+        surgery.cut(DataDependent(), "inner.0", tracer="fx")
     msg = str(err.value)
     assert "\n" not in msg and "inner.1" in msg and "leaf_modules" in msg and "x.sum() > 0" in msg
     model = DataDependent()
-    pieces = surgery.cut(model, "inner.0", leaf_modules=["inner.1"])  # the suggested fix works
     x = torch.randn(2, 3, 4, 4)
+    pieces = surgery.cut(model, "inner.0", leaf_modules=["inner.1"], tracer="fx")  # the suggested fix works
     assert torch.equal(pieces(x), model(x))
+    with pytest.warns(UserWarning, match="fx could not trace inside inner.1; kept as leaves"):
+        auto = surgery.cut(model, "inner.0")  # the default finds the fix itself
+    assert torch.equal(auto(x), model(x)) and auto.infos()[0].origin.leaf_modules == ("inner.1",)
 
 
 def test_stitch_mismatch_without_adapters() -> None:
@@ -231,7 +233,7 @@ def test_cli_cut_stitch_show(cli, tmp_path: Path) -> None:
         (["cut", "resnet81", "--at", "layer2"], "closest: resnet18"),
         (["cut", "resnet18", "--at", "layer22"], "closest: layer2"),
         (["cut", "resnet18", "--at", "layer3", "--at", "layer2"], "graph order"),
-        (["cut", "resnet18", "--at", "layer2", "--input", "1,3,x"], "not a shape"),
+        (["cut", "resnet18", "--at", "layer2", "--input", "1,3,x"], "is not [name=][dtype:]shape"),
         (["cut", "resnet18", "--at", "layer2", "--input", "1,3", "--out", "{tmp}/c"], "failed on an input of shape (1, 3)"),
         (["stitch", "nowhere:0", "nowhere:1", "--out", "{tmp}/s"], "no recipe.json"),
     ],

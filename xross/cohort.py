@@ -27,19 +27,25 @@ import torch
 from torch import nn
 
 import surgery
+from surgery.adapters import boundary_adapter
 from surgery.cut import piece_info
+from surgery.errors import SurgeryError
 from xross.errors import XrossError
 
 Path = tuple[int, ...]
 
 
-def build_net(source: str | nn.Module, num_classes: int, stem: str = "imagenet") -> nn.Module:
-    """A network by name (or as given), with an optional CIFAR stem for ResNet-style nets.
+def build_net(source: str | nn.Module, num_classes: int, stem: str = "imagenet", *, trust_code: bool = False) -> nn.Module:
+    """A network by reference (:mod:`surgery.refs`: a name, ``timm:NAME(img_size=32)``, a saved directory, ...)
+    or as given, with an optional CIFAR stem for ResNet-style nets.
 
     ``stem="cifar"`` replaces ``conv1`` by a 3x3 stride-1 conv and ``maxpool`` by Identity
     (via :func:`surgery.replace`, so the change is part of the recipe).
     """
-    net = surgery.build_model(source, num_classes=num_classes) if isinstance(source, str) else source
+    if isinstance(source, str):
+        net = surgery.refs.load(source, trust_code=trust_code, trust_typed=trust_code, num_classes=num_classes)
+    else:
+        net = source
     if stem == "imagenet":
         return net
     if stem != "cifar":
@@ -93,6 +99,7 @@ class Cohort(nn.Module):
         adapter_relu: bool = True,
         always_adapt: bool = False,
         transform_net: Any = None,
+        trust_code: bool = False,
     ) -> Cohort:
         """Build, cut and connect the networks.
 
@@ -104,30 +111,32 @@ class Cohort(nn.Module):
                 the shapes agree (identity-initialised then).
             transform_net: optional ``fn(net) -> net`` applied before cutting (e.g.
                 distributed BatchNorm).
+            trust_code: allow nets named by code outside the trusted packages (see
+                :mod:`surgery.trust`).
         """
         per_net_cuts = normalise_cuts(cuts, len(nets))
         example = torch.zeros(1, 3, image_size, image_size)
         pieces, names = [], []
         for k, (src, net_cuts) in enumerate(zip(nets, per_net_cuts)):
-            net = build_net(src, num_classes, stem)
+            net = build_net(src, num_classes, stem, trust_code=trust_code)
             if transform_net is not None:
                 net = transform_net(net)
             cut_net = surgery.cut(net.eval(), net_cuts, example)
-            for b, piece in enumerate(list(cut_net)[:-1]):
-                if piece_info(piece).out_arity != 1:
-                    raise XrossError(
-                        f"net {k} cut at '{net_cuts[b]}' hands over {piece_info(piece).out_arity} values; "
-                        "stitching needs a single-tensor boundary such as a stage output ('layer2')"
-                    )
             pieces.append(cut_net.train())
             names.append(src if isinstance(src, str) else type(src).__name__)
         adapters: dict[str, nn.Module] = {}
         for b in range(len(per_net_cuts[0])):
             for i, j in itertools.permutations(range(len(nets)), 2):
-                have = piece_info(pieces[i][b]).out_specs[0]
-                want = piece_info(pieces[j][b + 1]).in_specs[0]
-                if have.shape != want.shape or always_adapt:
-                    adapters[adapter_key(b, i, j)] = surgery.adapter(have, want, batchnorm=adapter_batchnorm, relu=adapter_relu)
+                down = piece_info(pieces[j][b + 1])
+                try:
+                    ad = boundary_adapter(
+                        piece_info(pieces[i][b]).out_specs, down.in_specs, down.in_names, always=always_adapt,
+                        batchnorm=adapter_batchnorm, relu=adapter_relu,
+                    )
+                except SurgeryError as e:
+                    raise XrossError(f"nets {i} and {j} at cut {b} ({per_net_cuts[i][b]} / {per_net_cuts[j][b]}): {e}") from None
+                if ad is not None:
+                    adapters[adapter_key(b, i, j)] = ad
         return cls(pieces, adapters, names)
 
     # --- structure ------------------------------------------------------------------------------
@@ -215,8 +224,8 @@ class Cohort(nn.Module):
                 if p > 0:
                     ad = self.adapter(p - 1, key[-2], key[-1])
                     if ad is not None:
-                        h = ad(h)
-                memo[key] = self.part(key[-1], p)(h)
+                        h = call_part(ad, h)
+                memo[key] = call_part(self.part(key[-1], p), h)
             results[path] = memo[path]
         return results
 
@@ -230,6 +239,11 @@ class Cohort(nn.Module):
         if len(path) != self.num_parts or not all(0 <= n < self.num_nets for n in path):
             raise XrossError(f"path {list(path)} needs {self.num_parts} net indices in 0..{self.num_nets - 1}")
         return surgery.Pieces(self.modules_of(path))
+
+
+def call_part(module: nn.Module, value: Any) -> Any:
+    """A part or adapter on what the previous one returned (a boundary of several values comes as a tuple)."""
+    return module(*value) if isinstance(value, tuple) else module(value)
 
 
 def adapter_key(boundary: int, src: int, dst: int) -> str:

@@ -1,0 +1,222 @@
+"""Cut and grow transformer families from Hugging Face transformers and timm (small configs, random weights).
+
+For each model: capture it (the library picks fx or torch.export), cut it at every layer
+boundary at once (N layers -> N+1 pieces) and check the pieces reproduce the model bit for
+bit on inputs of another batch size and length than captured; time the cut against the
+capture it rests on, ``torch.export.export(model, args, kwargs, strict=False)`` with every
+input dimension dynamic (``Dim.AUTO``, as the library exports), median of 3; grow it with net2wider (at the
+first site found, factor 2) and net2deeper (a zero-branch copy of a middle layer) and
+check the output stays within 1e-5 x max |output|. Weights that start constant (unit
+norms, zero heads) are first given random values so no layer hides.
+
+    python bench/transformers_zoo.py                 # every family below
+    python bench/transformers_zoo.py --models gpt2,bert
+
+Last line: {"models": N, "exact": E, "median_cut_over_capture": r, "wider_preserves": w, "deeper_preserves": d}
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import transformers
+from rich.console import Console
+from rich.table import Table
+
+import growth
+import surgery
+from growth.check import output_change, vary_constant_weights
+from surgery.exported import dynamic_shapes
+from surgery.inputs import Example
+from surgery.names import GraphIndex
+
+warnings.filterwarnings("ignore")
+transformers.logging.set_verbosity_error()
+TOLERANCE = 1e-5
+TEXT = {"num_hidden_layers": 4, "hidden_size": 64, "num_attention_heads": 4, "intermediate_size": 128, "vocab_size": 256}
+
+
+def _text(batch: int, length: int) -> Example:
+    mask = torch.ones(batch, length, dtype=torch.long)
+    mask[0, -2:] = 0
+    return Example((), {"input_ids": torch.randint(1, 256, (batch, length)), "attention_mask": mask})
+
+
+def _pixels(side: int) -> Callable[[int, int], Example]:
+    return lambda batch, _: Example((), {"pixel_values": torch.randn(batch, 3, side, side)})
+
+
+def _timm_pixels(side: int) -> Callable[[int, int], Example]:
+    return lambda batch, _: Example((torch.randn(batch, 3, side, side),), {})
+
+
+@dataclass
+class Family:
+    name: str
+    source: str
+    kwargs: dict[str, Any]
+    layers: str  # the container of the layer stack
+    example: Callable[[int, int], Example]
+    lengths: tuple[int, int] = (12, 9)
+
+
+def _hf(cls: str, **config: Any) -> tuple[str, dict[str, Any]]:
+    return f"hf:{cls}", {"config": config}
+
+
+FAMILIES = [
+    Family("gpt2", *_hf("GPT2LMHeadModel", n_layer=4, n_embd=64, n_head=4, vocab_size=256, n_positions=64), "transformer.h", _text),
+    Family("llama", *_hf("LlamaForCausalLM", **TEXT, num_key_value_heads=2), "model.layers", _text),
+    Family("mistral", *_hf("MistralForCausalLM", **TEXT, num_key_value_heads=2, sliding_window=None), "model.layers", _text),
+    Family("qwen2", *_hf("Qwen2ForCausalLM", **TEXT, num_key_value_heads=2), "model.layers", _text),
+    Family("opt", *_hf("OPTForCausalLM", num_hidden_layers=4, hidden_size=64, num_attention_heads=4, ffn_dim=128, vocab_size=256,
+                       word_embed_proj_dim=64, max_position_embeddings=64), "model.decoder.layers", _text),
+    Family("gpt_neox", *_hf("GPTNeoXForCausalLM", **TEXT), "gpt_neox.layers", _text),
+    Family("phi", *_hf("PhiForCausalLM", **TEXT), "model.layers", _text),
+    Family("bert", *_hf("BertForSequenceClassification", **TEXT, num_labels=3), "bert.encoder.layer", _text),
+    Family("roberta", *_hf("RobertaForSequenceClassification", **TEXT, num_labels=3, max_position_embeddings=66), "roberta.encoder.layer", _text),
+    Family("vit (hf)", *_hf("ViTForImageClassification", **{k: v for k, v in TEXT.items() if k != "vocab_size"}, image_size=32,
+                            patch_size=8, num_labels=10), "vit.layers", _pixels(32)),
+    Family("wav2vec2", *_hf("Wav2Vec2ForSequenceClassification", **{k: v for k, v in TEXT.items() if k != "vocab_size"},
+                            do_stable_layer_norm=True, feat_extract_norm="layer", num_labels=3, conv_dim=(32, 32),
+                            conv_stride=(5, 4), conv_kernel=(10, 8), num_conv_pos_embeddings=16, num_conv_pos_embedding_groups=4),
+           "wav2vec2.encoder.layers", lambda batch, _: Example((), {"input_values": torch.randn(batch, 1600)})),
+    Family("whisper", *_hf("WhisperForAudioClassification", d_model=64, encoder_layers=4, encoder_attention_heads=4,
+                           encoder_ffn_dim=128, num_mel_bins=16, max_source_positions=32, num_labels=3),
+           "encoder.layers", lambda batch, _: Example((), {"input_features": torch.randn(batch, 16, 64)})),
+    Family("t5 encoder", *_hf("T5EncoderModel", num_layers=4, d_model=64, d_kv=16, num_heads=4, d_ff=128, vocab_size=256),
+           "encoder.block", _text),
+    Family("vit (timm)", "timm:vit_tiny_patch16_224", {"img_size": 32, "patch_size": 8, "depth": 4}, "blocks", _timm_pixels(32)),
+    Family("deit (timm)", "timm:deit_tiny_distilled_patch16_224", {"img_size": 32, "patch_size": 8, "depth": 4}, "blocks",
+           _timm_pixels(32)),
+    Family("swin (timm)", "timm:swin_tiny_patch4_window7_224", {"img_size": 56, "window_size": 7, "depths": (2, 2), "num_heads": (2, 4),
+                                                                  "embed_dim": 32}, "layers", _timm_pixels(56)),
+]
+
+
+@dataclass
+class Result:
+    layers: int = 0
+    exact: bool = False
+    cut_s: float = 0.0
+    export_s: float = 0.0
+    tracer: str = ""
+    wider: str = "-"
+    deeper: str = "-"
+    notes: list[str] = field(default_factory=list)
+
+
+def _first(value: Any) -> torch.Tensor:
+    if isinstance(value, torch.Tensor):
+        return value
+    for key in ("logits", "last_hidden_state"):
+        if getattr(value, key, None) is not None:
+            return getattr(value, key)
+    return value[0]
+
+
+def _median_time(fn: Callable[[], Any], runs: int = 3) -> float:
+    times = []
+    for _ in range(runs):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def _grow(name: str, model: torch.nn.Module, example: Example, op: str, result: Result) -> str:
+    try:
+        if op == "net2wider":
+            sites = growth.sites(model, "net2wider", example_input=example)
+            if not sites:
+                return "no site"
+            grown = growth.net2wider(model, sites[0], factor=2.0, seed=0, example_input=example)
+            where = sites[0]
+        else:
+            sites = growth.sites(model, "net2deeper", example_input=example, kind="block")
+            if not sites:
+                return "no site"
+            where = sites[len(sites) // 2]
+            grown = growth.net2deeper(model, where, kind="block", example_input=example)
+        change = output_change(model, grown, example)
+    except Exception as e:  # noqa: BLE001 - a bench records failures instead of stopping
+        result.notes.append(f"{op}: {type(e).__name__}: {str(e)[:200]}")
+        return "error"
+    if change.max_abs <= TOLERANCE * change.scale:
+        return f"ok ({where})"
+    result.notes.append(f"{op} at {where}: output moved by {change.relative:.1e} of max |y|")
+    return "moved"
+
+
+def bench(family: Family) -> Result:
+    result = Result()
+    torch.manual_seed(0)
+    model = surgery.build_model(family.source, **family.kwargs).eval()
+    if getattr(getattr(model, "config", None), "use_cache", False):
+        model.config.use_cache = False  # as captured: a cache object is no tensor to hand on
+    vary_constant_weights(model, torch.Generator().manual_seed(0))
+    example = family.example(2, family.lengths[0])
+    other = family.example(3, family.lengths[1])
+    capture = surgery.capture(model, example, quiet=True)
+    index = GraphIndex(capture.graph)
+    layers = sorted((p for p in index.module_calls if p.startswith(family.layers + ".") and p.count(".") == family.layers.count(".") + 1),
+                    key=lambda p: max(index.module_calls[p][-1]))
+    cuts = layers[:-1] or layers
+    result.layers, result.tracer = len(layers), capture.tracer
+    pieces = surgery.cut(model, cuts, example)
+    with torch.no_grad():
+        result.exact = torch.equal(_first(other(pieces)), _first(other(model)))
+    result.cut_s = _median_time(lambda: surgery.cut(model, cuts, example))
+    dynamic = dynamic_shapes(example)
+    result.export_s = _median_time(
+        lambda: torch.export.export(model, example.args, example.kwargs, dynamic_shapes=dynamic, strict=False)
+    )
+    result.wider = _grow(family.name, model, example, "net2wider", result)
+    result.deeper = _grow(family.name, model, example, "net2deeper", result)
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", help="comma-separated family names (default: all)")
+    args = parser.parse_args()
+    chosen = [f for f in FAMILIES if not args.models or f.name.split(" ")[0] in args.models.split(",")]
+    console = Console(width=160)
+    results: dict[str, Result] = {}
+    for family in chosen:
+        start = time.perf_counter()
+        try:
+            results[family.name] = bench(family)
+        except Exception as e:  # noqa: BLE001
+            results[family.name] = Result(notes=[f"{type(e).__name__}: {str(e)[:300]}"])
+        console.print(f"{family.name}: {time.perf_counter() - start:.1f} s", highlight=False)
+    table = Table(title="transformer families: cut at every layer, grow (float32, eval)", header_style="bold")
+    for column in ("model", "tracer", "layers", "exact", "cut s", "export s", "cut/export", "net2wider", "net2deeper"):
+        table.add_column(column, justify="right" if column in ("layers", "cut s", "export s", "cut/export") else "left")
+    for name, r in results.items():
+        ratio = r.cut_s / r.export_s if r.export_s else float("nan")
+        table.add_row(name, r.tracer, str(r.layers), "yes" if r.exact else "NO", f"{r.cut_s:.2f}", f"{r.export_s:.2f}", f"{ratio:.2f}",
+                      r.wider, r.deeper)
+    console.print(table)
+    for name, r in results.items():
+        for note in r.notes:
+            console.print(f"[yellow]{name}[/] {note}", highlight=False)
+    ratios = [r.cut_s / r.export_s for r in results.values() if r.export_s]
+    print(json.dumps({
+        "models": len(results),
+        "exact": sum(r.exact for r in results.values()),
+        "median_cut_over_capture": round(statistics.median(ratios), 3) if ratios else None,
+        "wider_preserves": sum(r.wider.startswith("ok") for r in results.values()),
+        "deeper_preserves": sum(r.deeper.startswith("ok") for r in results.values()),
+    }))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,247 @@
+"""net2deeper of a whole residual block: a copy of the block after it, with every residual branch starting at zero.
+
+A residual block computes ``x + f1(x)`` (and ``... + f2(...)``: a transformer layer's
+attention and MLP, a ConvNeXt or pre-activation ResNet block). Its copy, inserted right
+after it, computes the identity when the last affine step of each branch is zero: the
+projection's weights and bias, a layer scale, a branch-final BatchNorm's scale and
+shift. Values the block also reads (attention masks, rotary tables) are read by the copy
+too. A ReLU after the sum keeps the identity when the block's input is never negative
+(post-activation ResNets); a norm after the sum (post-norm transformers such as BERT)
+does not, and such blocks are refused with that reason.
+
+>>> import torch, torchvision, growth
+>>> net = torchvision.models.resnet18().eval()
+>>> deep = growth.net2deeper(net, "layer1.1", kind="block").eval()
+>>> deep.layer1.net2deeper0.conv2.weight.abs().sum().item(), deep.layer1.net2deeper0.bn2.weight.abs().sum().item()
+(..., 0.0)
+>>> x = torch.randn(1, 3, 64, 64)
+>>> torch.equal(deep(x), net(x))
+True
+"""
+from __future__ import annotations
+
+import copy
+import operator
+from collections import OrderedDict
+
+import torch
+import torch.nn.functional as F
+from torch import fx, nn
+
+from growth.graphedit import STACK, Workbench
+from growth.signs import negative_reasons
+
+_ADDS = {operator.add, operator.iadd, torch.add, torch.ops.aten.add.Tensor, "add", "add_"}
+# f(0) = 0, one tensor operand: a branch is zero when its input is
+_ZERO_KEEPING_FUNCTIONS = {
+    F.relu, F.gelu, F.silu, F.dropout, torch.relu, torch.tanh, torch.nn.functional.hardswish, operator.getitem,
+    torch.flatten, torch.permute, torch.transpose, torch.reshape,
+    torch.ops.aten.gelu.default, torch.ops.aten.silu.default, torch.ops.aten.relu.default, torch.ops.aten.view.default,
+    torch.ops.aten.permute.default, torch.ops.aten.transpose.int, torch.ops.aten.reshape.default,
+    torch.ops.aten.clone.default, torch.ops.aten._unsafe_view.default,
+}
+_ZERO_KEEPING_METHODS = {"permute", "transpose", "reshape", "view", "flatten", "contiguous", "clone", "relu", "mul", "mul_"}
+_ZERO_KEEPING_MODULES = (
+    nn.Dropout, nn.Identity, nn.ReLU, nn.GELU, nn.SiLU, nn.Hardswish, nn.Tanh, nn.Flatten,
+)
+# steps that may sit on the residual path: casts to the same dtype, aliases, copies, and reshapes that keep the
+# order of the elements (the block's output has its input's shape, so its reshapes undo each other)
+_TRANSPARENT = {
+    torch.ops.aten.to.dtype, torch.ops.aten.to.dtype_layout, torch.ops.aten._to_copy.default, torch.ops.aten.alias.default,
+    torch.ops.aten.clone.default, "to", "float", "type_as", "contiguous", "clone",
+    torch.reshape, torch.flatten, torch.ops.aten.view.default, torch.ops.aten.reshape.default,
+    torch.ops.aten._unsafe_view.default, torch.ops.aten.flatten.using_ints, "view", "reshape", "flatten", "unflatten",
+}
+_RELUS = {F.relu, torch.relu, torch.ops.aten.relu.default, "relu", "relu_"}
+_MULS = {operator.mul, operator.imul, torch.mul, torch.ops.aten.mul.Tensor, "mul", "mul_"}
+_AFFINE_FUNCTIONS = {torch.ops.aten.linear.default, torch.ops.aten.addmm.default, torch.ops.aten.conv2d.default, F.linear}
+
+
+class _Block:
+    """The nodes of one call of the block at ``path`` and how its residual sum is built."""
+
+    def __init__(self, work: Workbench, path: str):
+        calls = work.index.module_calls.get(path)
+        if not calls or len(calls) != 1:
+            raise ValueError("it is not a module called once" if calls else "it is not a module of the graph")
+        self.work, self.path = work, path
+        self.nodes = [work.index.nodes[i] for i in sorted(calls[0])]
+        inside = set(self.nodes)
+        outputs = [n for n in self.nodes if any(u not in inside for u in n.users)]
+        if len(outputs) != 1:
+            raise ValueError(f"it hands {len(outputs)} values on, not one")
+        self.output = outputs[0]
+        self.inside = inside
+
+    def external(self, node: fx.Node) -> bool:
+        return node not in self.inside
+
+    def spine(self) -> tuple[fx.Node, list[fx.Node]]:
+        """The block's input on the residual path and the branch values added to it (last first)."""
+        node, relu = _through(self.output), None
+        if _is(node, _RELUS) or (node.op == "call_module" and isinstance(self.work.module(node), nn.ReLU)):
+            node, relu = _through(node.args[0]), node
+        if not isinstance(node, fx.Node) or not _is(node, _ADDS):
+            source = node.args[0] if isinstance(node, fx.Node) and node.args else None
+            if isinstance(source, fx.Node) and _is(_through(source), _ADDS):  # type: ignore[arg-type]
+                raise ValueError(
+                    f"{self.work.site_name(node)} follows its residual sum (post-norm): with zero branches the copy "
+                    "would re-normalise its input instead of passing it on"
+                )
+            raise ValueError(f"its output is not a residual sum but {self.work.site_name(node)}")
+        branches = []
+        while _is(node, _ADDS):
+            left, right = _through(node.args[0]), _through(node.args[1])
+            spine_side = next((a for a in (left, right) if isinstance(a, fx.Node) and self._on_spine(a)), None)
+            if spine_side is None:
+                raise ValueError("neither operand of its residual sum is its input")
+            branches.append(right if spine_side is left else left)
+            if self.external(spine_side):
+                self.relu_after = relu
+                return spine_side, branches
+            node = spine_side
+        raise ValueError("its residual sum does not reach its input")
+
+    def _on_spine(self, node: fx.Node) -> bool:
+        """Reaches the block input through residual sums (and value-preserving casts) only, or is it."""
+        while True:
+            node = _through(node)
+            if self.external(node):
+                return True
+            if not _is(node, _ADDS):
+                return False
+            node = next((a for a in node.args[:2] if isinstance(a, fx.Node) and self._on_spine(a)), None)  # type: ignore[assignment]
+            if node is None:
+                return False
+
+
+def _through(value: object) -> object:
+    """``value`` with value-preserving steps (casts, aliases, copies) stepped over backwards."""
+    while isinstance(value, fx.Node) and _is(value, _TRANSPARENT) and value.args and isinstance(value.args[0], fx.Node):
+        value = value.args[0]
+    return value
+
+
+def _is(node: fx.Node, table: set) -> bool:
+    return node.op in ("call_function", "call_method") and node.target in table
+
+
+def _zero_point(work: Workbench, branch: fx.Node) -> tuple[str, list[str]] | None:
+    """The module or parameters to zero so that ``branch`` is zero: ``(kind, targets)``; None if there is none."""
+    node = branch
+    for _ in range(64):
+        if node.op == "call_module":
+            module = work.module(node)
+            if isinstance(module, (nn.Linear, nn.Conv2d, nn.Conv1d)) or type(module).__name__ == "Conv1D":
+                return "module", [str(node.target)]
+            if isinstance(module, (nn.modules.batchnorm._BatchNorm, nn.LayerNorm, nn.GroupNorm)) and module.weight is not None:
+                return "module", [str(node.target)]
+            if isinstance(module, _ZERO_KEEPING_MODULES) or type(module).__name__ in ("DropPath", "StochasticDepth", "LayerScale"):
+                if type(module).__name__ == "LayerScale":
+                    return "module", [str(node.target)]
+                node = node.args[0]
+                continue
+            return None
+        if _is(node, _MULS):  # a layer scale: x * gamma
+            params = [a for a in node.args[:2] if isinstance(a, fx.Node) and a.op == "get_attr"]
+            if params:
+                return "parameters", [str(params[0].target)]
+            node = next(a for a in node.args[:2] if isinstance(a, fx.Node))
+            continue
+        if node.op == "call_function" and node.target in _AFFINE_FUNCTIONS:
+            params = [str(a.target) for a in node.args if isinstance(a, fx.Node) and a.op == "get_attr"]
+            return ("parameters", params) if params else None
+        if (node.op == "call_function" and node.target in _ZERO_KEEPING_FUNCTIONS) or (
+            node.op == "call_method" and node.target in _ZERO_KEEPING_METHODS
+        ):
+            node = node.args[0]
+            if not isinstance(node, fx.Node):
+                return None
+            continue
+        return None
+    return None
+
+
+def block_obstacle(work: Workbench, path: str) -> str | None:
+    """Why a zero-branch copy of the block at ``path`` would not be the identity; None if it would."""
+    try:
+        block = _Block(work, path)
+        start, branches = block.spine()
+    except ValueError as e:
+        return str(e)
+    if work.shape(start) is None or work.shape(start) != work.shape(block.output):
+        return "its output is not the shape of its input"
+    for branch in branches:
+        if _zero_point(work, branch) is None:
+            return f"its branch ending at {work.site_name(branch)} has no last linear layer, norm or scale to start at zero"
+    if block.relu_after is not None and negative_reasons(work.gm)[start] is not None:
+        return f"a ReLU follows its residual sum and its input can be negative ({negative_reasons(work.gm)[start]})"
+    return None
+
+
+def block_sites(work: Workbench) -> list[str]:
+    """Every module whose call is a residual block a zero-branch copy can follow, in graph order."""
+    order = {n: i for i, n in enumerate(work.index.nodes)}
+    found = [p for p, calls in work.index.module_calls.items() if len(calls) == 1 and block_obstacle(work, p) is None]
+    return sorted(found, key=lambda p: order[work.index.nodes[max(work.index.module_calls[p][0])]])
+
+
+def insert_block_copy(work: Workbench, path: str) -> str:
+    """Insert the zero-branch copy of the block at ``path`` after it (in ``work.gm``); the copy's module path."""
+    block = _Block(work, path)
+    _, branches = block.spine()
+    parent, _, _ = path.rpartition(".")
+    new_path = work.free_path(parent, "net2deeper")
+    work.gm.add_submodule(new_path, copy.deepcopy(work.gm.get_submodule(path)))
+    graph = work.gm.graph
+    env: dict[fx.Node, fx.Node] = {}
+    start, _ = block.spine()
+
+    def arg(a: fx.Node) -> fx.Node:
+        if a in env:
+            return env[a]
+        if a is start:
+            return block.output
+        if a.op == "get_attr" and _moved(a.target, path, new_path) != a.target:  # the copy's own parameters
+            with graph.inserting_before(block.nodes[0]):  # parameters have no inputs: before every user
+                env[a] = graph.get_attr(str(_moved(a.target, path, new_path)))
+            return env[a]
+        return a
+
+    last = block.output
+    for node in block.nodes:
+        with graph.inserting_after(last):
+            target = _moved(node.target, path, new_path) if node.op in ("call_module", "get_attr") else node.target
+            new = graph.create_node(node.op, target, fx.map_arg(node.args, arg), fx.map_arg(node.kwargs, arg))
+        new.meta = {**node.meta, STACK: _moved_stack(node.meta.get(STACK), path, new_path)}
+        env[node] = last = new
+    block.output.replace_all_uses_with(env[block.output], delete_user_cb=lambda user: user not in env.values())
+    for branch in branches:
+        kind, targets = _zero_point(work, env[branch])  # type: ignore[misc]
+        _zero(work.gm, targets, kind)
+    return new_path
+
+
+def _moved(target: object, old: str, new: str) -> object:
+    text = str(target)
+    return new + text[len(old):] if text == old or text.startswith(old + ".") else target
+
+
+def _moved_stack(stack: OrderedDict | None, old: str, new: str) -> OrderedDict:
+    out: OrderedDict = OrderedDict()
+    for key, value in (stack or {}).items():
+        path = value[0] if isinstance(value, tuple) else key
+        moved = str(_moved(path, old, new))
+        out[str(_moved(key, old, new)) if key == path else key] = (moved, value[1]) if isinstance(value, tuple) else value
+    return out
+
+
+@torch.no_grad()
+def _zero(gm: fx.GraphModule, targets: list[str], kind: str) -> None:
+    for target in targets:
+        if kind == "module":
+            for p in gm.get_submodule(target).parameters():
+                p.zero_()
+        else:
+            owner, _, name = target.rpartition(".")
+            getattr(gm.get_submodule(owner) if owner else gm, name).zero_()

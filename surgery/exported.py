@@ -1,0 +1,100 @@
+"""The torch.export front-end: capture what torch.fx cannot trace (Hugging Face transformers, say).
+
+``torch.export.export(model, args, kwargs, strict=False)`` records the model's aten ops
+on an example input, with every dimension free to vary where the model allows it
+(``Dim.AUTO``), so the graph accepts other batch sizes and sequence lengths. Each node
+keeps the module path it was computed in (``meta['nn_module_stack']``), so module-path
+cut names mean what they mean under fx. Two adjustments make the graph behave like the
+model it came from:
+
+* dropout follows ``train()``/``eval()``: each ``aten.dropout`` call becomes a call of an
+  ``nn.Dropout`` module (export freezes the training flag of the mode it ran in);
+* key-value caches are off (``config.use_cache = False`` during capture): a cache
+  object is not a tensor a piece can hand on. A note says so when the model had it on.
+
+BatchNorm in an exported graph uses its running statistics in both modes (CNNs are
+captured by fx, where BatchNorm stays a module).
+"""
+from __future__ import annotations
+
+import contextlib
+import warnings
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+from torch import fx, nn
+from torch.export import Dim
+
+from surgery._util import evaluating, first_line
+from surgery.errors import SurgeryError
+from surgery.inputs import Example
+
+STACK = "nn_module_stack"
+DROPOUT_PREFIX = "surgery_dropout_"
+
+
+@contextlib.contextmanager
+def _cache_off(model: nn.Module, notes: list[str]) -> Iterator[None]:
+    config = getattr(model, "config", None)
+    had = getattr(config, "use_cache", None)
+    if had:
+        config.use_cache = False
+        notes.append(f"{type(model).__name__}: key-value cache off in the captured graph (use_cache=False)")
+    try:
+        yield
+    finally:
+        if had:
+            config.use_cache = had
+
+
+def dynamic_shapes(example: Example) -> tuple[Any, ...] | dict[str, Any] | None:
+    """Every dimension of every tensor input free (``Dim.AUTO``); export keeps fixed what the model fixes."""
+    def dims(value: Any) -> Any:
+        return {i: Dim.AUTO for i in range(value.dim())} if isinstance(value, torch.Tensor) else None
+
+    if example.kwargs and not example.args:
+        return {k: dims(v) for k, v in example.kwargs.items()}
+    if example.args and not example.kwargs:
+        return tuple(dims(a) for a in example.args)
+    return None  # mixed positional and keyword inputs: shapes as given
+
+
+def export_graph(model: nn.Module, example: Example) -> tuple[fx.GraphModule, list[str]]:
+    """``model`` captured by torch.export on ``example``: a GraphModule sharing its parameters, and notes.
+
+    Raises a one-line :class:`SurgeryError` when torch.export cannot capture it either.
+    """
+    notes: list[str] = []
+    dynamic = dynamic_shapes(example)
+    try:
+        with _cache_off(model, notes), evaluating(model, grad=True), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            program = torch.export.export(model, example.args, example.kwargs, dynamic_shapes=dynamic, strict=False)
+            gm = program.module()
+    except Exception as e:  # noqa: BLE001 - export raises whatever the model's code raises
+        raise SurgeryError(f"torch.export cannot capture {type(model).__name__} either: {first_line(e)}") from None
+    _dropout_as_modules(gm)
+    return gm, notes
+
+
+def _dropout_as_modules(gm: fx.GraphModule) -> None:
+    """Replace each ``aten.dropout(x, p, train)`` by a call of an ``nn.Dropout(p)`` module, which follows train()/eval().
+
+    The modules sit at the top level (``surgery_dropout_<k>``), outside the model's own
+    module tree, so that tree can be put back over the graph (:func:`surgery.capture.trace`).
+    """
+    count = 0
+    for node in list(gm.graph.nodes):
+        if node.op != "call_function" or node.target is not torch.ops.aten.dropout.default:
+            continue
+        path = f"{DROPOUT_PREFIX}{count}"
+        count += 1
+        gm.add_submodule(path, nn.Dropout(float(node.args[1])))
+        with gm.graph.inserting_before(node):
+            call = gm.graph.call_module(path, (node.args[0],))
+        call.meta = dict(node.meta)
+        node.replace_all_uses_with(call)
+        gm.graph.erase_node(node)
+    if count:
+        gm.recompile()
