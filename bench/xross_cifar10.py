@@ -110,7 +110,7 @@ def main() -> None:
         return statistics.mean(r.own(net, 2).top1 for r in results[mode])
 
     def ensemble(mode: str) -> float:
-        return statistics.mean(r.ensembles["nets"]["top1"] for r in results[mode])
+        return statistics.mean(r.ensembles["nets"].top1 for r in results[mode])
 
     table = Table(title=f"top-1 %, mean over seeds {seeds} ({args.subset} train / {args.eval_subset} test images, {args.epochs} epochs)", title_justify="left")
     for col in ("method", *NETS, "2-net ensemble"):

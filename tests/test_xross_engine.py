@@ -119,7 +119,7 @@ def test_truncated_checkpoint_is_reported_and_the_previous_one_loads(tmp_path, c
     with pytest.raises(XrossError, match="truncated or corrupt"):
         read_checkpoint(newest)
     assert read_checkpoint(older)["position"]["epoch"] == 1
-    with pytest.warns(UserWarning, match="trying the previous one"):
+    with pytest.warns(UserWarning, match="loaded the previous one"):
         resumed = Trainer(small(tmp_path, cifar10_archive, data_cache), resume=True, progress=False)
     assert resumed.position.epoch == 1 and resumed.position.global_step == 2
 

@@ -162,8 +162,10 @@ def test_bad_cohorts() -> None:
         Cohort.build(["resnet18", "resnet34"], cuts=[["layer1", "layer2"], ["layer2"]], num_classes=10)
     with pytest.raises(surgery.UserError, match="closest: layer2"):
         Cohort.build(["resnet18", "resnet34"], cuts=["layer22"], num_classes=10)
-    with pytest.raises(surgery.UserError, match="single-tensor boundary"):
-        Cohort.build(["resnet18", "resnet34"], cuts=["layer2.0.conv1"], num_classes=10)
+    inside = Cohort.build(["resnet18", "resnet34"], cuts=["layer2.0.conv1"], num_classes=10)  # the block input crosses too
+    assert inside.adapter(0, 0, 1) is None and len(inside.forward_paths(torch.randn(2, 3, 32, 32), inside.paths())) == 4
+    with pytest.raises(surgery.UserError, match="hands over 1 values but the down piece takes 2"):
+        Cohort.build(["resnet18", "resnet34"], cuts=[["layer2"], ["layer2.0.conv1"]], num_classes=10)
     with pytest.raises(surgery.UserError, match="unknown cross"):
         XML(cross="some")
 

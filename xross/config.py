@@ -1,94 +1,143 @@
 """The complete description of a training run; saved as ``config.yaml`` in the run directory.
 
+:class:`TrainConfig` is the single source of every training option: its defaults, its
+types and choices, its validation, the schema of ``config.yaml`` and the ``xross
+train`` command-line options (generated from the fields by :mod:`xross.cliconfig`).
 ``xross train --config runs/x1/config.yaml`` repeats a run exactly.
+
+>>> cfg = TrainConfig(nets=["resnet34", "resnet18"], mode="dml", epochs=5)
+>>> cfg.epochs, cfg.lr
+(5, 0.0001)
+>>> TrainConfig.from_dict({"epochs": "five"}, "config.yaml")
+Traceback (most recent call last):
+...
+xross.errors.XrossError: config.yaml: field 'epochs' should be a valid integer, found str 'five'; fix or replace the file
 """
 from __future__ import annotations
 
-import dataclasses
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
+from pydantic import Field, NonNegativeFloat, NonNegativeInt, PositiveInt, model_validator
 
-from surgery._util import first_line
+from surgery._util import atomic_write_text, first_line
+from surgery.errors import SurgeryError
+from surgery.schema import FileModel, Float, parse
 from xross.errors import XrossError
-from surgery.errors import did_you_mean
+from xross.losses import MODES
+
+ModeName = Literal["independent", "kd", "dml", "xml"]
+ScheduleName = Literal["alternate", "joint"]
+CrossName = Literal["all", "single"]
+AdapterUpdate = Literal["student", "up", "down"]
+StemName = Literal["imagenet", "cifar"]
+OptimizerName = Literal["sgd", "adam", "adamw"]
+LrScheduleName = Literal["constant", "cosine", "step"]
+AmpName = Literal["off", "bf16", "fp16"]
+DtypeName = Literal["float32", "float64"]
+
+# CLI hints carried by fields: the option name when it differs, how a list is given
+CLI = "cli"
 
 
-@dataclasses.dataclass
-class TrainConfig:
+def _cli(name: str | None = None, *, comma: bool = False) -> dict[str, Any]:
+    return {CLI: {"name": name, "comma": comma}}
+
+
+class TrainConfig(FileModel):
+    """Every option of a training run (see the field descriptions; ``xross train --help`` shows them)."""
+
+    format_version: Literal[1] = Field(1, description="version of this file's layout")
     # cohort
-    nets: list[str] = dataclasses.field(default_factory=lambda: ["resnet34", "resnet18"])
-    cuts: list[str] = dataclasses.field(default_factory=lambda: ["layer2"])  # "a" for all nets, or "a,b" per net
-    stem: str = "imagenet"  # or "cifar" (3x3 stride-1 conv1, no maxpool)
-    adapter_batchnorm: bool = False
-    always_adapt: bool = False
+    nets: list[str] = Field(
+        default_factory=lambda: ["resnet34", "resnet18"], min_length=2, json_schema_extra=_cli(comma=True),
+        description="comma-separated networks (torchvision names, package.module:callable, timm:NAME, hf:DIR)",
+    )
+    cuts: list[str] = Field(
+        default_factory=lambda: ["layer2"], min_length=1, json_schema_extra=_cli("cut"),
+        description="cut point: one name for all nets or one per net 'a,b'; repeat for P > 2 parts",
+    )
+    stem: StemName = Field("imagenet", description="imagenet, or cifar (3x3 stride-1 conv1, no maxpool; ResNets)")
+    adapter_batchnorm: bool = Field(False, description="BatchNorm (LayerNorm for tokens) after each adapter")
+    always_adapt: bool = Field(False, description="adapters between every pair of nets, even where shapes agree")
     # objective
-    mode: str = "xml"  # independent | kd | dml | xml
-    schedule: str = "alternate"  # alternate | joint
-    cross: str = "all"  # all | single (xml)
-    shared_prefixes: bool = True  # compute each path prefix once per step (False: every path from scratch)
-    adapter_update: str = "student"  # student | all: which students' losses train the adapters (alternate)
-    temperature: float = 4.0  # kd
-    kd_alpha: float = 0.5  # kd
-    teacher: list[str] = dataclasses.field(default_factory=list)  # kd: saved model dirs or names (+ weights)
-    label_smoothing: float = 0.0
+    mode: ModeName = Field("xml", description="training objective")
+    schedule: ScheduleName = Field("alternate", description="alternate: each student's loss trains only it; joint: one backward")
+    cross: CrossName = Field("all", description="xml cross paths: all, or single (one part away from the own path)")
+    shared_prefixes: bool = Field(True, description="compute each path prefix once per step (off: every path from scratch)")
+    adapter_update: AdapterUpdate = Field(
+        "student", description="which student's loss trains an adapter: any touching it, the one it leaves, or enters"
+    )
+    temperature: Float = Field(4.0, gt=0, description="kd temperature")
+    kd_alpha: Float = Field(0.5, ge=0, le=1, description="kd weight of the hard-label CE")
+    teacher: list[str] = Field(default_factory=list, description="kd teacher: a saved model directory (repeat for an ensemble)")
+    label_smoothing: Float = Field(0.0, ge=0, lt=1, description="label smoothing of every CE term")
     # data
-    data: str = "cifar10"
-    subset: int | None = None
-    eval_subset: int | None = None
-    image_size: int | None = None
-    cache_dir: str | None = None
-    num_classes: int | None = None  # default: from the data
+    data: str = Field("cifar10", description="cifar10 | cifar100 | ImageFolder directory | .tar/.tar.gz/.tar.xz archive of one")
+    subset: PositiveInt | None = Field(None, description="stratified subset of the training split")
+    eval_subset: PositiveInt | None = Field(None, description="stratified subset of the evaluation split")
+    image_size: PositiveInt | None = Field(None, description="resize images to this side (default: as stored)")
+    cache_dir: str | None = Field(None, description="decoded-data cache directory (default $XROSS_CACHE or ~/.cache/xross)")
+    num_classes: PositiveInt | None = Field(None, description="classifier outputs (default: the data's classes)")
     # optimisation
-    epochs: int = 30
-    batch_size: int = 64
-    optimizer: str = "adam"  # sgd | adam | adamw
-    lr: float = 1e-4
-    momentum: float = 0.9
-    nesterov: bool = False
-    weight_decay: float = 0.0
-    lr_schedule: str = "constant"  # constant | cosine | step
-    warmup_epochs: float = 0.0
-    step_epochs: int = 30
-    step_gamma: float = 0.1
-    grad_clip: float | None = None
+    epochs: PositiveInt = Field(30, description="epochs")
+    batch_size: PositiveInt = Field(64, description="global batch size")
+    optimizer: OptimizerName = Field("adam", description="optimizer (adam, as the research)")
+    lr: Float = Field(1e-4, gt=0, description="learning rate")
+    momentum: Float = Field(0.9, ge=0, lt=1, description="SGD momentum")
+    nesterov: bool = Field(False, description="Nesterov momentum (sgd)")
+    weight_decay: NonNegativeFloat = Field(0.0, description="weight decay")
+    lr_schedule: LrScheduleName = Field("constant", description="learning-rate schedule after the warm-up")
+    warmup_epochs: NonNegativeFloat = Field(0.0, description="linear warm-up epochs")
+    step_epochs: PositiveInt = Field(30, description="step schedule: epochs between decays")
+    step_gamma: Float = Field(0.1, gt=0, description="step schedule: factor of each decay")
+    grad_clip: Float | None = Field(None, gt=0, description="clip the global gradient norm to this")
     # engine
-    seed: int = 0
-    device: str = "auto"  # auto | cpu | cuda | cuda:N
-    amp: str = "off"  # off | bf16 | fp16 (CUDA only)
-    dtype: str = "float32"  # float32 | float64 (exact comparisons, debugging)
-    channels_last: bool = False
-    compile: bool = False
-    sync_bn: bool = True  # global BatchNorm statistics when distributed
-    threads: int | None = None
-    eval_every: int = 1  # epochs; 0: only at the end
-    log_every: int = 10  # steps
-    keep_checkpoints: int = 2
-    out: str = "runs/xross"
+    seed: NonNegativeInt = Field(0, description="random seed (weights, data order, augmentation)")
+    device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$", description="auto | cpu | cuda | cuda:N")
+    amp: AmpName = Field("off", description="mixed precision (CUDA only)")
+    dtype: DtypeName = Field("float32", description="float64 for exact comparisons and debugging")
+    channels_last: bool = Field(False, description="channels-last memory format (CUDA)")
+    compile: bool = Field(False, description="torch.compile the parts (CUDA)")
+    sync_bn: bool = Field(True, description="global BatchNorm statistics when data-parallel")
+    threads: PositiveInt | None = Field(None, description="CPU threads")
+    eval_every: NonNegativeInt = Field(1, description="evaluate the full nets every N epochs (0: only at the end)")
+    log_every: PositiveInt = Field(10, description="log every N steps")
+    keep_checkpoints: PositiveInt = Field(2, description="how many of the newest checkpoints to keep")
+    out: str = Field("runs/xross", description="run directory")
+
+    @model_validator(mode="after")
+    def _consistent(self) -> TrainConfig:
+        if MODES[self.mode].needs_teacher and not self.teacher:
+            raise ValueError(f"mode {self.mode} needs a teacher (--teacher DIR, a saved model, e.g. from `xross export`)")
+        if self.nesterov and self.optimizer != "sgd":
+            raise ValueError("nesterov applies to the sgd optimizer only")
+        return self
 
     def to_yaml(self) -> str:
-        return yaml.safe_dump(dataclasses.asdict(self), sort_keys=False)
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+    def save(self, path: str | Path) -> None:
+        atomic_write_text(path, self.to_yaml())
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = [k for k in data if k not in known]
-        if unknown:
-            raise XrossError(f"unknown config key '{unknown[0]}' ({did_you_mean(unknown[0], known)})")
-        return cls(**data)
+    def from_dict(cls, data: Any, where: str = "the configuration") -> TrainConfig:
+        """Validate a mapping of options; one-line :class:`XrossError` naming the field otherwise."""
+        try:
+            return parse(cls, data, where)
+        except SurgeryError as e:
+            raise XrossError(str(e)) from None
 
     @classmethod
     def load(cls, path: str | Path) -> TrainConfig:
         try:
-            data = yaml.safe_load(Path(path).read_text())
+            data = yaml.safe_load(Path(path).read_bytes())
         except OSError as e:
             raise XrossError(f"cannot read config {path}: {e.strerror}") from None
-        except yaml.YAMLError as e:
+        except (yaml.YAMLError, UnicodeDecodeError) as e:
             raise XrossError(f"config {path} is not valid YAML: {first_line(e)}") from None
-        if not isinstance(data, dict):
-            raise XrossError(f"config {path} must be a mapping of option: value")
-        return cls.from_dict(data)
+        return cls.from_dict(data, str(path))
 
     def per_net_cuts(self) -> list[list[str]]:
         """Cut names per net from ``cuts`` entries like ``"layer2"`` or ``"layer2,features.4"``."""

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -53,6 +53,7 @@ class Mode:
     """Base: which paths a step needs and each student's loss."""
 
     label_smoothing: float = 0.0
+    needs_teacher: ClassVar[bool] = False  # the trainer loads --teacher models for modes that need them
 
     def ce(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         return F.cross_entropy(_upcast(logits), labels, label_smoothing=self.label_smoothing)
@@ -75,7 +76,7 @@ class Independent(Mode):
 class KD(Mode):
     temperature: float = 4.0
     alpha: float = 0.5
-    needs_teacher = True
+    needs_teacher: ClassVar[bool] = True
 
     def loss(self, i, logits, labels, cohort, teacher=None) -> LossTerms:
         if teacher is None:

@@ -27,8 +27,6 @@ OPTIMIZERS: dict[str, Callable[[Iterable[torch.nn.Parameter], TrainConfig], torc
 def make_optimizer(params: Iterable[torch.nn.Parameter], config: TrainConfig) -> torch.optim.Optimizer:
     if config.optimizer not in OPTIMIZERS:
         raise XrossError(f"unknown optimizer '{config.optimizer}'; choose one of {', '.join(OPTIMIZERS)}")
-    if config.nesterov and config.optimizer != "sgd":
-        raise XrossError("--nesterov applies to sgd only")
     return OPTIMIZERS[config.optimizer](params, config)
 
 

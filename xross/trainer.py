@@ -32,7 +32,10 @@ import torch
 from torch import nn
 
 import surgery
-from surgery._util import first_line
+from surgery._util import atomic_write_text, first_line
+from surgery.models import is_code_source
+from surgery.refs import parse as parse_reference
+from surgery.trust import Kind, resolve
 from xross.errors import Interrupted, TrainingDiverged, XrossError
 from surgery.io import versions
 from xross.checkpoint import CheckpointDir
@@ -41,7 +44,7 @@ from xross.config import TrainConfig
 from xross.data import Augment, BatchLoader, ImageTensors, derive_seed, load_split
 from xross.distributed import DistInfo, any_rank, average_gradients, globalise_batchnorm, init_distributed, sum_over_ranks
 from xross.evaluate import EvalResult, evaluate
-from xross.losses import LossTerms, Mode, make_mode
+from xross.losses import MODES, LossTerms, Mode, make_mode
 from xross.metrics import MetricsLog
 from xross.optim import lr_at, make_optimizer, set_lr
 
@@ -57,11 +60,14 @@ class Position:
 
 ADAPTER_OWNERS = {"student": "any", "up": "src", "down": "dst"}
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
-SCHEDULES = ("alternate", "joint")
 
 
-def build_cohort(config: TrainConfig, device: torch.device, distributed: bool = False) -> Cohort:
-    """The cohort a (resolved) config describes, on ``device``, with seeded initial weights."""
+def build_cohort(config: TrainConfig, device: torch.device, distributed: bool = False, *, trust_code: bool = False) -> Cohort:
+    """The cohort a (resolved) config describes, on ``device``, with seeded initial weights.
+
+    ``trust_code`` lets ``config.nets`` name code outside the trusted packages (see
+    :mod:`surgery.trust`): pass it for nets you typed, not for a config from elsewhere.
+    """
     if config.num_classes is None or config.image_size is None:
         raise XrossError("the config lacks num_classes/image_size; they are filled in from the data when training starts")
     torch.manual_seed(config.seed)
@@ -75,17 +81,26 @@ def build_cohort(config: TrainConfig, device: torch.device, distributed: bool = 
         adapter_batchnorm=config.adapter_batchnorm,
         always_adapt=config.always_adapt,
         transform_net=transform,
+        trust_code=trust_code,
     )
     return cohort.to(device)
 
 
-def load_teachers(sources: list[str], device: torch.device) -> list[nn.Module]:
-    """KD teachers: directories saved by ``surgery.save`` / ``xross export``."""
+def check_sources(nets: list[str], trust_code: bool) -> None:
+    """Refuse, in one line, nets that name code outside the trusted packages (unless ``trust_code``)."""
+    for net in nets:
+        ref = parse_reference(net)
+        if ref.kind == "build" and is_code_source(ref.target):
+            resolve(ref.target, kind=Kind.MODEL_SOURCE, trust_code=trust_code, what="the net")
+
+
+def load_teachers(sources: list[str], device: torch.device, *, trust_code: bool = False) -> list[nn.Module]:
+    """KD teachers: directories saved by ``surgery.save`` / ``xross export`` (loaded as files from elsewhere)."""
     teachers = []
     for src in sources:
         if not (Path(src) / "recipe.json").is_file():
             raise XrossError(f"teacher '{src}' is not a saved model directory; export one with `xross export` or surgery.save")
-        teachers.append(surgery.load(src).to(device).eval().requires_grad_(False))
+        teachers.append(surgery.load(src, trust_code=trust_code).to(device).eval().requires_grad_(False))
     return teachers
 
 
@@ -93,8 +108,11 @@ class Trainer:
     """Trains a cohort as ``config`` says; ``fit()`` runs to the end (or to a signal).
 
     ``resume=True`` continues the run in ``config.out`` from its newest loadable
-    checkpoint; ``config`` should be the run's own (``TrainConfig.load(out/"config.yaml")``),
-    with at most ``epochs`` raised to train longer.
+    checkpoint (``verify=False`` skips the checkpoint digest check); ``config`` should be
+    the run's own (``TrainConfig.load(out/"config.yaml")``), with at most ``epochs``
+    raised to train longer. ``trust_code`` allows nets and teachers that name code
+    outside the trusted packages (see :mod:`surgery.trust`); ``trust_nets`` (default:
+    as ``trust_code``) does so for the nets alone, e.g. nets the user typed.
     """
 
     def __init__(
@@ -106,8 +124,16 @@ class Trainer:
         progress: bool = True,
         command: str | None = None,
         dist: DistInfo | None = None,
+        trust_code: bool = False,
+        trust_nets: bool | None = None,
+        verify: bool = True,
     ):
         self.dist = dist or init_distributed(config.device)
+        self.device = self.dist.device
+        # names from files are refused before anything is built, decoded or deleted
+        trust_nets = trust_code if trust_nets is None else trust_nets
+        check_sources(config.nets, trust_nets)
+        self.teachers = load_teachers(config.teacher, self.device, trust_code=trust_code) if MODES[config.mode].needs_teacher else []
         self.run_dir = Path(config.out)
         self.progress = progress and self.dist.is_main
         if resume and not (self.run_dir / "config.yaml").is_file():
@@ -118,19 +144,17 @@ class Trainer:
         if config.threads:
             torch.set_num_threads(config.threads)
         torch.use_deterministic_algorithms(True, warn_only=True)
-        self.device = self.dist.device
         self._check_options(config)
         train, test = self._load_data(config)
         config.num_classes = config.num_classes or len(train.classes)
         config.image_size = config.image_size or int(train.images.shape[-1])
         self.config = config
         self.dtype = DTYPES[config.dtype]
-        self.cohort = build_cohort(config, self.device, self.dist.enabled).to(self.dtype)
+        self.cohort = build_cohort(config, self.device, self.dist.enabled, trust_code=trust_nets).to(self.dtype)
         if config.channels_last:
             self.cohort = self.cohort.to(memory_format=torch.channels_last)
         self.mode: Mode = make_mode(config.mode, cross=config.cross, temperature=config.temperature, alpha=config.kd_alpha, label_smoothing=config.label_smoothing)
         self.paths = self.mode.paths(self.cohort)
-        self.teachers = load_teachers(config.teacher, self.device) if config.mode == "kd" else []
         self.params = list(self.cohort.parameters())
         self.trainables = [self._trainables(i) for i in range(self.cohort.num_nets)]
         self.optimizer = make_optimizer(self.params, config)
@@ -142,12 +166,14 @@ class Trainer:
         self.test_loader = BatchLoader(test, config.batch_size, train=False, augment=augment, **kw)
         self.total_steps = config.epochs * len(self.train_loader)
         self.checkpoints = CheckpointDir(self.run_dir, config.keep_checkpoints)
+        if self.dist.is_main:
+            self.checkpoints.remove_leftovers()
         self.position = Position()
         self.stop_signal: int | None = None
         self.train_logits: dict[int, torch.Tensor] = {}
         self.metrics = MetricsLog(self.run_dir) if self.dist.is_main else None
         if resume:
-            self._restore()
+            self._restore(verify)
         elif self.dist.is_main:
             self._write_run_files(command)
         if config.compile and self.device.type == "cuda":
@@ -165,18 +191,7 @@ class Trainer:
         self.run_dir.mkdir(parents=True, exist_ok=True)
 
     def _check_options(self, config: TrainConfig) -> None:
-        if config.schedule not in SCHEDULES:
-            raise XrossError(f"unknown schedule '{config.schedule}'; choose one of {', '.join(SCHEDULES)}")
-        if config.adapter_update not in ADAPTER_OWNERS:
-            raise XrossError(f"unknown adapter_update '{config.adapter_update}'; choose one of {', '.join(ADAPTER_OWNERS)}")
-        if config.dtype not in DTYPES:
-            raise XrossError(f"unknown dtype '{config.dtype}'; choose one of {', '.join(DTYPES)}")
-        if config.amp not in ("off", "bf16", "fp16"):
-            raise XrossError(f"unknown amp '{config.amp}'; choose off, bf16 or fp16")
-        if config.mode == "kd" and not config.teacher:
-            raise XrossError("mode kd needs --teacher DIR (a saved model, e.g. from `xross export`)")
-        if config.epochs < 1 or config.batch_size < 1:
-            raise XrossError("epochs and batch_size must be positive")
+        """Say which options have no effect here (the config validated everything else)."""
         if self.dist.is_main and self.device.type != "cuda":
             for flag, on in (("--amp", config.amp != "off"), ("--compile", config.compile)):
                 if on:
@@ -201,9 +216,9 @@ class Trainer:
         return self.cohort.net_parameters(i) + self.cohort.adapter_parameters(i, ADAPTER_OWNERS[self.config.adapter_update])
 
     def _write_run_files(self, command: str | None) -> None:
-        (self.run_dir / "config.yaml").write_text(self.config.to_yaml())
-        (self.run_dir / "versions.json").write_text(json.dumps(versions(), indent=1) + "\n")
-        (self.run_dir / "command.txt").write_text((command or " ".join(sys.argv)) + "\n")
+        self.config.save(self.run_dir / "config.yaml")
+        atomic_write_text(self.run_dir / "versions.json", json.dumps(versions(), indent=1) + "\n")
+        atomic_write_text(self.run_dir / "command.txt", (command or " ".join(sys.argv)) + "\n")
 
     # --- one step -----------------------------------------------------------------------------
 
@@ -325,7 +340,7 @@ class Trainer:
             own = [self.cohort.own_path(i) for i in range(self.cohort.num_nets)]
             result = self.evaluate(own)
             row.update({f"top1_net{i}": result.own(i, self.cohort.num_parts).top1 for i in range(self.cohort.num_nets)})
-            row["top1_ensemble"] = result.ensembles["nets"]["top1"]
+            row["top1_ensemble"] = result.ensembles["nets"].top1
         if self.metrics:
             self.metrics.write("epochs", row, pos.global_step)
         self._save_checkpoint()
@@ -351,8 +366,8 @@ class Trainer:
         self.dist.barrier()
         return path
 
-    def _restore(self) -> None:
-        path, state = self.checkpoints.load_latest()
+    def _restore(self, verify: bool = True) -> None:
+        path, state = self.checkpoints.load_latest(verify)
         try:
             self.cohort.load_state_dict(state["cohort"])
             self.optimizer.load_state_dict(state["optimizer"])
