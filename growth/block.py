@@ -126,6 +126,15 @@ def _is(node: fx.Node, table: set) -> bool:
     return node.op in ("call_function", "call_method") and node.target in table
 
 
+def _zero_points(work: Workbench, branch: fx.Node) -> list[tuple[str, list[str]]] | None:
+    """What to zero so that ``branch`` is zero, also when it is a sum of branches (parallel attention and MLP)."""
+    if _is(branch, _ADDS):
+        parts = [_zero_points(work, a) if isinstance(a, fx.Node) else None for a in branch.args[:2]]
+        return None if any(p is None for p in parts) else [z for p in parts for z in p]  # type: ignore[union-attr]
+    point = _zero_point(work, branch)
+    return None if point is None else [point]
+
+
 def _zero_point(work: Workbench, branch: fx.Node) -> tuple[str, list[str]] | None:
     """The module or parameters to zero so that ``branch`` is zero: ``(kind, targets)``; None if there is none."""
     node = branch
@@ -172,7 +181,7 @@ def block_obstacle(work: Workbench, path: str) -> str | None:
     if work.shape(start) is None or work.shape(start) != work.shape(block.output):
         return "its output is not the shape of its input"
     for branch in branches:
-        if _zero_point(work, branch) is None:
+        if _zero_points(work, branch) is None:
             return f"its branch ending at {work.site_name(branch)} has no last linear layer, norm or scale to start at zero"
     if block.relu_after is not None and negative_reasons(work.gm)[start] is not None:
         return f"a ReLU follows its residual sum and its input can be negative ({negative_reasons(work.gm)[start]})"
@@ -217,8 +226,8 @@ def insert_block_copy(work: Workbench, path: str) -> str:
         env[node] = last = new
     block.output.replace_all_uses_with(env[block.output], delete_user_cb=lambda user: user not in env.values())
     for branch in branches:
-        kind, targets = _zero_point(work, env[branch])  # type: ignore[misc]
-        _zero(work.gm, targets, kind)
+        for kind, targets in _zero_points(work, env[branch]) or []:
+            _zero(work.gm, targets, kind)
     return new_path
 
 

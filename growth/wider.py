@@ -89,6 +89,13 @@ def _check_amount(factor: float | None, new_width: int | None) -> None:
 
 def _new_width(group: ChannelGroup, name: str, factor: float | None, new_width: int | None) -> int:
     channels, blocks = group.channels, group.blocks
+    if group.uniform:
+        width = round(channels * factor) if factor is not None else new_width
+        if width % channels or (factor is not None and abs(factor - round(factor)) > 1e-9):
+            raise GrowthError(
+                f"{group.uniform[0]}: widening '{name}' keeps its statistics only when every channel is copied the same "
+                f"number of times; give an integer factor (2, 3, ...) or a multiple of {channels} channels"
+            )
     if new_width is None:
         return max(channels + blocks, math.ceil(channels * factor / blocks - 1e-9) * blocks)
     if new_width > MAX_GROWTH * channels:
@@ -105,8 +112,16 @@ def _new_width(group: ChannelGroup, name: str, factor: float | None, new_width: 
 
 
 def replication_map(group: ChannelGroup, width: int, generator: torch.Generator) -> ChannelMap:
-    """Old channels first within each block, then copies drawn uniformly from the same block."""
+    """Old channels first within each block, then copies drawn uniformly from the same block.
+
+    A group whose statistics are taken over its channels (``group.uniform``) copies every
+    channel the same number of times instead: the old channels, then each of them again.
+    """
     blocks, channels = group.blocks, group.channels
+    if group.uniform:  # every channel k times, each block's copies inside the block
+        per = channels // blocks
+        index = (torch.arange(per).repeat(width // channels) + (torch.arange(blocks) * per)[:, None]).flatten()
+        return ChannelMap(index, channels)
     per_block, extra = channels // blocks, (width - channels) // blocks
     picks = torch.randint(per_block, (blocks, extra), generator=generator) + (torch.arange(blocks) * per_block)[:, None]
     index = torch.cat([torch.arange(channels).view(blocks, per_block), picks], dim=1).flatten()

@@ -136,8 +136,8 @@ def trace(
 ) -> fx.GraphModule:
     """``model`` as a GraphModule whose submodules keep their module paths (see :func:`capture`).
 
-    The GraphModule shares parameters with ``model``, follows its train/eval mode, and
-    carries its recipe.
+    The GraphModule shares parameters and modules with ``model`` (its own module tree is
+    put back over the graph), follows its train/eval mode, and carries its recipe.
 
     Args:
         model: any ``nn.Module``.
@@ -147,8 +147,7 @@ def trace(
     """
     cap = capture(model, example_input, tracer=tracer, leaf_modules=leaf_modules, concrete_args=concrete_args)
     gm = cap.graph_module(type(model).__name__)
-    if cap.tracer == "export":
-        _own_tree(gm, model)
+    _own_tree(gm, model)
     gm.train(model.training)
     return attach_recipe(gm, recipe_of(model))
 

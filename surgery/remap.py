@@ -217,6 +217,22 @@ def _attention_in(mha: nn.MultiheadAttention, m: ChannelMap, noise: float, gen: 
     _set(mha, "in_proj_weight", _read(mha.in_proj_weight.detach(), m, 1, noise, gen))
 
 
+def _embedding_out(emb: nn.Embedding, m: ChannelMap) -> None:
+    _set(emb, "weight", _take(emb.weight.detach(), 1, m))
+    emb.embedding_dim = m.size
+
+
+def _conv1d_out(layer: nn.Module, m: ChannelMap) -> None:
+    """Hugging Face's ``Conv1D`` (weight ``[in, out]``): new output columns and bias entries."""
+    _set(layer, "weight", _take(layer.weight.detach(), 1, m))
+    _set(layer, "bias", _take(layer.bias.detach(), 0, m))
+    layer.nf = m.size
+
+
+def _conv1d_in(layer: nn.Module, m: ChannelMap, noise: float, gen: torch.Generator | None) -> None:
+    _set(layer, "weight", _read(layer.weight.detach().T, m, 1, noise, gen).T.contiguous())
+
+
 def _prelu_through(prelu: nn.PReLU, m: ChannelMap, ep: Endpoint) -> None:
     _rows(prelu, m, ("weight",))
     prelu.num_parameters = m.size
@@ -230,11 +246,18 @@ _EDITS: dict[type, _Edit] = {
     nn.LayerNorm: _Edit(through=_layernorm_through),
     nn.PReLU: _Edit(through=_prelu_through),
     nn.MultiheadAttention: _Edit(_attention_out, _attention_in),
+    nn.Embedding: _Edit(out=_embedding_out),
 }
+# classes of optional packages, by name (importing them here would make transformers a dependency)
+_EDITS_BY_NAME: dict[str, _Edit] = {"Conv1D": _Edit(_conv1d_out, _conv1d_in)}
 
 
 def _edit_for(module: nn.Module) -> _Edit:
-    return next((e for cls in type(module).__mro__ if (e := _EDITS.get(cls)) is not None), _Edit())
+    for cls in type(module).__mro__:
+        found = _EDITS.get(cls) or _EDITS_BY_NAME.get(cls.__name__)
+        if found is not None:
+            return found
+    return _Edit()
 
 
 def _remap_parameter(gm: fx.GraphModule, ep: Endpoint, m: ChannelMap) -> None:

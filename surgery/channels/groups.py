@@ -69,7 +69,7 @@ class Endpoint:
 
 
 # The list fields of a ChannelGroup: merged when groups couple, copied when a group splits.
-GROUP_LISTS = ("producers", "followers", "consumers", "literals", "nodes", "blockers", "replication_blockers")
+GROUP_LISTS = ("producers", "followers", "consumers", "literals", "nodes", "blockers", "replication_blockers", "uniform")
 
 
 @dataclass
@@ -78,6 +78,8 @@ class ChannelGroup:
 
     ``literals`` are graph constants that depend on how many channels the group has (the
     bounds of a channel slice, the sizes of a split): a change of width rewrites them.
+    ``uniform`` says why a replication must copy every channel the same number of times
+    (a layer norm or a mean over the channels keeps its statistics only then).
     """
 
     id: int
@@ -90,6 +92,7 @@ class ChannelGroup:
     nodes: list[str] = field(default_factory=list)
     blockers: list[str] = field(default_factory=list)
     replication_blockers: list[str] = field(default_factory=list)
+    uniform: list[str] = field(default_factory=list)
 
     def obstacle(self, replicate: bool) -> str | None:
         """Why the channels cannot be permuted (or, with ``replicate``, replicated/added) exactly; None if they can.

@@ -76,6 +76,13 @@ class _Walk:
                 d = self.draft(g)
                 (d.replication_blockers if replication_only else d.blockers).append(reason)
 
+    def require_uniform(self, layout: Layout, reason: str) -> None:
+        """A replication of ``layout``'s channels must copy each the same number of times (statistics over them)."""
+        if len(layout.segments) != 1 or layout.segments[0].inner != 1:
+            self.block([layout], f"{reason}, across several channel groups", replication_only=True)
+            return
+        self.draft(self.expand(layout).segments[0].group).uniform.append(reason)
+
     def couple(self, layouts: list[Layout], node: fx.Node, verb: str, reason: str | None = None) -> bool:
         """Join the groups of ``layouts`` position by position (they hold the same channels); False if they cannot.
 

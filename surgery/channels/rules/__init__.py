@@ -9,10 +9,13 @@ Each family module adds its rules to the tables of :mod:`surgery.channels.regist
 :mod:`~surgery.channels.rules.shape_ops` (flatten, reshape and channel shuffles, permute, transpose, unsqueeze,
 padding, indexing, size),
 :mod:`~surgery.channels.rules.slicing` (channel slices, ``split`` and ``chunk``),
-:mod:`~surgery.channels.rules.joins` (concatenation) and
-:mod:`~surgery.channels.rules.reductions` (pooling, softmax, mean/sum/amax/amin).
+:mod:`~surgery.channels.rules.joins` (concatenation),
+:mod:`~surgery.channels.rules.reductions` (pooling, softmax, mean/sum/amax/amin) and
+:mod:`~surgery.channels.rules.aten` (the aten ops of graphs torch.export captured; embeddings, ``Conv1D``,
+attention).
 """
 from surgery.channels.rules import (
+    aten,
     attention,
     elementwise,
     functional_norms,
@@ -25,6 +28,7 @@ from surgery.channels.rules import (
 )
 
 __all__ = [
+    "aten",
     "attention",
     "elementwise",
     "functional_norms",

@@ -1,17 +1,22 @@
-"""Channel rules for layer norms (``nn.LayerNorm`` and ``F.layer_norm``): channels in the normalised dims.
+"""Channel rules for layer norms (``nn.LayerNorm``, ``F.layer_norm``, ``aten.layer_norm``): channels in the normalised dims.
 
-Their affine parameters follow the channels, which can be permuted but not replicated
-(replicating a channel changes the statistics the norm computes).
+Their affine parameters follow the channels, which can be permuted freely. A replication
+keeps the norm's mean and variance only when every channel is copied the same number of
+times (a uniform replication: the factor must be an integer), so the group is marked
+``uniform``. The ``normalized_shape`` a functional call spells out is rewritten when the
+width changes.
 """
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+
+import torch
 
 import torch.nn.functional as F
 from torch import fx, nn
 
 from surgery.channels.groups import Endpoint, Layout
-from surgery.channels.registry import _FUNCTION_RULES, _MODULE_RULES, _register
+from surgery.channels.registry import _FUNCTION_RULES, _LITERAL_EDITS, _MODULE_RULES, _register
 from surgery.channels.rules.arguments import _arg
 from surgery.channels.walk import _Walk
 
@@ -23,11 +28,9 @@ def _normalised_over(w: _Walk, node: fx.Node, normalized_ndim: int, params: Sequ
     ndim = len(w.shape(x) or ())
     if layout is None or layout.dim < ndim - normalized_ndim:
         return layout
-    w.block(
-        [layout],
-        f"{w.describe(node)} normalises over these channels: replicating them changes its statistics",
-        replication_only=True,
-    )
+    w.require_uniform(layout, f"{w.describe(node)} normalises over these channels")
+    if node.op == "call_function" and isinstance(_arg(node, 1, "normalized_shape"), (list, tuple)):
+        w.add(layout, "literals", Endpoint(node.name, node.name, "normalized_shape", x.name, dim=layout.dim - ndim))
     for target, kind in params:
         w.add(
             layout, "followers", Endpoint(node.name, target, kind, node.name, dim=layout.dim - (ndim - normalized_ndim))
@@ -41,7 +44,20 @@ def _layernorm_module(w: _Walk, node: fx.Node, ln: nn.LayerNorm) -> Layout | Non
     return _normalised_over(w, node, len(ln.normalized_shape), params)
 
 
-@_register(_FUNCTION_RULES, [F.layer_norm])
+def _rewrite_normalized_shape(node: fx.Node, ep: Endpoint, moved: Callable[[int], int], size: int) -> None:
+    """The normalized_shape entry of the channel dim (``ep.dim`` counts from the end) becomes the new width."""
+    shape = list(_arg(node, 1, "normalized_shape"))
+    shape[ep.dim] = moved(size)
+    if len(node.args) > 1:
+        node.args = (node.args[0], type(_arg(node, 1, "normalized_shape"))(shape), *node.args[2:])
+    else:
+        node.kwargs = {**node.kwargs, "normalized_shape": shape}
+
+
+_LITERAL_EDITS["normalized_shape"] = _rewrite_normalized_shape
+
+
+@_register(_FUNCTION_RULES, [F.layer_norm, torch.ops.aten.layer_norm.default])
 def _layernorm_function(w: _Walk, node: fx.Node) -> Layout | None:
     normalized = _arg(node, 1, "normalized_shape")
     params = []

@@ -61,6 +61,10 @@ def _softmax(w: _Walk, node: fx.Node) -> Layout | None:
     return _softmax_like(w, node, _arg(node, 1, "dim"))
 
 
+# A mean, maximum or minimum over the channels is the same when every channel is copied the same number of times.
+_UNIFORM_REDUCTIONS = {"mean", "amax", "amin", "mean.dim", "amax.default", "amin.default"}
+
+
 @_register(_FUNCTION_RULES, [torch.mean, torch.sum, torch.amax, torch.amin])
 @_register(_METHOD_RULES, ["mean", "sum", "amax", "amin"])
 def _reduce(w: _Walk, node: fx.Node) -> Layout | None:
@@ -75,7 +79,10 @@ def _reduce(w: _Walk, node: fx.Node) -> Layout | None:
         return None
     dims = [_norm(d, ndim) for d in (dims if isinstance(dims, (list, tuple)) else [dims])]
     if layout.dim in dims:
-        w.block([layout], f"{w.describe(node)} reduces over these channels")
+        if getattr(node.target, "__name__", node.target) in _UNIFORM_REDUCTIONS:  # RMSNorm's mean of squares
+            w.require_uniform(layout, f"{w.describe(node)} averages over these channels")
+        else:
+            w.block([layout], f"{w.describe(node)} reduces over these channels")
         return None
     keep = _arg(node, 2, "keepdim", False)
     return layout.at(layout.dim - (0 if keep else sum(d < layout.dim for d in dims)))

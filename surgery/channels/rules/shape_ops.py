@@ -18,9 +18,10 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-from surgery.channels.groups import Layout, Segment
+from surgery.channels.groups import Endpoint, Layout, Segment
 from surgery.channels.registry import (
     _FUNCTION_RULES,
+    _LITERAL_EDITS,
     _METHOD_RULES,
     _MODULE_RULES,
     _register,
@@ -148,10 +149,27 @@ def _split_channel_dim(w: _Walk, node: fx.Node, layout: Layout, first: int, last
 
 
 def _literal_channel_count(w: _Walk, node: fx.Node, layout: Layout, d: int) -> None:
-    """A reshape that spells the channel count as a number stops fitting once the width changes."""
+    """A reshape that spells the channel count as a number: rewritten when the width changes where it is the
+    count of one plain group kept as it is (``view(-1, 768)``), a reason not to replicate otherwise."""
     sizes = _dims_arg(node, 1)
-    if d < len(sizes) and isinstance(sizes[d], int) and sizes[d] != -1:
+    if d >= len(sizes) or not isinstance(sizes[d], int) or sizes[d] == -1:
+        return
+    plain = len(layout.segments) == 1 and layout.segments[0].inner == 1 and sizes[d] == layout.size
+    if plain:
+        w.add(layout, "literals", Endpoint(node.name, node.name, "reshape", node.args[0].name, dim=d))
+    else:
         w.block([layout], f"{w.describe(node)} reshapes to a fixed count of {sizes[d]} channels", replication_only=True)
+
+
+def _rewrite_reshape(node: fx.Node, ep: Endpoint, moved: Callable[[int], int], size: int) -> None:
+    """The size of output dim ``ep.dim`` (the channels) becomes the new width."""
+    sizes = list(_dims_arg(node, 1))
+    sizes[ep.dim] = moved(size)
+    packed = len(node.args) == 2 and isinstance(node.args[1], (list, tuple))
+    node.args = (node.args[0], sizes) if packed else (node.args[0], *sizes)
+
+
+_LITERAL_EDITS["reshape"] = _rewrite_reshape
 
 
 @_register(_FUNCTION_RULES, [F.pad])
