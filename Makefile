@@ -18,11 +18,17 @@ demo: venv
 	$(BIN)/surgery cut resnet50 --at layer2 --out demo-output/resnet50-cut --force
 
 test: venv
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/lint-imports
 	$(BIN)/python -m pytest -n 2 --dist loadgroup -q
 
 bench: venv
-	$(BIN)/python bench/surgery_zoo.py
-	$(BIN)/python bench/growth_zoo.py
+	$(BIN)/pip install --quiet -e '.[dev,bench]'
+	$(BIN)/python bench/surgery_zoo.py --onnx
+	$(BIN)/python bench/growth_zoo.py --timm
+	$(BIN)/python bench/transformers_zoo.py
+	$(BIN)/python bench/depgraph_agreement.py
 	$(BIN)/python bench/xross_cost.py
 
 clean:

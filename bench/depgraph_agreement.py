@@ -34,6 +34,7 @@ reshape index mapping).
 
 Last line: {"models": N, "layers": L, "agree": A}
 """
+
 from __future__ import annotations
 
 import argparse
@@ -51,10 +52,28 @@ from surgery.channels import ChannelAnalysis, analyze_channels
 warnings.filterwarnings("ignore")
 
 MODELS = (
-    "tv:resnet18", "tv:resnet50", "tv:resnext50_32x4d", "tv:densenet121", "tv:mobilenet_v2", "tv:mobilenet_v3_small",
-    "tv:efficientnet_b0", "tv:regnet_y_400mf", "tv:googlenet", "tv:squeezenet1_0", "tv:convnext_tiny", "tv:vit_b_16",
-    "tv:shufflenet_v2_x0_5", "timm:resnet26d", "timm:dla34", "timm:ghostnet_100", "timm:mixnet_s",
-    "timm:cspdarknet53", "timm:rexnet_100", "timm:cspresnet50", "timm:resnetv2_50", "timm:res2net50_14w_8s",
+    "tv:resnet18",
+    "tv:resnet50",
+    "tv:resnext50_32x4d",
+    "tv:densenet121",
+    "tv:mobilenet_v2",
+    "tv:mobilenet_v3_small",
+    "tv:efficientnet_b0",
+    "tv:regnet_y_400mf",
+    "tv:googlenet",
+    "tv:squeezenet1_0",
+    "tv:convnext_tiny",
+    "tv:vit_b_16",
+    "tv:shufflenet_v2_x0_5",
+    "timm:resnet26d",
+    "timm:dla34",
+    "timm:ghostnet_100",
+    "timm:mixnet_s",
+    "timm:cspdarknet53",
+    "timm:rexnet_100",
+    "timm:cspresnet50",
+    "timm:resnetv2_50",
+    "timm:res2net50_14w_8s",
 )
 SIZES = {"tv:vit_b_16": 224}  # torchvision's ViT checks its image size
 LAYERS = (nn.Conv2d, nn.Linear)

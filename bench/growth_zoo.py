@@ -1,4 +1,4 @@
-"""Apply net2wider, net2deeper and net2branch to every torchvision classification model and check each keeps the function.
+"""Apply net2wider, net2deeper and net2branch to every torchvision classification model; check each keeps the function.
 
 For each model and op: list the sites where the op applies (net2deeper: conv or linear, after a
 non-negative value with its ReLU, elsewhere with ``activation=None``), apply it at
@@ -21,6 +21,7 @@ EfficientNet, MobileNetV3, MixNet, GhostNet, ReXNet, DLA, DPN, CSP, DenseNet, HR
 MobileViT, Res2Net, SelecSLS, VoVNet, HardCoReNAS, TinyNet, LCNet, FBNet, PoolFormer, EdgeNeXt, RepVGG, ...),
 built with random weights at a small input size (64 pixels where the model allows it).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -38,34 +39,73 @@ import torchvision
 from rich.console import Console
 from rich.progress import track
 from rich.table import Table
+from surgery_zoo import build  # the same models and small inputs as the surgery bench
 
 import growth
 from growth.check import output_change, vary_constant_weights
-from surgery_zoo import build  # the same models and small inputs as the surgery bench
 
 warnings.filterwarnings("ignore", category=FutureWarning)
 
 OPS = ("net2wider", "net2deeper", "net2branch")
 # timm model -> (input size, create_model kwargs); ViTs take the small size as their img_size.
 TIMM_ZOO: dict[str, tuple[int, dict[str, Any]]] = {
-    name: (64, {}) for name in (
-        "resnet18", "resnet26d", "resnetv2_50", "resnext26ts", "seresnext26d_32x4d", "regnetx_002", "regnety_002",
-        "efficientnet_b0", "mobilenetv3_large_100", "mixnet_s", "tf_mixnet_s", "ghostnet_100", "ghostnetv2_100",
-        "rexnet_100", "dla34", "dpn48b", "cspresnet50", "cspdarknet53", "cs3darknet_s", "densenet121",
-        "hrnet_w18_small", "convnext_atto", "mobilevit_xxs", "res2net50_14w_8s", "selecsls42b", "ese_vovnet19b_dw",
-        "hardcorenas_a", "tinynet_e", "lcnet_050", "fbnetc_100", "poolformer_s12", "edgenext_xx_small", "repvgg_a0",
-        "efficientvit_b0", "skresnet18",
+    name: (64, {})
+    for name in (
+        "resnet18",
+        "resnet26d",
+        "resnetv2_50",
+        "resnext26ts",
+        "seresnext26d_32x4d",
+        "regnetx_002",
+        "regnety_002",
+        "efficientnet_b0",
+        "mobilenetv3_large_100",
+        "mixnet_s",
+        "tf_mixnet_s",
+        "ghostnet_100",
+        "ghostnetv2_100",
+        "rexnet_100",
+        "dla34",
+        "dpn48b",
+        "cspresnet50",
+        "cspdarknet53",
+        "cs3darknet_s",
+        "densenet121",
+        "hrnet_w18_small",
+        "convnext_atto",
+        "mobilevit_xxs",
+        "res2net50_14w_8s",
+        "selecsls42b",
+        "ese_vovnet19b_dw",
+        "hardcorenas_a",
+        "tinynet_e",
+        "lcnet_050",
+        "fbnetc_100",
+        "poolformer_s12",
+        "edgenext_xx_small",
+        "repvgg_a0",
+        "efficientvit_b0",
+        "skresnet18",
     )
 } | {
     "vit_tiny_patch16_224": (64, {"img_size": 64}),
     "deit_tiny_patch16_224": (64, {"img_size": 64}),
     "swin_tiny_patch4_window7_224": (224, {}),
 }
-DEFAULTS: dict[str, dict[str, Any]] = {"net2wider": {"factor": 1.5, "seed": 0}, "net2deeper": {}, "net2branch": {"seed": 0}}
+DEFAULTS: dict[str, dict[str, Any]] = {
+    "net2wider": {"factor": 1.5, "seed": 0},
+    "net2deeper": {},
+    "net2branch": {"seed": 0},
+}
 # Argument variants tried in order; a site joins with the first variant that applies there.
 VARIANTS: dict[str, list[dict[str, Any]]] = {
     "net2wider": [{}],
-    "net2deeper": [{}, {"activation": None}, {"kind": "linear"}, {"kind": "linear", "activation": None, "batchnorm": False}],
+    "net2deeper": [
+        {},
+        {"activation": None},
+        {"kind": "linear"},
+        {"kind": "linear", "activation": None, "batchnorm": False},
+    ],
     "net2branch": [{}],
 }
 
@@ -124,8 +164,12 @@ def build_timm(name: str) -> tuple[torch.nn.Module, torch.Tensor]:
 
 
 def grow_zoo(
-    names: list[str], build_model: Callable[[str], tuple[torch.nn.Module, torch.Tensor]], sites: int, seed: int,
-    console: Console, description: str,
+    names: list[str],
+    build_model: Callable[[str], tuple[torch.nn.Module, torch.Tensor]],
+    sites: int,
+    seed: int,
+    console: Console,
+    description: str,
 ) -> tuple[dict[str, dict[str, OpResult]], dict[str, float]]:
     """Every op on every model: sites found, sampled sites tried and kept; and the seconds each model took."""
     results: dict[str, dict[str, OpResult]] = {}

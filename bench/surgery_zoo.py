@@ -15,6 +15,7 @@ chained pieces match the model to 1e-4 * max(1, max|y|) at batch sizes 2 and 1),
 exporters (default: auto, as surgery.export); --onnx-only skips the cutting section (its
 keys are then missing).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -99,11 +100,19 @@ def cut_section(names: list[str], console: Console) -> dict:
         ok = torch.equal(surgery.cut(model, top)(x), ref)
         if mid is not None:
             ok = ok and torch.equal(surgery.cut(model, [mid])(x), ref)
-        t_trace = best_time(lambda: torch.fx.symbolic_trace(model))
-        t_cut = best_time(lambda: surgery.cut(model, top))
+        t_trace = best_time(lambda model=model: torch.fx.symbolic_trace(model))
+        t_cut = best_time(lambda model=model, top=top: surgery.cut(model, top))
         exact += ok
         ratios.append(t_cut / t_trace)
-        table.add_row(name, str(len(top)), mid or "-", "yes" if ok else "[red]NO[/]", f"{t_trace * 1e3:.1f}", f"{t_cut * 1e3:.1f}", f"{t_cut / t_trace:.2f}")
+        table.add_row(
+            name,
+            str(len(top)),
+            mid or "-",
+            "yes" if ok else "[red]NO[/]",
+            f"{t_trace * 1e3:.1f}",
+            f"{t_cut * 1e3:.1f}",
+            f"{t_cut / t_trace:.2f}",
+        )
         del model, ref
         gc.collect()
     console.print(table)

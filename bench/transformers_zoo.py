@@ -14,6 +14,7 @@ norms, zero heads) are first given random values so no layer hides.
 
 Last line: {"models": N, "exact": E, "median_cut_over_capture": r, "wider_preserves": w, "deeper_preserves": d}
 """
+
 from __future__ import annotations
 
 import argparse
@@ -40,7 +41,13 @@ from surgery.names import GraphIndex
 warnings.filterwarnings("ignore")
 transformers.logging.set_verbosity_error()
 TOLERANCE = 1e-5
-TEXT = {"num_hidden_layers": 4, "hidden_size": 64, "num_attention_heads": 4, "intermediate_size": 128, "vocab_size": 256}
+TEXT = {
+    "num_hidden_layers": 4,
+    "hidden_size": 64,
+    "num_attention_heads": 4,
+    "intermediate_size": 128,
+    "vocab_size": 256,
+}
 
 
 def _text(batch: int, length: int) -> Example:
@@ -72,36 +79,118 @@ def _hf(cls: str, **config: Any) -> tuple[str, dict[str, Any]]:
 
 
 FAMILIES = [
-    Family("gpt2", *_hf("GPT2LMHeadModel", n_layer=4, n_embd=64, n_head=4, vocab_size=256, n_positions=64), "transformer.h", _text),
+    Family(
+        "gpt2",
+        *_hf("GPT2LMHeadModel", n_layer=4, n_embd=64, n_head=4, vocab_size=256, n_positions=64),
+        "transformer.h",
+        _text,
+    ),
     Family("llama", *_hf("LlamaForCausalLM", **TEXT, num_key_value_heads=2), "model.layers", _text),
-    Family("mistral", *_hf("MistralForCausalLM", **TEXT, num_key_value_heads=2, sliding_window=None), "model.layers", _text),
+    Family(
+        "mistral", *_hf("MistralForCausalLM", **TEXT, num_key_value_heads=2, sliding_window=None), "model.layers", _text
+    ),
     Family("qwen2", *_hf("Qwen2ForCausalLM", **TEXT, num_key_value_heads=2), "model.layers", _text),
-    Family("opt", *_hf("OPTForCausalLM", num_hidden_layers=4, hidden_size=64, num_attention_heads=4, ffn_dim=128, vocab_size=256,
-                       word_embed_proj_dim=64, max_position_embeddings=64), "model.decoder.layers", _text),
+    Family(
+        "opt",
+        *_hf(
+            "OPTForCausalLM",
+            num_hidden_layers=4,
+            hidden_size=64,
+            num_attention_heads=4,
+            ffn_dim=128,
+            vocab_size=256,
+            word_embed_proj_dim=64,
+            max_position_embeddings=64,
+        ),
+        "model.decoder.layers",
+        _text,
+    ),
     Family("gpt_neox", *_hf("GPTNeoXForCausalLM", **TEXT), "gpt_neox.layers", _text),
     Family("phi", *_hf("PhiForCausalLM", **TEXT), "model.layers", _text),
     Family("gemma", *_hf("GemmaForCausalLM", **TEXT, num_key_value_heads=2, head_dim=16), "model.layers", _text),
     Family("qwen3", *_hf("Qwen3ForCausalLM", **TEXT, num_key_value_heads=2, head_dim=16), "model.layers", _text),
-    Family("bloom", *_hf("BloomForCausalLM", n_layer=4, hidden_size=64, n_head=4, vocab_size=256), "transformer.h", _text),
+    Family(
+        "bloom", *_hf("BloomForCausalLM", n_layer=4, hidden_size=64, n_head=4, vocab_size=256), "transformer.h", _text
+    ),
     Family("starcoder2", *_hf("Starcoder2ForCausalLM", **TEXT, num_key_value_heads=2), "model.layers", _text),
     Family("bert", *_hf("BertForSequenceClassification", **TEXT, num_labels=3), "bert.encoder.layer", _text),
-    Family("roberta", *_hf("RobertaForSequenceClassification", **TEXT, num_labels=3, max_position_embeddings=66), "roberta.encoder.layer", _text),
-    Family("vit (hf)", *_hf("ViTForImageClassification", **{k: v for k, v in TEXT.items() if k != "vocab_size"}, image_size=32,
-                            patch_size=8, num_labels=10), "vit.layers", _pixels(32)),
-    Family("wav2vec2", *_hf("Wav2Vec2ForSequenceClassification", **{k: v for k, v in TEXT.items() if k != "vocab_size"},
-                            do_stable_layer_norm=True, feat_extract_norm="layer", num_labels=3, conv_dim=(32, 32),
-                            conv_stride=(5, 4), conv_kernel=(10, 8), num_conv_pos_embeddings=16, num_conv_pos_embedding_groups=4),
-           "wav2vec2.encoder.layers", lambda batch, _: Example((), {"input_values": torch.randn(batch, 1600)})),
-    Family("whisper", *_hf("WhisperForAudioClassification", d_model=64, encoder_layers=4, encoder_attention_heads=4,
-                           encoder_ffn_dim=128, num_mel_bins=16, max_source_positions=32, num_labels=3),
-           "encoder.layers", lambda batch, _: Example((), {"input_features": torch.randn(batch, 16, 64)})),
-    Family("t5 encoder", *_hf("T5EncoderModel", num_layers=4, d_model=64, d_kv=16, num_heads=4, d_ff=128, vocab_size=256),
-           "encoder.block", _text),
-    Family("vit (timm)", "timm:vit_tiny_patch16_224", {"img_size": 32, "patch_size": 8, "depth": 4}, "blocks", _timm_pixels(32)),
-    Family("deit (timm)", "timm:deit_tiny_distilled_patch16_224", {"img_size": 32, "patch_size": 8, "depth": 4}, "blocks",
-           _timm_pixels(32)),
-    Family("swin (timm)", "timm:swin_tiny_patch4_window7_224", {"img_size": 56, "window_size": 7, "depths": (2, 2), "num_heads": (2, 4),
-                                                                  "embed_dim": 32}, "layers", _timm_pixels(56)),
+    Family(
+        "roberta",
+        *_hf("RobertaForSequenceClassification", **TEXT, num_labels=3, max_position_embeddings=66),
+        "roberta.encoder.layer",
+        _text,
+    ),
+    Family(
+        "vit (hf)",
+        *_hf(
+            "ViTForImageClassification",
+            **{k: v for k, v in TEXT.items() if k != "vocab_size"},
+            image_size=32,
+            patch_size=8,
+            num_labels=10,
+        ),
+        "vit.layers",
+        _pixels(32),
+    ),
+    Family(
+        "wav2vec2",
+        *_hf(
+            "Wav2Vec2ForSequenceClassification",
+            **{k: v for k, v in TEXT.items() if k != "vocab_size"},
+            do_stable_layer_norm=True,
+            feat_extract_norm="layer",
+            num_labels=3,
+            conv_dim=(32, 32),
+            conv_stride=(5, 4),
+            conv_kernel=(10, 8),
+            num_conv_pos_embeddings=16,
+            num_conv_pos_embedding_groups=4,
+        ),
+        "wav2vec2.encoder.layers",
+        lambda batch, _: Example((), {"input_values": torch.randn(batch, 1600)}),
+    ),
+    Family(
+        "whisper",
+        *_hf(
+            "WhisperForAudioClassification",
+            d_model=64,
+            encoder_layers=4,
+            encoder_attention_heads=4,
+            encoder_ffn_dim=128,
+            num_mel_bins=16,
+            max_source_positions=32,
+            num_labels=3,
+        ),
+        "encoder.layers",
+        lambda batch, _: Example((), {"input_features": torch.randn(batch, 16, 64)}),
+    ),
+    Family(
+        "t5 encoder",
+        *_hf("T5EncoderModel", num_layers=4, d_model=64, d_kv=16, num_heads=4, d_ff=128, vocab_size=256),
+        "encoder.block",
+        _text,
+    ),
+    Family(
+        "vit (timm)",
+        "timm:vit_tiny_patch16_224",
+        {"img_size": 32, "patch_size": 8, "depth": 4},
+        "blocks",
+        _timm_pixels(32),
+    ),
+    Family(
+        "deit (timm)",
+        "timm:deit_tiny_distilled_patch16_224",
+        {"img_size": 32, "patch_size": 8, "depth": 4},
+        "blocks",
+        _timm_pixels(32),
+    ),
+    Family(
+        "swin (timm)",
+        "timm:swin_tiny_patch4_window7_224",
+        {"img_size": 56, "window_size": 7, "depths": (2, 2), "num_heads": (2, 4), "embed_dim": 32},
+        "layers",
+        _timm_pixels(56),
+    ),
 ]
 
 
@@ -170,8 +259,14 @@ def bench(family: Family) -> Result:
     other = family.example(3, family.lengths[1])
     capture = surgery.capture(model, example, quiet=True)
     index = GraphIndex(capture.graph)
-    layers = sorted((p for p in index.module_calls if p.startswith(family.layers + ".") and p.count(".") == family.layers.count(".") + 1),
-                    key=lambda p: max(index.module_calls[p][-1]))
+    layers = sorted(
+        (
+            p
+            for p in index.module_calls
+            if p.startswith(family.layers + ".") and p.count(".") == family.layers.count(".") + 1
+        ),
+        key=lambda p: max(index.module_calls[p][-1]),
+    )
     cuts = layers[:-1] or layers
     result.layers, result.tracer = len(layers), capture.tracer
     pieces = surgery.cut(model, cuts, example)
@@ -206,20 +301,33 @@ def main() -> None:
         table.add_column(column, justify="right" if column in ("layers", "cut s", "export s", "cut/export") else "left")
     for name, r in results.items():
         ratio = r.cut_s / r.export_s if r.export_s else float("nan")
-        table.add_row(name, r.tracer, str(r.layers), "yes" if r.exact else "NO", f"{r.cut_s:.2f}", f"{r.export_s:.2f}", f"{ratio:.2f}",
-                      r.wider, r.deeper)
+        table.add_row(
+            name,
+            r.tracer,
+            str(r.layers),
+            "yes" if r.exact else "NO",
+            f"{r.cut_s:.2f}",
+            f"{r.export_s:.2f}",
+            f"{ratio:.2f}",
+            r.wider,
+            r.deeper,
+        )
     console.print(table)
     for name, r in results.items():
         for note in r.notes:
             console.print(f"[yellow]{name}[/] {note}", highlight=False)
     ratios = [r.cut_s / r.export_s for r in results.values() if r.export_s]
-    print(json.dumps({
-        "models": len(results),
-        "exact": sum(r.exact for r in results.values()),
-        "median_cut_over_capture": round(statistics.median(ratios), 3) if ratios else None,
-        "wider_preserves": sum(r.wider.startswith("ok") for r in results.values()),
-        "deeper_preserves": sum(r.deeper.startswith("ok") for r in results.values()),
-    }))
+    print(
+        json.dumps(
+            {
+                "models": len(results),
+                "exact": sum(r.exact for r in results.values()),
+                "median_cut_over_capture": round(statistics.median(ratios), 3) if ratios else None,
+                "wider_preserves": sum(r.wider.startswith("ok") for r in results.values()),
+                "deeper_preserves": sum(r.deeper.startswith("ok") for r in results.values()),
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

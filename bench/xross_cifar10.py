@@ -12,6 +12,7 @@ accuracy against parameters for every path.
 Last line: {"seeds", "independent": [a, b], "dml": [a, b], "xml": [a, b],
 "xml_paths_min", "xml_paths_max", "ensemble": {"independent", "dml", "xml"}} (means over seeds, %)
 """
+
 from __future__ import annotations
 
 import argparse
@@ -34,9 +35,20 @@ NETS = ["resnet34", "resnet18"]
 
 def run(mode: str, seed: int, args: argparse.Namespace) -> EvalResult:
     cfg = TrainConfig(
-        nets=NETS, cuts=["layer2"], mode=mode, data=args.data, subset=args.subset, eval_subset=args.eval_subset,
-        epochs=args.epochs, batch_size=args.batch_size, optimizer="adam", lr=args.lr, lr_schedule="cosine",
-        seed=seed, eval_every=0, out=str(args.runs / f"{mode}-seed{seed}"),
+        nets=NETS,
+        cuts=["layer2"],
+        mode=mode,
+        data=args.data,
+        subset=args.subset,
+        eval_subset=args.eval_subset,
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        optimizer="adam",
+        lr=args.lr,
+        lr_schedule="cosine",
+        seed=seed,
+        eval_every=0,
+        out=str(args.runs / f"{mode}-seed{seed}"),
     )
     return Trainer(cfg, force=True, progress=not args.quiet, command=f"bench/xross_cifar10.py {mode} seed {seed}").fit()
 
@@ -56,10 +68,19 @@ def plot(results: dict[str, list[EvalResult]], path: Path) -> bool:
             tops = [res.paths[i].top1 for res in results[mode]]
             mean = statistics.mean(tops)
             x = first.params / 1e6 + (k - 1) * 0.25  # side by side, so the methods do not hide each other
-            ax.errorbar(x, mean, yerr=[[mean - min(tops)], [max(tops) - mean]], fmt=marker, color=f"C{k}", capsize=3,
-                        label=mode if i == 0 else None)
+            ax.errorbar(
+                x,
+                mean,
+                yerr=[[mean - min(tops)], [max(tops) - mean]],
+                fmt=marker,
+                color=f"C{k}",
+                capsize=3,
+                label=mode if i == 0 else None,
+            )
     for r in results["xml"][0].paths:
-        ax.annotate(r.name.replace("resnet", "R"), (r.params / 1e6, 2), fontsize=8, ha="center", rotation=90, va="bottom")
+        ax.annotate(
+            r.name.replace("resnet", "R"), (r.params / 1e6, 2), fontsize=8, ha="center", rotation=90, va="bottom"
+        )
     ax.set_ylim(0, None)
     ax.set_xlabel("parameters of the path (M)")
     ax.set_ylabel("top-1 (%)")
@@ -112,7 +133,13 @@ def main() -> None:
     def ensemble(mode: str) -> float:
         return statistics.mean(r.ensembles["nets"].top1 for r in results[mode])
 
-    table = Table(title=f"top-1 %, mean over seeds {seeds} ({args.subset} train / {args.eval_subset} test images, {args.epochs} epochs)", title_justify="left")
+    table = Table(
+        title=(
+            f"top-1 %, mean over seeds {seeds} ({args.subset} train / {args.eval_subset} test "
+            f"images, {args.epochs} epochs)"
+        ),
+        title_justify="left",
+    )
     for col in ("method", *NETS, "2-net ensemble"):
         table.add_column(col, justify="right" if col != "method" else "left")
     for mode in MODES:
@@ -123,7 +150,11 @@ def main() -> None:
         paths.add_column(col, justify="right" if col != "path" else "left")
     first = results["xml"][0].paths
     for k, r in enumerate(first):
-        paths.add_row(r.name, f"{r.params / 1e6:.1f}M", *(f"{statistics.mean(res.paths[k].top1 for res in results[m]):.2f}" for m in MODES))
+        paths.add_row(
+            r.name,
+            f"{r.params / 1e6:.1f}M",
+            *(f"{statistics.mean(res.paths[k].top1 for res in results[m]):.2f}" for m in MODES),
+        )
     console.print(paths)
     xml_paths = [statistics.mean(res.paths[k].top1 for res in results["xml"]) for k in range(len(first))]
     summary = {
@@ -136,8 +167,12 @@ def main() -> None:
         "ensemble": {m: round(ensemble(m), 2) for m in MODES},
     }
     args.report.mkdir(parents=True, exist_ok=True)
-    detail = {"summary": summary, "minutes": round(minutes, 1), "settings": {k: str(v) for k, v in vars(args).items()},
-              "runs": {m: [r.to_json() for r in results[m]] for m in MODES}}
+    detail = {
+        "summary": summary,
+        "minutes": round(minutes, 1),
+        "settings": {k: str(v) for k, v in vars(args).items()},
+        "runs": {m: [r.to_json() for r in results[m]] for m in MODES},
+    }
     (args.report / "xross_cifar10.json").write_text(json.dumps(detail, indent=1) + "\n")
     if plot(results, args.report / "xross_cifar10_paths.png"):
         console.print(f"plot: {args.report / 'xross_cifar10_paths.png'}")

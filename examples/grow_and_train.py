@@ -18,6 +18,7 @@ growth is measured on the same images: it must be equal. Both the grown net and 
 ungrown copy then train for the remaining epochs (same data order, same learning
 rate schedule, a fresh optimizer for each), and the script reports which ends higher.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -38,8 +39,12 @@ from xross.data.synthetic import CIFAR10_CLASSES, write_synthetic
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data", type=Path, default=None,
-                   help="CIFAR-10 ImageFolder archive or directory (default: generate a CIFAR-10-like stand-in)")
+    p.add_argument(
+        "--data",
+        type=Path,
+        default=None,
+        help="CIFAR-10 ImageFolder archive or directory (default: generate a CIFAR-10-like stand-in)",
+    )
     p.add_argument("--subset", type=int, default=10000, help="training images (stratified)")
     p.add_argument("--test-subset", type=int, default=2000, help="test images (stratified)")
     p.add_argument("--epochs", type=int, default=10)
@@ -66,10 +71,14 @@ def generated_data(args: argparse.Namespace) -> Path:
     cache = args.cache_dir if args.cache_dir is not None else default_cache_dir()
     root = write_synthetic(
         cache / "synthetic" / f"cifar10-{train}x{test}-seed{args.seed}",
-        train_per_class=train, test_per_class=test, seed=args.seed,
+        train_per_class=train,
+        test_per_class=test,
+        seed=args.seed,
     )
-    print(f"no --data: training on a generated CIFAR-10 stand-in in {root} "
-          "(pass --data path/to/cifar10-jpeg.tar.xz for the real images)")
+    print(
+        f"no --data: training on a generated CIFAR-10 stand-in in {root} "
+        "(pass --data path/to/cifar10-jpeg.tar.xz for the real images)"
+    )
     return root
 
 
@@ -126,8 +135,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     train_loader = BatchLoader(train, args.batch_size, seed=args.seed)
     test_loader = BatchLoader(test, 256, train=False)
     model = surgery.build_model("growth.models:small_vgg", widths=list(args.widths), num_classes=len(train.classes))
-    print(f"{len(train)} training and {len(test)} test images of {len(train.classes)} classes; "
-          f"{surgery.count_params(model):,} parameters; {len(train_loader)} steps per epoch")
+    print(
+        f"{len(train)} training and {len(test)} test images of {len(train.classes)} classes; "
+        f"{surgery.count_params(model):,} parameters; {len(train_loader)} steps per epoch"
+    )
 
     optimizer = sgd(model, args.lr)
     for epoch in range(args.grow_at_epoch):
@@ -142,9 +153,11 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     images, _ = next(BatchLoader(train, min(256, len(train)), train=False).epoch(0))
     grown = grow(model, images, args.factor, args.noise, args.seed)
     after = accuracy(grown, test_loader)
-    print(f"growth: {surgery.count_params(model):,} -> {surgery.count_params(grown):,} parameters; "
-          f"test accuracy right before {before:.2f}%, right after {after:.2f}% "
-          f"({'equal' if after == before else 'DIFFERENT'})")
+    print(
+        f"growth: {surgery.count_params(model):,} -> {surgery.count_params(grown):,} parameters; "
+        f"test accuracy right before {before:.2f}%, right after {after:.2f}% "
+        f"({'equal' if after == before else 'DIFFERENT'})"
+    )
 
     runs = {"grown": (grown, sgd(grown, args.lr)), "ungrown": (model, sgd(model, args.lr))}
     final: dict[str, float] = {}
@@ -160,8 +173,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
     grown_acc, ungrown_acc = final["grown"], final["ungrown"]
     verdict = "above" if grown_acc > ungrown_acc else ("equal to" if grown_acc == ungrown_acc else "below")
-    print(f"after {args.epochs} epochs the grown net ends {verdict} the ungrown one: "
-          f"{final['grown']:.2f}% vs {final['ungrown']:.2f}%")
+    print(
+        f"after {args.epochs} epochs the grown net ends {verdict} the ungrown one: "
+        f"{final['grown']:.2f}% vs {final['ungrown']:.2f}%"
+    )
     if args.out is not None:
         surgery.save(grown, args.out, force=True)
         print(f"saved the grown net to {args.out}/ (surgery.load(dir))")

@@ -14,6 +14,7 @@ records itself in the model's recipe so the result saves and loads with
 >>> "layer3.0.conv1" in growth.sites(grown, "net2wider")
 True
 """
+
 from growth.branch import net2branch
 from growth.deeper import net2deeper
 from growth.kernel import widen_kernel

@@ -18,6 +18,7 @@ does not, and such blocks are refused with that reason.
 >>> torch.equal(deep(x), net(x))
 True
 """
+
 from __future__ import annotations
 
 import copy
@@ -34,27 +35,82 @@ from growth.signs import negative_reasons
 _ADDS = {operator.add, operator.iadd, torch.add, torch.ops.aten.add.Tensor, "add", "add_"}
 # f(0) = 0, one tensor operand: a branch is zero when its input is
 _ZERO_KEEPING_FUNCTIONS = {
-    F.relu, F.gelu, F.silu, F.dropout, torch.relu, torch.tanh, torch.nn.functional.hardswish, operator.getitem,
-    torch.flatten, torch.permute, torch.transpose, torch.reshape,
-    torch.ops.aten.gelu.default, torch.ops.aten.silu.default, torch.ops.aten.relu.default, torch.ops.aten.view.default,
-    torch.ops.aten.permute.default, torch.ops.aten.transpose.int, torch.ops.aten.reshape.default,
-    torch.ops.aten.clone.default, torch.ops.aten._unsafe_view.default,
+    F.relu,
+    F.gelu,
+    F.silu,
+    F.dropout,
+    torch.relu,
+    torch.tanh,
+    torch.nn.functional.hardswish,
+    operator.getitem,
+    torch.flatten,
+    torch.permute,
+    torch.transpose,
+    torch.reshape,
+    torch.ops.aten.gelu.default,
+    torch.ops.aten.silu.default,
+    torch.ops.aten.relu.default,
+    torch.ops.aten.view.default,
+    torch.ops.aten.permute.default,
+    torch.ops.aten.transpose.int,
+    torch.ops.aten.reshape.default,
+    torch.ops.aten.clone.default,
+    torch.ops.aten._unsafe_view.default,
 }
-_ZERO_KEEPING_METHODS = {"permute", "transpose", "reshape", "view", "flatten", "contiguous", "clone", "relu", "mul", "mul_"}
+_ZERO_KEEPING_METHODS = {
+    "permute",
+    "transpose",
+    "reshape",
+    "view",
+    "flatten",
+    "contiguous",
+    "clone",
+    "relu",
+    "mul",
+    "mul_",
+}
 _ZERO_KEEPING_MODULES = (
-    nn.Dropout, nn.Identity, nn.ReLU, nn.GELU, nn.SiLU, nn.Hardswish, nn.Tanh, nn.Flatten,
+    nn.Dropout,
+    nn.Identity,
+    nn.ReLU,
+    nn.GELU,
+    nn.SiLU,
+    nn.Hardswish,
+    nn.Tanh,
+    nn.Flatten,
 )
 # steps that may sit on the residual path: casts to the same dtype, aliases, copies, and reshapes that keep the
 # order of the elements (the block's output has its input's shape, so its reshapes undo each other)
 _TRANSPARENT = {
-    torch.ops.aten.to.dtype, torch.ops.aten.to.dtype_layout, torch.ops.aten._to_copy.default, torch.ops.aten.alias.default,
-    torch.ops.aten.clone.default, "to", "float", "type_as", "contiguous", "clone",
-    torch.reshape, torch.flatten, torch.ops.aten.view.default, torch.ops.aten.reshape.default,
-    torch.ops.aten._unsafe_view.default, torch.ops.aten.flatten.using_ints, "view", "reshape", "flatten", "unflatten",
+    torch.ops.aten.to.dtype,
+    torch.ops.aten.to.dtype_layout,
+    torch.ops.aten._to_copy.default,
+    torch.ops.aten.alias.default,
+    torch.ops.aten.clone.default,
+    "to",
+    "float",
+    "type_as",
+    "contiguous",
+    "clone",
+    torch.reshape,
+    torch.flatten,
+    torch.ops.aten.view.default,
+    torch.ops.aten.reshape.default,
+    torch.ops.aten._unsafe_view.default,
+    torch.ops.aten.flatten.using_ints,
+    "view",
+    "reshape",
+    "flatten",
+    "unflatten",
 }
 _RELUS = {F.relu, torch.relu, torch.ops.aten.relu.default, "relu", "relu_"}
 _MULS = {operator.mul, operator.imul, torch.mul, torch.ops.aten.mul.Tensor, "mul", "mul_"}
-_AFFINE_FUNCTIONS = {torch.ops.aten.linear.default, torch.ops.aten.addmm.default, torch.ops.aten.conv2d.default, F.linear}
+_AFFINE_FUNCTIONS = {
+    torch.ops.aten.linear.default,
+    torch.ops.aten.addmm.default,
+    torch.ops.aten.conv2d.default,
+    F.linear,
+}
 
 
 class _Block:
@@ -143,9 +199,16 @@ def _zero_point(work: Workbench, branch: fx.Node) -> tuple[str, list[str]] | Non
             module = work.module(node)
             if isinstance(module, (nn.Linear, nn.Conv2d, nn.Conv1d)) or type(module).__name__ == "Conv1D":
                 return "module", [str(node.target)]
-            if isinstance(module, (nn.modules.batchnorm._BatchNorm, nn.LayerNorm, nn.GroupNorm)) and module.weight is not None:
+            if (
+                isinstance(module, (nn.modules.batchnorm._BatchNorm, nn.LayerNorm, nn.GroupNorm))
+                and module.weight is not None
+            ):
                 return "module", [str(node.target)]
-            if isinstance(module, _ZERO_KEEPING_MODULES) or type(module).__name__ in ("DropPath", "StochasticDepth", "LayerScale"):
+            if isinstance(module, _ZERO_KEEPING_MODULES) or type(module).__name__ in (
+                "DropPath",
+                "StochasticDepth",
+                "LayerScale",
+            ):
                 if type(module).__name__ == "LayerScale":
                     return "module", [str(node.target)]
                 node = node.args[0]
@@ -182,7 +245,10 @@ def block_obstacle(work: Workbench, path: str) -> str | None:
         return "its output is not the shape of its input"
     for branch in branches:
         if _zero_points(work, branch) is None:
-            return f"its branch ending at {work.site_name(branch)} has no last linear layer, norm or scale to start at zero"
+            return (
+                f"its branch ending at {work.site_name(branch)} has no last linear layer, norm "
+                "or scale to start at zero"
+            )
     if block.relu_after is not None and negative_reasons(work.gm)[start] is not None:
         return f"a ReLU follows its residual sum and its input can be negative ({negative_reasons(work.gm)[start]})"
     return None
@@ -233,7 +299,7 @@ def insert_block_copy(work: Workbench, path: str) -> str:
 
 def _moved(target: object, old: str, new: str) -> object:
     text = str(target)
-    return new + text[len(old):] if text == old or text.startswith(old + ".") else target
+    return new + text[len(old) :] if text == old or text.startswith(old + ".") else target
 
 
 def _moved_stack(stack: OrderedDict | None, old: str, new: str) -> OrderedDict:
@@ -241,7 +307,9 @@ def _moved_stack(stack: OrderedDict | None, old: str, new: str) -> OrderedDict:
     for key, value in (stack or {}).items():
         path = value[0] if isinstance(value, tuple) else key
         moved = str(_moved(path, old, new))
-        out[str(_moved(key, old, new)) if key == path else key] = (moved, value[1]) if isinstance(value, tuple) else value
+        out[str(_moved(key, old, new)) if key == path else key] = (
+            (moved, value[1]) if isinstance(value, tuple) else value
+        )
     return out
 
 

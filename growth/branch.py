@@ -20,19 +20,19 @@ Sequential(
 >>> torch.equal(branched(x), net(x))
 True
 """
+
 from __future__ import annotations
 
 import operator
 import random
-
 from typing import Any
 
 import torch
 from torch import fx, nn
 
+from growth.errors import GrowthError
 from growth.graphedit import Workbench, replay_of, seeded
 from growth.registry import MAX_GROWTH, MAX_KERNEL, GrowthOp, Proposal, not_applicable, register_op
-from growth.errors import GrowthError
 from surgery.recipe import register_replay
 from surgery.remap import ChannelMap, remap_channels
 
@@ -80,7 +80,9 @@ def net2branch(
     layer = work.module(node)
     inputs, outputs = _widths(layer)
     if (hidden or 0) > MAX_GROWTH * inputs or (width or 0) > MAX_GROWTH * outputs:
-        raise GrowthError(f"hidden/width at '{at}' more than {MAX_GROWTH}x the layer's own channels; grow in several steps")
+        raise GrowthError(
+            f"hidden/width at '{at}' more than {MAX_GROWTH}x the layer's own channels; grow in several steps"
+        )
     out_width = outputs if merge == "add" else (width or max(1, outputs // 2))
     with seeded(seed):
         layers = _branch_layers(layer, hidden or max(1, inputs // 2), out_width, kernel_size, work.shapes.dtype)
@@ -93,9 +95,13 @@ def net2branch(
     if merge == "add":
         merged = work.insert_function(new_nodes[-1], operator.add, (node, new_nodes[-1]), like=node)
     else:
-        merged = work.insert_function(new_nodes[-1], torch.cat, ([node, new_nodes[-1]],), like=node, kwargs={"dim": dim})
+        merged = work.insert_function(
+            new_nodes[-1], torch.cat, ([node, new_nodes[-1]],), like=node, kwargs={"dim": dim}
+        )
     work.reroute(node, merged, keep=[merged])
-    return work.finish("net2branch", check, at=at, kernel_size=kernel_size, hidden=hidden, merge=merge, width=width, seed=seed)
+    return work.finish(
+        "net2branch", check, at=at, kernel_size=kernel_size, hidden=hidden, merge=merge, width=width, seed=seed
+    )
 
 
 def _widths(layer: nn.Module) -> tuple[int, int]:
@@ -141,14 +147,20 @@ def _concat_obstacle(work: Workbench, node: fx.Node) -> str | None:
     if layout is None:
         return "its output carries no channels the analysis follows"
     if len(layout.segments) != 1:
-        return f"its output holds {len(layout.segments)} channel groups (it is split further on); appended channels would join none"
+        return (
+            f"its output holds {len(layout.segments)} channel groups (it is split further on); "
+            "appended channels would join none"
+        )
     group = work.analysis.groups[layout.segments[0].group]
     reason = group.obstacle(replicate=True)
     if reason is not None:
         return reason
     others = [p.target for p in group.producers if p.node != node.name]
     if others:
-        return f"its channels are coupled to {', '.join(others[:3])} (a residual addition or product), which would need the new channels too"
+        return (
+            f"its channels are coupled to {', '.join(others[:3])} (a residual addition or "
+            "product), which would need the new channels too"
+        )
     if group.blocks > 1:
         return f"grouped convs read its channels in {group.blocks} blocks; appended channels would cross them"
     return None

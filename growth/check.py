@@ -7,6 +7,7 @@
 >>> output_change(net, wide, (torch.randn(3, 4),)).max_abs < 1e-5
 True
 """
+
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -61,13 +62,16 @@ def output_change(before: nn.Module, after: nn.Module, inputs: Example | Sequenc
     return OutputChange(max_abs, scale)
 
 
-def check_preserved(before: nn.Module, after: nn.Module, inputs: Example | Sequence[torch.Tensor], op: str) -> OutputChange:
+def check_preserved(
+    before: nn.Module, after: nn.Module, inputs: Example | Sequence[torch.Tensor], op: str
+) -> OutputChange:
     """Raise :class:`GrowthError` if ``after`` moved the output beyond ``1e-4 * max|before(x)|``."""
     change = output_change(before, after, inputs)
     if not change.within():
         raise GrowthError(
             f"{op} changed the output by {change.max_abs:.3g} (max |y| = {change.scale:.3g}) on the input "
-            f"{_example(inputs).describe()}, beyond the tolerance {RELATIVE_TOLERANCE:g} * max|y|; this is a bug, please report it"
+            f"{_example(inputs).describe()}, beyond the tolerance {RELATIVE_TOLERANCE:g} * max|y|; "
+            "this is a bug, please report it"
         )
     return change
 

@@ -8,6 +8,7 @@
 Every command that grows prints, per step, the parameter and FLOP change and the
 measured max |change of the output|; ``--out`` saves the result with ``surgery.save``.
 """
+
 from __future__ import annotations
 
 import inspect
@@ -18,28 +19,39 @@ from typing import Annotated, Any, Optional
 import typer
 from torch import nn
 
-from growth.graphedit import input_record
-from growth.mutation import MutationRecord, apply_step, mutate, read_log, replay as replay_log
-from growth.registry import OPS, SITE_JOIN, get_op, sites as op_sites
-from surgery.clikit import console, load_model_arg, run_app, table
-from surgery.inputs import Example, vocab_size
 from growth.errors import GrowthError
+from growth.graphedit import input_record
+from growth.mutation import MutationRecord, apply_step, mutate, read_log
+from growth.mutation import replay as replay_log
+from growth.registry import OPS, SITE_JOIN, get_op
+from growth.registry import sites as op_sites
+from surgery.clikit import console, load_model_arg, run_app, table
 from surgery.flops import human
+from surgery.inputs import Example, vocab_size
 from surgery.io import prepare_output_dir, save
 
 app = typer.Typer(
     name="growth",
     help="Grow trained networks (Net2Net: wider, deeper, branches, kernels, skips) without changing their function.",
-    no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
 )
 
-ModelArg = Annotated[str, typer.Argument(help="a model reference: torchvision name, timm:NAME, hf:DIR, pkg.module:callable, DIR")]
+ModelArg = Annotated[
+    str, typer.Argument(help="a model reference: torchvision name, timm:NAME, hf:DIR, pkg.module:callable, DIR")
+]
 InputOpt = Annotated[
     Optional[list[str]],
-    typer.Option("--input", help="example input, [name=][dtype:]shape: 1,3,224,224 or input_ids=int64:1,16 (repeatable; default: guessed)"),
+    typer.Option(
+        "--input",
+        help="example input, [name=][dtype:]shape: 1,3,224,224 or input_ids=int64:1,16 (repeatable; default: guessed)",
+    ),
 ]
 ClassesOpt = Annotated[Optional[int], typer.Option("--num-classes", help="classifier outputs (torchvision models)")]
-TrustOpt = Annotated[bool, typer.Option("--trust-code", help="allow saved files that name code outside the trusted packages")]
+TrustOpt = Annotated[
+    bool, typer.Option("--trust-code", help="allow saved files that name code outside the trusted packages")
+]
 OutOpt = Annotated[Optional[Path], typer.Option("--out", help="save the grown model to this directory")]
 ForceOpt = Annotated[bool, typer.Option(help="replace a non-empty output directory")]
 
@@ -55,7 +67,14 @@ def _change(before: int, after: int) -> str:
 
 def _print_steps(title: str, records: Sequence[MutationRecord]) -> None:
     rows = [
-        (r.step, r.op, r.site, _change(r.params_before, r.params_after), _change(r.flops_before, r.flops_after), f"{r.max_abs_change:.3g}")
+        (
+            r.step,
+            r.op,
+            r.site,
+            _change(r.params_before, r.params_after),
+            _change(r.flops_before, r.flops_after),
+            f"{r.max_abs_change:.3g}",
+        )
         for r in records
     ]
     steps = table(title, ["step", "op", "site", "params", "FLOPs", "max |Δ output|"], rows)
@@ -66,7 +85,8 @@ def _print_steps(title: str, records: Sequence[MutationRecord]) -> None:
         first, last = records[0], records[-1]
         worst = max(r.max_abs_change for r in records)
         console.print(
-            f"params {_change(first.params_before, last.params_after)}, FLOPs {_change(first.flops_before, last.flops_after)}, "
+            f"params {_change(first.params_before, last.params_after)}, FLOPs "
+            f"{_change(first.flops_before, last.flops_after)}, "
             f"max |Δ output| {worst:.3g} (eval mode)"
         )
 
@@ -109,7 +129,9 @@ def _op_args(op: str, given: dict[str, Any]) -> tuple[str, dict[str, Any]]:
     accepted = set(inspect.signature(spec.fn).parameters)
     missing = [p for p in spec.site_params if given.get(p) is None]
     if missing:
-        raise GrowthError(f"{op} needs {' and '.join('--' + p for p in missing)}; list candidates with `growth sites MODEL --op {op}`")
+        raise GrowthError(
+            f"{op} needs {' and '.join('--' + p for p in missing)}; list candidates with `growth sites MODEL --op {op}`"
+        )
     wrong = [k for k, v in given.items() if v is not None and k not in accepted]
     if wrong:
         raise GrowthError(f"{', '.join('--' + w.replace('_', '-') for w in wrong)} does not apply to {op}")
@@ -125,17 +147,30 @@ def mutate_command(
     model: ModelArg,
     op: Annotated[str, typer.Option("--op", help=f"one of {', '.join(sorted(OPS))}")],
     at: Annotated[Optional[str], typer.Option(help="layer to widen / branch beside / whose kernel to grow")] = None,
-    after: Annotated[Optional[str], typer.Option(help="net2deeper: node after which to insert the identity layer")] = None,
+    after: Annotated[
+        Optional[str], typer.Option(help="net2deeper: node after which to insert the identity layer")
+    ] = None,
     src: Annotated[Optional[str], typer.Option(help="add_skip: where the skip starts")] = None,
     dst: Annotated[Optional[str], typer.Option(help="add_skip: where the skip is added")] = None,
     factor: Annotated[Optional[float], typer.Option(help="net2wider: width multiplier (> 1)")] = None,
     new_width: Annotated[Optional[int], typer.Option(help="net2wider: the new width")] = None,
-    noise: Annotated[Optional[float], typer.Option(help="net2wider: zero-sum symmetry-breaking noise (relative std)")] = None,
-    seed: Annotated[Optional[int], typer.Option(help="seed of random choices (net2wider copies, net2branch init)")] = None,
-    kind: Annotated[Optional[str], typer.Option(help="net2deeper: conv, linear, or block (a residual block copied with zero branches)")] = None,
-    kernel_size: Annotated[Optional[int], typer.Option(help="net2deeper / net2branch / widen_kernel kernel size")] = None,
+    noise: Annotated[
+        Optional[float], typer.Option(help="net2wider: zero-sum symmetry-breaking noise (relative std)")
+    ] = None,
+    seed: Annotated[
+        Optional[int], typer.Option(help="seed of random choices (net2wider copies, net2branch init)")
+    ] = None,
+    kind: Annotated[
+        Optional[str],
+        typer.Option(help="net2deeper: conv, linear, or block (a residual block copied with zero branches)"),
+    ] = None,
+    kernel_size: Annotated[
+        Optional[int], typer.Option(help="net2deeper / net2branch / widen_kernel kernel size")
+    ] = None,
     groups: Annotated[Optional[int], typer.Option(help="net2deeper: conv groups")] = None,
-    batchnorm: Annotated[Optional[bool], typer.Option("--batchnorm/--no-batchnorm", help="net2deeper: identity BatchNorm")] = None,
+    batchnorm: Annotated[
+        Optional[bool], typer.Option("--batchnorm/--no-batchnorm", help="net2deeper: identity BatchNorm")
+    ] = None,
     activation: Annotated[Optional[str], typer.Option(help="net2deeper: relu or none")] = None,
     hidden: Annotated[Optional[int], typer.Option(help="net2branch: channels inside the branch")] = None,
     merge: Annotated[Optional[str], typer.Option(help="net2branch: add or concat")] = None,
@@ -147,7 +182,11 @@ def mutate_command(
     trust_code: TrustOpt = False,
 ) -> None:
     """Apply one growth op to MODEL, check the output did not move, and save it."""
-    given = {k: v for k, v in locals().items() if k not in ("model", "op", "out", "force", "input", "num_classes", "trust_code")}
+    given = {
+        k: v
+        for k, v in locals().items()
+        if k not in ("model", "op", "out", "force", "input", "num_classes", "trust_code")
+    }
     site, args = _op_args(op, given)
     net = _start(model, out, force, num_classes, trust_code)
     example = _example(net, input)
@@ -161,7 +200,9 @@ def random_command(
     steps: Annotated[int, typer.Option(help="number of growth steps")] = 20,
     seed: Annotated[int, typer.Option(help="seed of every random choice")] = 0,
     log: Annotated[Optional[Path], typer.Option(help="JSONL log of the steps (replay it with `growth replay`)")] = None,
-    ops: Annotated[Optional[str], typer.Option(help=f"comma-separated ops to draw from (default: {','.join(OPS)})")] = None,
+    ops: Annotated[
+        Optional[str], typer.Option(help=f"comma-separated ops to draw from (default: {','.join(OPS)})")
+    ] = None,
     out: OutOpt = None,
     force: ForceOpt = False,
     input: InputOpt = None,

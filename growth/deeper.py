@@ -21,10 +21,10 @@ Sequential(
 >>> bool((deep(x) - net(x)).abs().max() <= 1e-4 * net(x).abs().max())
 True
 """
+
 from __future__ import annotations
 
 import random
-
 from typing import Any
 
 import torch
@@ -32,10 +32,10 @@ from torch import fx, nn
 
 from growth.block import block_obstacle, block_sites, insert_block_copy
 from growth.check import evaluating
+from growth.errors import GrowthError
 from growth.graphedit import Workbench, replay_of
 from growth.registry import MAX_KERNEL, GrowthOp, Proposal, not_applicable, register_op
 from growth.signs import negative_reasons
-from growth.errors import GrowthError
 from surgery.recipe import register_replay
 
 KINDS = ("conv", "linear", "block")
@@ -88,7 +88,14 @@ def net2deeper(
     _, new_nodes = work.insert_chain(node, after, "net2deeper", layers)
     work.reroute(node, new_nodes[-1], keep=new_nodes[:1])
     return work.finish(
-        "net2deeper", check, after=after, kind=kind, kernel_size=kernel_size, groups=groups, batchnorm=batchnorm, activation=activation
+        "net2deeper",
+        check,
+        after=after,
+        kind=kind,
+        kernel_size=kernel_size,
+        groups=groups,
+        batchnorm=batchnorm,
+        activation=activation,
     )
 
 
@@ -96,7 +103,9 @@ def _check_arguments(kind: str, kernel_size: int, groups: int, activation: str |
     if kind not in KINDS:
         raise GrowthError(f"kind='{kind}' is not one of {', '.join(KINDS)}")
     if kernel_size < 1 or kernel_size % 2 == 0 or kernel_size > MAX_KERNEL:
-        raise GrowthError(f"kernel_size={kernel_size} is not an odd size up to {MAX_KERNEL} with a centre tap; give 1, 3, 5, ...")
+        raise GrowthError(
+            f"kernel_size={kernel_size} is not an odd size up to {MAX_KERNEL} with a centre tap; give 1, 3, 5, ..."
+        )
     if groups < 1 or (kind == "linear" and groups != 1):
         raise GrowthError(f"groups={groups} is not possible for kind='{kind}'; give groups >= 1 (1 for linear)")
     if activation not in ACTIVATIONS:
@@ -104,7 +113,13 @@ def _check_arguments(kind: str, kernel_size: int, groups: int, activation: str |
 
 
 def deeper_obstacle(
-    work: Workbench, node: fx.Node, kind: str, groups: int, batchnorm: bool, activation: str | None, negative: dict[fx.Node, str | None]
+    work: Workbench,
+    node: fx.Node,
+    kind: str,
+    groups: int,
+    batchnorm: bool,
+    activation: str | None,
+    negative: dict[fx.Node, str | None],
 ) -> str | None:
     """Why an identity layer of this kind cannot go after ``node`` without changing the function; None if it can."""
     shape = work.shape(node)
@@ -122,17 +137,28 @@ def deeper_obstacle(
         if layout is not None and layout.dim != len(shape) - 1:
             return f"its channels are on dim {layout.dim}, not the last dim a Linear acts on; use kind='conv'"
         if batchnorm and len(shape) != 2:
-            return f"BatchNorm1d would normalise dim 1 of its {len(shape)}-D output, not the features; pass batchnorm=False"
+            return (
+                f"BatchNorm1d would normalise dim 1 of its {len(shape)}-D output, not the "
+                "features; pass batchnorm=False"
+            )
     channels = shape[1] if kind == "conv" else shape[-1]
     if channels % groups:
         return f"its {channels} channels do not split into {groups} groups"
     if activation == "relu" and negative[node] is not None:
-        return f"{negative[node]}, which a ReLU after the identity layer would clip (pick a site after a ReLU, or activation=None)"
+        return (
+            f"{negative[node]}, which a ReLU after the identity layer would clip (pick a site "
+            "after a ReLU, or activation=None)"
+        )
     return None
 
 
 def deeper_sites(
-    work: Workbench, kind: str = "conv", groups: int = 1, batchnorm: bool = True, activation: str | None = "relu", kernel_size: int = 3
+    work: Workbench,
+    kind: str = "conv",
+    groups: int = 1,
+    batchnorm: bool = True,
+    activation: str | None = "relu",
+    kernel_size: int = 3,
 ) -> list[str]:
     """Every node after which an identity layer of this kind keeps the function, in graph order."""
     _check_arguments(kind, kernel_size, groups, activation)
@@ -151,7 +177,9 @@ def identity_layers(
 ) -> list[nn.Module]:
     """The identity conv (or Linear; zero ``bias`` if asked for), then a ReLU if asked for."""
     if kind == "conv":
-        layer: nn.Module = nn.Conv2d(channels, channels, kernel_size, padding=kernel_size // 2, groups=groups, bias=bias, dtype=dtype)
+        layer: nn.Module = nn.Conv2d(
+            channels, channels, kernel_size, padding=kernel_size // 2, groups=groups, bias=bias, dtype=dtype
+        )
         weight = torch.zeros_like(layer.weight)
         centre = kernel_size // 2
         own = torch.arange(channels)

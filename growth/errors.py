@@ -1,4 +1,5 @@
 """The one error :mod:`growth` raises for bad input (one line, exit 2 from the CLI)."""
+
 from __future__ import annotations
 
 from surgery.errors import UserError

@@ -18,6 +18,7 @@ Sequential(
   (0): Identity()
 )
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -31,14 +32,14 @@ import torch
 from torch import fx, nn
 
 from growth.check import check_preserved
-from surgery.channels import ChannelAnalysis, Shapes, analyze_channels, infer_shapes
 from growth.errors import GrowthError
-from surgery.errors import SurgeryError
 from surgery._util import first_line
+from surgery.capture import trace, traced_copy
+from surgery.channels import ChannelAnalysis, Shapes, analyze_channels, infer_shapes
+from surgery.errors import SurgeryError
 from surgery.inputs import Example, InputSpec, check_example_size
 from surgery.names import GraphIndex
 from surgery.recipe import extend_recipe
-from surgery.capture import trace, traced_copy
 
 STACK = "nn_module_stack"
 
@@ -54,7 +55,9 @@ class Workbench:
             raise GrowthError(f"expected an nn.Module, got {type(model).__name__}")
         self.source = model
         self.example_input = Example.of(example_input)
-        self.gm = trace(model, example_input=self.example_input) if read_only else traced_copy(model, self.example_input)
+        self.gm = (
+            trace(model, example_input=self.example_input) if read_only else traced_copy(model, self.example_input)
+        )
 
     @cached_property
     def analysis(self) -> ChannelAnalysis:
@@ -135,11 +138,21 @@ class Workbench:
         for i, layer in enumerate(layers):
             with self.gm.graph.inserting_after(new_nodes[-1] if new_nodes else anchor):
                 value = self.gm.graph.call_module(f"{path}.{i}", (value,))
-            value.meta[STACK] = OrderedDict(stack) | {path: (path, nn.Sequential), f"{path}.{i}": (f"{path}.{i}", type(layer))}
+            value.meta[STACK] = OrderedDict(stack) | {
+                path: (path, nn.Sequential),
+                f"{path}.{i}": (f"{path}.{i}", type(layer)),
+            }
             new_nodes.append(value)
         return path, new_nodes
 
-    def insert_function(self, after: fx.Node, fn: Callable[..., Any], args: tuple[Any, ...], like: fx.Node, kwargs: dict[str, Any] | None = None) -> fx.Node:
+    def insert_function(
+        self,
+        after: fx.Node,
+        fn: Callable[..., Any],
+        args: tuple[Any, ...],
+        like: fx.Node,
+        kwargs: dict[str, Any] | None = None,
+    ) -> fx.Node:
         """A ``call_function`` node right after ``after``, in the module calls around ``like``."""
         with self.gm.graph.inserting_after(after):
             node = self.gm.graph.call_function(fn, args, kwargs or {})
@@ -161,7 +174,9 @@ class Workbench:
         try:
             infer_shapes(self.gm, self.inputs())
         except SurgeryError as e:
-            raise GrowthError(f"{op} produced a network that no longer runs ({e}); this is a bug, please report it") from None
+            raise GrowthError(
+                f"{op} produced a network that no longer runs ({e}); this is a bug, please report it"
+            ) from None
         args.update(input_record(self.example_input))
         result = extend_recipe(self.gm, self.source, op, **args)
         if check:
@@ -197,7 +212,9 @@ def input_record(example: Example | None) -> dict[str, Any]:
     return {"inputs": [s.model_dump() for s in specs]}
 
 
-def example_from_record(input_shape: list[int] | None = None, inputs: list[dict[str, Any]] | None = None) -> Example | None:
+def example_from_record(
+    input_shape: list[int] | None = None, inputs: list[dict[str, Any]] | None = None
+) -> Example | None:
     """The example an op recorded (see :func:`input_record`): zeros of the shape, or tensors of the specs."""
     if inputs:
         return Example.from_specs([InputSpec.model_validate(s) for s in inputs])
@@ -212,7 +229,9 @@ def example_from_record(input_shape: list[int] | None = None, inputs: list[dict[
 def replay_of(op: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
     """A recipe replay for ``op``: its recorded arguments, with ``input_shape`` turned back into an input."""
 
-    def replay(model: nn.Module, input_shape: list[int] | None = None, inputs: list[dict[str, Any]] | None = None, **args: Any) -> nn.Module:
+    def replay(
+        model: nn.Module, input_shape: list[int] | None = None, inputs: list[dict[str, Any]] | None = None, **args: Any
+    ) -> nn.Module:
         return op(model, **args, example_input=example_from_record(input_shape, inputs))
 
     # the op's own parameters, so a recipe's arguments can be checked before the call

@@ -14,10 +14,10 @@ Conv2d(64, 64, kernel_size=(5, 5), stride=(1, 1), padding=(2, 2), bias=False)
 >>> bool((wide(x) - net(x)).abs().max() <= 1e-4 * net(x).abs().max())
 True
 """
+
 from __future__ import annotations
 
 import random
-
 from typing import Any
 
 import torch
@@ -55,7 +55,9 @@ def widen_kernel(
         raise not_applicable("widen_kernel", at, reason, kernel_sites(work, kernel_size))
     owner, _, attr = str(node.target).rpartition(".")
     setattr(work.gm.get_submodule(owner) if owner else work.gm, attr, widened_conv(work.module(node), size))
-    return work.finish("widen_kernel", check, at=at, kernel_size=list(size) if isinstance(kernel_size, (tuple, list)) else kernel_size)
+    return work.finish(
+        "widen_kernel", check, at=at, kernel_size=list(size) if isinstance(kernel_size, (tuple, list)) else kernel_size
+    )
 
 
 def _pair(size: int | tuple[int, int] | list[int]) -> tuple[int, int]:
@@ -91,8 +93,15 @@ def kernel_obstacle(work: Workbench, node: fx.Node, size: tuple[int, int]) -> st
 def widened_conv(conv: nn.Conv2d, size: tuple[int, int]) -> nn.Conv2d:
     """A copy of ``conv`` with a zero-padded ``size`` kernel and the padding that keeps its function."""
     wide = nn.Conv2d(
-        conv.in_channels, conv.out_channels, size, stride=conv.stride, padding=_new_padding(conv, size),
-        dilation=conv.dilation, groups=conv.groups, bias=conv.bias is not None, padding_mode=conv.padding_mode,
+        conv.in_channels,
+        conv.out_channels,
+        size,
+        stride=conv.stride,
+        padding=_new_padding(conv, size),
+        dilation=conv.dilation,
+        groups=conv.groups,
+        bias=conv.bias is not None,
+        padding_mode=conv.padding_mode,
         dtype=conv.weight.dtype,
     )
     top, left = ((new - k) // 2 for new, k in zip(size, conv.kernel_size))
@@ -108,7 +117,11 @@ def widened_conv(conv: nn.Conv2d, size: tuple[int, int]) -> nn.Conv2d:
 def kernel_sites(work: Workbench, kernel_size: int | tuple[int, int] = 5) -> list[str]:
     """Every Conv2d whose kernel can grow to ``kernel_size``, in graph order."""
     size = _pair(kernel_size)
-    return [work.site_name(n) for n in work.gm.graph.nodes if n.op == "call_module" and kernel_obstacle(work, n, size) is None]
+    return [
+        work.site_name(n)
+        for n in work.gm.graph.nodes
+        if n.op == "call_module" and kernel_obstacle(work, n, size) is None
+    ]
 
 
 def _propose(rng: random.Random, work: Workbench) -> Proposal | None:

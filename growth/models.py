@@ -7,6 +7,7 @@ torch.Size([2, 10])
 >>> [name for name, _ in net.named_children()]
 ['features', 'flatten', 'classifier']
 """
+
 from __future__ import annotations
 
 from collections import OrderedDict

@@ -12,6 +12,7 @@ step is reproducible), parameters and FLOPs before and after, and the measured m
 >>> all(r.max_abs_change < 1e-4 for r in records)
 True
 """
+
 from __future__ import annotations
 
 import json
@@ -26,9 +27,9 @@ from pydantic import AfterValidator, Field, NonNegativeInt, PositiveInt
 from torch import nn
 
 from growth.check import cost, output_change
+from growth.errors import GrowthError
 from growth.graphedit import Workbench, default_inputs, input_record
 from growth.registry import OPS, get_op
-from growth.errors import GrowthError
 from surgery._util import first_line
 from surgery.errors import SurgeryError, UserError
 from surgery.inputs import Example, InputSpec, check_example_size
@@ -36,7 +37,7 @@ from surgery.schema import FileModel, Float, parse
 
 
 class MutationRecord(FileModel):
-    """One growth step as logged (a line of the JSONL log): what was done where, what it cost, how far the output moved."""
+    """One growth step as logged (a line of the JSONL log): what was done where, its cost, how far the output moved."""
 
     op: str
     site: str
@@ -65,12 +66,17 @@ def probabilities(ops: Iterable[str] | None = None, probs: dict[str, float] | No
     return {name: w for name, w in weights.items() if w > 0}
 
 
-def _measured(record: MutationRecord, before: nn.Module, after: nn.Module, inputs: Sequence[torch.Tensor]) -> MutationRecord:
+def _measured(
+    record: MutationRecord, before: nn.Module, after: nn.Module, inputs: Sequence[torch.Tensor]
+) -> MutationRecord:
     old, new = cost(before, inputs), cost(after, inputs)
     change = output_change(before, after, inputs)
     return record.model_copy(
         update={
-            "params_before": old.params, "params_after": new.params, "flops_before": old.flops, "flops_after": new.flops,
+            "params_before": old.params,
+            "params_after": new.params,
+            "flops_before": old.flops,
+            "flops_after": new.flops,
             "max_abs_change": change.max_abs,
         }
     )
@@ -105,7 +111,9 @@ def random_mutation(
         site, args = proposal
         record = MutationRecord(op=name, site=site, args=args, **input_record(Example.of(example_input)))
         return apply_step(model, record, example_input)
-    raise GrowthError(f"no growth op among {', '.join(probabilities(ops, probs))} applies anywhere in {type(model).__name__}")
+    raise GrowthError(
+        f"no growth op among {', '.join(probabilities(ops, probs))} applies anywhere in {type(model).__name__}"
+    )
 
 
 def mutate(
@@ -157,7 +165,9 @@ def read_log(log: str | os.PathLike[str]) -> list[MutationRecord]:
     try:
         lines = path.read_text().splitlines()
     except (OSError, UnicodeDecodeError) as e:
-        raise GrowthError(f"cannot read growth log '{path}': {e.strerror if isinstance(e, OSError) else first_line(e)}") from None
+        raise GrowthError(
+            f"cannot read growth log '{path}': {e.strerror if isinstance(e, OSError) else first_line(e)}"
+        ) from None
     records = []
     for number, line in enumerate(lines, start=1):
         if not line.strip():
@@ -174,10 +184,16 @@ def _recorded_example(record: MutationRecord) -> Example | None:
     """The input a step was measured on: seeded random images of its shape, or tensors of its specs."""
     if record.inputs:
         return Example.from_specs(record.inputs)
-    return Example((torch.randn(record.input_shape, generator=torch.Generator().manual_seed(0)),), {}) if record.input_shape else None
+    return (
+        Example((torch.randn(record.input_shape, generator=torch.Generator().manual_seed(0)),), {})
+        if record.input_shape
+        else None
+    )
 
 
-def replay(model: nn.Module, log: str | os.PathLike[str] | Sequence[MutationRecord]) -> tuple[nn.Module, list[MutationRecord]]:
+def replay(
+    model: nn.Module, log: str | os.PathLike[str] | Sequence[MutationRecord]
+) -> tuple[nn.Module, list[MutationRecord]]:
     """Re-apply every step of a growth log to ``model``; returns the grown model and freshly measured records."""
     records = read_log(log) if isinstance(log, (str, os.PathLike)) else list(log)
     done = []

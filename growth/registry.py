@@ -9,6 +9,7 @@ Every op module registers a :class:`GrowthOp`; :func:`sites` and random growth
 >>> sorted(growth.OPS)
 ['add_skip', 'net2branch', 'net2deeper', 'net2wider', 'widen_kernel']
 """
+
 from __future__ import annotations
 
 import random
@@ -18,8 +19,8 @@ from typing import Any
 
 from torch import fx, nn
 
-from growth.graphedit import Workbench
 from growth.errors import GrowthError
+from growth.graphedit import Workbench
 from surgery.errors import did_you_mean
 
 SiteFinder = Callable[..., list[str]]

@@ -10,9 +10,11 @@ True
 >>> reasons["add"]
 "'layer1.0.bn2' (BatchNorm2d) can output negative values"
 """
+
 from __future__ import annotations
 
 import operator
+
 import torch
 import torch.nn.functional as F
 from torch import fx, nn
@@ -22,22 +24,58 @@ from surgery.channels import describe_node
 
 # Values whose every element is >= 0 whatever the input.
 _SOURCE_MODULES = (nn.ReLU, nn.ReLU6, nn.Sigmoid, nn.Hardsigmoid, nn.Softmax)
-_SOURCE_FUNCTIONS = {torch.relu, torch.relu_, F.relu, F.relu_, F.relu6, torch.sigmoid, F.sigmoid, F.hardsigmoid, F.softmax, torch.softmax}
+_SOURCE_FUNCTIONS = {
+    torch.relu,
+    torch.relu_,
+    F.relu,
+    F.relu_,
+    F.relu6,
+    torch.sigmoid,
+    F.sigmoid,
+    F.hardsigmoid,
+    F.softmax,
+    torch.softmax,
+}
 _SOURCE_METHODS = {"relu", "relu_", "sigmoid", "softmax"}
 
 # Non-negative when their (first) input is: pooling, dropout, reshaping, selecting.
 _KEEPING_MODULES = (
-    nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d, nn.modules.dropout._DropoutNd,
-    nn.Identity, nn.Flatten, StochasticDepth,
+    nn.MaxPool2d,
+    nn.AvgPool2d,
+    nn.AdaptiveAvgPool2d,
+    nn.AdaptiveMaxPool2d,
+    nn.modules.dropout._DropoutNd,
+    nn.Identity,
+    nn.Flatten,
+    StochasticDepth,
 )
 _KEEPING_FUNCTIONS = {
-    F.max_pool2d, F.avg_pool2d, F.adaptive_avg_pool2d, F.adaptive_max_pool2d, F.dropout, torch.flatten, stochastic_depth,
-    operator.getitem, torch.permute, torch.transpose, torch.mean, torch.reshape,
+    F.max_pool2d,
+    F.avg_pool2d,
+    F.adaptive_avg_pool2d,
+    F.adaptive_max_pool2d,
+    F.dropout,
+    torch.flatten,
+    stochastic_depth,
+    operator.getitem,
+    torch.permute,
+    torch.transpose,
+    torch.mean,
+    torch.reshape,
 }
 _KEEPING_METHODS = {"flatten", "view", "reshape", "permute", "transpose", "contiguous", "mean", "clone"}
 
 # Non-negative when every tensor operand is (scalars must be >= 0 too).
-_JOINING_FUNCTIONS = {operator.add, operator.iadd, operator.mul, operator.imul, torch.add, torch.mul, torch.cat, torch.concat}
+_JOINING_FUNCTIONS = {
+    operator.add,
+    operator.iadd,
+    operator.mul,
+    operator.imul,
+    torch.add,
+    torch.mul,
+    torch.cat,
+    torch.concat,
+}
 _JOINING_METHODS = {"add", "add_", "mul", "mul_"}
 
 

@@ -15,11 +15,11 @@ Sequential(
 >>> torch.equal(skipped(x), net(x))
 True
 """
+
 from __future__ import annotations
 
 import operator
 import random
-
 from typing import Any
 
 import torch
@@ -30,9 +30,7 @@ from growth.registry import SITE_JOIN, GrowthOp, Proposal, not_applicable, regis
 from surgery.recipe import register_replay
 
 
-def add_skip(
-    model: nn.Module, src: str, dst: str, *, example_input: Any = None, check: bool = False
-) -> fx.GraphModule:
+def add_skip(model: nn.Module, src: str, dst: str, *, example_input: Any = None, check: bool = False) -> fx.GraphModule:
     """Add a zero-initialised 1x1 conv (or Linear) from ``src``'s output to ``dst``'s output.
 
     Args:
@@ -66,7 +64,9 @@ def overwritten_in_place(gm: fx.GraphModule) -> dict[fx.Node, str]:
             in_place = str(node.target).endswith("_")
         elif node.op == "call_function":
             name = getattr(node.target, "__name__", "")
-            in_place = bool(node.kwargs.get("inplace")) or name.endswith("_") or node.target in (operator.iadd, operator.imul)
+            in_place = (
+                bool(node.kwargs.get("inplace")) or name.endswith("_") or node.target in (operator.iadd, operator.imul)
+            )
         else:
             in_place = False
         if in_place:
@@ -95,7 +95,9 @@ def skip_obstacle(work: Workbench, source: fx.Node, target: fx.Node, overwritten
     if len(s) == 4 and _factor(s, d) is None:
         return f"the source is {s[2]}x{s[3]}, not an integer multiple of the destination's {d[2]}x{d[3]}"
     if source in overwritten:
-        return f"'{source.name}' is overwritten in place later (by '{overwritten[source]}'); name that op's output instead"
+        return (
+            f"'{source.name}' is overwritten in place later (by '{overwritten[source]}'); name that op's output instead"
+        )
     return None
 
 

@@ -14,21 +14,21 @@ a concatenation, the whole coupled group (:mod:`surgery.channels`) widens togeth
 >>> bool((wide(x) - net(x)).abs().max() <= 1e-4 * net(x).abs().max())
 True
 """
+
 from __future__ import annotations
 
 import math
 import random
 from collections.abc import Sequence
-
 from typing import Any
 
 import torch
 from torch import fx, nn
 
+from growth.errors import GrowthError
 from growth.graphedit import Workbench, replay_of
 from growth.registry import MAX_GROWTH, GrowthOp, Proposal, not_applicable, register_op
 from surgery.channels import ChannelGroup
-from growth.errors import GrowthError
 from surgery.recipe import register_replay
 from surgery.remap import ChannelMap, remap_channels
 
@@ -74,7 +74,13 @@ def net2wider(
     maps = {gid: replication_map(group, width, generator) for gid, (group, width) in widths.items()}
     remap_channels(work.gm, work.analysis, maps, noise=noise, generator=generator)
     return work.finish(
-        "net2wider", check, at=at if isinstance(at, str) else names, factor=factor, new_width=new_width, noise=noise, seed=seed
+        "net2wider",
+        check,
+        at=at if isinstance(at, str) else names,
+        factor=factor,
+        new_width=new_width,
+        noise=noise,
+        seed=seed,
     )
 
 
@@ -93,20 +99,25 @@ def _new_width(group: ChannelGroup, name: str, factor: float | None, new_width: 
         width = round(channels * factor) if factor is not None else new_width
         if width % channels or (factor is not None and abs(factor - round(factor)) > 1e-9):
             raise GrowthError(
-                f"{group.uniform[0]}: widening '{name}' keeps its statistics only when every channel is copied the same "
+                f"{group.uniform[0]}: widening '{name}' keeps its statistics only when every "
+                "channel is copied the same "
                 f"number of times; give an integer factor (2, 3, ...) or a multiple of {channels} channels"
             )
     if new_width is None:
         return max(channels + blocks, math.ceil(channels * factor / blocks - 1e-9) * blocks)
     if new_width > MAX_GROWTH * channels:
         raise GrowthError(
-            f"new_width={new_width} is more than {MAX_GROWTH}x the {channels} channels at '{name}'; widen in several steps"
+            f"new_width={new_width} is more than {MAX_GROWTH}x the {channels} channels at '{name}'; "
+            "widen in several steps"
         )
     if new_width <= channels:
-        raise GrowthError(f"new_width={new_width} is not larger than the {channels} channels at '{name}'; give a larger width")
+        raise GrowthError(
+            f"new_width={new_width} is not larger than the {channels} channels at '{name}'; give a larger width"
+        )
     if new_width % blocks:
         raise GrowthError(
-            f"new_width={new_width} at '{name}' is not a multiple of {blocks}: grouped convs read these channels in {blocks} blocks"
+            f"new_width={new_width} at '{name}' is not a multiple of {blocks}: grouped convs read "
+            f"these channels in {blocks} blocks"
         )
     return new_width
 

@@ -7,6 +7,7 @@
 >>> torch.equal(pieces(x), net(x))
 True
 """
+
 from surgery import refs
 from surgery.adapters import Adapter, adapter, stitch
 from surgery.capture import Capture, capture, trace

@@ -10,6 +10,7 @@ True
 >>> first_line(RuntimeError("shape mismatch\\n  at layer 3")), first_line(KeyError())
 ('shape mismatch', 'KeyError')
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -17,8 +18,8 @@ import os
 import shutil
 import tempfile
 from collections.abc import Callable, Iterator
-from typing import Any
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -41,7 +42,7 @@ def evaluating(*models: nn.Module, grad: bool = False) -> Iterator[None]:
 
 
 def max_difference(a: Any, b: Any) -> float:
-    """max |a - b| over the tensors of two outputs of the same structure (a ModelOutput, a tuple, a tensor); inf if they differ."""
+    """max |a - b| over the tensors of two outputs of one structure (a ModelOutput, a tuple...); inf if they differ."""
     from torch.utils import _pytree as pytree
 
     xs = [t for t in pytree.tree_leaves(a) if isinstance(t, torch.Tensor)]
@@ -124,7 +125,7 @@ def atomic_directory(target: str | os.PathLike[str], fill: Callable[[Path], None
 
 
 def remove_leftovers(directory: str | os.PathLike[str], name: str = "") -> list[Path]:
-    """Remove temporary files/directories that an interrupted atomic write of ``name`` (default: any) left in ``directory``."""
+    """Remove what interrupted atomic writes of ``name`` (default: any) left in ``directory``; the paths removed."""
     directory = Path(directory)
     if not directory.is_dir():
         return []

@@ -10,6 +10,7 @@
 >>> hybrid(x).shape
 torch.Size([1, 1000])
 """
+
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -19,10 +20,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from surgery._util import evaluating
 from surgery.cut import Pieces, piece_info
 from surgery.errors import SurgeryError
 from surgery.inputs import Example
-from surgery._util import evaluating
 from surgery.specs import ValueSpec
 
 Shape = tuple[int, ...]
@@ -50,19 +51,30 @@ class Adapter(nn.Module):
     """
 
     def __init__(
-        self, in_shape: Sequence[int], out_shape: Sequence[int], batchnorm: bool = False, relu: bool = True, side_values: int = 0
+        self,
+        in_shape: Sequence[int],
+        out_shape: Sequence[int],
+        batchnorm: bool = False,
+        relu: bool = True,
+        side_values: int = 0,
     ):
         super().__init__()
         self.in_shape, self.out_shape = tuple(in_shape), tuple(out_shape)
         self.batchnorm, self.relu, self.side_values = batchnorm, relu, int(side_values)
         if len(self.in_shape) == 3 and len(self.out_shape) == 3:
             (c_in, *hw_in), (c_out, *hw_out) = self.in_shape, self.out_shape
-            self.pre = nn.AdaptiveAvgPool2d(tuple(hw_out)) if hw_in[0] > hw_out[0] or hw_in[1] > hw_out[1] else nn.Identity()
+            self.pre = (
+                nn.AdaptiveAvgPool2d(tuple(hw_out)) if hw_in[0] > hw_out[0] or hw_in[1] > hw_out[1] else nn.Identity()
+            )
             self.map = nn.Conv2d(c_in, c_out, 1, bias=not batchnorm)
             self.norm = nn.BatchNorm2d(c_out) if batchnorm else nn.Identity()
             grow = hw_in[0] < hw_out[0] or hw_in[1] < hw_out[1]
             self.post = nn.Upsample(size=tuple(hw_out), mode="bilinear", align_corners=False) if grow else nn.Identity()
-        elif len(self.in_shape) == len(self.out_shape) and len(self.in_shape) in (1, 2) and self.in_shape[:-1] == self.out_shape[:-1]:
+        elif (
+            len(self.in_shape) == len(self.out_shape)
+            and len(self.in_shape) in (1, 2)
+            and self.in_shape[:-1] == self.out_shape[:-1]
+        ):
             self.pre = nn.Identity()
             self.map = nn.Linear(self.in_shape[-1], self.out_shape[-1], bias=not batchnorm)
             self.norm = nn.LayerNorm(self.out_shape[-1]) if batchnorm else nn.Identity()
@@ -70,7 +82,8 @@ class Adapter(nn.Module):
         else:
             raise SurgeryError(
                 f"no adapter maps {'x'.join(map(str, self.in_shape))} to {'x'.join(map(str, self.out_shape))}: "
-                "adapters map (C,H,W)->(C',H',W') or change only the last dimension of (D,)/(T,D); cut where the shapes are alike"
+                "adapters map (C,H,W)->(C',H',W') or change only the last dimension of (D,)/(T,D); "
+                "cut where the shapes are alike"
             )
         self.act = nn.ReLU() if relu else nn.Identity()
 
@@ -84,7 +97,10 @@ class Adapter(nn.Module):
 
     def spec_kwargs(self) -> dict[str, Any]:
         return {
-            "in_shape": self.in_shape, "out_shape": self.out_shape, "batchnorm": self.batchnorm, "relu": self.relu,
+            "in_shape": self.in_shape,
+            "out_shape": self.out_shape,
+            "batchnorm": self.batchnorm,
+            "relu": self.relu,
             "side_values": self.side_values,
         }
 
@@ -171,13 +187,17 @@ def adapter(
     ad = Adapter(a_in, a_out, batchnorm=batchnorm, relu=relu, side_values=side_values)
     if init == "lstsq":
         if features is None:
-            raise SurgeryError("init='lstsq' needs features=(inputs, targets): the two networks' values at the boundary")
+            raise SurgeryError(
+                "init='lstsq' needs features=(inputs, targets): the two networks' values at the boundary"
+            )
         ad.init_least_squares(*features)
     elif init == "matching":
         if assignment is None:
             raise SurgeryError("init='matching' needs assignment= (e.g. from surgery.match_channels)")
         ad.init_from_assignment(assignment)
-    elif init == "identity" or (init == "auto" and a_in[0 if len(a_in) == 3 else -1] == a_out[0 if len(a_out) == 3 else -1]):
+    elif init == "identity" or (
+        init == "auto" and a_in[0 if len(a_in) == 3 else -1] == a_out[0 if len(a_out) == 3 else -1]
+    ):
         n_in, n_out = ad.map.weight.shape[:2]
         ad.init_from_assignment([j if j < n_in else -1 for j in range(n_out)])
     return ad
@@ -252,12 +272,17 @@ def stitch(
     ups, downs = _flatten(up), _flatten(down)
     last_up, first_down = piece_info(ups[-1]), piece_info(downs[0])
     if first_down.in_specs is None:
-        raise SurgeryError("the down piece has no recorded input shape; cut it with example_input=... (or load it from a saved directory)")
+        raise SurgeryError(
+            "the down piece has no recorded input shape; cut it with example_input=... (or load it "
+            "from a saved directory)"
+        )
     example = Example.of(example_input)
     value = _output_of(ups, example)
     values = value if last_up.out_arity > 1 else (value,)
     if not isinstance(values[0], torch.Tensor):
-        raise SurgeryError(f"the up piece returns a {type(values[0]).__name__}, not a tensor; stitch at a tensor boundary")
+        raise SurgeryError(
+            f"the up piece returns a {type(values[0]).__name__}, not a tensor; stitch at a tensor boundary"
+        )
     have = tuple(ValueSpec.of(v) for v in values)
     features = None
     if init == "lstsq":

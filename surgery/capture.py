@@ -22,6 +22,7 @@ front-end captured the graph, or a node name, which is specific to the front-end
 >>> "layer1" in [n.target for n in gm.graph.nodes]
 True
 """
+
 from __future__ import annotations
 
 import copy
@@ -103,7 +104,11 @@ def capture(
 
 
 def _capture(
-    model: nn.Module, example: Example | None, tracer: str, leaf_modules: Sequence[LeafSpec], concrete_args: dict[str, Any] | None
+    model: nn.Module,
+    example: Example | None,
+    tracer: str,
+    leaf_modules: Sequence[LeafSpec],
+    concrete_args: dict[str, Any] | None,
 ) -> Capture:
     fx_error: SurgeryError | None = None
     if tracer in ("auto", "fx"):
@@ -114,7 +119,11 @@ def _capture(
                 raise
             fx_error = e
         else:
-            notes = (f"{type(model).__name__}: fx could not trace inside {', '.join(leaves)}; kept as leaves",) if leaves else ()
+            notes = (
+                (f"{type(model).__name__}: fx could not trace inside {', '.join(leaves)}; kept as leaves",)
+                if leaves
+                else ()
+            )
             return Capture(model, graph, "fx", tuple(leaves), notes)
     example = example if example is not None else default_example(model)
     try:

@@ -10,6 +10,7 @@
 MODEL arguments follow one grammar (:mod:`surgery.refs`): a torchvision name, ``timm:NAME``,
 ``hf:DIR``, ``pkg.module:callable``, a saved directory, ``DIR:INDEX`` or ``RUN@0-1``.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -19,31 +20,61 @@ import torch
 import typer
 
 from surgery._util import max_difference
-from surgery.adapters import INITS, stitch as stitch_pieces
+from surgery.adapters import INITS
+from surgery.adapters import stitch as stitch_pieces
 from surgery.capture import TRACERS
 from surgery.clikit import console, example_for, load_model_arg, run_app, table
-from surgery.cut import Pieces, cut as cut_model, piece_info
+from surgery.cut import Pieces, piece_info
+from surgery.cut import cut as cut_model
 from surgery.cutpoints import cut_points
 from surgery.errors import SurgeryError, running_on
-from surgery.inputs import Example
-from surgery.export import describe_values, export as export_pieces, read_manifest
+from surgery.export import describe_values, read_manifest
+from surgery.export import export as export_pieces
 from surgery.flops import human
+from surgery.inputs import Example
 from surgery.io import load, prepare_output_dir, save
 from surgery.render import render
 from surgery.split import parse_rate, suggest_splits
 
-app = typer.Typer(name="surgery", help="Cut trained networks into exact pieces, stitch pieces of different networks, draw them.", no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
+app = typer.Typer(
+    name="surgery",
+    help="Cut trained networks into exact pieces, stitch pieces of different networks, draw them.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
 
-ModelArg = Annotated[str, typer.Argument(help="a model: torchvision name, timm:NAME, hf:DIR, pkg.module:callable, saved DIR, DIR:INDEX, RUN@0-1")]
+ModelArg = Annotated[
+    str,
+    typer.Argument(
+        help="a model: torchvision name, timm:NAME, hf:DIR, pkg.module:callable, saved DIR, DIR:INDEX, RUN@0-1"
+    ),
+]
 InputOpt = Annotated[
     Optional[list[str]],
-    typer.Option("--input", help="example input [name=][dtype:]shape, e.g. 1,3,224,224 or input_ids=int64:1,16 (repeatable; default: guessed)"),
+    typer.Option(
+        "--input",
+        help=(
+            "example input [name=][dtype:]shape, e.g. 1,3,224,224 or input_ids=int64:1,16 "
+            "(repeatable; default: guessed)"
+        ),
+    ),
 ]
-TracerOpt = Annotated[str, typer.Option("--tracer", help=f"graph front-end: {' | '.join(TRACERS)} (auto: fx, fx with leaves, torch.export)")]
+TracerOpt = Annotated[
+    str,
+    typer.Option("--tracer", help=f"graph front-end: {' | '.join(TRACERS)} (auto: fx, fx with leaves, torch.export)"),
+]
 ClassesOpt = Annotated[Optional[int], typer.Option("--num-classes", help="classifier outputs (torchvision models)")]
-WeightsOpt = Annotated[Optional[Path], typer.Option("--weights", help="local state_dict file (.safetensors, or torch file read with weights_only)")]
-LeafOpt = Annotated[Optional[list[str]], typer.Option("--leaf", help="module path to keep as one call when tracing (repeatable)")]
-TrustOpt = Annotated[bool, typer.Option("--trust-code", help="allow saved files that name code outside the trusted packages")]
+WeightsOpt = Annotated[
+    Optional[Path],
+    typer.Option("--weights", help="local state_dict file (.safetensors, or torch file read with weights_only)"),
+]
+LeafOpt = Annotated[
+    Optional[list[str]], typer.Option("--leaf", help="module path to keep as one call when tracing (repeatable)")
+]
+TrustOpt = Annotated[
+    bool, typer.Option("--trust-code", help="allow saved files that name code outside the trusted packages")
+]
 
 
 def _right(col: str) -> str:
@@ -84,8 +115,13 @@ SUGGEST_HELP = "rank where to split MODEL between a device and a server by laten
 
 
 def _suggest_split(
-    model: str, input: list[str] | None, num_classes: int | None, weights: Path | None, leaf: list[str] | None,
-    trust_code: bool, rates: tuple[str | None, str | None, str | None],
+    model: str,
+    input: list[str] | None,
+    num_classes: int | None,
+    weights: Path | None,
+    leaf: list[str] | None,
+    trust_code: bool,
+    rates: tuple[str | None, str | None, str | None],
 ) -> None:
     """``surgery cut MODEL --suggest-split``: the 10 fastest device/server splits; cuts and saves nothing."""
     if None in rates:
@@ -109,7 +145,9 @@ def cut(
     num_classes: ClassesOpt = None,
     weights: WeightsOpt = None,
     leaf: LeafOpt = None,
-    render_graph: Annotated[bool, typer.Option("--render", help="also draw the pieces to OUT/pieces.svg (or .dot)")] = False,
+    render_graph: Annotated[
+        bool, typer.Option("--render", help="also draw the pieces to OUT/pieces.svg (or .dot)")
+    ] = False,
     force: Annotated[bool, typer.Option(help="replace a non-empty output directory")] = False,
     tracer: TracerOpt = "auto",
     trust_code: TrustOpt = False,
@@ -134,7 +172,10 @@ def cut(
     _pieces_table(f"{model} cut at {', '.join(at)}", pieces, example)
     colour = "green" if diff == 0 else "red"
     tracer_used = pieces.infos()[0].origin.tracer if pieces.infos()[0].origin else "fx"
-    console.print(f"max |pieces(x) - model(x)| = [{colour}]{diff:g}[/] on a random {example.describe()} input (eval mode, {tracer_used})")
+    console.print(
+        f"max |pieces(x) - model(x)| = [{colour}]{diff:g}[/] on a random {example.describe()} input "
+        f"(eval mode, {tracer_used})"
+    )
     save(pieces, target, force=force)
     console.print(f"saved {len(pieces)} pieces to {target}/")
     if render_graph:
@@ -150,7 +191,9 @@ def stitch(
     down: Annotated[str, typer.Argument(help="the downstream piece, DIR:INDEX")],
     out: Annotated[Path, typer.Option(help="output directory")],
     input: InputOpt = None,
-    adapter: Annotated[bool, typer.Option("--adapter/--no-adapter", help="insert an adapter where the shapes differ")] = True,
+    adapter: Annotated[
+        bool, typer.Option("--adapter/--no-adapter", help="insert an adapter where the shapes differ")
+    ] = True,
     batchnorm: Annotated[bool, typer.Option(help="BatchNorm in the adapter")] = False,
     init: Annotated[str, typer.Option(help=f"adapter initialisation: {' | '.join(INITS)}")] = "auto",
     reference: Annotated[
@@ -195,7 +238,9 @@ def export_command(
     pieces_dir: Annotated[Path, typer.Argument(help="a directory saved by surgery cut or stitch")],
     out: Annotated[Path, typer.Option(help="output directory: piece<k>.onnx or .pt2 files + pieces.json")],
     format: Annotated[str, typer.Option(help="onnx (needs onnx and onnxruntime) or pt2 (torch.export)")] = "onnx",
-    input: Annotated[Optional[list[str]], typer.Option(help="example input, e.g. 1,3,224,224 (default: as cut)")] = None,
+    input: Annotated[
+        Optional[list[str]], typer.Option(help="example input, e.g. 1,3,224,224 (default: as cut)")
+    ] = None,
     force: Annotated[bool, typer.Option(help="replace a non-empty output directory")] = False,
     verbose: Annotated[bool, typer.Option(help="show the exporters' messages")] = False,
     trust_code: TrustOpt = False,

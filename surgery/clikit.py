@@ -3,6 +3,7 @@
 The CLIs are thin: they parse options, call the library, and print rich tables. A
 :class:`SurgeryError` (bad input) becomes one red line on stderr and exit status 2.
 """
+
 from __future__ import annotations
 
 import inspect
@@ -30,7 +31,9 @@ console = Console()
 err_console = Console(stderr=True)
 
 
-def _one_line_warning(message: Any, category: type[Warning], filename: str, lineno: int, file: Any = None, line: Any = None) -> None:
+def _one_line_warning(
+    message: Any, category: type[Warning], filename: str, lineno: int, file: Any = None, line: Any = None
+) -> None:
     err_console.print(f"[yellow]warning:[/] {escape(str(message))}", highlight=False, soft_wrap=True)
 
 
@@ -92,10 +95,14 @@ def load_model_arg(
     """The model a CLI argument names (see :mod:`surgery.refs`); names typed on the command line are trusted."""
     from surgery.refs import load
 
-    return load(reference, trust_code=trust_code, trust_typed=True, num_classes=num_classes, weights=weights, verify=verify)
+    return load(
+        reference, trust_code=trust_code, trust_typed=True, num_classes=num_classes, weights=weights, verify=verify
+    )
 
 
-def table(title: str, columns: Sequence[str], rows: Sequence[Sequence[Any]], justify: Callable[[str], str] | None = None) -> Table:
+def table(
+    title: str, columns: Sequence[str], rows: Sequence[Sequence[Any]], justify: Callable[[str], str] | None = None
+) -> Table:
     """A rich table; numeric-looking columns are right-aligned."""
     t = Table(title=title, title_justify="left", header_style="bold")
     for c in columns:
@@ -117,7 +124,7 @@ def _cli_hint(field: Any) -> dict[str, Any]:
 
 
 def _option_type(annotation: Any, comma: bool) -> Any:
-    """The CLI type of a field: ``Optional[...]`` of its scalar type, a Literal's choices, a repeatable list or comma text."""
+    """A field's CLI type: ``Optional`` of its scalar type, a Literal's choices, a repeatable list or comma text."""
     args = [a for a in typing.get_args(annotation) if a is not type(None)]
     origin = typing.get_origin(annotation)
     if origin in (typing.Union, types.UnionType) and len(args) == 1:
@@ -154,7 +161,11 @@ def options_from_model(model: type[Any], exclude: Sequence[str] = ()) -> list[in
         shown = ",".join(default) if isinstance(default, list) and hint.get("comma") else default
         text = f"{field.description or name} [default: {shown}]"
         option = typer.Option(decl, help=text, show_default=False)
-        params.append(inspect.Parameter(cli_name, inspect.Parameter.KEYWORD_ONLY, default=None, annotation=Annotated[Optional[kind], option]))
+        params.append(
+            inspect.Parameter(
+                cli_name, inspect.Parameter.KEYWORD_ONLY, default=None, annotation=Annotated[Optional[kind], option]
+            )
+        )
     return params
 
 

@@ -19,6 +19,7 @@ trace): the first piece takes the same call as the model (keyword inputs such as
 like ``torchvision.models.feature_extraction``; ``copy.deepcopy`` the model first to
 detach them.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -27,7 +28,6 @@ from typing import Any
 
 import torch
 from torch import fx, nn
-
 from torch.fx.graph import CodeGen, _PyTreeCodeGen, _PyTreeInfo
 
 from surgery._util import evaluating
@@ -263,9 +263,16 @@ def cut(
 
 
 def _pieces(
-    model: nn.Module, cap: Capture, index: GraphIndex, positions: list[int], names: list[str], leaf_modules: Sequence[LeafSpec]
+    model: nn.Module,
+    cap: Capture,
+    index: GraphIndex,
+    positions: list[int],
+    names: list[str],
+    leaf_modules: Sequence[LeafSpec],
 ) -> list[fx.GraphModule]:
-    leaf_names = tuple(m if isinstance(m, str) else f"{m.__module__}:{m.__qualname__}" for m in leaf_modules) + cap.leaves
+    leaf_names = (
+        tuple(m if isinstance(m, str) else f"{m.__module__}:{m.__qualname__}" for m in leaf_modules) + cap.leaves
+    )
     inputs = tuple(cap.example.specs()) if cap.tracer == "export" and cap.example is not None else ()
     origin_recipe = recipe_of(model)
     pieces = []

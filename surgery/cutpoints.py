@@ -6,6 +6,7 @@
 >>> p.shape, p.crossing, p.bytes          # bytes crossing a cut here, per sample: 128*8*8 float32
 ('128x8x8', 1, 32768)
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -81,10 +82,12 @@ def _params_by_position(model: nn.Module, index: GraphIndex) -> list[int]:
         return obj
 
     for n in index.nodes:
-        tensors: list[torch.Tensor] = []
-        if n.op == "call_module":
-            tensors = list(model.get_submodule(str(n.target)).parameters())
-        fx.node.map_arg((n.args, n.kwargs), lambda a: tensors.append(attr(str(a.target))) if a.op == "get_attr" else None)
+        tensors: list[torch.Tensor] = (
+            list(model.get_submodule(str(n.target)).parameters()) if n.op == "call_module" else []
+        )
+        reads: list[fx.Node] = []
+        fx.node.map_arg((n.args, n.kwargs), reads.append)
+        tensors += [attr(str(a.target)) for a in reads if a.op == "get_attr"]
         for t in tensors:
             if isinstance(t, nn.Parameter) and id(t) not in seen:
                 seen.add(id(t))

@@ -10,6 +10,7 @@
 Each source is a registered builder ``fn(rest, kwargs) -> (model, recipe)``; the classes
 named come from the timm and transformers packages themselves.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -87,7 +88,9 @@ def hf_model(ref: str, kwargs: dict[str, Any]) -> tuple[nn.Module, Recipe]:
     cls = _hf_class(ref)
     config = kwargs.get("config")
     if set(kwargs) != {"config"} or not isinstance(config, dict):
-        raise SurgeryError(f"hf:{ref} takes one argument, config={{...}} (a config dict); got {', '.join(kwargs) or 'none'}")
+        raise SurgeryError(
+            f"hf:{ref} takes one argument, config={{...}} (a config dict); got {', '.join(kwargs) or 'none'}"
+        )
     try:
         model = cls(cls.config_class.from_dict(dict(config)))
     except Exception as e:  # noqa: BLE001 - a config from a file may break the constructor anywhere
@@ -118,18 +121,24 @@ def _hf_from_directory(directory: Path, kwargs: dict[str, Any]) -> tuple[nn.Modu
 
 def _hf_load(transformers: ModuleType, directory: Path, kwargs: dict[str, Any]) -> tuple[nn.Module, Recipe]:
     if kwargs:
-        raise SurgeryError(f"hf:{directory} takes no arguments ({', '.join(kwargs)}); its config.json says how to build it")
+        raise SurgeryError(
+            f"hf:{directory} takes no arguments ({', '.join(kwargs)}); its config.json says how to build it"
+        )
     if not (directory / "config.json").is_file():
         raise SurgeryError(f"'{directory}' has no config.json; save the model with save_pretrained")
     if not any(directory.glob("*.safetensors")):
-        raise SurgeryError(f"'{directory}' holds no safetensors weights; save with save_pretrained(safe_serialization=True)")
+        raise SurgeryError(
+            f"'{directory}' holds no safetensors weights; save with save_pretrained(safe_serialization=True)"
+        )
     try:
         config = transformers.AutoConfig.from_pretrained(directory, local_files_only=True, trust_remote_code=False)
     except Exception as e:  # noqa: BLE001 - a damaged config.json fails in many ways
         raise SurgeryError(f"cannot read {directory / 'config.json'}: {first_line(e)}") from None
     architectures = getattr(config, "architectures", None) or []
     if not architectures:
-        raise SurgeryError(f"{directory / 'config.json'} names no architecture; save the model itself with save_pretrained")
+        raise SurgeryError(
+            f"{directory / 'config.json'} names no architecture; save the model itself with save_pretrained"
+        )
     cls = _hf_class(architectures[0])
     try:
         model = cls.from_pretrained(directory, local_files_only=True, use_safetensors=True, trust_remote_code=False)

@@ -28,6 +28,7 @@ onnxruntime (CPU) to ``1e-4 * max(1, max|y|)``, ``.pt2`` pieces reloaded with
 ``torch.export.load`` bit for bit (PyTorch running :func:`without_fused_attention`);
 and the chained pieces against the whole model.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -159,15 +160,18 @@ def _example_args(pieces: Pieces, example: Any) -> Values:
     """The tracing example: the given one (or random, from the recorded input specs), at batch size >= 2."""
     if isinstance(example, Example):
         if example.kwargs:
-            raise SurgeryError("export takes pieces called with positional inputs; these take keyword inputs "
-                               f"({', '.join(example.kwargs)})")
+            raise SurgeryError(
+                "export takes pieces called with positional inputs; these take keyword inputs "
+                f"({', '.join(example.kwargs)})"
+            )
         example = example.args
     if example is None:
         specs = piece_info(pieces[0]).in_specs
         if not specs or not all(s.is_tensor and s.shape is not None for s in specs):
             raise SurgeryError("the pieces carry no recorded input shape; pass example= (CLI: --input 1,3,224,224)")
         example = tuple(
-            torch.randn(2, *s.shape) if getattr(torch, s.dtype or "float32").is_floating_point
+            torch.randn(2, *s.shape)
+            if getattr(torch, s.dtype or "float32").is_floating_point
             else torch.zeros(2, *s.shape, dtype=getattr(torch, s.dtype or "int64"))
             for s in specs
         )
@@ -315,8 +319,14 @@ def _export_onnx(piece: nn.Module, args: Values, path: Path, exporter: str, verb
         if large:
             raise SurgeryError("the TorchScript exporter writes no single file for weights over 2 GB")
         torch.onnx.export(
-            piece, args, str(path), input_names=ins, output_names=outs, dynamo=False,
-            dynamic_axes={n: {0: "batch"} for n in (*ins, *outs)}, verbose=verbose,
+            piece,
+            args,
+            str(path),
+            input_names=ins,
+            output_names=outs,
+            dynamo=False,
+            dynamic_axes={n: {0: "batch"} for n in (*ins, *outs)},
+            verbose=verbose,
         )
 
 
@@ -485,7 +495,9 @@ def export(
                 "chain": "piece k+1 takes the outputs of piece k, in order",
                 "cuts": list(seq.cuts),
                 "opset": _opset(tmp / entries[0]["file"]) if format == "onnx" else None,
-                "check": None if not check else {
+                "check": None
+                if not check
+                else {
                     "batch_sizes": [r.args[0][0].shape[0] for r in runs],
                     "tolerance": f"{TOLERANCE:g} * max(1, max|y|)" if format == "onnx" else "bit-identical",
                     "chain_max_abs_diff": chain,
@@ -526,6 +538,12 @@ def describe_values(values: Sequence[dict[str, Any]]) -> str:
 
 
 __all__ = [
-    "CheckFailed", "EXPORTERS", "FORMATS", "describe_values", "export", "io_names", "read_manifest",
+    "CheckFailed",
+    "EXPORTERS",
+    "FORMATS",
+    "describe_values",
+    "export",
+    "io_names",
+    "read_manifest",
     "without_fused_attention",
 ]

@@ -15,6 +15,7 @@ model it came from:
 BatchNorm in an exported graph uses its running statistics in both modes (CNNs are
 captured by fx, where BatchNorm stays a module).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -50,6 +51,7 @@ def _cache_off(model: nn.Module, notes: list[str]) -> Iterator[None]:
 
 def dynamic_shapes(example: Example) -> tuple[Any, ...] | dict[str, Any] | None:
     """Every dimension of every tensor input free (``Dim.AUTO``); export keeps fixed what the model fixes."""
+
     def dims(value: Any) -> Any:
         return {i: Dim.AUTO for i in range(value.dim())} if isinstance(value, torch.Tensor) else None
 
@@ -79,7 +81,7 @@ def export_graph(model: nn.Module, example: Example) -> tuple[fx.GraphModule, li
 
 
 def _dropout_as_modules(gm: fx.GraphModule) -> None:
-    """Replace each ``aten.dropout(x, p, train)`` by a call of an ``nn.Dropout(p)`` module, which follows train()/eval().
+    """Replace each ``aten.dropout(x, p, train)`` by a call of an ``nn.Dropout(p)``, which follows train()/eval().
 
     The modules sit at the top level (``surgery_dropout_<k>``), outside the model's own
     module tree, so that tree can be put back over the graph (:func:`surgery.capture.trace`).

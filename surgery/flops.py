@@ -1,4 +1,5 @@
 """Parameter and FLOP counts (FLOPs from ``torch.utils.flop_counter``: a multiply-add is 2 FLOPs)."""
+
 from __future__ import annotations
 
 from collections.abc import Iterable

@@ -11,6 +11,7 @@ e.g. ``1,3,224,224`` or ``input_ids=int64:1,16 attention_mask=int64:1,16``.
 >>> Example.parse(["1,3,32,32"]).args[0].shape
 torch.Size([1, 3, 32, 32])
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -27,8 +28,13 @@ from surgery.errors import SurgeryError
 from surgery.schema import FileModel
 
 DTYPES = {
-    "float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64,
-    "int64": torch.int64, "int32": torch.int32, "bool": torch.bool,
+    "float32": torch.float32,
+    "float16": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "float64": torch.float64,
+    "int64": torch.int64,
+    "int32": torch.int32,
+    "bool": torch.bool,
 }
 _SPEC = re.compile(r"^(?:(?P<name>[A-Za-z_][A-Za-z0-9_]*)=)?(?:(?P<dtype>[a-z0-9]+):)?(?P<shape>\d+(?:,\d+)*)$")
 
@@ -107,6 +113,7 @@ class Example:
 
     def specs(self) -> list[InputSpec]:
         """The specs of every tensor input (non-tensor inputs are not recorded)."""
+
         def spec(name: str | None, t: torch.Tensor) -> InputSpec:
             return InputSpec(name=name, shape=list(t.shape), dtype=str(t.dtype).removeprefix("torch."))
 
@@ -188,8 +195,10 @@ def default_example(model: nn.Module, batch: int = 1) -> Example:
 
 def _hf_specs(model: nn.Module, config: Any, main: str, batch: int) -> list[InputSpec]:
     if main == "input_ids":
-        return [InputSpec(name="input_ids", shape=[batch, 16], dtype="int64"),
-                InputSpec(name="attention_mask", shape=[batch, 16], dtype="int64")]
+        return [
+            InputSpec(name="input_ids", shape=[batch, 16], dtype="int64"),
+            InputSpec(name="attention_mask", shape=[batch, 16], dtype="int64"),
+        ]
     if main == "pixel_values":
         side = getattr(config, "image_size", 224)
         side = side if isinstance(side, int) else int(side[0])
@@ -201,7 +210,9 @@ def _hf_specs(model: nn.Module, config: Any, main: str, batch: int) -> list[Inpu
         return [InputSpec(name="input_features", shape=[batch, bins, frames])]
     if main == "input_values":
         return [InputSpec(name="input_values", shape=[batch, 16000])]
-    raise SurgeryError(f"{type(model).__name__} takes '{main}'; pass an example input (CLI: --input {main}=dtype:shape)")
+    raise SurgeryError(
+        f"{type(model).__name__} takes '{main}'; pass an example input (CLI: --input {main}=dtype:shape)"
+    )
 
 
 def _image_size(model: nn.Module) -> int:

@@ -18,6 +18,7 @@ outside the trusted packages needs ``trust_code=True``), checks the checksum, re
 the structure (re-tracing and re-cutting), then loads the weights. Whatever is wrong
 with a directory, loading it raises a one-line :class:`SurgeryError`.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -54,13 +55,19 @@ def versions() -> dict[str, str]:
         own = version("xross-surgery")
     except PackageNotFoundError:  # pragma: no cover - running from a source tree
         own = "source"
-    return {"xross-surgery": own, "torch": torch.__version__, "torchvision": torchvision.__version__, "python": platform.python_version()}
+    return {
+        "xross-surgery": own,
+        "torch": torch.__version__,
+        "torchvision": torchvision.__version__,
+        "python": platform.python_version(),
+    }
 
 
 def _no_recipe(what: str) -> SurgeryError:
     return SurgeryError(
         f"cannot save {what}: it was not built by surgery.build_model (or a transform lost its recipe), so "
-        "nothing can rebuild it without pickles; build it with surgery.build_model('torchvision_name' or 'pkg.module:callable')"
+        "nothing can rebuild it without pickles; build it with "
+        "surgery.build_model('torchvision_name' or 'pkg.module:callable')"
     )
 
 
@@ -120,7 +127,9 @@ def prepare_output_dir(directory: str | os.PathLike[str], force: bool) -> Path:
     if target.exists() and not target.is_dir():
         raise SurgeryError(f"'{target}' exists and is not a directory; choose another output path")
     if target.is_dir() and any(target.iterdir()) and not force:
-        raise SurgeryError(f"output directory '{target}' is not empty; choose another or pass force=True (CLI: --force)")
+        raise SurgeryError(
+            f"output directory '{target}' is not empty; choose another or pass force=True (CLI: --force)"
+        )
     return target
 
 
@@ -152,7 +161,9 @@ def read_recipe(directory: str | os.PathLike[str]) -> RecipeFile:
     try:
         data = json.loads(path.read_bytes())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise SurgeryError(f"{path} is not valid JSON ({first_line(e)}); the file is corrupt or truncated, save again") from None
+        raise SurgeryError(
+            f"{path} is not valid JSON ({first_line(e)}); the file is corrupt or truncated, save again"
+        ) from None
     except OSError as e:
         raise SurgeryError(f"cannot read {path}: {e.strerror}") from None
     return RecipeFile.read(data, str(path))
@@ -166,7 +177,9 @@ def _read_weights(directory: Path, recipe: RecipeFile) -> dict[str, torch.Tensor
     if not path.is_file():
         raise SurgeryError(f"'{path}' is missing; copy the whole saved directory")
     if _sha256(path) != recipe.weights.sha256:
-        raise SurgeryError(f"'{path}' does not match the SHA-256 in {RECIPE_FILE}: it was modified or truncated; save again")
+        raise SurgeryError(
+            f"'{path}' does not match the SHA-256 in {RECIPE_FILE}: it was modified or truncated; save again"
+        )
     try:
         return load_file(str(path))
     except (SafetensorError, OSError) as e:
@@ -175,12 +188,19 @@ def _read_weights(directory: Path, recipe: RecipeFile) -> dict[str, torch.Tensor
 
 def _leaf_modules(names: list[str], trust_code: bool) -> list[str | type]:
     """Leaf modules as recorded: module paths stay strings, ``module:Class`` names are resolved as classes."""
-    return [n if ":" not in n else resolve(n, kind=Kind.MODULE_CLASS, trust_code=trust_code, what="the leaf module") for n in names]
+    return [
+        n if ":" not in n else resolve(n, kind=Kind.MODULE_CLASS, trust_code=trust_code, what="the leaf module")
+        for n in names
+    ]
 
 
 def _check_names(recipe: RecipeFile, trust_code: bool) -> None:
     """Resolve every code name of the recipe before anything is built (refusals come first, in one line)."""
-    models = [recipe.model] if recipe.model is not None else [e.origin.model for e in recipe.pieces or [] if isinstance(e, CutEntry)]
+    models = (
+        [recipe.model]
+        if recipe.model is not None
+        else [e.origin.model for e in recipe.pieces or [] if isinstance(e, CutEntry)]
+    )
     for model in models:
         if is_code_source(model.source):
             resolve(model.source, kind=Kind.MODEL_SOURCE, trust_code=trust_code, what="the model source")
@@ -202,7 +222,9 @@ def _rebuild_part(entry: CutEntry | ModuleEntry, cache: dict[str, Pieces], trust
         model = rebuild(origin.model, trust_code=trust_code)
         example = Example.from_specs(origin.inputs, vocab_size(model)) if origin.inputs else None
         if origin.tracer == "export" and example is None:
-            raise SurgeryError("a piece captured by torch.export records no inputs to capture it again; the recipe is corrupt")
+            raise SurgeryError(
+                "a piece captured by torch.export records no inputs to capture it again; the recipe is corrupt"
+            )
         leaves = _leaf_modules(origin.leaf_modules, trust_code)
         with warnings.catch_warnings():  # notes about the capture were given when the pieces were cut
             warnings.simplefilter("ignore")
@@ -214,8 +236,10 @@ def _rebuild_part(entry: CutEntry | ModuleEntry, cache: dict[str, Pieces], trust
     info = piece_info(part)
     if (entry.in_names, entry.out_names) != (list(info.in_names), list(info.out_names)):
         raise SurgeryError(
-            f"piece {origin.index} rebuilt from the recipe takes {list(info.in_names)} and returns {list(info.out_names)}, "
-            f"but the recipe records {entry.in_names} and {entry.out_names}; it was saved by another version or is corrupt"
+            f"piece {origin.index} rebuilt from the recipe takes {list(info.in_names)} and returns "
+            f"{list(info.out_names)}, "
+            f"but the recipe records {entry.in_names} and {entry.out_names}; it was saved by "
+            "another version or is corrupt"
         )
     info.in_specs = _specs(entry.in_specs) or info.in_specs
     info.out_specs = _specs(entry.out_specs) or info.out_specs

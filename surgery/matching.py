@@ -13,6 +13,7 @@ corresponds to each channel of A; then :func:`surgery.permute_channels` reorders
 >>> torch.equal(b[:, m], a)
 True
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -33,7 +34,9 @@ def _per_channel(feats: torch.Tensor) -> torch.Tensor:
     return f.transpose(0, 1).reshape(f.shape[1], -1)
 
 
-def similarity(feats_a: torch.Tensor, feats_b: torch.Tensor, metric: str = "corr", standardize: bool = True) -> torch.Tensor:
+def similarity(
+    feats_a: torch.Tensor, feats_b: torch.Tensor, metric: str = "corr", standardize: bool = True
+) -> torch.Tensor:
     """(C_a, C_b) similarity of channels (higher is more alike)."""
     if metric not in METRICS:
         raise SurgeryError(f"unknown metric '{metric}'; choose one of {', '.join(METRICS)}")

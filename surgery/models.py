@@ -8,6 +8,7 @@
 Weights are never downloaded: pass a local state_dict file (safetensors, or a torch
 file read with ``weights_only=True``).
 """
+
 from __future__ import annotations
 
 import functools
@@ -166,7 +167,11 @@ def assign_state(model: nn.Module, state: dict[str, torch.Tensor], what: str) ->
     own = model.state_dict()
     missing = [k for k in own if k not in state]
     unexpected = [k for k in state if k not in own]
-    wrong = [f"{k} {tuple(state[k].shape)} vs {tuple(v.shape)}" for k, v in own.items() if k in state and state[k].shape != v.shape]
+    wrong = [
+        f"{k} {tuple(state[k].shape)} vs {tuple(v.shape)}"
+        for k, v in own.items()
+        if k in state and state[k].shape != v.shape
+    ]
     if missing or unexpected or wrong:
         parts = []
         if missing:
@@ -175,5 +180,7 @@ def assign_state(model: nn.Module, state: dict[str, torch.Tensor], what: str) ->
             parts.append(f"{len(unexpected)} unexpected (e.g. {', '.join(unexpected[:3])})")
         if wrong:
             parts.append(f"{len(wrong)} of another shape (e.g. {'; '.join(wrong[:2])})")
-        raise SurgeryError(f"weights {what} do not fit the model: {', '.join(parts)}; check the architecture and num_classes")
+        raise SurgeryError(
+            f"weights {what} do not fit the model: {', '.join(parts)}; check the architecture and num_classes"
+        )
     model.load_state_dict(state, strict=True)

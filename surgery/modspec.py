@@ -6,6 +6,7 @@ by rebuilding), ``nn.Sequential`` of such layers, and the library's own modules
 only ``nn.Module`` classes of trusted packages are rebuilt, so a recipe file can never
 name arbitrary code.
 """
+
 from __future__ import annotations
 
 import inspect
@@ -93,7 +94,9 @@ def module_from_spec(spec: Any, *, trust_code: bool = False) -> nn.Module:
         raise SurgeryError(f"module spec {str(spec)[:80]} has no 'class': the recipe file is corrupt")
     unknown = set(spec) - {"class", "kwargs", "children"}
     if unknown:
-        raise SurgeryError(f"module spec of '{spec['class']}' has unknown field(s) {', '.join(sorted(unknown))}: the recipe is corrupt")
+        raise SurgeryError(
+            f"module spec of '{spec['class']}' has unknown field(s) {', '.join(sorted(unknown))}: the recipe is corrupt"
+        )
     cls = resolve(spec["class"], kind=Kind.MODULE_CLASS, trust_code=trust_code, what="the module class")
     children = spec.get("children")
     kwargs = spec.get("kwargs") or {}

@@ -8,6 +8,7 @@ point right after the last node computed inside it; a node name (``add_3``,
 node's ``meta['nn_module_stack']``, which torch.fx and torch.export both record, so a
 module path means the same point whichever front-end captured the graph.
 """
+
 from __future__ import annotations
 
 from collections import defaultdict

@@ -6,6 +6,7 @@ them through this entry point group. Only entry points of trusted packages
 (:mod:`surgery.trust`) are loaded, so another installed distribution cannot slip
 code in through it.
 """
+
 from __future__ import annotations
 
 import functools

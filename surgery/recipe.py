@@ -16,6 +16,7 @@ their replays when imported; a recipe that needs them loads them through
 >>> r.to_json()["transforms"]
 [{'op': 'replace', 'args': {'name': 'fc', 'module': None}}]
 """
+
 from __future__ import annotations
 
 import inspect
@@ -27,8 +28,8 @@ from torch import nn
 
 from surgery._util import first_line
 from surgery.errors import SurgeryError, UserError, did_you_mean
-from surgery.schema import FileModel
 from surgery.plugins import load_plugins
+from surgery.schema import FileModel
 
 RECIPE_ATTR = "surgery_recipe"
 
@@ -76,7 +77,9 @@ def replay(model: nn.Module, k: int, t: Transform) -> nn.Module:
     where = f"recipe transform {k} ('{t.op}')"
     fn = _REPLAYS.get(t.op)
     if fn is None:
-        raise SurgeryError(f"{where} is unknown here ({did_you_mean(t.op, _REPLAYS)}); install the package that provides it")
+        raise SurgeryError(
+            f"{where} is unknown here ({did_you_mean(t.op, _REPLAYS)}); install the package that provides it"
+        )
     try:
         inspect.signature(fn).bind(model, **t.args)
     except TypeError as e:
@@ -86,7 +89,9 @@ def replay(model: nn.Module, k: int, t: Transform) -> nn.Module:
     except UserError as e:
         raise SurgeryError(f"{where} does not apply: {first_line(e)}") from None
     except Exception as e:  # noqa: BLE001 - recorded arguments from a file may break the op anywhere
-        raise SurgeryError(f"{where} fails on its recorded arguments ({first_line(e)}); the recipe is corrupt") from None
+        raise SurgeryError(
+            f"{where} fails on its recorded arguments ({first_line(e)}); the recipe is corrupt"
+        ) from None
 
 
 def recipe_of(module: nn.Module) -> Recipe | None:

@@ -7,10 +7,11 @@
 >>> RecipeFile.read({**data, "kind": "pieces"}, "recipe.json")
 Traceback (most recent call last):
 ...
-surgery.errors.SurgeryError: recipe.json: a 'pieces' recipe needs 'cuts' and a non-empty 'pieces' list; fix or replace the file
+surgery.errors.SurgeryError: recipe.json: a 'pieces' recipe needs 'cuts' and a non-empty 'pieces' list; ...
 
 Version 1 (``"format": "surgery/1"``, no ``format_version``) is read too.
 """
+
 from __future__ import annotations
 
 from typing import Annotated, Any, Literal

@@ -22,6 +22,7 @@ Reference(kind='build', target='resnet18', index=None, path=None, kwargs={'num_c
 >>> split_references("timm:vit_tiny_patch16_224(img_size=32, patch_size=8),resnet18")
 ['timm:vit_tiny_patch16_224(img_size=32, patch_size=8)', 'resnet18']
 """
+
 from __future__ import annotations
 
 import ast
@@ -65,7 +66,9 @@ def _literal_kwargs(text: str, where: str) -> dict[str, Any]:
     try:
         return {k.arg: ast.literal_eval(k.value) for k in call.keywords}  # type: ignore[misc]
     except ValueError:
-        raise SurgeryError(f"'{where}': argument values must be Python literals (numbers, strings, lists, ...)") from None
+        raise SurgeryError(
+            f"'{where}': argument values must be Python literals (numbers, strings, lists, ...)"
+        ) from None
 
 
 def parse(text: str) -> Reference:

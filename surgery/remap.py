@@ -18,6 +18,7 @@ True
 >>> torch.equal(moved.layer2[1].conv2.weight, net.layer2[1].conv2.weight[perm])
 True
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable, Collection, Sequence
@@ -27,11 +28,11 @@ from typing import Any
 import torch
 from torch import fx, nn
 
+from surgery.capture import traced_copy
 from surgery.channels import ChannelAnalysis, Endpoint, Layout, analyze_channels
 from surgery.channels.registry import _LITERAL_EDITS
 from surgery.errors import SurgeryError
 from surgery.recipe import extend_recipe, register_replay
-from surgery.capture import traced_copy
 
 
 @dataclass(frozen=True)
@@ -51,11 +52,14 @@ class ChannelMap:
         index = torch.as_tensor(list(perm), dtype=torch.long)
         n = len(index)
         if n == 0 or not torch.equal(index.sort().values, torch.arange(n)):
-            raise SurgeryError(f"perm must hold each of 0..{n - 1} exactly once; got {list(perm)[:8]}{'...' if n > 8 else ''}")
+            raise SurgeryError(
+                f"perm must hold each of 0..{n - 1} exactly once; got {list(perm)[:8]}{'...' if n > 8 else ''}"
+            )
         size = n // blocks
         if blocks > 1 and not torch.equal(index // size, torch.arange(n) // size):
             raise SurgeryError(
-                f"grouped convs read these {n} channels in {blocks} blocks of {size}: perm must keep every channel in its block"
+                f"grouped convs read these {n} channels in {blocks} blocks of {size}: perm must "
+                "keep every channel in its block"
             )
         return cls(index, n)
 
@@ -103,7 +107,9 @@ def _take(t: torch.Tensor, dim: int, m: ChannelMap) -> torch.Tensor:
     return out
 
 
-def _read(weight: torch.Tensor, m: ChannelMap, groups: int, noise: float, generator: torch.Generator | None) -> torch.Tensor:
+def _read(
+    weight: torch.Tensor, m: ChannelMap, groups: int, noise: float, generator: torch.Generator | None
+) -> torch.Tensor:
     """Input columns of a (grouped) layer for map ``m``, divided by each old channel's count.
 
     ``noise`` > 0 adds Gaussian noise (``noise`` times the weights' std) to replicated
@@ -111,7 +117,9 @@ def _read(weight: torch.Tensor, m: ChannelMap, groups: int, noise: float, genera
     """
     out_ch, local, rest = weight.shape[0], weight.shape[1], weight.shape[2:]
     if m.old != local * groups or m.size % groups:
-        raise SurgeryError(f"channel map {m.old}->{m.size} does not fit a layer with {local * groups} inputs in {groups} groups")
+        raise SurgeryError(
+            f"channel map {m.old}->{m.size} does not fit a layer with {local * groups} inputs in {groups} groups"
+        )
     new_local = m.size // groups
     index = m.index.view(groups, new_local)
     fresh = index < 0
@@ -122,7 +130,9 @@ def _read(weight: torch.Tensor, m: ChannelMap, groups: int, noise: float, genera
     scale = torch.where(fresh, 0.0, 1.0 / counts[index.clamp(min=0)]).to(weight.dtype)
     trail = (1,) * len(rest)
     per_group = weight.reshape(groups, out_ch // groups, local, *rest)
-    gather_index = local_index.clamp(min=0).view(groups, 1, new_local, *trail).expand(groups, out_ch // groups, new_local, *rest)
+    gather_index = (
+        local_index.clamp(min=0).view(groups, 1, new_local, *trail).expand(groups, out_ch // groups, new_local, *rest)
+    )
     if groups == 1:  # same result as the gather below, several times faster on large layers
         read = (weight.index_select(1, local_index[0].clamp(min=0)) * scale.view(1, new_local, *trail))[None]
     else:
@@ -369,7 +379,10 @@ def permute_channels(model: nn.Module, at: str, perm: Sequence[int], *, example_
     if reason is not None:
         raise SurgeryError(f"the channels at '{at}' cannot be permuted without changing the output: {reason}")
     if len(perm) != group.channels:
-        raise SurgeryError(f"perm has {len(perm)} entries but '{at}' has {group.channels} channels; give a permutation of 0..{group.channels - 1}")
+        raise SurgeryError(
+            f"perm has {len(perm)} entries but '{at}' has {group.channels} channels; give a "
+            f"permutation of 0..{group.channels - 1}"
+        )
     remap_channels(result, analysis, {group.id: ChannelMap.permutation(perm, group.blocks)})
     args: dict[str, Any] = {"at": at, "perm": [int(p) for p in perm]}
     if example_input is not None:

@@ -8,6 +8,7 @@
 
 DOT text is always written; SVG/PNG/PDF need the graphviz ``dot`` binary.
 """
+
 from __future__ import annotations
 
 import shutil
@@ -16,10 +17,10 @@ from pathlib import Path
 import graphviz
 from torch import fx, nn
 
+from surgery.capture import trace
 from surgery.cut import Pieces, piece_info
 from surgery.errors import SurgeryError
 from surgery.specs import format_specs
-from surgery.capture import trace
 
 _COLOURS = ("#dbeafe", "#dcfce7", "#fef3c7", "#fce7f3", "#ede9fe", "#e0f2fe", "#fee2e2", "#f1f5f9")
 _FORMATS = ("dot", "gv", "svg", "png", "pdf")
@@ -53,7 +54,9 @@ def _add_graph(dot: graphviz.Digraph, gm: fx.GraphModule, prefix: str) -> dict[s
 
 def to_dot(obj: nn.Module) -> graphviz.Digraph:
     """A graphviz Digraph of a model (traced) or of :class:`Pieces` (one cluster per piece)."""
-    dot = graphviz.Digraph("model", graph_attr={"rankdir": "TB"}, node_attr={"fontsize": "10", "style": "filled", "fillcolor": "white"})
+    dot = graphviz.Digraph(
+        "model", graph_attr={"rankdir": "TB"}, node_attr={"fontsize": "10", "style": "filled", "fillcolor": "white"}
+    )
     if not isinstance(obj, Pieces):
         _add_graph(dot, obj if isinstance(obj, fx.GraphModule) else trace(obj), "")
         return dot
@@ -61,14 +64,20 @@ def to_dot(obj: nn.Module) -> graphviz.Digraph:
     for k, part in enumerate(obj):
         colour = _COLOURS[k % len(_COLOURS)]
         with dot.subgraph(name=f"cluster_{k}") as sub:
-            sub.attr(label=f"piece {k}" if isinstance(part, fx.GraphModule) else f"{type(part).__name__} {k}", style="filled", color=colour)
+            sub.attr(
+                label=f"piece {k}" if isinstance(part, fx.GraphModule) else f"{type(part).__name__} {k}",
+                style="filled",
+                color=colour,
+            )
             if isinstance(part, fx.GraphModule):
                 ids = _add_graph(sub, part, f"p{k}_")
                 first_in = [ids[n.name] for n in part.graph.nodes if n.op == "placeholder"]
                 out_id = next(ids[n.name] for n in part.graph.nodes if n.op == "output")
             else:
                 out_id = f"p{k}_module"
-                sub.node(out_id, f"{type(part).__name__}\n{format_specs(piece_info(part).in_specs)} -> {format_specs(piece_info(part).out_specs)}", shape="box")
+                info = piece_info(part)
+                label = f"{type(part).__name__}\n{format_specs(info.in_specs)} -> {format_specs(info.out_specs)}"
+                sub.node(out_id, label, shape="box")
                 first_in = [out_id]
         if previous_out is not None:
             info = piece_info(obj[k - 1])

@@ -7,6 +7,7 @@
 >>> net(torch.randn(1, 3, 32, 32)).shape
 torch.Size([1, 10])
 """
+
 from __future__ import annotations
 
 import copy
@@ -28,7 +29,10 @@ def replace(model: nn.Module, name: str, new_module: nn.Module, *, inplace: bool
     """
     names = dict(model.named_modules())
     if not name or name not in names:
-        raise SurgeryError(f"'{name}' is not a submodule path of {type(model).__name__} ({did_you_mean(name, [n for n in names if n])})")
+        raise SurgeryError(
+            f"'{name}' is not a submodule path of {type(model).__name__} "
+            f"({did_you_mean(name, [n for n in names if n])})"
+        )
     parent_path, _, attr = name.rpartition(".")
     recipe = recipe_of(model)
     spec = None

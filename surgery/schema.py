@@ -19,8 +19,9 @@ surgery.errors.SurgeryError: point.json: field 'x' should be a valid integer, fo
 >>> parse(Point, {"x": 3, "y": 4}, "point.json")
 Traceback (most recent call last):
 ...
-surgery.errors.SurgeryError: point.json: field 'y' is not a known field (known: format_version, x); fix or replace the file
+surgery.errors.SurgeryError: point.json: field 'y' is not a known field (known: format_version, x); fix or ...
 """
+
 from __future__ import annotations
 
 import re
@@ -155,7 +156,9 @@ def describe_error(error: ValidationError, model: type[BaseModel], where: str, f
 def parse(model: type[M], data: Any, where: str, fix: str = DEFAULT_FIX) -> M:
     """Validate ``data`` (parsed JSON/YAML) against ``model``, upgrading older versions first; one-line errors."""
     if not isinstance(data, dict):
-        raise SurgeryError(f"{where}: expected an object of fields at the top level, found {describe_value(data)}; {fix}")
+        raise SurgeryError(
+            f"{where}: expected an object of fields at the top level, found {describe_value(data)}; {fix}"
+        )
     try:
         data = model.upgrade(data, where)
         return model.model_validate(data)

@@ -1,4 +1,5 @@
 """What crosses a boundary: per-sample shapes (batch dimension dropped) and dtypes."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass

@@ -19,6 +19,7 @@ on the server sends the input. Returning the result to the device is not counted
 >>> [(c.name, round(c.total_s * 1e3)) for c in ranked]   # ms
 [('layer2', 402), ('(all on device)', 500), ('(all on server)', 605), ('stem', 904)]
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -159,8 +160,12 @@ def suggest_splits(
     example = Example(tuple(one(a) for a in given.args), {k: one(v) for k, v in given.kwargs.items()})
     points = cut_points(model, example, include_nodes=False, leaf_modules=leaf_modules)
     return rank_splits(
-        points, device_flops, server_flops, bandwidth,
-        total_flops=count_flops(model, *example.args, **example.kwargs), input_bytes=value_bytes(example.tensors()),
+        points,
+        device_flops,
+        server_flops,
+        bandwidth,
+        total_flops=count_flops(model, *example.args, **example.kwargs),
+        input_bytes=value_bytes(example.tensors()),
     )
 
 

@@ -14,6 +14,7 @@ Modules fx cannot trace become leaves automatically (:func:`fx_graph`);
 :mod:`surgery.capture` falls back to torch.export when the model's own ``forward`` is
 the problem.
 """
+
 from __future__ import annotations
 
 import os
@@ -46,7 +47,11 @@ class ScopedTracer(fx.Tracer):
         self.failed_in: tuple[str, str] | None = None
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
-        if module_qualified_name in self.leaf_paths or isinstance(m, self.leaf_types) or getattr(m, "surgery_leaf", False):
+        if (
+            module_qualified_name in self.leaf_paths
+            or isinstance(m, self.leaf_types)
+            or getattr(m, "surgery_leaf", False)
+        ):
             return True
         return super().is_leaf_module(m, module_qualified_name)
 
@@ -79,7 +84,9 @@ def _fail(model: nn.Module, error: Exception, failed_in: tuple[str, str] | None)
         fix = f"mark '{path}' ({cls}) as a leaf: leaf_modules=['{path}'] (CLI --leaf {path})"
     else:
         fix = "fix the argument it depends on with concrete_args={...}"
-    return SurgeryError(f"cannot trace {type(model).__name__}: {first_line(error)}" + (f" at {where}" if where else "") + f"; {fix}")
+    return SurgeryError(
+        f"cannot trace {type(model).__name__}: {first_line(error)}" + (f" at {where}" if where else "") + f"; {fix}"
+    )
 
 
 def fx_graph(

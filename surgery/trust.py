@@ -20,8 +20,9 @@ Nothing is called here: the caller calls the object only after it passed. With
 >>> resolve("surgery.io:os.system", what="the model source")
 Traceback (most recent call last):
 ...
-surgery.errors.SurgeryError: the model source 'surgery.io:os.system' reaches 'os', which is not part of torch, torchvision, surgery, growth, xross, timm or transformers; pass --trust-code (Python: trust_code=True) only if you trust where it came from
+surgery.errors.SurgeryError: the model source 'surgery.io:os.system' reaches 'os', which is not part of ...
 """
+
 from __future__ import annotations
 
 import enum
@@ -110,21 +111,29 @@ def resolve(spec: str, *, kind: Kind = Kind.MODULE_CLASS, trust_code: bool = Fal
     """
     mod_name, attrs = split_spec(spec, what)
     if not trust_code and not in_trusted_package(mod_name):
-        raise SurgeryError(f"{what} '{spec}' imports '{mod_name}', which is not part of {_trusted_names()}; {TRUST_HINT}")
+        raise SurgeryError(
+            f"{what} '{spec}' imports '{mod_name}', which is not part of {_trusted_names()}; {TRUST_HINT}"
+        )
     try:
         obj: Any = importlib.import_module(mod_name)
     except ImportError as e:
-        raise SurgeryError(f"{what} '{spec}': cannot import '{mod_name}' ({first_line(e)}); install it or fix the name") from None
+        raise SurgeryError(
+            f"{what} '{spec}': cannot import '{mod_name}' ({first_line(e)}); install it or fix the name"
+        ) from None
     for part in attrs:
         try:
             obj = getattr(obj, part)
         except AttributeError:
-            raise SurgeryError(f"{what} '{spec}': '{_defined_in(obj) or mod_name}' has no attribute '{part}'; check the name") from None
+            raise SurgeryError(
+                f"{what} '{spec}': '{_defined_in(obj) or mod_name}' has no attribute '{part}'; check the name"
+            ) from None
         except Exception as e:  # noqa: BLE001 - a lazy module attribute failing to load
             raise SurgeryError(f"{what} '{spec}': cannot read '{part}' ({first_line(e)})") from None
         if not trust_code and not in_trusted_package(_defined_in(obj)):
             shown = _defined_in(obj) or type(obj).__name__
-            raise SurgeryError(f"{what} '{spec}' reaches '{shown}', which is not part of {_trusted_names()}; {TRUST_HINT}")
+            raise SurgeryError(
+                f"{what} '{spec}' reaches '{shown}', which is not part of {_trusted_names()}; {TRUST_HINT}"
+            )
     if not callable(obj):
         raise SurgeryError(f"{what} '{spec}' is a {type(obj).__name__}, not {kind.value}")
     if trust_code:

@@ -7,6 +7,7 @@ training and 20 test 32x32 JPEGs per class, as an ImageFolder directory and as a
 cifar10-jpeg.tar.xz`` runs them on the real archive instead (``cifar10_archive`` is then
 that file).
 """
+
 from __future__ import annotations
 
 import os

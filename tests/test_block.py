@@ -1,4 +1,5 @@
 """growth.block: a residual block copied after itself with zero branches keeps the function, in every family."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -15,13 +16,23 @@ from surgery.inputs import Example
 
 transformers.logging.set_verbosity_error()
 TEXT = {"num_hidden_layers": 3, "hidden_size": 32, "num_attention_heads": 4, "intermediate_size": 64, "vocab_size": 120}
-TOKENS = Example((), {"input_ids": torch.randint(1, 120, (2, 10)), "attention_mask": torch.ones(2, 10, dtype=torch.long)})
+TOKENS = Example(
+    (), {"input_ids": torch.randint(1, 120, (2, 10)), "attention_mask": torch.ones(2, 10, dtype=torch.long)}
+)
 MODELS = {
-    "gpt2": ("hf:GPT2LMHeadModel", {"config": {"n_layer": 3, "n_embd": 32, "n_head": 4, "vocab_size": 120, "n_positions": 64}},
-             "transformer.h.1", TOKENS),
+    "gpt2": (
+        "hf:GPT2LMHeadModel",
+        {"config": {"n_layer": 3, "n_embd": 32, "n_head": 4, "vocab_size": 120, "n_positions": 64}},
+        "transformer.h.1",
+        TOKENS,
+    ),
     "llama": ("hf:LlamaForCausalLM", {"config": {**TEXT, "num_key_value_heads": 2}}, "model.layers.1", TOKENS),
-    "timm vit": ("timm:vit_tiny_patch16_224", {"img_size": 32, "patch_size": 8, "depth": 3}, "blocks.1",
-                 Example((torch.randn(2, 3, 32, 32),), {})),
+    "timm vit": (
+        "timm:vit_tiny_patch16_224",
+        {"img_size": 32, "patch_size": 8, "depth": 3},
+        "blocks.1",
+        Example((torch.randn(2, 3, 32, 32),), {}),
+    ),
     "convnext": ("convnext_tiny", {}, "features.5.4", Example((torch.randn(2, 3, 64, 64),), {})),
     "pre-activation resnet": ("timm:resnetv2_50", {}, "stages.1.blocks.2", Example((torch.randn(2, 3, 64, 64),), {})),
     "resnet (ReLU after the sum)": ("resnet18", {}, "layer3.1", Example((torch.randn(2, 3, 64, 64),), {})),

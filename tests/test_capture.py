@@ -2,6 +2,7 @@
 
 Transformers and timm models are built from small configs with random weights (no downloads).
 """
+
 from __future__ import annotations
 
 import warnings
@@ -17,13 +18,22 @@ from surgery.inputs import Example
 
 transformers.logging.set_verbosity_error()
 
-SMALL = {"num_hidden_layers": 3, "hidden_size": 32, "num_attention_heads": 4, "intermediate_size": 64, "vocab_size": 120}
+SMALL = {
+    "num_hidden_layers": 3,
+    "hidden_size": 32,
+    "num_attention_heads": 4,
+    "intermediate_size": 64,
+    "vocab_size": 120,
+}
 CONFIGS = {
     "gpt2": ("GPT2LMHeadModel", {"n_layer": 3, "n_embd": 32, "n_head": 4, "vocab_size": 120, "n_positions": 64}),
     "bert": ("BertForSequenceClassification", {**SMALL, "num_labels": 3}),
     "llama": ("LlamaForCausalLM", {**SMALL, "num_key_value_heads": 2}),
 }
-FAMILIES = {name: (lambda cls=cls, cfg=cfg: surgery.build_model(f"hf:{cls}", config=cfg)) for name, (cls, cfg) in CONFIGS.items()}
+FAMILIES = {
+    name: (lambda cls=cls, cfg=cfg: surgery.build_model(f"hf:{cls}", config=cfg))
+    for name, (cls, cfg) in CONFIGS.items()
+}
 LAYERS = {"gpt2": "transformer.h", "bert": "bert.encoder.layer", "llama": "model.layers"}
 
 
@@ -91,11 +101,20 @@ def test_timm_vit_cuts_at_blocks_and_inside_them() -> None:
 
 
 def test_container_paths_are_cut_points_and_unknown_names_say_what_is_close() -> None:
-    vit = surgery.build_model("torchvision.models:VisionTransformer", image_size=32, patch_size=8, num_layers=2, num_heads=2,
-                              hidden_dim=32, mlp_dim=64)
+    vit = surgery.build_model(
+        "torchvision.models:VisionTransformer",
+        image_size=32,
+        patch_size=8,
+        num_layers=2,
+        num_heads=2,
+        hidden_dim=32,
+        mlp_dim=64,
+    )
     names = {p.name for p in surgery.cut_points(vit, torch.randn(1, 3, 32, 32))}
     assert {"encoder.layers", "encoder.layers.encoder_layer_0"} <= names
-    with pytest.raises(surgery.SurgeryError, match=r"'encoder.layer' is not a module path or node name.*closest: encoder.layers"):
+    with pytest.raises(
+        surgery.SurgeryError, match=r"'encoder.layer' is not a module path or node name.*closest: encoder.layers"
+    ):
         surgery.cut(vit, "encoder.layer")
 
 

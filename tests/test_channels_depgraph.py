@@ -14,6 +14,7 @@ keeps the function (``check=True``). A missing reader would make the grown netwo
 to run; a layer wrongly left out of a group would change the output. No torch-pruning is
 needed here.
 """
+
 from __future__ import annotations
 
 import pytest
@@ -39,7 +40,10 @@ COUPLED = {
         "blocks.1.0.conv_pw.0": {"blocks.1.0.conv_pw.0", "blocks.1.0.conv_dw", "blocks.1.0.conv_pwl.0"},
         # three depthwise pieces (80 | 80 | 80) read by two pointwise ones (120 | 120); DepGraph: conv_pwl.1
         "blocks.3.0.conv_dw.1": {
-            "blocks.3.0.conv_pw", "blocks.3.0.conv_dw.1", "blocks.3.0.se.conv_reduce", "blocks.3.0.se.conv_expand",
+            "blocks.3.0.conv_pw",
+            "blocks.3.0.conv_dw.1",
+            "blocks.3.0.se.conv_reduce",
+            "blocks.3.0.se.conv_expand",
             "blocks.3.0.conv_pwl.0",
         },
     },
@@ -48,7 +52,8 @@ COUPLED = {
         "stages.0.conv_exp.conv": {"stages.0.conv_exp.conv", "stages.0.conv_transition.conv"},
         # DepGraph misses stages.0.blocks.0.conv1.conv, the first reader of the split's second half
         "stages.0.blocks.0.conv3.conv": {
-            "stages.0.conv_exp.conv", "stages.0.conv_transition_b.conv",
+            "stages.0.conv_exp.conv",
+            "stages.0.conv_transition_b.conv",
             *(f"stages.0.blocks.{i}.conv{j}.conv" for i in range(3) for j in (1, 3)),
         },
     },
@@ -56,7 +61,8 @@ COUPLED = {
         "stages.0.conv_exp.conv": {"stages.0.conv_exp.conv", "stages.0.conv_transition.conv"},
         # DepGraph misses stages.1.blocks.0.conv1.conv
         "stages.1.blocks.0.conv2.conv": {
-            "stages.1.conv_exp.conv", "stages.1.conv_transition_b.conv",
+            "stages.1.conv_exp.conv",
+            "stages.1.conv_transition_b.conv",
             *(f"stages.1.blocks.{i}.conv{j}.conv" for i in range(2) for j in (1, 2)),
         },
     },

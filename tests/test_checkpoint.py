@@ -1,4 +1,5 @@
-"""xross.checkpoint: digests catch altered tensor data everywhere a run's checkpoint is read; killed writes leave nothing."""
+"""xross.checkpoint: digests catch altered tensors wherever a checkpoint is read; killed writes leave nothing."""
+
 from __future__ import annotations
 
 import os
@@ -36,9 +37,28 @@ def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
     tmp = tmp_path_factory.mktemp("ckpt")
     run = tmp / "run"
-    args = ["train", "--nets", "growth.models:small_vgg,growth.models:small_vgg", "--cut", "features.0", "--mode", "dml",
-            "--data", str(_image_folder(tmp / "data")), "--image-size", "32", "--epochs", "2", "--batch-size", "4",
-            "--cache-dir", str(tmp / "cache"), "--out", str(run), "--no-progress"]
+    args = [
+        "train",
+        "--nets",
+        "growth.models:small_vgg,growth.models:small_vgg",
+        "--cut",
+        "features.0",
+        "--mode",
+        "dml",
+        "--data",
+        str(_image_folder(tmp / "data")),
+        "--image-size",
+        "32",
+        "--epochs",
+        "2",
+        "--batch-size",
+        "4",
+        "--cache-dir",
+        str(tmp / "cache"),
+        "--out",
+        str(run),
+        "--no-progress",
+    ]
     with pytest.raises(SystemExit) as e:
         run_app(app, args)
     assert e.value.code == 0
@@ -64,8 +84,12 @@ def test_digest_covers_every_value() -> None:
     state = {"cohort": {"w": torch.ones(4)}, "position": {"epoch": 1}, "rng": [torch.zeros(2, dtype=torch.uint8)]}
     same = {"position": {"epoch": 1}, "cohort": {"w": torch.ones(4)}, "rng": [torch.zeros(2, dtype=torch.uint8)]}
     assert state_digest(state) == state_digest(same)  # key order does not matter
-    for changed in ({**state, "position": {"epoch": 2}}, {**state, "cohort": {"w": torch.ones(4, dtype=torch.float64)}},
-                    {**state, "cohort": {"w": torch.ones(2, 2)}}, {**state, "cohort": {"w": torch.tensor([1.0, 1, 1, 1.5])}}):
+    for changed in (
+        {**state, "position": {"epoch": 2}},
+        {**state, "cohort": {"w": torch.ones(4, dtype=torch.float64)}},
+        {**state, "cohort": {"w": torch.ones(2, 2)}},
+        {**state, "cohort": {"w": torch.tensor([1.0, 1, 1, 1.5])}},
+    ):
         assert state_digest(changed) != state_digest(state)
 
 

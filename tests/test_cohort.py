@@ -1,4 +1,5 @@
 """xross.cohort: cohorts of transformers (token boundaries, side values) train and stitch like CNN cohorts."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -20,9 +21,31 @@ def test_two_vits_of_different_widths_build_with_token_adapters() -> None:
 
 
 def test_xross_trains_a_two_vit_cohort_for_an_epoch(cli, synthetic_folder: Path, tmp_path: Path) -> None:
-    r = cli("xross", "train", "--nets", f"{VIT.format(48)},{VIT.format(96)}", "--cut", "blocks.1", "--mode", "xml",
-            "--data", synthetic_folder, "--subset", "160", "--eval-subset", "40", "--epochs", "1", "--batch-size", "32",
-            "--cache-dir", tmp_path / "cache", "--out", tmp_path / "run", "--no-progress")
+    r = cli(
+        "xross",
+        "train",
+        "--nets",
+        f"{VIT.format(48)},{VIT.format(96)}",
+        "--cut",
+        "blocks.1",
+        "--mode",
+        "xml",
+        "--data",
+        synthetic_folder,
+        "--subset",
+        "160",
+        "--eval-subset",
+        "40",
+        "--epochs",
+        "1",
+        "--batch-size",
+        "32",
+        "--cache-dir",
+        tmp_path / "cache",
+        "--out",
+        tmp_path / "run",
+        "--no-progress",
+    )
     assert r.code == 0, r
     from xross.evaluate import EvalResult
 

@@ -1,4 +1,5 @@
 """xross.config: TrainConfig is the single source of the run options, the config file schema and the CLI."""
+
 from __future__ import annotations
 
 import typing
@@ -27,7 +28,9 @@ def test_every_field_has_an_option_with_the_same_choices() -> None:
         option = params.get(option_name(name, field))
         assert option is not None, f"TrainConfig.{name} has no `xross train` option"
         if typing.get_origin(field.annotation) is typing.Literal:
-            assert set(typing.get_args(option.type_descriptor.annotation)) == set(typing.get_args(field.annotation)), name
+            assert set(typing.get_args(option.type_descriptor.annotation)) == set(typing.get_args(field.annotation)), (
+                name
+            )
         assert field.description and field.description in (option.help or ""), f"--{name} help is not the field's"
 
 

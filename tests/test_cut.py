@@ -1,4 +1,5 @@
 """Cutting real torchvision models: the pieces compose to the model bit for bit."""
+
 from __future__ import annotations
 
 import random
@@ -15,13 +16,29 @@ MODELS = {
     "resnet18": ({}, 64, ["layer1.0.conv2", "layer2", "layer3.1.bn1"]),
     "resnet50": ({}, 64, ["layer1", "layer2_0_relu_1", "layer3.2.conv2"]),
     "mobilenet_v3_small": ({}, 64, ["features.2.block.1", "features.4.block.2", "features.9"]),
-    "densenet121": ({}, 64, ["features.denseblock1.denselayer2.conv1", "features.transition2", "features.denseblock3.denselayer5"]),
+    "densenet121": (
+        {},
+        64,
+        ["features.denseblock1.denselayer2.conv1", "features.transition2", "features.denseblock3.denselayer5"],
+    ),
     "efficientnet_b0": ({}, 64, ["features.2.0.block.1", "features.4.1.block.2", "features.6"]),
     "convnext_tiny": ({}, 64, ["features.1.0.block.3", "features.3", "features.5.2.block.4"]),
-    "vit_b_16": ({"image_size": 64}, 64, ["conv_proj", "encoder.layers.encoder_layer_2.self_attention", "encoder.layers.encoder_layer_7"]),
+    "vit_b_16": (
+        {"image_size": 64},
+        64,
+        ["conv_proj", "encoder.layers.encoder_layer_2.self_attention", "encoder.layers.encoder_layer_7"],
+    ),
     "swin_t": ({}, 64, ["features.1.0.attn", "features.3", "features.5.3.mlp.1"]),
-    "googlenet": ({"aux_logits": False, "init_weights": False}, 64, ["inception3a.branch2", "inception4b", "inception5a.branch4.0"]),
-    "inception_v3": ({"aux_logits": False, "init_weights": False}, 96, ["Mixed_5b.branch5x5_1", "Mixed_6a", "Mixed_6c.branch7x7dbl_3"]),
+    "googlenet": (
+        {"aux_logits": False, "init_weights": False},
+        64,
+        ["inception3a.branch2", "inception4b", "inception5a.branch4.0"],
+    ),
+    "inception_v3": (
+        {"aux_logits": False, "init_weights": False},
+        96,
+        ["Mixed_5b.branch5x5_1", "Mixed_6a", "Mixed_6c.branch7x7dbl_3"],
+    ),
 }
 
 

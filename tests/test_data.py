@@ -3,6 +3,7 @@
 On the generated CIFAR-10 stand-in (tests/conftest.py), or the real archive with ``CIFAR10_ARCHIVE``,
 and on tiny local folders.
 """
+
 from __future__ import annotations
 
 import doctest
@@ -134,6 +135,7 @@ def test_generated_dataset_is_deterministic_and_learnable(synthetic_folder: Path
     assert (same / image).read_bytes() == (synthetic_folder / image).read_bytes() != (other / image).read_bytes()
     cache = tmp_path / "cache"
     train, test = (load_split(synthetic_folder, split, cache_dir=cache, progress=False) for split in ("train", "test"))
+
     def colour(data: ImageTensors) -> torch.Tensor:
         return data.images.float().mean((2, 3))  # the mean colour of each image
 

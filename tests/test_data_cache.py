@@ -1,4 +1,5 @@
 """The decoded-data cache's size cap (least recently used entries go first), cache_info, clear_cache, `xross cache`."""
+
 from __future__ import annotations
 
 import os

@@ -1,4 +1,5 @@
 """A test-sized run of examples/grow_and_train.py: growth mid-training keeps the test accuracy exactly."""
+
 from __future__ import annotations
 
 import importlib.util
@@ -25,10 +26,29 @@ def test_grow_and_train_keeps_accuracy_through_growth(
     """Without CIFAR10_ARCHIVE the example runs as it does without --data: on data it generates itself."""
     example = _example()
     data = ["--data", str(real_cifar10)] if real_cifar10 is not None else []
-    result = example.main([
-        *data, "--cache-dir", str(data_cache), "--subset", "640", "--test-subset", "320", "--epochs", "3",
-        "--grow-at-epoch", "1", "--widths", "8", "16", "32", "--batch-size", "64", "--out", str(tmp_path / "grown"),
-    ])
+    result = example.main(
+        [
+            *data,
+            "--cache-dir",
+            str(data_cache),
+            "--subset",
+            "640",
+            "--test-subset",
+            "320",
+            "--epochs",
+            "3",
+            "--grow-at-epoch",
+            "1",
+            "--widths",
+            "8",
+            "16",
+            "32",
+            "--batch-size",
+            "64",
+            "--out",
+            str(tmp_path / "grown"),
+        ]
+    )
     out = capsys.readouterr().out
     assert result["before"] == result["after"], out
     assert "(equal)" in out and "the grown net ends" in out

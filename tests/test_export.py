@@ -1,4 +1,5 @@
 """surgery.export: pieces as ONNX (chained in onnxruntime) and .pt2 (torch.export) files, and `surgery export`."""
+
 from __future__ import annotations
 
 import sys

@@ -1,4 +1,5 @@
 """What the growth ops promise beyond exactness: coupled groups, structure, refusals, cutting, saving."""
+
 from __future__ import annotations
 
 import math
@@ -57,11 +58,15 @@ def test_widening_mobilenet_project_conv_widens_the_residual_partner() -> None:
 def test_replicated_units_copy_weights_and_statistics(resnet18: nn.Module) -> None:
     wide = growth.net2wider(resnet18, "layer1.0.conv1", factor=1.5, seed=3)
     conv, bn, reader = (wide.get_submodule(p) for p in ("layer1.0.conv1", "layer1.0.bn1", "layer1.0.conv2"))
-    old_conv, old_bn, old_reader = (resnet18.get_submodule(p) for p in ("layer1.0.conv1", "layer1.0.bn1", "layer1.0.conv2"))
+    old_conv, old_bn, old_reader = (
+        resnet18.get_submodule(p) for p in ("layer1.0.conv1", "layer1.0.bn1", "layer1.0.conv2")
+    )
     assert torch.equal(conv.weight[:64], old_conv.weight)
     copies = [next(c for c in range(64) if torch.equal(conv.weight[j], old_conv.weight[c])) for j in range(64, 96)]
     for j, c in zip(range(64, 96), copies):
-        assert torch.equal(bn.running_mean[j], old_bn.running_mean[c]) and torch.equal(bn.running_var[j], old_bn.running_var[c])
+        assert torch.equal(bn.running_mean[j], old_bn.running_mean[c]) and torch.equal(
+            bn.running_var[j], old_bn.running_var[c]
+        )
     counts = torch.bincount(torch.tensor(copies), minlength=64) + 1
     for j, c in zip(range(64, 96), copies):
         assert torch.allclose(reader.weight[:, j], old_reader.weight[:, c] / counts[c])
@@ -116,7 +121,9 @@ def test_identity_layers_start_as_identity(resnet18: nn.Module) -> None:
 
 
 def test_refusals_say_why_and_where(resnet18: nn.Module) -> None:
-    with pytest.raises(GrowthError, match=r"'layer1.0.bn2' \(BatchNorm2d\) can output negative values.*applicable sites: relu, maxpool"):
+    with pytest.raises(
+        GrowthError, match=r"'layer1.0.bn2' \(BatchNorm2d\) can output negative values.*applicable sites: relu, maxpool"
+    ):
         growth.net2deeper(resnet18, "layer1.0.bn2")
     assert _same_output(resnet18, growth.net2deeper(resnet18, "layer1.0.bn2", activation=None), X)
     with pytest.raises(GrowthError, match=r"a conv needs \(N, C, H, W\), use kind='linear'"):
@@ -187,7 +194,15 @@ def test_every_op_saves_and_loads_exactly(resnet18: nn.Module, tmp_path) -> None
     grown = growth.net2deeper(grown, "flatten", kind="linear")
     grown = surgery.permute_channels(grown, "layer4", torch.randperm(512).tolist())
     ops = [t.op for t in surgery.recipe_of(grown).transforms]
-    assert ops == ["net2wider", "net2deeper", "net2branch", "widen_kernel", "add_skip", "net2deeper", "permute_channels"]
+    assert ops == [
+        "net2wider",
+        "net2deeper",
+        "net2branch",
+        "widen_kernel",
+        "add_skip",
+        "net2deeper",
+        "permute_channels",
+    ]
     surgery.save(grown, tmp_path / "grown")
     again = surgery.load(tmp_path / "grown")
     assert again.state_dict().keys() == grown.state_dict().keys()

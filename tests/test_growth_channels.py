@@ -1,4 +1,5 @@
 """The channel-coupling analysis on real graphs: who writes, follows and reads each group, and what blocks it."""
+
 from __future__ import annotations
 
 import pytest

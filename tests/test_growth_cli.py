@@ -1,4 +1,5 @@
 """The ``growth`` command line: sites, mutate, random, replay; bad input is one line and exit status 2."""
+
 from __future__ import annotations
 
 import json
@@ -17,14 +18,44 @@ def test_sites_lists_where_an_op_applies(cli) -> None:
 
 def test_mutate_prints_the_change_and_saves(cli, tmp_path) -> None:
     out = tmp_path / "wide"
-    r = cli("growth", "mutate", "resnet18", "--op", "net2wider", "--at", "layer2.0.conv1", "--factor", "1.5", "--seed", "0", "--out", out)
+    r = cli(
+        "growth",
+        "mutate",
+        "resnet18",
+        "--op",
+        "net2wider",
+        "--at",
+        "layer2.0.conv1",
+        "--factor",
+        "1.5",
+        "--seed",
+        "0",
+        "--out",
+        out,
+    )
     assert r.code == 0, r
     assert "params 11.7M -> 11.8M (+111k)" in r.out and "FLOPs" in r.out and "max |Δ output|" in r.out
     grown = surgery.load(out)
     assert grown.get_submodule("layer2.0.conv1").out_channels == 192
     r = cli("growth", "mutate", out, "--op", "add_skip", "--src", "layer1", "--dst", "layer2", "--out", out)
     assert r.code == 2 and "is not empty" in r.err, r
-    r = cli("growth", "mutate", out, "--op", "net2deeper", "--after", "layer1", "--kernel-size", "1", "--no-batchnorm", "--activation", "none", "--out", out, "--force")
+    r = cli(
+        "growth",
+        "mutate",
+        out,
+        "--op",
+        "net2deeper",
+        "--after",
+        "layer1",
+        "--kernel-size",
+        "1",
+        "--no-batchnorm",
+        "--activation",
+        "none",
+        "--out",
+        out,
+        "--force",
+    )
     assert r.code == 0, r
     assert surgery.load(out).get_submodule("layer1.net2deeper0.0").kernel_size == (1, 1)
 
@@ -49,13 +80,28 @@ def test_random_then_replay_gives_the_same_network(cli, tmp_path) -> None:
 @pytest.mark.parametrize(
     ("args", "message"),
     [
-        (["mutate", "resnet18", "--op", "net2wider", "--at", "layer2.0.conv", "--factor", "1.5"], "closest: layer2.0.conv2, layer2.0.conv1"),
-        (["mutate", "resnet18", "--op", "net2wider", "--at", "fc", "--factor", "1.5"], "reaches the model output (node 'output'); applicable sites: conv1"),
+        (
+            ["mutate", "resnet18", "--op", "net2wider", "--at", "layer2.0.conv", "--factor", "1.5"],
+            "closest: layer2.0.conv2, layer2.0.conv1",
+        ),
+        (
+            ["mutate", "resnet18", "--op", "net2wider", "--at", "fc", "--factor", "1.5"],
+            "reaches the model output (node 'output'); applicable sites: conv1",
+        ),
         (["mutate", "resnet18", "--op", "net2wider", "--at", "conv1", "--factor", "1"], "factor=1.0 does not widen"),
-        (["mutate", "resnet18", "--op", "net2wider", "--at", "conv1", "--new-width", "32"], "not larger than the 64 channels"),
+        (
+            ["mutate", "resnet18", "--op", "net2wider", "--at", "conv1", "--new-width", "32"],
+            "not larger than the 64 channels",
+        ),
         (["mutate", "resnet18", "--op", "net2deeper", "--at", "conv1"], "net2deeper needs --after"),
-        (["mutate", "resnet18", "--op", "net2deeper", "--after", "layer1", "--factor", "2"], "--factor does not apply to net2deeper"),
-        (["mutate", "torch.nn:Transformer", "--op", "net2wider", "--at", "x", "--factor", "1.5"], "cannot trace Transformer"),
+        (
+            ["mutate", "resnet18", "--op", "net2deeper", "--after", "layer1", "--factor", "2"],
+            "--factor does not apply to net2deeper",
+        ),
+        (
+            ["mutate", "torch.nn:Transformer", "--op", "net2wider", "--at", "x", "--factor", "1.5"],
+            "cannot trace Transformer",
+        ),
         (["sites", "resnet18", "--op", "wider"], "unknown growth op 'wider'"),
         (["replay", "resnet18", "missing.jsonl"], "cannot read growth log"),
     ],

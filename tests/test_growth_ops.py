@@ -1,4 +1,5 @@
-"""Each growth op on real torchvision models: the function is kept (float32 and float64), the size grows as it should."""
+"""Each growth op on real torchvision models: the function is kept (float32, float64); the size grows as it should."""
+
 from __future__ import annotations
 
 import functools
@@ -47,7 +48,8 @@ CASES = [
     Case("convnext_tiny", "net2wider", "features.5.4.block.3", {"factor": 1.25, "seed": 0}),
     Case("vgg11_bn", "net2wider", "features.25", {"factor": 1.5, "seed": 0}),
     Case("vgg11_bn", "net2wider", "classifier.0", {"factor": 1.25, "seed": 0}),
-    # net2deeper: after ReLUs and pools (with the ReLU), anywhere with activation=None, linear on (N, F) and channels-last values
+    # net2deeper: after ReLUs and pools (with the ReLU), anywhere with activation=None, linear on (N, F) and
+    # channels-last values
     Case("resnet18", "net2deeper", "layer1_0_relu"),
     Case("resnet18", "net2deeper", "layer2"),
     Case("resnet18", "net2deeper", "flatten", {"kind": "linear"}),
@@ -137,7 +139,11 @@ def _expected_growth(case: Case, model: nn.Module, x: torch.Tensor) -> int | Non
         return c * c // a.get("groups", 1) * k * k + (2 * c if bn else c)
     if case.op == "net2branch" and a.get("merge", "add") == "add":
         layer = model.get_submodule(case.site)
-        cin, cout = (layer.in_channels, layer.out_channels) if isinstance(layer, nn.Conv2d) else (layer.in_features, layer.out_features)
+        cin, cout = (
+            (layer.in_channels, layer.out_channels)
+            if isinstance(layer, nn.Conv2d)
+            else (layer.in_features, layer.out_features)
+        )
         k = a.get("kernel_size", 3) if isinstance(layer, nn.Conv2d) else 1
         hidden = max(1, cin // 2)
         return cin * hidden + hidden + hidden * cout * k * k + cout

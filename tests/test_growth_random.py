@@ -1,4 +1,5 @@
 """Random feasible growth: 20 steps keep the function, the grown net trains, the log replays bit for bit."""
+
 from __future__ import annotations
 
 import copy
@@ -19,9 +20,13 @@ STEPS = 20
 
 
 @pytest.fixture(scope="module")
-def grown_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[nn.Module, nn.Module, list[growth.MutationRecord], Path]:
+def grown_run(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> tuple[nn.Module, nn.Module, list[growth.MutationRecord], Path]:
     torch.manual_seed(0)
-    start = vary_constant_weights(surgery.build_model("resnet18", num_classes=10).eval(), torch.Generator().manual_seed(0))
+    start = vary_constant_weights(
+        surgery.build_model("resnet18", num_classes=10).eval(), torch.Generator().manual_seed(0)
+    )
     log = tmp_path_factory.mktemp("growth") / "mutations.jsonl"
     grown, records = growth.mutate(start, steps=STEPS, seed=0, log=log)
     return start, grown, records, log
@@ -79,8 +84,20 @@ def test_the_grown_net_saves_and_loads(grown_run, tmp_path) -> None:
 
 
 def test_random_mutation_follows_the_rng_and_the_probabilities() -> None:
-    net = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 2))
-    a, rec_a = growth.random_mutation(net, random.Random(5), probs={"net2wider": 1.0, "net2deeper": 0.0, "net2branch": 0.0, "widen_kernel": 0.0, "add_skip": 0.0})
+    net = nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1),
+        nn.ReLU(),
+        nn.Conv2d(8, 8, 3, padding=1),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(8, 2),
+    )
+    a, rec_a = growth.random_mutation(
+        net,
+        random.Random(5),
+        probs={"net2wider": 1.0, "net2deeper": 0.0, "net2branch": 0.0, "widen_kernel": 0.0, "add_skip": 0.0},
+    )
     b, rec_b = growth.random_mutation(net, random.Random(5), ops=["net2wider"])
     assert rec_a.op == rec_b.op == "net2wider" and rec_a.site == rec_b.site and rec_a.args == rec_b.args
     assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
@@ -98,10 +115,16 @@ def test_random_mutation_follows_the_rng_and_the_probabilities() -> None:
     ("content", "message"),
     [
         ('{"op": "net2wider", "site": "conv1"\n', r"mutations.jsonl:1: not valid JSON"),
-        ('{"op": "net2wider", "site": "conv1", "args": {"factor": 1.5}}\n[1, 2]\n', r"mutations.jsonl:2: expected an object of fields at the top level, found a list of 2"),
+        (
+            '{"op": "net2wider", "site": "conv1", "args": {"factor": 1.5}}\n[1, 2]\n',
+            r"mutations.jsonl:2: expected an object of fields at the top level, found a list of 2",
+        ),
         ('\n{"op": "grow", "site": "conv1", "args": {}}\n', r"mutations.jsonl:2: unknown op 'grow'"),
         ('{"op": "net2wider", "args": {}}\n', r"mutations.jsonl:1: field 'site' is missing"),
-        ('{"op": "net2wider", "site": "conv1", "args": {}, "colour": 1}\n', r"mutations.jsonl:1: field 'colour' is not a known field"),
+        (
+            '{"op": "net2wider", "site": "conv1", "args": {}, "colour": 1}\n',
+            r"mutations.jsonl:1: field 'colour' is not a known field",
+        ),
         (b"\xff\xfe\x00", r"cannot read growth log"),
     ],
 )

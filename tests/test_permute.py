@@ -1,4 +1,5 @@
 """surgery.permute_channels: every producer and consumer of a boundary moves together; the output does not."""
+
 from __future__ import annotations
 
 import copy

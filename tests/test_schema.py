@@ -7,6 +7,7 @@ truncations. Each is read through the command that reads it in practice; the com
 must finish with status 0, or with status 2 and one line on stderr. A checkpoint must
 never load with altered weights.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -35,10 +36,33 @@ from xross.trainer import build_cohort
 
 MUTANTS = 200  # distinct mutated files per file type, at least
 EXAMPLES = 240  # hypothesis examples drawn to get them (a few draws repeat)
-VALUES = [None, 0, -1, 1, 3, 2.5, -0.5, "", "x", "1e-4", "resnet18", True, False, [], {}, ["a"], [1, 2], {"k": 1}, 10**6]
+VALUES = [
+    None,
+    0,
+    -1,
+    1,
+    3,
+    2.5,
+    -0.5,
+    "",
+    "x",
+    "1e-4",
+    "resnet18",
+    True,
+    False,
+    [],
+    {},
+    ["a"],
+    [1, 2],
+    {"k": 1},
+    10**6,
+]
 
 SETTINGS = settings(
-    max_examples=EXAMPLES, derandomize=True, deadline=None, database=None,
+    max_examples=EXAMPLES,
+    derandomize=True,
+    deadline=None,
+    database=None,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture, HealthCheck.data_too_large],
 )
 
@@ -172,8 +196,14 @@ def _image_folder(root: Path) -> Path:
 def test_mutated_run_configs(in_tmp: Path) -> None:
     run = in_tmp / "run"
     cfg = TrainConfig(
-        nets=["growth.models:small_vgg"] * 2, cuts=["features.0"], num_classes=2, image_size=32, out=str(run),
-        data=str(_image_folder(in_tmp / "data")), cache_dir=str(in_tmp / "cache"), eval_subset=4,
+        nets=["growth.models:small_vgg"] * 2,
+        cuts=["features.0"],
+        num_classes=2,
+        image_size=32,
+        out=str(run),
+        data=str(_image_folder(in_tmp / "data")),
+        cache_dir=str(in_tmp / "cache"),
+        eval_subset=4,
     )
     cohort = build_cohort(cfg.model_copy(update={"nets": ["growth.models:small_vgg"] * 2}), torch.device("cpu"))
     CheckpointDir(run).save({"cohort": cohort.state_dict()}, 1)
@@ -184,7 +214,11 @@ def test_mutated_run_configs(in_tmp: Path) -> None:
         (run / "config.yaml").write_bytes(blob)
         result = _run("xross", "eval", run)
         _clean(*result)
-        return _run("xross", "train", "--resume", "--out", run, "--epochs", "1", "--no-progress") if result[0] == 2 else result
+        return (
+            _run("xross", "train", "--resume", "--out", run, "--epochs", "1", "--no-progress")
+            if result[0] == 2
+            else result
+        )
 
     _check_property(in_tmp, original, lambda d: yaml.safe_dump(d, sort_keys=False), write_and_run)
 
@@ -192,8 +226,11 @@ def test_mutated_run_configs(in_tmp: Path) -> None:
 def test_mutated_evaluations(in_tmp: Path) -> None:
     run = in_tmp / "run"
     run.mkdir()
-    rows = [{"path": [i, j], "name": f"{i}>{j}", "top1": 60.0 + i, "top5": 90.0, "params": 1000 * (i + j + 1), "flops": 2e6}
-            for i in range(2) for j in range(2)]
+    rows = [
+        {"path": [i, j], "name": f"{i}>{j}", "top1": 60.0 + i, "top5": 90.0, "params": 1000 * (i + j + 1), "flops": 2e6}
+        for i in range(2)
+        for j in range(2)
+    ]
     original = {"format_version": 1, "paths": rows, "ensembles": {"nets": {"top1": 70.0, "top5": 91.0}}, "samples": 100}
 
     def write_and_run(blob: bytes) -> tuple[int, str]:
@@ -205,14 +242,21 @@ def test_mutated_evaluations(in_tmp: Path) -> None:
 
 def test_mutated_growth_logs(in_tmp: Path) -> None:
     model = surgery.save(_tiny([4, 8]), in_tmp / "model")
-    _, records = growth.mutate(_tiny([4, 8]), steps=2, seed=0, ops=["net2wider", "net2deeper"], example_input=torch.randn(2, 3, 8, 8))
+    _, records = growth.mutate(
+        _tiny([4, 8]), steps=2, seed=0, ops=["net2wider", "net2deeper"], example_input=torch.randn(2, 3, 8, 8)
+    )
     original = [r.to_json() for r in records]
 
     def write_and_run(blob: bytes) -> tuple[int, str]:
         (in_tmp / "log.jsonl").write_bytes(blob)
         return _run("growth", "replay", model, in_tmp / "log.jsonl")
 
-    _check_property(in_tmp, original, lambda d: "\n".join(json.dumps(r) for r in d) if isinstance(d, list) else json.dumps(d), write_and_run)
+    _check_property(
+        in_tmp,
+        original,
+        lambda d: "\n".join(json.dumps(r) for r in d) if isinstance(d, list) else json.dumps(d),
+        write_and_run,
+    )
 
 
 def test_damaged_checkpoints_never_load_altered(tmp_path: Path) -> None:

@@ -1,4 +1,5 @@
 """Crossing bytes of cut points and where to split between a device and a server (surgery.split)."""
+
 from __future__ import annotations
 
 import random

@@ -1,4 +1,5 @@
 """Saving/loading, stitching with adapters, channel matching and drawing."""
+
 from __future__ import annotations
 
 import json
@@ -212,10 +213,34 @@ def test_existing_output_directory_is_refused_and_kept(tmp_path: Path, r18: torc
 
 
 def test_cli_cut_stitch_show(cli, tmp_path: Path) -> None:
-    r = cli("surgery", "cut", "resnet18", "--at", "layer2", "--input", "1,3,32,32", "--out", tmp_path / "a", "--num-classes", "10")
+    r = cli(
+        "surgery",
+        "cut",
+        "resnet18",
+        "--at",
+        "layer2",
+        "--input",
+        "1,3,32,32",
+        "--out",
+        tmp_path / "a",
+        "--num-classes",
+        "10",
+    )
     assert r.code == 0, r
     assert "max |pieces(x) - model(x)| = 0" in r.out and (tmp_path / "a" / "recipe.json").is_file()
-    r = cli("surgery", "cut", "resnet50", "--at", "layer2", "--input", "1,3,32,32", "--out", tmp_path / "b", "--num-classes", "10")
+    r = cli(
+        "surgery",
+        "cut",
+        "resnet50",
+        "--at",
+        "layer2",
+        "--input",
+        "1,3,32,32",
+        "--out",
+        tmp_path / "b",
+        "--num-classes",
+        "10",
+    )
     assert r.code == 0, r
     r = cli("surgery", "stitch", f"{tmp_path / 'a'}:0", f"{tmp_path / 'b'}:1", "--out", tmp_path / "h")
     assert r.code == 0, r
@@ -234,7 +259,10 @@ def test_cli_cut_stitch_show(cli, tmp_path: Path) -> None:
         (["cut", "resnet18", "--at", "layer22"], "closest: layer2"),
         (["cut", "resnet18", "--at", "layer3", "--at", "layer2"], "graph order"),
         (["cut", "resnet18", "--at", "layer2", "--input", "1,3,x"], "is not [name=][dtype:]shape"),
-        (["cut", "resnet18", "--at", "layer2", "--input", "1,3", "--out", "{tmp}/c"], "failed on an input of shape (1, 3)"),
+        (
+            ["cut", "resnet18", "--at", "layer2", "--input", "1,3", "--out", "{tmp}/c"],
+            "failed on an input of shape (1, 3)",
+        ),
         (["stitch", "nowhere:0", "nowhere:1", "--out", "{tmp}/s"], "no recipe.json"),
     ],
 )
@@ -263,12 +291,40 @@ def test_cli_weights_files_load_without_pickles(cli, tmp_path: Path) -> None:
     torch.save({"state_dict": state}, tmp_path / "w.pt")
     for weights in ("w.safetensors", "w.pt"):
         out = tmp_path / f"cut-{weights}"
-        r = cli("surgery", "cut", "resnet18", "--num-classes", "10", "--at", "layer2", "--input", "1,3,32,32", "--weights", tmp_path / weights, "--out", out)
+        r = cli(
+            "surgery",
+            "cut",
+            "resnet18",
+            "--num-classes",
+            "10",
+            "--at",
+            "layer2",
+            "--input",
+            "1,3,32,32",
+            "--weights",
+            tmp_path / weights,
+            "--out",
+            out,
+        )
         assert r.code == 0 and "= 0 on" in r.out, r
         loaded = surgery.load(out)
         assert torch.equal(loaded[0].get_submodule("conv1").weight, model.conv1.weight)
     torch.save({"model": model}, tmp_path / "pickled.pt")  # a whole pickled module, not a state_dict
-    r = cli("surgery", "cut", "resnet18", "--num-classes", "10", "--at", "layer2", "--weights", tmp_path / "pickled.pt", "--out", tmp_path / "p")
+    r = cli(
+        "surgery",
+        "cut",
+        "resnet18",
+        "--num-classes",
+        "10",
+        "--at",
+        "layer2",
+        "--weights",
+        tmp_path / "pickled.pt",
+        "--out",
+        tmp_path / "p",
+    )
     assert r.code == 2 and "cannot be read as weights" in r.err and not (tmp_path / "p").exists()
-    r = cli("surgery", "cut", "resnet18", "--at", "layer2", "--weights", tmp_path / "w.pt", "--out", tmp_path / "q")  # 1000 vs 10 classes
+    r = cli(
+        "surgery", "cut", "resnet18", "--at", "layer2", "--weights", tmp_path / "w.pt", "--out", tmp_path / "q"
+    )  # 1000 vs 10 classes
     assert r.code == 2 and "do not fit the model" in r.err and "fc.weight" in r.err

@@ -5,6 +5,7 @@ marker file behind if it were imported or called; the marker must not appear, an
 refusal must be one line that names --trust-code. With --trust-code the same file does
 leave the marker (so the marker would catch a regression).
 """
+
 from __future__ import annotations
 
 import json
@@ -23,7 +24,11 @@ from xross.checkpoint import CheckpointDir
 from xross.config import TrainConfig
 from xross.trainer import build_cohort
 
-SMALL = {"source": "growth.models:small_vgg", "kwargs": {"widths": [4, 8], "num_classes": 3, "image_size": 8}, "transforms": []}
+SMALL = {
+    "source": "growth.models:small_vgg",
+    "kwargs": {"widths": [4, 8], "num_classes": 3, "image_size": 8},
+    "transforms": [],
+}
 
 
 @pytest.fixture
@@ -114,7 +119,9 @@ def test_allowed_kinds_resolve() -> None:
 
 def test_builders_cannot_download() -> None:
     with pytest.raises(SurgeryError, match="'weights' would download weights"):
-        surgery.models.rebuild(surgery.Recipe(source="torchvision.models:resnet18", kwargs={"weights": "IMAGENET1K_V1"}))
+        surgery.models.rebuild(
+            surgery.Recipe(source="torchvision.models:resnet18", kwargs={"weights": "IMAGENET1K_V1"})
+        )
     with pytest.raises(SurgeryError, match="'pretrained' would download weights"):
         surgery.build_model("resnet18", pretrained=True)
 
@@ -142,8 +149,12 @@ def test_model_sources_in_recipes(cli, tmp_path: Path, evil: Path, source: str, 
             piece["origin"]["model"] = {"source": source, "kwargs": filled, "transforms": []}
 
     _edit_recipe(d, edit)
-    for args in (["surgery", "show", d, "--out", tmp_path / "g.dot"], ["surgery", "stitch", f"{d}:0", f"{d}:1", "--out", tmp_path / "h"],
-                 ["growth", "sites", d, "--op", "net2wider"], ["surgery", "nodes", d]):
+    for args in (
+        ["surgery", "show", d, "--out", tmp_path / "g.dot"],
+        ["surgery", "stitch", f"{d}:0", f"{d}:1", "--out", tmp_path / "h"],
+        ["growth", "sites", d, "--op", "net2wider"],
+        ["surgery", "nodes", d],
+    ):
         _one_line_refusal(cli(*args), evil)
     with pytest.raises(SurgeryError, match="trust_code=True|has no attribute"):
         surgery.load(d)
@@ -169,10 +180,14 @@ def test_module_specs_of_adapters_and_replacements(cli, tmp_path: Path, evil: Pa
     a = surgery.cut(surgery.build_model("resnet18", num_classes=10).eval(), "layer2", torch.randn(1, 3, 32, 32))
     b = surgery.cut(surgery.build_model("resnet50", num_classes=10).eval(), "layer2", torch.randn(1, 3, 32, 32))
     d = surgery.save(surgery.stitch(a[0], b[1], torch.randn(1, 3, 32, 32)), tmp_path / "hybrid")
-    _edit_recipe(d, lambda data: data["pieces"][1]["spec"].update({"class": cls, "kwargs": {"command": f"touch {evil}"}}))
+    _edit_recipe(
+        d, lambda data: data["pieces"][1]["spec"].update({"class": cls, "kwargs": {"command": f"touch {evil}"}})
+    )
     _one_line_refusal(cli("surgery", "show", d, "--out", tmp_path / "g.dot"), evil)
     # the same class inside a recorded `replace` transform
-    model_dir = surgery.save(surgery.replace(surgery.build_model("resnet18"), "fc", torch.nn.Linear(512, 4)), tmp_path / "m")
+    model_dir = surgery.save(
+        surgery.replace(surgery.build_model("resnet18"), "fc", torch.nn.Linear(512, 4)), tmp_path / "m"
+    )
     _edit_recipe(model_dir, lambda data: data["model"]["transforms"][0]["args"]["module"].update({"class": cls}))
     _one_line_refusal(cli("surgery", "show", model_dir, "--out", tmp_path / "g.dot"), evil)
 
@@ -180,7 +195,14 @@ def test_module_specs_of_adapters_and_replacements(cli, tmp_path: Path, evil: Pa
 def _run_dir(tmp_path: Path, nets: list[str]) -> Path:
     """A run directory as `xross train` leaves it (config + one checkpoint), naming ``nets``."""
     run = tmp_path / "run"
-    cfg = TrainConfig(nets=["growth.models:small_vgg"] * 2, cuts=["features.0"], num_classes=10, image_size=32, out=str(run), data="cifar10")
+    cfg = TrainConfig(
+        nets=["growth.models:small_vgg"] * 2,
+        cuts=["features.0"],
+        num_classes=10,
+        image_size=32,
+        out=str(run),
+        data="cifar10",
+    )
     cohort = build_cohort(cfg, torch.device("cpu"))
     CheckpointDir(run).save({"cohort": cohort.state_dict(), "position": {"epoch": 1, "step": 0, "global_step": 1}}, 1)
     (run / "config.yaml").write_text(yaml.safe_dump({**cfg.model_dump(), "nets": nets}))
@@ -192,12 +214,29 @@ def test_nets_of_run_directories(cli, tmp_path: Path, evil: Path) -> None:
     _one_line_refusal(cli("xross", "eval", run), evil)
     _one_line_refusal(cli("xross", "export", run, "--path", "0,1", "--out", tmp_path / "x"), evil)
     _one_line_refusal(cli("xross", "train", "--resume", "--out", run, "--no-progress"), evil)
-    _one_line_refusal(cli("xross", "train", "--config", run / "config.yaml", "--out", tmp_path / "r2", "--no-progress"), evil)
+    _one_line_refusal(
+        cli("xross", "train", "--config", run / "config.yaml", "--out", tmp_path / "r2", "--no-progress"), evil
+    )
 
 
 def test_kd_teachers_are_files_from_elsewhere(cli, tmp_path: Path, evil: Path) -> None:
     teacher = _saved_pieces(tmp_path)
     _edit_recipe(teacher, lambda data: [p["origin"]["model"].update(source="evilpkg:build") for p in data["pieces"]])
-    r = cli("xross", "train", "--nets", "growth.models:small_vgg,growth.models:small_vgg", "--cut", "features.0", "--mode", "kd",
-            "--teacher", teacher, "--data", tmp_path / "no-data", "--out", tmp_path / "run", "--no-progress")
+    r = cli(
+        "xross",
+        "train",
+        "--nets",
+        "growth.models:small_vgg,growth.models:small_vgg",
+        "--cut",
+        "features.0",
+        "--mode",
+        "kd",
+        "--teacher",
+        teacher,
+        "--data",
+        tmp_path / "no-data",
+        "--out",
+        tmp_path / "run",
+        "--no-progress",
+    )
     assert r.code == 2 and not evil.exists(), r

@@ -1,4 +1,5 @@
 """growth.wider on transformers: MLPs, and residual streams where their norms allow it (integer factors)."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -15,17 +16,35 @@ from surgery.inputs import Example
 
 transformers.logging.set_verbosity_error()
 TEXT = {"num_hidden_layers": 2, "hidden_size": 32, "num_attention_heads": 4, "intermediate_size": 64, "vocab_size": 120}
-TOKENS = Example((), {"input_ids": torch.randint(1, 120, (2, 10)), "attention_mask": torch.ones(2, 10, dtype=torch.long)})
+TOKENS = Example(
+    (), {"input_ids": torch.randint(1, 120, (2, 10)), "attention_mask": torch.ones(2, 10, dtype=torch.long)}
+)
 IMAGES = Example((torch.randn(2, 3, 32, 32),), {})
 CASES = {  # model, example, sites to widen: (site, factor)
-    "bert": ("hf:BertForSequenceClassification", {"config": TEXT}, TOKENS,
-             [("bert.embeddings.word_embeddings", 2.0), ("bert.encoder.layer.1.intermediate.dense", 1.5)]),
-    "llama": ("hf:LlamaForCausalLM", {"config": {**TEXT, "num_key_value_heads": 2}}, TOKENS,
-              [("model.embed_tokens", 3.0), ("model.layers.0.mlp.gate_proj", 1.5)]),
-    "gpt2": ("hf:GPT2LMHeadModel", {"config": {"n_layer": 2, "n_embd": 32, "n_head": 4, "vocab_size": 120}}, TOKENS,
-             [("transformer.h.1.mlp.c_fc", 1.5)]),
-    "timm vit": ("timm:vit_tiny_patch16_224", {"img_size": 32, "patch_size": 8, "depth": 2}, IMAGES,
-                 [("patch_embed.proj", 2.0), ("blocks.0.mlp.fc1", 1.25)]),
+    "bert": (
+        "hf:BertForSequenceClassification",
+        {"config": TEXT},
+        TOKENS,
+        [("bert.embeddings.word_embeddings", 2.0), ("bert.encoder.layer.1.intermediate.dense", 1.5)],
+    ),
+    "llama": (
+        "hf:LlamaForCausalLM",
+        {"config": {**TEXT, "num_key_value_heads": 2}},
+        TOKENS,
+        [("model.embed_tokens", 3.0), ("model.layers.0.mlp.gate_proj", 1.5)],
+    ),
+    "gpt2": (
+        "hf:GPT2LMHeadModel",
+        {"config": {"n_layer": 2, "n_embd": 32, "n_head": 4, "vocab_size": 120}},
+        TOKENS,
+        [("transformer.h.1.mlp.c_fc", 1.5)],
+    ),
+    "timm vit": (
+        "timm:vit_tiny_patch16_224",
+        {"img_size": 32, "patch_size": 8, "depth": 2},
+        IMAGES,
+        [("patch_embed.proj", 2.0), ("blocks.0.mlp.fc1", 1.25)],
+    ),
 }
 
 

@@ -1,4 +1,5 @@
 """Long-run engineering: interrupt + resume, damaged checkpoints, NaN stops, torchrun, determinism."""
+
 from __future__ import annotations
 
 import hashlib
@@ -12,11 +13,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from xross.errors import XrossError
 from xross.checkpoint import CheckpointDir, read_checkpoint
 from xross.config import TrainConfig
+from xross.errors import TrainingDiverged, XrossError
 from xross.evaluate import EvalResult
-from xross.errors import TrainingDiverged
 from xross.trainer import Trainer, build_cohort
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -24,15 +24,49 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def train_args(archive: Path, cache: Path, out: Path, *extra: str) -> list[str]:
     return [
-        "train", "--nets", "resnet18,resnet34", "--cut", "layer2", "--mode", "xml", "--data", str(archive), "--subset", "256",
-        "--eval-subset", "64", "--batch-size", "32", "--epochs", "2", "--lr", "1e-3", "--cache-dir", str(cache),
-        "--threads", "1", "--log-every", "1", "--out", str(out), "--no-progress", *extra,
+        "train",
+        "--nets",
+        "resnet18,resnet34",
+        "--cut",
+        "layer2",
+        "--mode",
+        "xml",
+        "--data",
+        str(archive),
+        "--subset",
+        "256",
+        "--eval-subset",
+        "64",
+        "--batch-size",
+        "32",
+        "--epochs",
+        "2",
+        "--lr",
+        "1e-3",
+        "--cache-dir",
+        str(cache),
+        "--threads",
+        "1",
+        "--log-every",
+        "1",
+        "--out",
+        str(out),
+        "--no-progress",
+        *extra,
     ]
 
 
 def xross(*args: str, **kw) -> subprocess.Popen:
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
-    return subprocess.Popen([sys.executable, "-m", "xross", *args], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kw)
+    return subprocess.Popen(
+        [sys.executable, "-m", "xross", *args],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        **kw,
+    )
 
 
 def finish(p: subprocess.Popen, timeout: float = 300) -> tuple[int, str, str]:
@@ -43,8 +77,29 @@ def finish(p: subprocess.Popen, timeout: float = 300) -> tuple[int, str, str]:
 def ddp_args(archive: Path, cache: Path, *extra: str) -> list[str]:
     """A small XML run (4 global steps of 32 per epoch) for the one- vs two-process comparisons."""
     return [
-        "train", "--nets", "resnet18,resnet34", "--cut", "layer2", "--mode", "xml", "--data", str(archive), "--subset", "128",
-        "--batch-size", "32", "--optimizer", "sgd", "--lr", "0.05", "--cache-dir", str(cache), "--no-progress", "--eval-every", "0", *extra,
+        "train",
+        "--nets",
+        "resnet18,resnet34",
+        "--cut",
+        "layer2",
+        "--mode",
+        "xml",
+        "--data",
+        str(archive),
+        "--subset",
+        "128",
+        "--batch-size",
+        "32",
+        "--optimizer",
+        "sgd",
+        "--lr",
+        "0.05",
+        "--cache-dir",
+        str(cache),
+        "--no-progress",
+        "--eval-every",
+        "0",
+        *extra,
     ]
 
 
@@ -52,8 +107,21 @@ def torchrun(*args: str, nproc: int = 2) -> None:
     """`torchrun --nproc_per_node=N -m xross ARGS` on CPU (gloo); fails the test with its stderr if it fails."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     done = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", "-m", "xross", *args],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            f"--nproc_per_node={nproc}",
+            "-m",
+            "xross",
+            *args,
+        ],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert done.returncode == 0, done.stderr[-3000:]
 
@@ -106,8 +174,19 @@ def test_sigint_mid_epoch_then_resume_is_bit_identical(tmp_path, cifar10_archive
 
 
 def small(tmp_path: Path, archive: Path, cache: Path, **over) -> TrainConfig:
-    base = dict(nets=["resnet18", "resnet18"], cuts=["layer2"], mode="dml", data=str(archive), subset=64, eval_subset=32,
-                batch_size=32, epochs=2, cache_dir=str(cache), out=str(tmp_path / "run"), log_every=1)
+    base = dict(
+        nets=["resnet18", "resnet18"],
+        cuts=["layer2"],
+        mode="dml",
+        data=str(archive),
+        subset=64,
+        eval_subset=32,
+        batch_size=32,
+        epochs=2,
+        cache_dir=str(cache),
+        out=str(tmp_path / "run"),
+        log_every=1,
+    )
     return TrainConfig(**{**base, **over})
 
 
@@ -136,7 +215,10 @@ def test_nan_stops_with_the_term_and_keeps_the_last_checkpoint(tmp_path, cifar10
         trainer.fit()
     msg = str(err.value)
     # net 0's KL to net 1 is the first term to turn NaN; the message names it, the step and the checkpoint
-    assert "loss term 'kl' of net 0 (resnet18) is nan at epoch 2 step 1 (global step 3)" in msg and str(ckpts.latest()) in msg
+    assert (
+        "loss term 'kl' of net 0 (resnet18) is nan at epoch 2 step 1 (global step 3)" in msg
+        and str(ckpts.latest()) in msg
+    )
     assert {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in ckpts.files()} == digest
 
 

@@ -1,4 +1,5 @@
 """XML/DML/KD terms against hand-written references; paths; shared vs per-path computation."""
+
 from __future__ import annotations
 
 import itertools
@@ -9,7 +10,7 @@ import torch.nn.functional as F
 
 import surgery
 from xross.cohort import Cohort
-from xross.losses import KD, XML, DML, Independent, kl
+from xross.losses import DML, KD, XML, Independent, kl
 
 
 def tiny(widths: list[int]) -> torch.nn.Module:
@@ -80,7 +81,9 @@ def test_dml_kd_independent_formulas(cohort: Cohort, batch) -> None:
     cohort.eval()
     logits = cohort.forward_paths(x, DML().paths(cohort))
     own0, own1 = logits[(0, 0)], logits[(1, 1)]
-    assert torch.allclose(DML().loss(0, logits, y, cohort).total, 0.5 * F.cross_entropy(own0, y) + 0.5 * ref_kl(own1, own0), atol=1e-6)
+    assert torch.allclose(
+        DML().loss(0, logits, y, cohort).total, 0.5 * F.cross_entropy(own0, y) + 0.5 * ref_kl(own1, own0), atol=1e-6
+    )
     assert torch.allclose(Independent().loss(1, logits, y, cohort).total, F.cross_entropy(own1, y), atol=1e-6)
     teacher, T, a = torch.randn(6, 10), 3.0, 0.3
     expected = a * F.cross_entropy(own0, y) + (1 - a) * T**2 * ref_kl(teacher / T, own0 / T)
@@ -91,7 +94,9 @@ def test_dml_kd_independent_formulas(cohort: Cohort, batch) -> None:
 
 def test_three_part_paths() -> None:
     torch.manual_seed(0)
-    c = Cohort.build([tiny([8, 16, 16]), tiny([12, 16, 24])], cuts=["features.0", "features.1"], num_classes=10, image_size=16)
+    c = Cohort.build(
+        [tiny([8, 16, 16]), tiny([12, 16, 24])], cuts=["features.0", "features.1"], num_classes=10, image_size=16
+    )
     assert c.num_parts == 3
     assert c.paths() == list(itertools.product(range(2), repeat=3))
     cross = c.cross_paths(0, 1)
@@ -115,7 +120,9 @@ def test_three_part_paths() -> None:
 
 def test_three_nets_have_all_pair_adapters_and_paths() -> None:
     torch.manual_seed(0)
-    c = Cohort.build([tiny([8, 16]), tiny([12, 16]), tiny([16, 16])], cuts=["features.0"], num_classes=10, image_size=16)
+    c = Cohort.build(
+        [tiny([8, 16]), tiny([12, 16]), tiny([16, 16])], cuts=["features.0"], num_classes=10, image_size=16
+    )
     assert len(c.paths()) == 9 and len(c.adapters) == 6
     x, y = torch.randn(4, 3, 16, 16), torch.randint(0, 10, (4,))
     logits = c.forward_paths(x, XML().paths(c))
@@ -162,7 +169,9 @@ def test_bad_cohorts() -> None:
         Cohort.build(["resnet18", "resnet34"], cuts=[["layer1", "layer2"], ["layer2"]], num_classes=10)
     with pytest.raises(surgery.UserError, match="closest: layer2"):
         Cohort.build(["resnet18", "resnet34"], cuts=["layer22"], num_classes=10)
-    inside = Cohort.build(["resnet18", "resnet34"], cuts=["layer2.0.conv1"], num_classes=10)  # the block input crosses too
+    inside = Cohort.build(
+        ["resnet18", "resnet34"], cuts=["layer2.0.conv1"], num_classes=10
+    )  # the block input crosses too
     assert inside.adapter(0, 0, 1) is None and len(inside.forward_paths(torch.randn(2, 3, 32, 32), inside.paths())) == 4
     with pytest.raises(surgery.UserError, match="hands over 1 values but the down piece takes 2"):
         Cohort.build(["resnet18", "resnet34"], cuts=[["layer2"], ["layer2.0.conv1"]], num_classes=10)

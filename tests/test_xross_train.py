@@ -1,4 +1,5 @@
 """The xross trainer and CLI on a CIFAR-10 archive (generated, or $CIFAR10_ARCHIVE; small subsets, CPU)."""
+
 from __future__ import annotations
 
 import json
@@ -15,8 +16,17 @@ from xross.trainer import Trainer
 
 def small_config(tmp_path: Path, cifar10_archive: Path, data_cache: Path, **over) -> TrainConfig:
     base = dict(
-        nets=["resnet18", "resnet34"], cuts=["layer2"], mode="xml", data=str(cifar10_archive), subset=128,
-        eval_subset=64, batch_size=32, epochs=1, cache_dir=str(data_cache), out=str(tmp_path / "run"), eval_every=0,
+        nets=["resnet18", "resnet34"],
+        cuts=["layer2"],
+        mode="xml",
+        data=str(cifar10_archive),
+        subset=128,
+        eval_subset=64,
+        batch_size=32,
+        epochs=1,
+        cache_dir=str(data_cache),
+        out=str(tmp_path / "run"),
+        eval_every=0,
     )
     return TrainConfig(**{**base, **over})
 
@@ -55,7 +65,9 @@ def test_joint_schedule_updates_every_part_on_a_cross_path(tmp_path, cifar10_arc
 
 
 def test_cpu_accepts_gpu_flags(tmp_path, cifar10_archive, data_cache, capsys) -> None:
-    cfg = small_config(tmp_path, cifar10_archive, data_cache, amp="bf16", channels_last=True, compile=True, mode="dml", subset=64)
+    cfg = small_config(
+        tmp_path, cifar10_archive, data_cache, amp="bf16", channels_last=True, compile=True, mode="dml", subset=64
+    )
     result = Trainer(cfg, progress=False).fit()
     assert "works on CUDA only" in capsys.readouterr().err
     assert len(result.paths) == 4 and all(0 <= r.top1 <= 100 for r in result.paths)
@@ -64,9 +76,31 @@ def test_cpu_accepts_gpu_flags(tmp_path, cifar10_archive, data_cache, capsys) ->
 def test_train_eval_best_export_cli(cli, tmp_path, cifar10_archive, data_cache) -> None:
     run = tmp_path / "x1"
     r = cli(
-        "xross", "train", "--nets", "resnet34,resnet18", "--cut", "layer2", "--mode", "xml", "--data", cifar10_archive,
-        "--subset", "512", "--eval-subset", "128", "--epochs", "2", "--batch-size", "64", "--lr", "1e-3",
-        "--cache-dir", data_cache, "--out", run, "--no-progress",
+        "xross",
+        "train",
+        "--nets",
+        "resnet34,resnet18",
+        "--cut",
+        "layer2",
+        "--mode",
+        "xml",
+        "--data",
+        cifar10_archive,
+        "--subset",
+        "512",
+        "--eval-subset",
+        "128",
+        "--epochs",
+        "2",
+        "--batch-size",
+        "64",
+        "--lr",
+        "1e-3",
+        "--cache-dir",
+        data_cache,
+        "--out",
+        run,
+        "--no-progress",
     )
     assert r.code == 0, r
     assert "resnet34 > resnet18" in r.out and "ensembles" in r.out
@@ -111,8 +145,23 @@ def test_train_eval_best_export_cli(cli, tmp_path, cifar10_archive, data_cache) 
     ],
 )
 def test_train_bad_input(cli, tmp_path, cifar10_archive, data_cache, args, message) -> None:
-    base = ["--nets", "resnet18,resnet34", "--cut", "layer2", "--data", str(cifar10_archive), "--subset", "64", "--epochs", "1",
-            "--cache-dir", str(data_cache), "--out", str(tmp_path / "bad"), "--no-progress"]
+    base = [
+        "--nets",
+        "resnet18,resnet34",
+        "--cut",
+        "layer2",
+        "--data",
+        str(cifar10_archive),
+        "--subset",
+        "64",
+        "--epochs",
+        "1",
+        "--cache-dir",
+        str(data_cache),
+        "--out",
+        str(tmp_path / "bad"),
+        "--no-progress",
+    ]
     for flag, value in zip(args[::2], args[1::2]):
         if flag in base:
             base[base.index(flag) + 1] = value
@@ -126,7 +175,19 @@ def test_train_bad_input(cli, tmp_path, cifar10_archive, data_cache, args, messa
 def test_corrupt_archive_and_existing_run_dir(cli, tmp_path, cifar10_archive, data_cache) -> None:
     broken = tmp_path / "broken.tar.xz"
     broken.write_bytes(cifar10_archive.read_bytes()[: min(cifar10_archive.stat().st_size // 2, 1 << 20)])
-    r = cli("xross", "train", "--data", broken, "--subset", "64", "--out", tmp_path / "a", "--cache-dir", data_cache, "--no-progress")
+    r = cli(
+        "xross",
+        "train",
+        "--data",
+        broken,
+        "--subset",
+        "64",
+        "--out",
+        tmp_path / "a",
+        "--cache-dir",
+        data_cache,
+        "--no-progress",
+    )
     assert r.code == 2 and "corrupt or truncated" in r.err
     run = tmp_path / "existing"
     run.mkdir()
@@ -144,10 +205,16 @@ def test_corrupt_archive_and_existing_run_dir(cli, tmp_path, cifar10_archive, da
 def test_eval_json_round_trip(tmp_path) -> None:
     from xross.evaluate import PathResult, best_path, pareto_front
 
-    rows = [((0, 0), "a>a", 70, 90, 21e6, 3e9), ((0, 1), "a>b", 69, 89, 15e6, 2e9),
-            ((1, 0), "b>a", 66, 88, 17e6, 2.5e9), ((1, 1), "b>b", 68, 89, 11e6, 1e9)]
+    rows = [
+        ((0, 0), "a>a", 70, 90, 21e6, 3e9),
+        ((0, 1), "a>b", 69, 89, 15e6, 2e9),
+        ((1, 0), "b>a", 66, 88, 17e6, 2.5e9),
+        ((1, 1), "b>b", 68, 89, 11e6, 1e9),
+    ]
     paths = [PathResult(path=p, name=n, top1=t1, top5=t5, params=int(c), flops=f) for p, n, t1, t5, c, f in rows]
-    result = EvalResult.model_validate({"paths": [r.model_dump() for r in paths], "ensembles": {"nets": {"top1": 71.0, "top5": 91.0}}, "samples": 100})
+    result = EvalResult.model_validate(
+        {"paths": [r.model_dump() for r in paths], "ensembles": {"nets": {"top1": 71.0, "top5": 91.0}}, "samples": 100}
+    )
     result.save(tmp_path / "e.json")
     assert EvalResult.load(tmp_path / "e.json") == result
     assert [r.path for r in pareto_front(paths)] == [(1, 1), (0, 1), (0, 0)]
@@ -158,9 +225,31 @@ def test_eval_json_round_trip(tmp_path) -> None:
 
 def test_config_file_repeats_a_run(cli, tmp_path, cifar10_archive, data_cache) -> None:
     first = tmp_path / "first"
-    r = cli("xross", "train", "--nets", "resnet18,resnet18", "--cut", "layer2", "--mode", "dml", "--data", cifar10_archive,
-            "--subset", "64", "--eval-subset", "32", "--epochs", "1", "--batch-size", "32", "--cache-dir", data_cache,
-            "--out", first, "--no-progress")
+    r = cli(
+        "xross",
+        "train",
+        "--nets",
+        "resnet18,resnet18",
+        "--cut",
+        "layer2",
+        "--mode",
+        "dml",
+        "--data",
+        cifar10_archive,
+        "--subset",
+        "64",
+        "--eval-subset",
+        "32",
+        "--epochs",
+        "1",
+        "--batch-size",
+        "32",
+        "--cache-dir",
+        data_cache,
+        "--out",
+        first,
+        "--no-progress",
+    )
     assert r.code == 0, r
     again = tmp_path / "again"
     r = cli("xross", "train", "--config", first / "config.yaml", "--out", again, "--no-progress")

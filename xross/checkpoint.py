@@ -16,6 +16,7 @@ The newest ``keep`` checkpoints are kept.
 >>> path.name, d.load_latest()[1]["position"]
 ('step-000000007.pt', {'epoch': 1})
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -70,13 +71,17 @@ def read_checkpoint(path: Path, verify: bool = True) -> dict[str, Any]:
     except FileNotFoundError:
         raise XrossError(f"checkpoint {path} does not exist") from None
     except Exception as e:  # noqa: BLE001 - torch raises many kinds for a damaged file
-        raise XrossError(f"checkpoint {path} is truncated or corrupt ({first_line(e, 160)}); an older checkpoint may still load") from None
+        raise XrossError(
+            f"checkpoint {path} is truncated or corrupt ({first_line(e, 160)}); an older checkpoint may still load"
+        ) from None
     if not isinstance(state, dict) or not isinstance(state.get("cohort"), dict):
         raise XrossError(f"checkpoint {path} is not an xross checkpoint")
     recorded = state.pop(DIGEST_KEY, None)
     if verify:
         if not isinstance(recorded, str):
-            raise XrossError(f"checkpoint {path} records no digest (written by an older version); pass --no-verify to load it anyway")
+            raise XrossError(
+                f"checkpoint {path} records no digest (written by an older version); pass --no-verify to load it anyway"
+            )
         if state_digest(state) != recorded:
             raise XrossError(
                 f"checkpoint {path} does not match its digest: its data was altered or damaged "

@@ -7,6 +7,7 @@
 
 Distributed: ``torchrun --nproc_per_node=2 -m xross train ...``.
 """
+
 from __future__ import annotations
 
 import inspect
@@ -19,16 +20,22 @@ import typer
 
 import surgery
 from surgery.clikit import console, model_values, options_from_model, run_app, table, with_signature
-from xross.errors import XrossError
 from surgery.flops import human, parse_human
 from xross.cohort import Cohort, parse_path
 from xross.config import TrainConfig
 from xross.data import BatchLoader, load_split
+from xross.errors import XrossError
 from xross.evaluate import EvalResult, best_path, evaluate, pareto_front
 from xross.run import load_run
 from xross.trainer import DTYPES
 
-app = typer.Typer(name="xross", help="Train K networks so that their pieces become interchangeable (XML), evaluate and export stitched paths.", no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
+app = typer.Typer(
+    name="xross",
+    help="Train K networks so that their pieces become interchangeable (XML), evaluate and export stitched paths.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
 
 RunArg = Annotated[Path, typer.Argument(help="run directory written by `xross train`")]
 
@@ -37,8 +44,15 @@ def _opt(help: str, *names: str) -> Any:
     return typer.Option(*names, help=help, show_default=False)
 
 
-TrustOpt = Annotated[bool, typer.Option("--trust-code", help="allow names in files (nets, teachers) that run code outside the trusted packages")]
-NoVerifyOpt = Annotated[bool, typer.Option("--no-verify", help="load checkpoints whose digest does not match (weights edited on purpose)")]
+TrustOpt = Annotated[
+    bool,
+    typer.Option(
+        "--trust-code", help="allow names in files (nets, teachers) that run code outside the trusted packages"
+    ),
+]
+NoVerifyOpt = Annotated[
+    bool, typer.Option("--no-verify", help="load checkpoints whose digest does not match (weights edited on purpose)")
+]
 RESUME_MAY_CHANGE = ("out", "epochs", "device", "threads", "log_every", "eval_every", "cache_dir")
 _RUN_OPTIONS = ("config", "resume", "force", "progress", "trust_code", "no_verify")
 
@@ -63,8 +77,14 @@ def train(**options: Any) -> None:
     trust = bool(options["trust_code"])
     typed_nets = "nets" in given and not resume  # names typed here, not read from a file
     trainer = Trainer(
-        cfg, resume=resume, force=options["force"], progress=options["progress"], command=command,
-        trust_code=trust, trust_nets=trust or typed_nets, verify=not options["no_verify"],
+        cfg,
+        resume=resume,
+        force=options["force"],
+        progress=options["progress"],
+        command=command,
+        trust_code=trust,
+        trust_nets=trust or typed_nets,
+        verify=not options["no_verify"],
     )
     result = trainer.fit()
     if trainer.dist.is_main:
@@ -74,7 +94,11 @@ def train(**options: Any) -> None:
 _RUN_PARAMS = [
     inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=default, annotation=annotation)
     for name, default, annotation in (
-        ("config", None, Annotated[Optional[Path], _opt("start from this config.yaml (options given here override it)")]),
+        (
+            "config",
+            None,
+            Annotated[Optional[Path], _opt("start from this config.yaml (options given here override it)")],
+        ),
         ("resume", False, Annotated[bool, typer.Option(help="continue the run in --out from its last checkpoint")]),
         ("force", False, Annotated[bool, typer.Option(help="start over in a non-empty --out")]),
         ("progress", True, Annotated[bool, typer.Option(help="show a progress bar")]),
@@ -104,10 +128,24 @@ def _resume_config(given: dict[str, Any]) -> TrainConfig:
 def _print_eval(cohort: Cohort, result: EvalResult, run: Path) -> None:
     front = {r.path for r in pareto_front(result.paths)}
     rows = [
-        (",".join(map(str, r.path)), r.name, f"{r.top1:.2f}", f"{r.top5:.2f}", human(r.params), human(r.flops), "*" if r.path in front else "")
+        (
+            ",".join(map(str, r.path)),
+            r.name,
+            f"{r.top1:.2f}",
+            f"{r.top5:.2f}",
+            human(r.params),
+            human(r.flops),
+            "*" if r.path in front else "",
+        )
         for r in sorted(result.paths, key=lambda r: r.params)
     ]
-    console.print(table(f"paths of {run} ({result.samples} images)", ["path", "parts", "top-1", "top-5", "params", "FLOPs", "pareto"], rows))
+    console.print(
+        table(
+            f"paths of {run} ({result.samples} images)",
+            ["path", "parts", "top-1", "top-5", "params", "FLOPs", "pareto"],
+            rows,
+        )
+    )
     ens = [(k, f"{v.top1:.2f}", f"{v.top5:.2f}") for k, v in result.ensembles.items()]
     console.print(table("ensembles (mean softmax)", ["members", "top-1", "top-5"], ens))
 
@@ -122,7 +160,14 @@ def eval_run(
 ) -> None:
     """Top-1/top-5 of every path, ensembles and the Pareto front; writes RUN/eval.json."""
     cfg, cohort = load_run(run, trust_code=trust_code, verify=not no_verify)
-    test = load_split(cfg.data, "test", subset=eval_subset or cfg.eval_subset, image_size=cfg.image_size, cache_dir=cfg.cache_dir, seed=cfg.seed)
+    test = load_split(
+        cfg.data,
+        "test",
+        subset=eval_subset or cfg.eval_subset,
+        image_size=cfg.image_size,
+        cache_dir=cfg.cache_dir,
+        seed=cfg.seed,
+    )
     dtype = DTYPES[cfg.dtype]
     batches = ((x.to(dtype), y) for x, y in BatchLoader(test, batch_size, train=False).epoch(0))
     result = evaluate(cohort, batches, cfg.image_size)
@@ -150,7 +195,10 @@ def best(
     except ValueError:
         raise XrossError("budgets are numbers with an optional k/M/G/T suffix, e.g. 12M") from None
     r = best_path(_results(run).paths, max_params=mp, max_flops=mf)
-    console.print(f"best path {','.join(map(str, r.path))} ({r.name}): top-1 {r.top1:.2f}%, {human(r.params)} params, {human(r.flops)} FLOPs")
+    console.print(
+        f"best path {','.join(map(str, r.path))} ({r.name}): top-1 {r.top1:.2f}%, {human(r.params)} "
+        f"params, {human(r.flops)} FLOPs"
+    )
 
 
 @app.command()

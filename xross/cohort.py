@@ -17,6 +17,7 @@ torch.Size([2, 10])
 Computation is shared: each distinct path prefix (a part's output after a given
 sequence of parts) is computed once per call and reused by every path that shares it.
 """
+
 from __future__ import annotations
 
 import itertools
@@ -35,7 +36,9 @@ from xross.errors import XrossError
 Path = tuple[int, ...]
 
 
-def build_net(source: str | nn.Module, num_classes: int, stem: str = "imagenet", *, trust_code: bool = False) -> nn.Module:
+def build_net(
+    source: str | nn.Module, num_classes: int, stem: str = "imagenet", *, trust_code: bool = False
+) -> nn.Module:
     """A network by reference (:mod:`surgery.refs`: a name, ``timm:NAME(img_size=32)``, a saved directory, ...)
     or as given, with an optional CIFAR stem for ResNet-style nets.
 
@@ -52,7 +55,9 @@ def build_net(source: str | nn.Module, num_classes: int, stem: str = "imagenet",
         raise XrossError(f"unknown stem '{stem}'; choose imagenet or cifar")
     conv = getattr(net, "conv1", None)
     if not isinstance(conv, nn.Conv2d) or not hasattr(net, "maxpool"):
-        raise XrossError(f"the cifar stem needs a ResNet-style net with conv1 and maxpool; {type(net).__name__} has not")
+        raise XrossError(
+            f"the cifar stem needs a ResNet-style net with conv1 and maxpool; {type(net).__name__} has not"
+        )
     net = surgery.replace(net, "conv1", nn.Conv2d(conv.in_channels, conv.out_channels, 3, 1, 1, bias=False))
     return surgery.replace(net, "maxpool", nn.Identity())
 
@@ -117,7 +122,7 @@ class Cohort(nn.Module):
         per_net_cuts = normalise_cuts(cuts, len(nets))
         example = torch.zeros(1, 3, image_size, image_size)
         pieces, names = [], []
-        for k, (src, net_cuts) in enumerate(zip(nets, per_net_cuts)):
+        for src, net_cuts in zip(nets, per_net_cuts):
             net = build_net(src, num_classes, stem, trust_code=trust_code)
             if transform_net is not None:
                 net = transform_net(net)
@@ -130,11 +135,17 @@ class Cohort(nn.Module):
                 down = piece_info(pieces[j][b + 1])
                 try:
                     ad = boundary_adapter(
-                        piece_info(pieces[i][b]).out_specs, down.in_specs, down.in_names, always=always_adapt,
-                        batchnorm=adapter_batchnorm, relu=adapter_relu,
+                        piece_info(pieces[i][b]).out_specs,
+                        down.in_specs,
+                        down.in_names,
+                        always=always_adapt,
+                        batchnorm=adapter_batchnorm,
+                        relu=adapter_relu,
                     )
                 except SurgeryError as e:
-                    raise XrossError(f"nets {i} and {j} at cut {b} ({per_net_cuts[i][b]} / {per_net_cuts[j][b]}): {e}") from None
+                    raise XrossError(
+                        f"nets {i} and {j} at cut {b} ({per_net_cuts[i][b]} / {per_net_cuts[j][b]}): {e}"
+                    ) from None
                 if ad is not None:
                     adapters[adapter_key(b, i, j)] = ad
         return cls(pieces, adapters, names)
@@ -156,7 +167,9 @@ class Cohort(nn.Module):
         """The adapter from net ``src``'s part ``boundary`` to net ``dst``'s next part (None: shapes agree)."""
         if src == dst:
             return None
-        return self.adapters[adapter_key(boundary, src, dst)] if adapter_key(boundary, src, dst) in self.adapters else None
+        return (
+            self.adapters[adapter_key(boundary, src, dst)] if adapter_key(boundary, src, dst) in self.adapters else None
+        )
 
     def paths(self) -> list[Path]:
         """All K**P paths, in lexicographic order (own paths included)."""
@@ -196,7 +209,11 @@ class Cohort(nn.Module):
         out = []
         for key, ad in self.adapters.items():
             _, src, dst = parse_adapter_key(key)
-            if touching is None or (side in ("src", "any") and src == touching) or (side in ("dst", "any") and dst == touching):
+            if (
+                touching is None
+                or (side in ("src", "any") and src == touching)
+                or (side in ("dst", "any") and dst == touching)
+            ):
                 out += list(ad.parameters())
         return out
 

@@ -11,8 +11,9 @@ train`` command-line options (generated from the fields by :mod:`xross.cliconfig
 >>> TrainConfig.from_dict({"epochs": "five"}, "config.yaml")
 Traceback (most recent call last):
 ...
-xross.errors.XrossError: config.yaml: field 'epochs' should be a valid integer, found str 'five'; fix or replace the file
+xross.errors.XrossError: config.yaml: field 'epochs' should be a valid integer, found str 'five'; fix or ...
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -51,11 +52,15 @@ class TrainConfig(FileModel):
     format_version: Literal[1] = Field(1, description="version of this file's layout")
     # cohort
     nets: list[str] = Field(
-        default_factory=lambda: ["resnet34", "resnet18"], min_length=2, json_schema_extra=_cli(comma=True),
+        default_factory=lambda: ["resnet34", "resnet18"],
+        min_length=2,
+        json_schema_extra=_cli(comma=True),
         description="comma-separated networks (torchvision names, package.module:callable, timm:NAME, hf:DIR)",
     )
     cuts: list[str] = Field(
-        default_factory=lambda: ["layer2"], min_length=1, json_schema_extra=_cli("cut"),
+        default_factory=lambda: ["layer2"],
+        min_length=1,
+        json_schema_extra=_cli("cut"),
         description="cut point: one name for all nets or one per net 'a,b'; repeat for P > 2 parts",
     )
     stem: StemName = Field("imagenet", description="imagenet, or cifar (3x3 stride-1 conv1, no maxpool; ResNets)")
@@ -63,22 +68,32 @@ class TrainConfig(FileModel):
     always_adapt: bool = Field(False, description="adapters between every pair of nets, even where shapes agree")
     # objective
     mode: ModeName = Field("xml", description="training objective")
-    schedule: ScheduleName = Field("alternate", description="alternate: each student's loss trains only it; joint: one backward")
+    schedule: ScheduleName = Field(
+        "alternate", description="alternate: each student's loss trains only it; joint: one backward"
+    )
     cross: CrossName = Field("all", description="xml cross paths: all, or single (one part away from the own path)")
-    shared_prefixes: bool = Field(True, description="compute each path prefix once per step (off: every path from scratch)")
+    shared_prefixes: bool = Field(
+        True, description="compute each path prefix once per step (off: every path from scratch)"
+    )
     adapter_update: AdapterUpdate = Field(
         "student", description="which student's loss trains an adapter: any touching it, the one it leaves, or enters"
     )
     temperature: Float = Field(4.0, gt=0, description="kd temperature")
     kd_alpha: Float = Field(0.5, ge=0, le=1, description="kd weight of the hard-label CE")
-    teacher: list[str] = Field(default_factory=list, description="kd teacher: a saved model directory (repeat for an ensemble)")
+    teacher: list[str] = Field(
+        default_factory=list, description="kd teacher: a saved model directory (repeat for an ensemble)"
+    )
     label_smoothing: Float = Field(0.0, ge=0, lt=1, description="label smoothing of every CE term")
     # data
-    data: str = Field("cifar10", description="cifar10 | cifar100 | ImageFolder directory | .tar/.tar.gz/.tar.xz archive of one")
+    data: str = Field(
+        "cifar10", description="cifar10 | cifar100 | ImageFolder directory | .tar/.tar.gz/.tar.xz archive of one"
+    )
     subset: PositiveInt | None = Field(None, description="stratified subset of the training split")
     eval_subset: PositiveInt | None = Field(None, description="stratified subset of the evaluation split")
     image_size: PositiveInt | None = Field(None, description="resize images to this side (default: as stored)")
-    cache_dir: str | None = Field(None, description="decoded-data cache directory (default $XROSS_CACHE or ~/.cache/xross)")
+    cache_dir: str | None = Field(
+        None, description="decoded-data cache directory (default $XROSS_CACHE or ~/.cache/xross)"
+    )
     num_classes: PositiveInt | None = Field(None, description="classifier outputs (default: the data's classes)")
     # optimisation
     epochs: PositiveInt = Field(30, description="epochs")
@@ -110,7 +125,9 @@ class TrainConfig(FileModel):
     @model_validator(mode="after")
     def _consistent(self) -> TrainConfig:
         if MODES[self.mode].needs_teacher and not self.teacher:
-            raise ValueError(f"mode {self.mode} needs a teacher (--teacher DIR, a saved model, e.g. from `xross export`)")
+            raise ValueError(
+                f"mode {self.mode} needs a teacher (--teacher DIR, a saved model, e.g. from `xross export`)"
+            )
         if self.nesterov and self.optimizer != "sgd":
             raise ValueError("nesterov applies to the sgd optimizer only")
         return self
@@ -147,7 +164,10 @@ class TrainConfig(FileModel):
             if len(names) == 1:
                 names = names * len(self.nets)
             if len(names) != len(self.nets):
-                raise XrossError(f"cut '{entry}' names {len(names)} points but there are {len(self.nets)} nets; give one name, or one per net")
+                raise XrossError(
+                    f"cut '{entry}' names {len(names)} points but there are {len(self.nets)} nets; "
+                    "give one name, or one per net"
+                )
             for k, n in enumerate(names):
                 per_net[k].append(n)
         return per_net

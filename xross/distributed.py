@@ -8,6 +8,7 @@ the ``alternate`` schedule runs one restricted backward pass per student, which
 allow. BatchNorm statistics are made global across ranks (``SyncBatchNorm`` on CUDA,
 :class:`GlobalBatchNorm2d` on CPU, where ``SyncBatchNorm`` refuses to run).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -137,11 +138,12 @@ def globalise_batchnorm(model: nn.Module, device: torch.device) -> nn.Module:
         return nn.SyncBatchNorm.convert_sync_batchnorm(model)
     for name, child in list(model.named_children()):
         if type(child) is nn.BatchNorm2d:
-            new = GlobalBatchNorm2d(child.num_features, child.eps, child.momentum, child.affine, child.track_running_stats)
+            new = GlobalBatchNorm2d(
+                child.num_features, child.eps, child.momentum, child.affine, child.track_running_stats
+            )
             new.load_state_dict(child.state_dict())
             new.train(child.training)
             setattr(model, name, new)
         else:
             globalise_batchnorm(child, device)
     return model
-

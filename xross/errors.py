@@ -1,4 +1,5 @@
 """The errors :mod:`xross` raises: bad input, and the two ways a run stops early."""
+
 from __future__ import annotations
 
 from surgery.errors import UserError

@@ -6,6 +6,7 @@
 >>> best_path(results, max_params=12e6).path
 (1, 1)
 """
+
 from __future__ import annotations
 
 import json
@@ -16,12 +17,12 @@ from typing import Annotated, Literal
 import torch
 from pydantic import Field, NonNegativeFloat, NonNegativeInt, PositiveInt, Strict
 
-from xross.errors import XrossError
 from surgery._util import atomic_write_text, evaluating, first_line
 from surgery.errors import SurgeryError
-from surgery.schema import FileModel, Float, parse
 from surgery.flops import count_flops, count_params, human
+from surgery.schema import FileModel, Float, parse
 from xross.cohort import Cohort, Path, call_part
+from xross.errors import XrossError
 
 
 class PathResult(FileModel):
@@ -73,7 +74,9 @@ def _topk_correct(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return torch.stack([hit[:, 0].sum(), hit.any(dim=1).sum()]).cpu()
 
 
-def path_costs(cohort: Cohort, paths: Iterable[Path], image_size: int, device: torch.device | str = "cpu") -> dict[Path, tuple[int, float]]:
+def path_costs(
+    cohort: Cohort, paths: Iterable[Path], image_size: int, device: torch.device | str = "cpu"
+) -> dict[Path, tuple[int, float]]:
     """(parameters, forward FLOPs per image) of each path; FLOPs of each part counted once."""
     x = torch.zeros(1, 3, image_size, image_size, device=device, dtype=next(cohort.parameters()).dtype)
     flops: dict[int, float] = {}
@@ -134,7 +137,9 @@ def evaluate(
     pct = [[100 * c / n for c in row] for row in hits.tolist()]
     costs = path_costs(cohort, paths, image_size, device)
     results = [
-        PathResult(path=p, name=cohort.path_name(p), top1=pct[row][0], top5=pct[row][1], params=costs[p][0], flops=costs[p][1])
+        PathResult(
+            path=p, name=cohort.path_name(p), top1=pct[row][0], top5=pct[row][1], params=costs[p][0], flops=costs[p][1]
+        )
         for row, p in enumerate(paths)
     ]
     accuracy = {k: Accuracy(top1=pct[len(paths) + i][0], top5=pct[len(paths) + i][1]) for i, k in enumerate(ensembles)}
@@ -152,9 +157,15 @@ def pareto_front(results: Sequence[PathResult], cost: str = "params") -> list[Pa
     return front
 
 
-def best_path(results: Sequence[PathResult], max_params: float | None = None, max_flops: float | None = None) -> PathResult:
+def best_path(
+    results: Sequence[PathResult], max_params: float | None = None, max_flops: float | None = None
+) -> PathResult:
     """The most accurate path within the budget (ties: fewer parameters)."""
-    fits = [r for r in results if (max_params is None or r.params <= max_params) and (max_flops is None or r.flops <= max_flops)]
+    fits = [
+        r
+        for r in results
+        if (max_params is None or r.params <= max_params) and (max_flops is None or r.flops <= max_flops)
+    ]
     if not fits:
         smallest = min(results, key=lambda r: (r.params, r.flops))
         raise XrossError(

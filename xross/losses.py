@@ -11,6 +11,7 @@ their weighted total. Teacher distributions are always detached.
   / (n_cross (K - 1))`` where cross(i, j) are the paths through parts of i and j only
   (2^P - 2 of them, so the normaliser is 2(K-1) at P = 2, as in the research).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -20,8 +21,8 @@ from typing import Any, ClassVar
 import torch
 import torch.nn.functional as F
 
-from xross.errors import XrossError
 from xross.cohort import Cohort, Path
+from xross.errors import XrossError
 
 
 def _upcast(t: torch.Tensor) -> torch.Tensor:
@@ -61,7 +62,14 @@ class Mode:
     def paths(self, cohort: Cohort) -> list[Path]:
         return [cohort.own_path(i) for i in range(cohort.num_nets)]
 
-    def loss(self, i: int, logits: dict[Path, torch.Tensor], labels: torch.Tensor, cohort: Cohort, teacher: torch.Tensor | None = None) -> LossTerms:
+    def loss(
+        self,
+        i: int,
+        logits: dict[Path, torch.Tensor],
+        labels: torch.Tensor,
+        cohort: Cohort,
+        teacher: torch.Tensor | None = None,
+    ) -> LossTerms:
         raise NotImplementedError
 
 

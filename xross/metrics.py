@@ -1,4 +1,5 @@
 """Metrics to CSV files in the run directory (and TensorBoard when it is installed)."""
+
 from __future__ import annotations
 
 import csv

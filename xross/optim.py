@@ -7,6 +7,7 @@ learning rate the uninterrupted run had: nothing to checkpoint but the step.
 >>> lr_at("cosine", base=0.1, step=50, total=100, steps_per_epoch=10, warmup_epochs=0)
 0.05
 """
+
 from __future__ import annotations
 
 import math
@@ -14,11 +15,13 @@ from collections.abc import Callable, Iterable
 
 import torch
 
-from xross.errors import XrossError
 from xross.config import TrainConfig
+from xross.errors import XrossError
 
 OPTIMIZERS: dict[str, Callable[[Iterable[torch.nn.Parameter], TrainConfig], torch.optim.Optimizer]] = {
-    "sgd": lambda p, c: torch.optim.SGD(p, lr=c.lr, momentum=c.momentum, nesterov=c.nesterov, weight_decay=c.weight_decay),
+    "sgd": lambda p, c: torch.optim.SGD(
+        p, lr=c.lr, momentum=c.momentum, nesterov=c.nesterov, weight_decay=c.weight_decay
+    ),
     "adam": lambda p, c: torch.optim.Adam(p, lr=c.lr, weight_decay=c.weight_decay),
     "adamw": lambda p, c: torch.optim.AdamW(p, lr=c.lr, weight_decay=c.weight_decay),
 }
@@ -42,7 +45,11 @@ def _step(progress: float, epoch: float, c: TrainConfig) -> float:
     return c.step_gamma ** int(epoch // max(c.step_epochs, 1))
 
 
-SCHEDULES: dict[str, Callable[[float, float, TrainConfig], float]] = {"constant": _constant, "cosine": _cosine, "step": _step}
+SCHEDULES: dict[str, Callable[[float, float, TrainConfig], float]] = {
+    "constant": _constant,
+    "cosine": _cosine,
+    "step": _step,
+}
 
 
 def lr_at(

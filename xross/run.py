@@ -3,6 +3,7 @@
 ``RUN@0-1`` model references (:mod:`surgery.refs`) resolve here: the path through the
 run's cohort as a standalone :class:`surgery.Pieces`.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -39,5 +40,7 @@ def run_path(run: Path, path: tuple[int, ...], *, trust_code: bool = False, veri
     """One path through the run's cohort (``runs/x1@0-1``) as standalone pieces, with the run's weights."""
     _, cohort = load_run(run, trust_code=trust_code, verify=verify)
     if len(path) != cohort.num_parts or not all(0 <= n < cohort.num_nets for n in path):
-        raise XrossError(f"'{run}@{'-'.join(map(str, path))}' needs {cohort.num_parts} net indices in 0..{cohort.num_nets - 1}")
+        raise XrossError(
+            f"'{run}@{'-'.join(map(str, path))}' needs {cohort.num_parts} net indices in 0..{cohort.num_nets - 1}"
+        )
     return cohort.export_path(path)

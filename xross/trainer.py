@@ -14,6 +14,7 @@ gradients flow *through* teacher parts, but teacher parameters receive nothing f
 it. With ``schedule="joint"`` the summed loss is back-propagated once into every
 part it passes through (cheaper, not the research's update). Then one optimizer step.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -33,16 +34,23 @@ from torch import nn
 
 import surgery
 from surgery._util import atomic_write_text, first_line
+from surgery.io import versions
 from surgery.models import is_code_source
 from surgery.refs import parse as parse_reference
 from surgery.trust import Kind, resolve
-from xross.errors import Interrupted, TrainingDiverged, XrossError
-from surgery.io import versions
 from xross.checkpoint import CheckpointDir
 from xross.cohort import Cohort
 from xross.config import TrainConfig
 from xross.data import Augment, BatchLoader, ImageTensors, derive_seed, load_split
-from xross.distributed import DistInfo, any_rank, average_gradients, globalise_batchnorm, init_distributed, sum_over_ranks
+from xross.distributed import (
+    DistInfo,
+    any_rank,
+    average_gradients,
+    globalise_batchnorm,
+    init_distributed,
+    sum_over_ranks,
+)
+from xross.errors import Interrupted, TrainingDiverged, XrossError
 from xross.evaluate import EvalResult, evaluate
 from xross.losses import MODES, LossTerms, Mode, make_mode
 from xross.metrics import MetricsLog
@@ -62,14 +70,18 @@ ADAPTER_OWNERS = {"student": "any", "up": "src", "down": "dst"}
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
 
-def build_cohort(config: TrainConfig, device: torch.device, distributed: bool = False, *, trust_code: bool = False) -> Cohort:
+def build_cohort(
+    config: TrainConfig, device: torch.device, distributed: bool = False, *, trust_code: bool = False
+) -> Cohort:
     """The cohort a (resolved) config describes, on ``device``, with seeded initial weights.
 
     ``trust_code`` lets ``config.nets`` name code outside the trusted packages (see
     :mod:`surgery.trust`): pass it for nets you typed, not for a config from elsewhere.
     """
     if config.num_classes is None or config.image_size is None:
-        raise XrossError("the config lacks num_classes/image_size; they are filled in from the data when training starts")
+        raise XrossError(
+            "the config lacks num_classes/image_size; they are filled in from the data when training starts"
+        )
     torch.manual_seed(config.seed)
     transform = (lambda net: globalise_batchnorm(net, device)) if (distributed and config.sync_bn) else None
     cohort = Cohort.build(
@@ -99,7 +111,9 @@ def load_teachers(sources: list[str], device: torch.device, *, trust_code: bool 
     teachers = []
     for src in sources:
         if not (Path(src) / "recipe.json").is_file():
-            raise XrossError(f"teacher '{src}' is not a saved model directory; export one with `xross export` or surgery.save")
+            raise XrossError(
+                f"teacher '{src}' is not a saved model directory; export one with `xross export` or surgery.save"
+            )
         teachers.append(surgery.load(src, trust_code=trust_code).to(device).eval().requires_grad_(False))
     return teachers
 
@@ -133,11 +147,17 @@ class Trainer:
         # names from files are refused before anything is built, decoded or deleted
         trust_nets = trust_code if trust_nets is None else trust_nets
         check_sources(config.nets, trust_nets)
-        self.teachers = load_teachers(config.teacher, self.device, trust_code=trust_code) if MODES[config.mode].needs_teacher else []
+        self.teachers = (
+            load_teachers(config.teacher, self.device, trust_code=trust_code)
+            if MODES[config.mode].needs_teacher
+            else []
+        )
         self.run_dir = Path(config.out)
         self.progress = progress and self.dist.is_main
         if resume and not (self.run_dir / "config.yaml").is_file():
-            raise XrossError(f"cannot resume: '{self.run_dir / 'config.yaml'}' does not exist; start the run without --resume")
+            raise XrossError(
+                f"cannot resume: '{self.run_dir / 'config.yaml'}' does not exist; start the run without --resume"
+            )
         if not resume and self.dist.is_main:
             self._prepare_run_dir(force)
         self.dist.barrier()
@@ -153,7 +173,13 @@ class Trainer:
         self.cohort = build_cohort(config, self.device, self.dist.enabled, trust_code=trust_nets).to(self.dtype)
         if config.channels_last:
             self.cohort = self.cohort.to(memory_format=torch.channels_last)
-        self.mode: Mode = make_mode(config.mode, cross=config.cross, temperature=config.temperature, alpha=config.kd_alpha, label_smoothing=config.label_smoothing)
+        self.mode: Mode = make_mode(
+            config.mode,
+            cross=config.cross,
+            temperature=config.temperature,
+            alpha=config.kd_alpha,
+            label_smoothing=config.label_smoothing,
+        )
         self.paths = self.mode.paths(self.cohort)
         self.params = list(self.cohort.parameters())
         self.trainables = [self._trainables(i) for i in range(self.cohort.num_nets)]
@@ -186,7 +212,10 @@ class Trainer:
     def _prepare_run_dir(self, force: bool) -> None:
         if self.run_dir.exists() and any(self.run_dir.iterdir()):
             if not force:
-                raise XrossError(f"run directory '{self.run_dir}' is not empty; pass --resume to continue it or --force to start over")
+                raise XrossError(
+                    f"run directory '{self.run_dir}' is not empty; pass --resume to continue it or "
+                    "--force to start over"
+                )
             shutil.rmtree(self.run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
 
@@ -199,8 +228,15 @@ class Trainer:
 
     def _load_data(self, config: TrainConfig) -> tuple[ImageTensors, ImageTensors]:
         def load() -> tuple[ImageTensors, ImageTensors]:
-            kw = {"image_size": config.image_size, "cache_dir": config.cache_dir, "seed": config.seed, "progress": self.progress}
-            return load_split(config.data, "train", subset=config.subset, **kw), load_split(config.data, "test", subset=config.eval_subset, **kw)
+            kw = {
+                "image_size": config.image_size,
+                "cache_dir": config.cache_dir,
+                "seed": config.seed,
+                "progress": self.progress,
+            }
+            return load_split(config.data, "train", subset=config.subset, **kw), load_split(
+                config.data, "test", subset=config.eval_subset, **kw
+            )
 
         if not self.dist.enabled:
             return load()
@@ -213,7 +249,9 @@ class Trainer:
 
     def _trainables(self, i: int) -> list[nn.Parameter]:
         """Parameters student i's loss updates: its net and the adapters it owns."""
-        return self.cohort.net_parameters(i) + self.cohort.adapter_parameters(i, ADAPTER_OWNERS[self.config.adapter_update])
+        return self.cohort.net_parameters(i) + self.cohort.adapter_parameters(
+            i, ADAPTER_OWNERS[self.config.adapter_update]
+        )
 
     def _write_run_files(self, command: str | None) -> None:
         self.config.save(self.run_dir / "config.yaml")
@@ -236,7 +274,9 @@ class Trainer:
         probs = torch.stack([m(images).float().div(t).softmax(1) for m in self.teachers]).mean(0)
         return probs.clamp_min(1e-12).log() * t
 
-    def train_step(self, images: torch.Tensor, labels: torch.Tensor, students: list[int] | None = None) -> dict[int, LossTerms]:
+    def train_step(
+        self, images: torch.Tensor, labels: torch.Tensor, students: list[int] | None = None
+    ) -> dict[int, LossTerms]:
         """One optimizer step on a batch; only ``students`` (default all) learn from it."""
         students = list(range(self.cohort.num_nets)) if students is None else students
         images = images.to(self.dtype)
@@ -253,7 +293,9 @@ class Trainer:
         else:
             for n, (i, loss) in enumerate(losses.items()):
                 params = self.trainables[i]
-                grads = torch.autograd.grad(self.scaler.scale(loss.total), params, retain_graph=n < len(losses) - 1, allow_unused=True)
+                grads = torch.autograd.grad(
+                    self.scaler.scale(loss.total), params, retain_graph=n < len(losses) - 1, allow_unused=True
+                )
                 for p, g in zip(params, grads):
                     if g is not None:
                         p.grad = g if p.grad is None else p.grad + g
@@ -276,7 +318,8 @@ class Trainer:
                     last = self.checkpoints.latest()
                     p = self.position
                     raise TrainingDiverged(
-                        f"loss term '{name}' of net {i} ({self.config.nets[i]}) is {float(v.detach())} at epoch {p.epoch + 1} step {p.step + 1} "
+                        f"loss term '{name}' of net {i} ({self.config.nets[i]}) is "
+                        f"{float(v.detach())} at epoch {p.epoch + 1} step {p.step + 1} "
                         f"(global step {p.global_step + 1}); stopped without saving; the last good checkpoint is "
                         f"{last if last else 'none (no epoch finished yet)'}"
                     )
@@ -300,11 +343,18 @@ class Trainer:
     def _train_epoch(self, bar: Any) -> None:
         cfg, pos = self.config, self.position
         steps = len(self.train_loader)
-        task = bar.add_task(f"epoch {pos.epoch + 1}/{cfg.epochs}", total=steps, completed=pos.step, stats="") if bar else None
+        task = (
+            bar.add_task(f"epoch {pos.epoch + 1}/{cfg.epochs}", total=steps, completed=pos.step, stats="")
+            if bar
+            else None
+        )
         seen, t0 = 0, time.perf_counter()
         for images, labels in self.train_loader.epoch(pos.epoch, start_step=pos.step):
             torch.manual_seed(derive_seed("step", cfg.seed, pos.global_step))  # dropout & co. resume exactly
-            set_lr(self.optimizer, lr_at(cfg.lr_schedule, cfg.lr, pos.global_step, self.total_steps, steps, cfg.warmup_epochs, cfg))
+            set_lr(
+                self.optimizer,
+                lr_at(cfg.lr_schedule, cfg.lr, pos.global_step, self.total_steps, steps, cfg.warmup_epochs, cfg),
+            )
             losses = self.train_step(images, labels)
             pos.step += 1
             pos.global_step += 1
@@ -315,20 +365,30 @@ class Trainer:
                 path = self._save_checkpoint()
                 name = signal.Signals(self.stop_signal or signal.SIGINT).name
                 raise Interrupted(
-                    f"{name} at epoch {pos.epoch + 1} step {pos.step}: saved {path}; continue with `xross train --resume --out {self.run_dir}`"
+                    f"{name} at epoch {pos.epoch + 1} step {pos.step}: saved {path}; continue with "
+                    f"`xross train --resume --out {self.run_dir}`"
                 )
         if bar:
             bar.update(task, completed=steps)
 
-    def _log_step(self, losses: dict[int, LossTerms], labels: torch.Tensor, images_per_s: float, bar: Any, task: Any) -> None:
+    def _log_step(
+        self, losses: dict[int, LossTerms], labels: torch.Tensor, images_per_s: float, bar: Any, task: Any
+    ) -> None:
         pos = self.position
-        row: dict[str, Any] = {"global_step": pos.global_step, "epoch": pos.epoch + 1, "step": pos.step, "lr": self.optimizer.param_groups[0]["lr"]}
+        row: dict[str, Any] = {
+            "global_step": pos.global_step,
+            "epoch": pos.epoch + 1,
+            "step": pos.step,
+            "lr": self.optimizer.param_groups[0]["lr"],
+        }
         for i, loss in losses.items():
             row[f"loss{i}"] = float(loss.total.detach())
             row[f"acc{i}"] = 100.0 * float((self.train_logits[i].argmax(1) == labels).float().mean())
         if self.metrics:
             self.metrics.write("steps", row, pos.global_step)
-            self.metrics.write("throughput", {"global_step": pos.global_step, "images_per_s": round(images_per_s, 1)}, pos.global_step)
+            self.metrics.write(
+                "throughput", {"global_step": pos.global_step, "images_per_s": round(images_per_s, 1)}, pos.global_step
+            )
         if bar:
             stats = "  ".join(f"loss{i} {row[f'loss{i}']:.3f} acc{i} {row[f'acc{i}']:.1f}%" for i in losses)
             bar.update(task, completed=pos.step, stats=f"{stats}  {images_per_s:.0f} img/s")
@@ -348,7 +408,13 @@ class Trainer:
     def evaluate(self, paths: list[tuple[int, ...]] | None = None) -> EvalResult:
         """Top-1/top-5 of ``paths`` (default all) on the evaluation split; each rank scores its part of every batch."""
         batches = ((x.to(self.dtype), y) for x, y in self.test_loader.epoch(0))
-        return evaluate(self.cohort, batches, self.config.image_size, paths, reduce=functools.partial(sum_over_ranks, info=self.dist))
+        return evaluate(
+            self.cohort,
+            batches,
+            self.config.image_size,
+            paths,
+            reduce=functools.partial(sum_over_ranks, info=self.dist),
+        )
 
     # --- checkpoints and signals ----------------------------------------------------------------
 
@@ -360,7 +426,10 @@ class Trainer:
                 "optimizer": self.optimizer.state_dict(),
                 "scaler": self.scaler.state_dict(),
                 "position": dataclasses.asdict(self.position),
-                "rng": {"torch": torch.get_rng_state(), **({"cuda": torch.cuda.get_rng_state_all()} if torch.cuda.is_available() else {})},
+                "rng": {
+                    "torch": torch.get_rng_state(),
+                    **({"cuda": torch.cuda.get_rng_state_all()} if torch.cuda.is_available() else {}),
+                },
             }
             path = self.checkpoints.save(state, self.position.global_step)
         self.dist.barrier()
@@ -405,6 +474,12 @@ class Trainer:
             return
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-        columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(), TextColumn("{task.fields[stats]}"))
+        columns = (
+            TextColumn("{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeRemainingColumn(),
+            TextColumn("{task.fields[stats]}"),
+        )
         with Progress(*columns, transient=False) as bar:
             yield bar

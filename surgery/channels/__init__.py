@@ -31,12 +31,14 @@ The package holds shape inference (:mod:`~surgery.channels.shapes`), the result 
 that looks each op's rule up in :mod:`~surgery.channels.registry`, and the rules, one
 module per family of ops (:mod:`surgery.channels.rules`).
 """
+
 from __future__ import annotations
 
 from typing import Any
 
 from torch import fx, nn
 
+from surgery.capture import trace
 from surgery.channels import rules  # noqa: F401 - importing the rule families registers them for the walk
 from surgery.channels.groups import (
     ChannelAnalysis,
@@ -48,7 +50,6 @@ from surgery.channels.groups import (
 from surgery.channels.registry import ModuleRule, NodeRule
 from surgery.channels.shapes import Shapes, describe_node, infer_shapes
 from surgery.channels.walk import _Walk
-from surgery.capture import trace
 
 __all__ = [
     "ChannelAnalysis",

@@ -6,6 +6,7 @@ constant of the graph that spells out how many of its channels there are); a
 :class:`ChannelGroup` collects the endpoints of coupled channels and the reasons a change
 would not be exact; a :class:`ChannelAnalysis` holds them all for one graph.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -69,7 +70,16 @@ class Endpoint:
 
 
 # The list fields of a ChannelGroup: merged when groups couple, copied when a group splits.
-GROUP_LISTS = ("producers", "followers", "consumers", "literals", "nodes", "blockers", "replication_blockers", "uniform")
+GROUP_LISTS = (
+    "producers",
+    "followers",
+    "consumers",
+    "literals",
+    "nodes",
+    "blockers",
+    "replication_blockers",
+    "uniform",
+)
 
 
 @dataclass

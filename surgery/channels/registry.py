@@ -11,6 +11,7 @@ records it as a *literal* endpoint of kind ``k`` and registers in :data:`_LITERA
 how to rewrite that node when the widths change (:func:`surgery.remap.remap_channels`
 calls it).
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable

@@ -4,6 +4,7 @@
 parameters never copied), trying a few image sizes when no example input is given, and
 returns a :class:`Shapes`; :func:`describe_node` names a node the way error messages do.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -24,8 +25,21 @@ _SHAPE_KEEPING_MODULES: tuple[type, ...] = (
     nn.GroupNorm,
     nn.Identity,
     nn.modules.dropout._DropoutNd,
-    nn.ReLU, nn.ReLU6, nn.GELU, nn.SiLU, nn.Hardswish, nn.Hardsigmoid, nn.Sigmoid, nn.Tanh,
-    nn.LeakyReLU, nn.ELU, nn.SELU, nn.Mish, nn.Softplus, nn.Hardtanh, nn.PReLU,
+    nn.ReLU,
+    nn.ReLU6,
+    nn.GELU,
+    nn.SiLU,
+    nn.Hardswish,
+    nn.Hardsigmoid,
+    nn.Sigmoid,
+    nn.Tanh,
+    nn.LeakyReLU,
+    nn.ELU,
+    nn.SELU,
+    nn.Mish,
+    nn.Softplus,
+    nn.Hardtanh,
+    nn.PReLU,
     StochasticDepth,
 )
 _CANDIDATE_SIZES = (64, 32, 96, 224, 299)

@@ -13,6 +13,7 @@ consecutive pieces, each a new group with all the endpoints and reasons of the w
 :meth:`_Walk.layout` (or :meth:`_Walk.expand`) always gives the pieces.
 The rules themselves live in :mod:`surgery.channels.rules`.
 """
+
 from __future__ import annotations
 
 import itertools
@@ -267,8 +268,10 @@ class _Walk:
                 self.layouts[node] = out
                 for g in self.expand(out).groups():
                     self.draft(g).nodes.append(node.name)
-            if node.op == "call_module" and self.calls[str(node.target)] > 1 and any(
-                True for _ in self.modules[str(node.target)].parameters()
+            if (
+                node.op == "call_module"
+                and self.calls[str(node.target)] > 1
+                and any(True for _ in self.modules[str(node.target)].parameters())
             ):
                 self.block(
                     [*(out if isinstance(out, tuple) else [out]), *self.tracked_inputs(node)],

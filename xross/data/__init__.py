@@ -26,6 +26,7 @@ writes a small generated CIFAR-10-like dataset for tests and examples.
 >>> [(tuple(x.shape), x.dtype) for x, y in loader.epoch(0)]
 [((2, 3, 8, 8), torch.float32), ((2, 3, 8, 8), torch.float32)]
 """
+
 from __future__ import annotations
 
 import os

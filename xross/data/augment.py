@@ -7,6 +7,7 @@ so it is the same in every process, on every device and in every Python version.
 >>> derive_seed("order", 0, 1) == derive_seed("order", 0, 1) != derive_seed("order", 0, 2)
 True
 """
+
 from __future__ import annotations
 
 import hashlib

@@ -19,6 +19,7 @@ Only entries are counted and removed: torchvision's downloads (``cifar10/``,
 >>> clear_cache(root) > 0, cache_info(root)
 (True, [])
 """
+
 from __future__ import annotations
 
 import hashlib

@@ -11,6 +11,7 @@ size by size, when an ``image_size`` is given.
 >>> decode(bytearray(buffer.getvalue()), "grey.png").shape
 torch.Size([3, 2, 3])
 """
+
 from __future__ import annotations
 
 import io

@@ -5,6 +5,7 @@
 >>> [y.tolist() for _, y in BatchLoader(data, 4, train=False).epoch(0)]
 [[0, 1, 2, 0], [1, 2]]
 """
+
 from __future__ import annotations
 
 import itertools

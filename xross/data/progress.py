@@ -1,4 +1,5 @@
 """A transient progress bar for the slow steps of loading a split (reading an archive, decoding images)."""
+
 from __future__ import annotations
 
 import time

@@ -14,6 +14,7 @@ An archive is read in one streaming pass that keeps only the bytes of the wanted
 >>> listing.names, listing.labels.tolist(), listing.classes
 (['train/cat/2.jpg', 'train/dog/1.png'], [0, 1], ['cat', 'dog'])
 """
+
 from __future__ import annotations
 
 import gzip
@@ -71,9 +72,7 @@ def resolve_source(source: str | os.PathLike) -> str | Path:
             )
         raise XrossError(f"dataset path '{path}' does not exist; {_SOURCES_HINT}")
     if path.is_file() and not path.name.lower().endswith(ARCHIVE_SUFFIXES):
-        raise XrossError(
-            f"'{path}' is neither a directory nor a {'/'.join(ARCHIVE_SUFFIXES)} archive; {_SOURCES_HINT}"
-        )
+        raise XrossError(f"'{path}' is neither a directory nor a {'/'.join(ARCHIVE_SUFFIXES)} archive; {_SOURCES_HINT}")
     return path
 
 

@@ -5,6 +5,7 @@
 >>> torch.bincount(labels[keep]).tolist(), bool((keep.diff() > 0).all())
 ([2, 2, 1], True)
 """
+
 from __future__ import annotations
 
 import torch

@@ -15,6 +15,7 @@ CIFAR-10 JPEG archive; :func:`pack_archive` packs such a directory into a ``.tar
 >>> data.images.shape, data.labels.tolist(), data.classes[:3]
 (torch.Size([10, 3, 32, 32]), [0, 1, 2, 3, 4, 5, 6, 7, 8, 9], ['airplane', 'automobile', 'bird'])
 """
+
 from __future__ import annotations
 
 import colorsys

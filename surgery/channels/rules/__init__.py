@@ -14,6 +14,7 @@ padding, indexing, size),
 :mod:`~surgery.channels.rules.aten` (the aten ops of graphs torch.export captured; embeddings, ``Conv1D``,
 attention).
 """
+
 from surgery.channels.rules import (
     aten,
     attention,

@@ -1,4 +1,5 @@
 """Reading an fx node's arguments as the channel rules need them: by position or keyword, dims normalised."""
+
 from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any

@@ -8,6 +8,7 @@ embeddings (a table whose columns are the channels), ``addmm`` of Hugging Face's
 (queries and keys are compared over their channels, values pass theirs to the output),
 and the aten forms of slicing, selecting and expanding.
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable
@@ -30,12 +31,29 @@ from surgery.channels.walk import _fallback, _Walk
 aten = torch.ops.aten
 
 _SAME_AS: list[tuple[Callable[..., object], list[object]]] = [
-    (_unary, [
-        aten.gelu.default, aten.silu.default, aten.relu.default, aten.tanh.default, aten.sigmoid.default,
-        aten.neg.default, aten.abs.default, aten.pow.Tensor_Scalar, aten.hardswish.default, aten.hardsigmoid.default,
-        aten.to.dtype, aten.to.dtype_layout, aten.to.device, aten._to_copy.default, aten.alias.default,
-        aten.clone.default, aten.contiguous.default, aten.erf.default,
-    ]),
+    (
+        _unary,
+        [
+            aten.gelu.default,
+            aten.silu.default,
+            aten.relu.default,
+            aten.tanh.default,
+            aten.sigmoid.default,
+            aten.neg.default,
+            aten.abs.default,
+            aten.pow.Tensor_Scalar,
+            aten.hardswish.default,
+            aten.hardsigmoid.default,
+            aten.to.dtype,
+            aten.to.dtype_layout,
+            aten.to.device,
+            aten._to_copy.default,
+            aten.alias.default,
+            aten.clone.default,
+            aten.contiguous.default,
+            aten.erf.default,
+        ],
+    ),
     (_binary, [aten.add.Tensor, aten.sub.Tensor, aten.mul.Tensor, aten.div.Tensor, aten.add_.Tensor, aten.mul_.Tensor]),
     (_reshape, [aten.view.default, aten.reshape.default, aten._unsafe_view.default]),
     (_permute, [aten.permute.default]),
@@ -82,10 +100,14 @@ def _embedding_module(w: _Walk, node: fx.Node, emb: nn.Embedding) -> Layout | No
 
 @_register(_FUNCTION_RULES, [aten.addmm.default])
 def _addmm(w: _Walk, node: fx.Node) -> Layout | None:
-    """``addmm(bias, x, weight)`` of Hugging Face's ``Conv1D`` (weight ``[in, out]``): consumes x's channels, makes new ones."""
+    """``addmm(bias, x, weight)`` of Hugging Face's ``Conv1D`` (weight ``[in, out]``): reads x's channels, makes new."""
     bias, x, weight = node.args[:3]
     owner = _parameter_owner(w, weight, node)
-    if owner is None or owner[1].__name__ != "Conv1D" or _parameter_owner(w, bias, node) != (owner[0], owner[1], "bias"):
+    if (
+        owner is None
+        or owner[1].__name__ != "Conv1D"
+        or _parameter_owner(w, bias, node) != (owner[0], owner[1], "bias")
+    ):
         return _fallback(w, node)
     layout = w.layout(x)
     if layout is not None and layout.dim != 1:
@@ -116,7 +138,7 @@ def _attention(w: _Walk, node: fx.Node) -> Layout | None:
 
 @_register(_FUNCTION_RULES, [aten.slice.Tensor])
 def _slice(w: _Walk, node: fx.Node) -> Layout | None:
-    """``aten.slice(x, dim, start, end, step)``: along the channels, the channels it keeps (bounds rewritten on widening)."""
+    """``aten.slice(x, dim, start, end, step)``: the channels it keeps (its bounds are rewritten on widening)."""
     x = node.args[0]
     layout = w.layout(x)
     shape = w.shape(x)

@@ -6,6 +6,7 @@ In self-attention (query, key and value the same tensor, one in-projection) the 
 can be permuted; neither can be replicated, since the embedding width is also the total
 width of the heads (``embed_dim = num_heads * head_dim``).
 """
+
 from __future__ import annotations
 
 import operator

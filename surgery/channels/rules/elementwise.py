@@ -5,6 +5,7 @@ ops (``+``, ``*``, ...) join the groups of same-size operands, and a parameter t
 combine with the channels (ConvNeXt's layer scale, say, possibly reshaped to broadcast)
 follows them.
 """
+
 from __future__ import annotations
 
 import operator
@@ -25,8 +26,23 @@ from surgery.channels.rules.arguments import _parameter_source
 from surgery.channels.walk import _fallback, _Walk
 
 _ELEMENTWISE_MODULES = (
-    nn.ReLU, nn.ReLU6, nn.GELU, nn.SiLU, nn.Hardswish, nn.Hardsigmoid, nn.Sigmoid, nn.Tanh, nn.LeakyReLU, nn.ELU,
-    nn.SELU, nn.Mish, nn.Softplus, nn.Hardtanh, nn.modules.dropout._DropoutNd, nn.Identity, StochasticDepth,
+    nn.ReLU,
+    nn.ReLU6,
+    nn.GELU,
+    nn.SiLU,
+    nn.Hardswish,
+    nn.Hardsigmoid,
+    nn.Sigmoid,
+    nn.Tanh,
+    nn.LeakyReLU,
+    nn.ELU,
+    nn.SELU,
+    nn.Mish,
+    nn.Softplus,
+    nn.Hardtanh,
+    nn.modules.dropout._DropoutNd,
+    nn.Identity,
+    StochasticDepth,
 )
 
 
@@ -36,13 +52,47 @@ def _pass_module(w: _Walk, node: fx.Node, module: nn.Module) -> Layout | None:
 
 
 _UNARY_FUNCTIONS = [
-    torch.relu, torch.relu_, F.relu, F.relu_, F.relu6, F.gelu, F.silu, F.hardswish, F.hardsigmoid, F.sigmoid,
-    torch.sigmoid, torch.tanh, F.tanh, F.leaky_relu, F.elu, F.selu, F.mish, F.softplus, F.hardtanh, F.dropout,
-    F.dropout2d, operator.neg, torch.neg, torch.abs, stochastic_depth,
+    torch.relu,
+    torch.relu_,
+    F.relu,
+    F.relu_,
+    F.relu6,
+    F.gelu,
+    F.silu,
+    F.hardswish,
+    F.hardsigmoid,
+    F.sigmoid,
+    torch.sigmoid,
+    torch.tanh,
+    F.tanh,
+    F.leaky_relu,
+    F.elu,
+    F.selu,
+    F.mish,
+    F.softplus,
+    F.hardtanh,
+    F.dropout,
+    F.dropout2d,
+    operator.neg,
+    torch.neg,
+    torch.abs,
+    stochastic_depth,
 ]
 _UNARY_METHODS = [
-    "relu", "relu_", "sigmoid", "sigmoid_", "tanh", "contiguous", "clone", "detach", "float", "double", "to", "type_as",
-    "neg", "abs",
+    "relu",
+    "relu_",
+    "sigmoid",
+    "sigmoid_",
+    "tanh",
+    "contiguous",
+    "clone",
+    "detach",
+    "float",
+    "double",
+    "to",
+    "type_as",
+    "neg",
+    "abs",
 ]
 
 
@@ -56,8 +106,18 @@ def _unary(w: _Walk, node: fx.Node) -> Layout | None:
 
 
 _BINARY_FUNCTIONS = [
-    operator.add, operator.iadd, operator.sub, operator.isub, operator.mul, operator.imul, operator.truediv,
-    operator.itruediv, torch.add, torch.sub, torch.mul, torch.div,
+    operator.add,
+    operator.iadd,
+    operator.sub,
+    operator.isub,
+    operator.mul,
+    operator.imul,
+    operator.truediv,
+    operator.itruediv,
+    torch.add,
+    torch.sub,
+    torch.mul,
+    torch.div,
 ]
 _BINARY_METHODS = ["add", "add_", "sub", "sub_", "mul", "mul_", "div", "div_"]
 

@@ -12,6 +12,7 @@ on the module's own parameters and buffers (``get_attr`` nodes), then an activat
   changes its group's statistics, so replication is refused; with one channel per group
   it is an instance norm, and widening rewrites its group count.
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable
@@ -49,8 +50,10 @@ def _follow_parameters(w: _Walk, node: fx.Node, layout: Layout, arguments: tuple
         return
     owners = [_parameter_owner(w, p, node) for _, p in given]
     first = owners[0] if owners else None
-    if first is not None and issubclass(first[1], _NORM_MODULES) and all(
-        o is not None and o[0] == first[0] and o[2] in _OWN_TENSORS for o in owners
+    if (
+        first is not None
+        and issubclass(first[1], _NORM_MODULES)
+        and all(o is not None and o[0] == first[0] and o[2] in _OWN_TENSORS for o in owners)
     ):
         w.add(layout, "followers", Endpoint(node.name, first[0], first[1].__name__, node.name))
         return

@@ -4,6 +4,7 @@ Along the channel dim, the inputs' groups are laid side by side as segments of t
 output; along another dim (tokens, say), every input must carry the same channels, and a
 parameter concatenated there (ViT's class token) follows them.
 """
+
 from __future__ import annotations
 
 from typing import Any
@@ -61,4 +62,3 @@ def _cat_aside(w: _Walk, node: fx.Node, tensors: list[Any], layouts: list[Layout
     for target, own in params:
         w.add(present[0], "followers", Endpoint(node.name, target, "parameter", node.name, dim=own))
     return present[0]
-

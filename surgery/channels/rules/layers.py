@@ -6,6 +6,7 @@ through. ``F.conv2d`` and ``F.linear`` count as the layer whose ``weight`` (and 
 they read, as when a Conv2d or Linear subclass (timm's ``Conv2dSame``, ``Linear``) calls
 them from its own ``forward``.
 """
+
 from __future__ import annotations
 
 import torch
@@ -71,7 +72,7 @@ def _own_weight(w: _Walk, node: fx.Node, kind: type) -> tuple[str, torch.Tensor]
     bias = _arg(node, 2, "bias")
     if bias is not None and _parameter_owner(w, bias, node) != (path, weight[1], "bias"):
         return None
-    return path, getattr(w.modules[path], "weight")
+    return path, w.modules[path].weight
 
 
 @_register(_FUNCTION_RULES, [F.conv2d])

@@ -1,4 +1,4 @@
-"""Channel rules for layer norms (``nn.LayerNorm``, ``F.layer_norm``, ``aten.layer_norm``): channels in the normalised dims.
+"""Channel rules for layer norms (``nn.LayerNorm``, ``F.layer_norm``, ``aten.layer_norm``): normalised channels.
 
 Their affine parameters follow the channels, which can be permuted freely. A replication
 keeps the norm's mean and variance only when every channel is copied the same number of
@@ -6,12 +6,12 @@ times (a uniform replication: the factor must be an integer), so the group is ma
 ``uniform``. The ``normalized_shape`` a functional call spells out is rewritten when the
 width changes.
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 
 import torch
-
 import torch.nn.functional as F
 from torch import fx, nn
 

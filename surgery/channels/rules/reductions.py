@@ -3,6 +3,7 @@
 Channels on a dim that is not reduced pass through (moving down past dropped dims);
 reducing or normalising over the channel dim itself blocks them.
 """
+
 from __future__ import annotations
 
 import torch
@@ -31,9 +32,9 @@ def _spatial(w: _Walk, node: fx.Node) -> Layout | None:
     return layout
 
 
-_register(
-    _FUNCTION_RULES, [F.adaptive_avg_pool2d, F.adaptive_max_pool2d, F.avg_pool2d, F.max_pool2d, F.interpolate]
-)(_spatial)
+_register(_FUNCTION_RULES, [F.adaptive_avg_pool2d, F.adaptive_max_pool2d, F.avg_pool2d, F.max_pool2d, F.interpolate])(
+    _spatial
+)
 
 
 @_register(_MODULE_RULES, [nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d, nn.Upsample])

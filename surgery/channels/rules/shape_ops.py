@@ -8,6 +8,7 @@ part's channels interleaved with the others' (``inner`` = g). Slicing the channe
 :mod:`~surgery.channels.rules.slicing`'s. Padding or rolling other dims and reading a
 tensor's size are harmless.
 """
+
 from __future__ import annotations
 
 import math
@@ -118,9 +119,7 @@ def _reshape(w: _Walk, node: fx.Node) -> Layout | None:
             _literal_channel_count(w, node, layout, d)
             inner = math.prod(before[layout.dim + 1 : merged[0]])
             return Layout(d, tuple(Segment(s.group, s.channels, s.inner * inner) for s in layout.segments))
-        last = next(
-            (e for e in range(d + 1, len(after)) if math.prod(after[d : e + 1]) == before[layout.dim]), None
-        )
+        last = next((e for e in range(d + 1, len(after)) if math.prod(after[d : e + 1]) == before[layout.dim]), None)
         if last is not None and math.prod(after[last + 1 :]) == trail:
             return _split_channel_dim(w, node, layout, d, last)
     w.block([layout], f"{w.describe(node)} splits these channels or merges them into a preceding dim")

@@ -11,6 +11,7 @@ widening exact (GhostNet's ``cat([x1, x2])[:, :out_chs]``, MixNet's mixed convs,
 ``split``). Splits along another dim keep the channels whole in every piece; a strided
 slice of the channels, or one that cuts a flattened channel, blocks them.
 """
+
 from __future__ import annotations
 
 import itertools
@@ -114,4 +115,3 @@ def _rewrite_split(node: fx.Node, ep: Endpoint, moved: Callable[[int], int], siz
 
 
 _LITERAL_EDITS["split"] = _rewrite_split
-
