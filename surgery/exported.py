@@ -19,6 +19,7 @@ captured by fx, where BatchNorm stays a module).
 from __future__ import annotations
 
 import contextlib
+import logging
 import warnings
 from collections.abc import Iterator
 from typing import Any
@@ -41,7 +42,9 @@ def _cache_off(model: nn.Module, notes: list[str]) -> Iterator[None]:
     had = getattr(config, "use_cache", None)
     if had:
         config.use_cache = False
-        notes.append(f"{type(model).__name__}: key-value cache off in the captured graph (use_cache=False)")
+        generates = getattr(model, "can_generate", None)
+        if callable(generates) and generates():  # only models that would hand a cache back need telling
+            notes.append(f"{type(model).__name__}: key-value cache off in the captured graph (use_cache=False)")
     try:
         yield
     finally:
@@ -62,15 +65,44 @@ def dynamic_shapes(example: Example) -> tuple[Any, ...] | dict[str, Any] | None:
     return None  # mixed positional and keyword inputs: shapes as given
 
 
+_CHATTY_LOGGERS = ("torch._export", "torch.export", "torch.fx.experimental.symbolic_shapes", "torch._dynamo")
+
+
+@contextlib.contextmanager
+def _quiet_torch() -> Iterator[None]:
+    """torch.export's own log lines (specialised dims, guards) are not for users: errors only, restored after."""
+    loggers = [logging.getLogger(name) for name in _CHATTY_LOGGERS]
+    levels = [log.level for log in loggers]
+    for log in loggers:
+        log.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        for log, level in zip(loggers, levels):
+            log.setLevel(level)
+
+
+def _batch_of_two(example: Example) -> Example:
+    """The example with a batch of 1 repeated to 2: export would fix a dimension of size 1 to 1 for good."""
+
+    def two(value: Any) -> Any:
+        if isinstance(value, torch.Tensor) and value.dim() and value.shape[0] == 1:
+            return torch.cat([value, value])
+        return value
+
+    return Example(tuple(two(a) for a in example.args), {k: two(v) for k, v in example.kwargs.items()})
+
+
 def export_graph(model: nn.Module, example: Example) -> tuple[fx.GraphModule, list[str]]:
     """``model`` captured by torch.export on ``example``: a GraphModule sharing its parameters, and notes.
 
     Raises a one-line :class:`SurgeryError` when torch.export cannot capture it either.
     """
     notes: list[str] = []
+    example = _batch_of_two(example)
     dynamic = dynamic_shapes(example)
     try:
-        with _cache_off(model, notes), evaluating(model, grad=True), warnings.catch_warnings():
+        with _cache_off(model, notes), evaluating(model, grad=True), warnings.catch_warnings(), _quiet_torch():
             warnings.simplefilter("ignore")
             program = torch.export.export(model, example.args, example.kwargs, dynamic_shapes=dynamic, strict=False)
             gm = program.module()
