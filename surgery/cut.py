@@ -28,6 +28,7 @@ from typing import Any
 
 import torch
 from torch import fx, nn
+from torch.fx._lazy_graph_module import _LazyGraphModule
 from torch.fx.graph import CodeGen, _PyTreeCodeGen, _PyTreeInfo
 
 from surgery._util import evaluating
@@ -277,7 +278,7 @@ def _pieces(
     origin_recipe = recipe_of(model)
     pieces = []
     for k, (g, ins, outs) in enumerate(split_graph(index, positions)):
-        gm = fx.GraphModule(cap.root, g, class_name="Piece")
+        gm = _LazyGraphModule(cap.root, g, class_name="Piece")  # its code is generated when first run
         gm.train(model.training)
         gm.meta[META_KEY] = PieceInfo(
             Origin(origin_recipe, tuple(names), k, leaf_names, cap.tracer if cap.tracer != "graph" else "fx", inputs),
