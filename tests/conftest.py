@@ -6,6 +6,11 @@ training and 20 test 32x32 JPEGs per class, as an ImageFolder directory and as a
 ``.tar.xz`` archive laid out like the CIFAR-10 JPEG archive. ``CIFAR10_ARCHIVE=/path/to/
 cifar10-jpeg.tar.xz`` runs them on the real archive instead (``cifar10_archive`` is then
 that file).
+
+Shared by several test modules: ``r18`` (a 10-class ResNet-18 for the surgery tests),
+``resnet18`` (a ResNet-18 with varied constant weights for the growth tests; test_remap.py
+keeps its own) and ``cohort`` (two small VGGs cut after ``features.0``). Shared helpers
+that are not fixtures are in tests/helpers.py.
 """
 
 from __future__ import annotations
@@ -15,6 +20,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import tiny
+
+import surgery
+from growth.check import vary_constant_weights
+from xross.cohort import Cohort
 
 ROOT = Path(__file__).resolve().parents[1]
 REAL_ARCHIVE = Path(os.environ["CIFAR10_ARCHIVE"]).expanduser() if os.environ.get("CIFAR10_ARCHIVE") else None
@@ -64,6 +74,26 @@ def data_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(autouse=True)
 def _seed() -> None:
     torch.manual_seed(0)
+
+
+@pytest.fixture(scope="module")
+def r18() -> torch.nn.Module:
+    """A ResNet-18 for 10 classes, in eval mode (test_split.py has its own, built by torchvision)."""
+    return surgery.build_model("resnet18", num_classes=10).eval()
+
+
+@pytest.fixture(scope="module")
+def resnet18() -> torch.nn.Module:
+    """A ResNet-18 in eval mode whose constant weights are varied, so that a growth check sees every layer."""
+    torch.manual_seed(0)
+    return vary_constant_weights(surgery.build_model("resnet18").eval(), torch.Generator().manual_seed(0))
+
+
+@pytest.fixture
+def cohort() -> Cohort:
+    """Two small VGGs for 10 classes cut after ``features.0``: 8 vs 12 channels there, so adapters both ways."""
+    torch.manual_seed(0)
+    return Cohort.build([tiny([8, 16]), tiny([12, 16])], cuts=["features.0"], num_classes=10, image_size=16)
 
 
 class CliResult:

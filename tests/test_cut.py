@@ -1,4 +1,7 @@
-"""Cutting real torchvision models: the pieces compose to the model bit for bit."""
+"""surgery.cut: cutting real torchvision models, the pieces compose to the model bit for bit.
+
+Bad cut points (unknown names, out of graph order, repeated, leaving a piece empty) are refused in one line.
+"""
 
 from __future__ import annotations
 
@@ -141,3 +144,20 @@ def test_replace_gives_cifar_stem_and_records_it() -> None:
     assert [t.op for t in surgery.recipe_of(new).transforms] == ["replace", "replace"]
     rebuilt = surgery.models.rebuild(surgery.recipe_of(new))
     assert repr(rebuilt) == repr(new)
+
+
+# --- bad cut points: one clear line each ----------------------------------------------------------
+
+
+def test_unknown_cut_name_lists_closest(r18: torch.nn.Module) -> None:
+    with pytest.raises(surgery.SurgeryError, match=r"'layer5'.*closest: layer\d"):
+        surgery.cut(r18, "layer5")
+
+
+def test_cut_order_and_repeats(r18: torch.nn.Module) -> None:
+    with pytest.raises(surgery.SurgeryError, match="graph order"):
+        surgery.cut(r18, ["layer3", "layer2"])
+    with pytest.raises(surgery.SurgeryError, match="given twice"):
+        surgery.cut(r18, ["layer2", "layer2"])
+    with pytest.raises(surgery.SurgeryError, match="last piece empty"):
+        surgery.cut(r18, ["fc"])

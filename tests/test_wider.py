@@ -1,12 +1,19 @@
-"""growth.wider on transformers: MLPs, and residual streams where their norms allow it (integer factors)."""
+"""growth.wider on transformers: MLPs, and residual streams where their norms allow it (integer factors).
+
+And net2wider on CNNs: a coupled group (residual stream, depthwise partner) widens as one, new units
+copy weights and statistics, several sites widen each group once, grouped convs keep their groups, noise.
+"""
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import pytest
 import torch
 import transformers
+from helpers import X, same_output
+from torch import nn
 
 import growth
 import surgery
@@ -77,3 +84,77 @@ def test_a_stream_under_layer_norms_takes_integer_factors_only() -> None:
         growth.net2wider(model, "bert.embeddings.word_embeddings", factor=1.5, example_input=example)
     wide = growth.net2wider(model, "bert.embeddings.word_embeddings", new_width=96, seed=0, example_input=example)
     assert wide.bert.embeddings.word_embeddings.embedding_dim == 96
+
+
+def test_widening_a_residual_writer_widens_the_whole_stream(resnet18: nn.Module) -> None:
+    wide = growth.net2wider(resnet18, "layer2.0.conv2", factor=1.5, seed=0)
+    for writer in ("layer2.0.conv2", "layer2.0.downsample.0", "layer2.1.conv2"):
+        assert wide.get_submodule(writer).out_channels == 192
+    for norm in ("layer2.0.bn2", "layer2.0.downsample.1", "layer2.1.bn2"):
+        assert wide.get_submodule(norm).num_features == 192
+    for reader in ("layer2.1.conv1", "layer3.0.conv1", "layer3.0.downsample.0"):
+        assert wide.get_submodule(reader).in_channels == 192
+    assert wide.get_submodule("layer2.0.conv1").out_channels == 128  # not coupled
+    extra = 64  # new channels
+    expected = extra * (128 * 9 + 64 + 128 * 9)  # rows of the three writers
+    expected += 3 * 2 * extra  # their BatchNorms
+    expected += extra * (128 * 9 + 256 * 9 + 256)  # columns of the three readers
+    assert surgery.count_params(wide) - surgery.count_params(resnet18) == expected
+    assert same_output(resnet18, wide, X)
+
+
+def test_widening_mobilenet_project_conv_widens_the_residual_partner() -> None:
+    net = surgery.build_model("mobilenet_v2").eval()
+    wide = growth.net2wider(net, "features.3.conv.2", new_width=36, seed=0)
+    assert wide.get_submodule("features.2.conv.2").out_channels == 36
+    assert wide.get_submodule("features.4.conv.0.0").in_channels == 36
+    assert same_output(net, wide, X)
+
+
+def test_replicated_units_copy_weights_and_statistics(resnet18: nn.Module) -> None:
+    wide = growth.net2wider(resnet18, "layer1.0.conv1", factor=1.5, seed=3)
+    conv, bn, reader = (wide.get_submodule(p) for p in ("layer1.0.conv1", "layer1.0.bn1", "layer1.0.conv2"))
+    old_conv, old_bn, old_reader = (
+        resnet18.get_submodule(p) for p in ("layer1.0.conv1", "layer1.0.bn1", "layer1.0.conv2")
+    )
+    assert torch.equal(conv.weight[:64], old_conv.weight)
+    copies = [next(c for c in range(64) if torch.equal(conv.weight[j], old_conv.weight[c])) for j in range(64, 96)]
+    for j, c in zip(range(64, 96), copies):
+        assert torch.equal(bn.running_mean[j], old_bn.running_mean[c]) and torch.equal(
+            bn.running_var[j], old_bn.running_var[c]
+        )
+    counts = torch.bincount(torch.tensor(copies), minlength=64) + 1
+    for j, c in zip(range(64, 96), copies):
+        assert torch.allclose(reader.weight[:, j], old_reader.weight[:, c] / counts[c])
+
+
+def test_several_sites_widen_each_group_once(resnet18: nn.Module) -> None:
+    wide = growth.net2wider(resnet18, ["layer2.0.conv2", "layer2.1.conv2", "layer1.0.conv1"], factor=1.5, seed=0)
+    assert wide.get_submodule("layer2.1.conv2").out_channels == 192  # one group: widened once, not 288
+    assert wide.get_submodule("layer1.0.conv1").out_channels == 96
+    assert same_output(resnet18, wide, X)
+
+
+def test_widen_every_conv_of_resnet50() -> None:
+    net = surgery.build_model("resnet50").eval()
+    convs = [n for n, m in net.named_modules() if isinstance(m, nn.Conv2d)]
+    wide = growth.net2wider(net, convs, factor=1.5, seed=0)
+    for name in convs:
+        assert wide.get_submodule(name).out_channels == math.ceil(net.get_submodule(name).out_channels * 1.5)
+    assert same_output(net, wide, X)
+
+
+def test_grouped_convs_keep_new_channels_in_their_group() -> None:
+    net = surgery.build_model("resnext50_32x4d").eval()
+    with pytest.raises(GrowthError, match="not a multiple of 32"):
+        growth.net2wider(net, "layer1.0.conv1", new_width=130)
+    wide = growth.net2wider(net, "layer1.0.conv1", factor=1.5, seed=0)
+    assert wide.get_submodule("layer1.0.conv2").in_channels == 192
+    assert same_output(net, wide, X)
+
+
+def test_noise_breaks_symmetry_and_keeps_the_function(resnet18: nn.Module) -> None:
+    exact = growth.net2wider(resnet18, "layer1.0.conv1", factor=2.0, seed=0)
+    noisy = growth.net2wider(resnet18, "layer1.0.conv1", factor=2.0, seed=0, noise=0.5)
+    assert not torch.equal(exact.get_submodule("layer1.0.conv2").weight, noisy.get_submodule("layer1.0.conv2").weight)
+    assert same_output(resnet18, noisy, X)

@@ -1,4 +1,7 @@
-"""surgery.permute_channels: every producer and consumer of a boundary moves together; the output does not."""
+"""surgery.remap (surgery.permute_channels): every producer and consumer of a boundary moves together.
+
+The output does not change.
+"""
 
 from __future__ import annotations
 

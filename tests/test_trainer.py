@@ -1,25 +1,142 @@
-"""Long-run engineering: interrupt + resume, damaged checkpoints, NaN stops, torchrun, determinism."""
+"""xross.trainer on a CIFAR-10 archive (generated, or $CIFAR10_ARCHIVE; small subsets, CPU).
+
+Train steps (who learns in whose step), KD from saved teachers, a run repeated from its config
+file; and long runs: SIGINT mid-epoch then resume bit for bit, damaged checkpoints, NaN stops,
+determinism.
+"""
 
 from __future__ import annotations
 
 import hashlib
-import os
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 import torch
+from helpers import assert_same_tensors, final_state, finish, xross
 
+import surgery
 from xross.checkpoint import CheckpointDir, read_checkpoint
 from xross.config import TrainConfig
 from xross.errors import TrainingDiverged, XrossError
-from xross.evaluate import EvalResult
-from xross.trainer import Trainer, build_cohort
+from xross.trainer import Trainer
 
-ROOT = Path(__file__).resolve().parents[1]
+
+def small_config(tmp_path: Path, cifar10_archive: Path, data_cache: Path, **over) -> TrainConfig:
+    base = dict(
+        nets=["resnet18", "resnet34"],
+        cuts=["layer2"],
+        mode="xml",
+        data=str(cifar10_archive),
+        subset=128,
+        eval_subset=64,
+        batch_size=32,
+        epochs=1,
+        cache_dir=str(data_cache),
+        out=str(tmp_path / "run"),
+        eval_every=0,
+    )
+    return TrainConfig(**{**base, **over})
+
+
+def snapshot(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+
+def params_equal(a: torch.nn.Module, before: dict[str, torch.Tensor]) -> bool:
+    return all(torch.equal(v, before[k]) for k, v in a.named_parameters())
+
+
+def first_batch(trainer: Trainer) -> tuple[torch.Tensor, torch.Tensor]:
+    return next(iter(trainer.train_loader.epoch(0)))
+
+
+def test_alternate_step_leaves_teacher_bit_identical(tmp_path, cifar10_archive, data_cache) -> None:
+    cfg = small_config(tmp_path, cifar10_archive, data_cache, nets=["resnet18", "resnet50"], optimizer="sgd", lr=0.1)
+    trainer = Trainer(cfg, progress=False)
+    net0, net1 = trainer.cohort.nets
+    before0, before1 = snapshot(net0), snapshot(net1)
+    adapters = {k: snapshot(a) for k, a in trainer.cohort.adapters.items()}
+    trainer.train_step(*first_batch(trainer), students=[0])
+    assert params_equal(net1, before1), "the teacher's parameters moved in the student's step"
+    assert not params_equal(net0, before0)
+    # the student's cross paths run through both adapters; with adapter_update=student both learn
+    assert all(not params_equal(a, adapters[k]) for k, a in trainer.cohort.adapters.items())
+
+
+def test_joint_schedule_updates_every_part_on_a_cross_path(tmp_path, cifar10_archive, data_cache) -> None:
+    cfg = small_config(tmp_path, cifar10_archive, data_cache, schedule="joint", optimizer="sgd", lr=0.1)
+    trainer = Trainer(cfg, progress=False)
+    before1 = snapshot(trainer.cohort.nets[1])
+    trainer.train_step(*first_batch(trainer), students=[0])  # only student 0's loss
+    assert not params_equal(trainer.cohort.nets[1], before1)  # reached net 1 through the cross paths
+
+
+def test_cpu_accepts_gpu_flags(tmp_path, cifar10_archive, data_cache, capsys) -> None:
+    cfg = small_config(
+        tmp_path, cifar10_archive, data_cache, amp="bf16", channels_last=True, compile=True, mode="dml", subset=64
+    )
+    result = Trainer(cfg, progress=False).fit()
+    assert "works on CUDA only" in capsys.readouterr().err
+    assert len(result.paths) == 4 and all(0 <= r.top1 <= 100 for r in result.paths)
+
+
+def test_config_file_repeats_a_run(cli, tmp_path, cifar10_archive, data_cache) -> None:
+    first = tmp_path / "first"
+    r = cli(
+        "xross",
+        "train",
+        "--nets",
+        "resnet18,resnet18",
+        "--cut",
+        "layer2",
+        "--mode",
+        "dml",
+        "--data",
+        cifar10_archive,
+        "--subset",
+        "64",
+        "--eval-subset",
+        "32",
+        "--epochs",
+        "1",
+        "--batch-size",
+        "32",
+        "--cache-dir",
+        data_cache,
+        "--out",
+        first,
+        "--no-progress",
+    )
+    assert r.code == 0, r
+    again = tmp_path / "again"
+    r = cli("xross", "train", "--config", first / "config.yaml", "--out", again, "--no-progress")
+    assert r.code == 0, r
+    for name in ("steps.csv", "epochs.csv", "eval.json"):
+        assert (first / name).read_text() == (again / name).read_text(), name
+    assert TrainConfig.load(again / "config.yaml").out == str(again)
+
+
+def test_kd_from_a_saved_teacher_ensemble(tmp_path, cifar10_archive, data_cache) -> None:
+    teachers = []
+    for k, name in enumerate(("resnet18", "resnet34")):
+        torch.manual_seed(k)
+        teachers.append(str(surgery.save(surgery.build_model(name, num_classes=10), tmp_path / f"teacher{k}")))
+    cfg = small_config(tmp_path, cifar10_archive, data_cache, mode="kd", teacher=teachers, temperature=2.0, subset=64)
+    trainer = Trainer(cfg, progress=False)
+    images, labels = first_batch(trainer)
+    target = trainer.teacher_logits(images)
+    with torch.no_grad():  # the target's softmax at T is the teachers' mean softmax at T
+        mean = torch.stack([t(images).div(2.0).softmax(1) for t in trainer.teachers]).mean(0)
+    assert torch.allclose(target.div(2.0).softmax(1), mean, atol=1e-6)
+    losses = trainer.train_step(images, labels)
+    assert set(losses[0].terms) == {"ce", "kd"}
+    with pytest.raises(ValueError, match="mode kd needs a teacher"):  # the config itself refuses it
+        small_config(tmp_path / "b", cifar10_archive, data_cache, mode="kd")
+
+
+# --- long runs: interrupt and resume, damaged checkpoints, NaN stops, determinism -------------------------------------
 
 
 def train_args(archive: Path, cache: Path, out: Path, *extra: str) -> list[str]:
@@ -56,88 +173,8 @@ def train_args(archive: Path, cache: Path, out: Path, *extra: str) -> list[str]:
     ]
 
 
-def xross(*args: str, **kw) -> subprocess.Popen:
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
-    return subprocess.Popen(
-        [sys.executable, "-m", "xross", *args],
-        cwd=ROOT,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        **kw,
-    )
-
-
-def finish(p: subprocess.Popen, timeout: float = 300) -> tuple[int, str, str]:
-    out, err = p.communicate(timeout=timeout)
-    return p.returncode, out, err
-
-
-def ddp_args(archive: Path, cache: Path, *extra: str) -> list[str]:
-    """A small XML run (4 global steps of 32 per epoch) for the one- vs two-process comparisons."""
-    return [
-        "train",
-        "--nets",
-        "resnet18,resnet34",
-        "--cut",
-        "layer2",
-        "--mode",
-        "xml",
-        "--data",
-        str(archive),
-        "--subset",
-        "128",
-        "--batch-size",
-        "32",
-        "--optimizer",
-        "sgd",
-        "--lr",
-        "0.05",
-        "--cache-dir",
-        str(cache),
-        "--no-progress",
-        "--eval-every",
-        "0",
-        *extra,
-    ]
-
-
-def torchrun(*args: str, nproc: int = 2) -> None:
-    """`torchrun --nproc_per_node=N -m xross ARGS` on CPU (gloo); fails the test with its stderr if it fails."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    done = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--standalone",
-            f"--nproc_per_node={nproc}",
-            "-m",
-            "xross",
-            *args,
-        ],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
-
-
 def rows(csv: Path) -> int:
     return max(len(csv.read_text().splitlines()) - 1, 0) if csv.exists() else 0
-
-
-def final_state(run: Path) -> dict:
-    return read_checkpoint(CheckpointDir(run).latest())
-
-
-def assert_same_tensors(a: dict, b: dict) -> None:
-    assert a.keys() == b.keys()
-    for k in a:
-        assert torch.equal(a[k], b[k]), k
 
 
 @pytest.mark.slow
@@ -233,38 +270,3 @@ def test_same_seed_gives_identical_metrics(tmp_path, cifar10_archive, data_cache
     other = small(tmp_path / "c", cifar10_archive, data_cache, mode="xml", epochs=1, seed=1)
     Trainer(other, progress=False).fit()
     assert (Path(other.out) / "steps.csv").read_text() != (outs[0] / "steps.csv").read_text()
-
-
-@pytest.mark.slow
-def test_torchrun_two_processes_match_one_process(tmp_path, cifar10_archive, data_cache) -> None:
-    # float64: a freshly initialised ResNet's float32 gradients are ill-conditioned on some batches
-    # (plain BatchNorm2d differs from float64 by up to a few 1e-3 there), which would swamp a 1e-5 check
-    common = ddp_args(cifar10_archive, data_cache, "--dtype", "float64", "--eval-subset", "48", "--epochs", "1")
-    code, _, err = finish(xross(*common, "--out", str(tmp_path / "one")))
-    assert code == 0, err
-    torchrun(*common, "--out", str(tmp_path / "two"))
-    one, two = final_state(tmp_path / "one"), final_state(tmp_path / "two")
-    assert one["position"] == two["position"] == {"epoch": 1, "step": 0, "global_step": 4}
-    worst = max((one["cohort"][k].float() - two["cohort"][k].float()).abs().max().item() for k in one["cohort"])
-    assert worst <= 1e-5, worst
-    initial = build_cohort(TrainConfig.load(tmp_path / "one" / "config.yaml"), torch.device("cpu")).state_dict()
-    moved = max((one["cohort"][k].float() - v.float()).abs().max().item() for k, v in initial.items())
-    assert moved > 1e-3  # training really moved the weights, so the comparison means something
-    # evaluation is sharded over the ranks (half of each batch, the last one short) and the counts summed
-    e1, e2 = EvalResult.load(tmp_path / "one" / "eval.json"), EvalResult.load(tmp_path / "two" / "eval.json")
-    assert e1.samples == e2.samples == 48
-    assert [(r.path, r.top1, r.top5) for r in e1.paths] == [(r.path, r.top1, r.top5) for r in e2.paths]
-
-
-@pytest.mark.slow
-def test_torchrun_resume_is_bit_identical(tmp_path, cifar10_archive, data_cache) -> None:
-    common = ddp_args(cifar10_archive, data_cache, "--eval-subset", "32")
-    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
-    torchrun(*common, "--epochs", "2", "--out", str(straight))
-    torchrun(*common, "--epochs", "1", "--out", str(resumed))
-    assert final_state(resumed)["position"]["epoch"] == 1
-    torchrun("train", "--resume", "--out", str(resumed), "--epochs", "2", "--no-progress")
-    a, b = final_state(straight), final_state(resumed)
-    assert a["position"] == b["position"] == {"epoch": 2, "step": 0, "global_step": 8}
-    assert_same_tensors(a["cohort"], b["cohort"])
-    assert (straight / "steps.csv").read_text() == (resumed / "steps.csv").read_text()

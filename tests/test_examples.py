@@ -1,4 +1,4 @@
-"""A test-sized run of examples/grow_and_train.py: growth mid-training keeps the test accuracy exactly."""
+"""examples/grow_and_train.py, test-sized: growth mid-training keeps the test accuracy exactly."""
 
 from __future__ import annotations
 

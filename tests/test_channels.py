@@ -1,4 +1,7 @@
-"""The channel-coupling analysis on real graphs: who writes, follows and reads each group, and what blocks it."""
+"""surgery.channels: the channel-coupling analysis on real graphs.
+
+Who writes, follows and reads each channel group, and what blocks permuting or widening it.
+"""
 
 from __future__ import annotations
 

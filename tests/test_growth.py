@@ -1,4 +1,9 @@
-"""Each growth op on real torchvision models: the function is kept (float32, float64); the size grows as it should."""
+"""growth: each op on real torchvision models, and what the package promises across its ops.
+
+Each op keeps the function (float32, float64) and grows the size as it should; refusals say why
+and where, bad input is one line, grown models cut at module paths and save and load exactly, and
+networks of Linears grow too.
+"""
 
 from __future__ import annotations
 
@@ -8,12 +13,15 @@ from typing import Any
 
 import pytest
 import torch
+from helpers import X, same_output
 from torch import nn
 
 import growth
 import surgery
 from growth.check import vary_constant_weights
+from growth.errors import GrowthError
 from surgery.channels import infer_shapes
+from surgery.errors import SurgeryError
 from surgery.names import GraphIndex
 
 MODELS = ["resnet18", "resnet50", "mobilenet_v2", "densenet121", "efficientnet_b0", "convnext_tiny", "vgg11_bn"]
@@ -180,3 +188,104 @@ def test_op_keeps_the_function(case: Case) -> None:
 def test_all_seven_models_get_every_op() -> None:
     covered = {(c.model, c.op) for c in CASES}
     assert covered == {(m, op) for m in MODELS for op in growth.OPS}
+
+
+# --- the package as a whole: refusals, one-line errors, cutting and saving grown models -------------
+
+
+def test_refusals_say_why_and_where(resnet18: nn.Module) -> None:
+    with pytest.raises(
+        GrowthError, match=r"'layer1.0.bn2' \(BatchNorm2d\) can output negative values.*applicable sites: relu, maxpool"
+    ):
+        growth.net2deeper(resnet18, "layer1.0.bn2")
+    assert same_output(resnet18, growth.net2deeper(resnet18, "layer1.0.bn2", activation=None), X)
+    with pytest.raises(GrowthError, match=r"a conv needs \(N, C, H, W\), use kind='linear'"):
+        growth.net2deeper(resnet18, "flatten")
+    with pytest.raises(GrowthError, match="reaches the model output"):
+        growth.net2wider(resnet18, "fc", factor=1.5)
+    with pytest.raises(GrowthError, match="coupled to conv1, layer1.0.conv2 \\(a residual addition"):
+        growth.net2branch(resnet18, "layer1.1.conv2", merge="concat")
+    with pytest.raises(GrowthError, match="not a Conv2d or Linear"):
+        growth.net2branch(resnet18, "layer1.0.bn1")
+    with pytest.raises(GrowthError, match="3x3 kernel can only grow by an even amount"):
+        growth.widen_kernel(resnet18, "layer1.0.conv1", kernel_size=4)
+    with pytest.raises(GrowthError, match="which 3x3 does not enlarge"):
+        growth.widen_kernel(resnet18, "layer1.0.conv1", kernel_size=3)
+    with pytest.raises(GrowthError, match="does not come before"):
+        growth.add_skip(resnet18, "layer2", "layer1")
+    upsampling = nn.Sequential(nn.Conv2d(3, 4, 3, stride=2), nn.Conv2d(4, 4, 3, padding=1), nn.Upsample(scale_factor=2))
+    with pytest.raises(GrowthError, match="the source is 31x31, not an integer multiple of the destination's 62x62"):
+        growth.add_skip(upsampling, "0", "2")
+    with pytest.raises(GrowthError, match="overwritten in place later"):
+        growth.add_skip(resnet18, "bn1", "layer1")
+    with pytest.raises(GrowthError, match="two .N, C, H, W. or two .N, F. values"):
+        growth.add_skip(resnet18, "layer4", "fc")
+
+
+@pytest.mark.filterwarnings("ignore:enable_nested_tensor")
+def test_bad_input_is_one_line(resnet18: nn.Module) -> None:
+    with pytest.raises(SurgeryError, match="closest: layer2.0.conv2, layer2.0.conv1"):
+        growth.net2wider(resnet18, "layer2.0.conv", factor=1.5)
+    for bad in ({"factor": 1.0}, {"factor": 0.5}, {"new_width": 64}, {}, {"factor": 2.0, "new_width": 128}):
+        with pytest.raises(GrowthError) as e:
+            growth.net2wider(resnet18, "layer1.0.conv1", **bad)
+        assert "\n" not in str(e.value)
+    with pytest.raises(GrowthError, match="unknown growth op 'net2wide'.*closest: net2wider"):
+        growth.sites(resnet18, "net2wide")
+    with pytest.raises(SurgeryError, match="cannot trace"):
+        growth.net2wider(nn.Transformer(d_model=8, nhead=2), "x", factor=1.5)
+
+
+def test_grown_models_are_normal_modules_that_cut_at_module_paths(resnet18: nn.Module) -> None:
+    grown = growth.net2deeper(resnet18, "layer2_0_relu")
+    grown = growth.net2branch(grown, "layer2.0.conv2", seed=0)
+    grown = growth.add_skip(grown, "layer1", "layer2")
+    assert isinstance(grown, torch.fx.GraphModule) and isinstance(grown.layer2, nn.Sequential)
+    x = torch.randn(2, 3, 64, 64)
+    for at in ["layer2", "layer2.0.net2deeper0", "layer2.0.net2branch0", ["layer1", "layer2.0"]]:
+        pieces = surgery.cut(grown.eval(), at)
+        with torch.no_grad():
+            assert torch.equal(pieces(x), grown(x)), at
+    index = surgery.names.GraphIndex(grown.graph)
+    assert index.node("layer2.0.net2deeper0").target == "layer2.0.net2deeper0.2"
+    end = index.node("layer2")  # the skip joins at the end of layer2
+    assert end.args[1].target == "layer2.skip0.0"
+
+
+def test_every_op_saves_and_loads_exactly(resnet18: nn.Module, tmp_path) -> None:
+    grown = growth.net2wider(resnet18, "layer1.0.conv1", factor=1.5, seed=0, noise=0.1)
+    grown = growth.net2deeper(grown, "layer3", kind="conv", kernel_size=1)
+    grown = growth.net2branch(grown, "layer3.0.conv1", merge="concat", seed=1)
+    grown = growth.widen_kernel(grown, "layer2.1.conv1", kernel_size=5)
+    grown = growth.add_skip(grown, "layer2", "layer3.1")
+    grown = growth.net2deeper(grown, "flatten", kind="linear")
+    grown = surgery.permute_channels(grown, "layer4", torch.randperm(512).tolist())
+    ops = [t.op for t in surgery.recipe_of(grown).transforms]
+    assert ops == [
+        "net2wider",
+        "net2deeper",
+        "net2branch",
+        "widen_kernel",
+        "add_skip",
+        "net2deeper",
+        "permute_channels",
+    ]
+    surgery.save(grown, tmp_path / "grown")
+    again = surgery.load(tmp_path / "grown")
+    assert again.state_dict().keys() == grown.state_dict().keys()
+    assert all(torch.equal(a, b) for a, b in zip(again.state_dict().values(), grown.state_dict().values()))
+    with torch.no_grad():
+        assert torch.equal(again.eval()(X), grown.eval()(X))
+    assert same_output(resnet18, again, X)
+
+
+def test_linear_networks_grow_too() -> None:
+    mlp = nn.Sequential(nn.Linear(12, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 3)).eval()
+    x = torch.randn(4, 12)
+    assert growth.sites(mlp, "net2wider") == ["0", "2"]
+    grown = growth.net2wider(mlp, "0", new_width=48, seed=0, check=True)
+    grown = growth.net2deeper(grown, "3", kind="linear", check=True)
+    grown = growth.net2branch(grown, "4", seed=0, check=True)
+    grown = growth.add_skip(grown, "1", "4", check=True)
+    assert same_output(mlp, grown, x)
+    assert growth.sites(grown, "add_skip")[:2] == ["0->1", "0->2"]

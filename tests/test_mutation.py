@@ -1,4 +1,7 @@
-"""Random feasible growth: 20 steps keep the function, the grown net trains, the log replays bit for bit."""
+"""growth.mutation: random feasible growth; 20 steps keep the function, the grown net trains, the log replays.
+
+The log replays bit for bit; unreadable logs name the line.
+"""
 
 from __future__ import annotations
 

@@ -1,0 +1,103 @@
+"""xross.distributed: torchrun with two CPU processes (gloo) matches one process, and resumes bit for bit."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from helpers import ROOT, assert_same_tensors, final_state, finish, xross
+
+from xross.config import TrainConfig
+from xross.evaluate import EvalResult
+from xross.trainer import build_cohort
+
+
+def ddp_args(archive: Path, cache: Path, *extra: str) -> list[str]:
+    """A small XML run (4 global steps of 32 per epoch) for the one- vs two-process comparisons."""
+    return [
+        "train",
+        "--nets",
+        "resnet18,resnet34",
+        "--cut",
+        "layer2",
+        "--mode",
+        "xml",
+        "--data",
+        str(archive),
+        "--subset",
+        "128",
+        "--batch-size",
+        "32",
+        "--optimizer",
+        "sgd",
+        "--lr",
+        "0.05",
+        "--cache-dir",
+        str(cache),
+        "--no-progress",
+        "--eval-every",
+        "0",
+        *extra,
+    ]
+
+
+def torchrun(*args: str, nproc: int = 2) -> None:
+    """`torchrun --nproc_per_node=N -m xross ARGS` on CPU (gloo); fails the test with its stderr if it fails."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            f"--nproc_per_node={nproc}",
+            "-m",
+            "xross",
+            *args,
+        ],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+
+
+@pytest.mark.slow
+def test_torchrun_two_processes_match_one_process(tmp_path, cifar10_archive, data_cache) -> None:
+    # float64: a freshly initialised ResNet's float32 gradients are ill-conditioned on some batches
+    # (plain BatchNorm2d differs from float64 by up to a few 1e-3 there), which would swamp a 1e-5 check
+    common = ddp_args(cifar10_archive, data_cache, "--dtype", "float64", "--eval-subset", "48", "--epochs", "1")
+    code, _, err = finish(xross(*common, "--out", str(tmp_path / "one")))
+    assert code == 0, err
+    torchrun(*common, "--out", str(tmp_path / "two"))
+    one, two = final_state(tmp_path / "one"), final_state(tmp_path / "two")
+    assert one["position"] == two["position"] == {"epoch": 1, "step": 0, "global_step": 4}
+    worst = max((one["cohort"][k].float() - two["cohort"][k].float()).abs().max().item() for k in one["cohort"])
+    assert worst <= 1e-5, worst
+    initial = build_cohort(TrainConfig.load(tmp_path / "one" / "config.yaml"), torch.device("cpu")).state_dict()
+    moved = max((one["cohort"][k].float() - v.float()).abs().max().item() for k, v in initial.items())
+    assert moved > 1e-3  # training really moved the weights, so the comparison means something
+    # evaluation is sharded over the ranks (half of each batch, the last one short) and the counts summed
+    e1, e2 = EvalResult.load(tmp_path / "one" / "eval.json"), EvalResult.load(tmp_path / "two" / "eval.json")
+    assert e1.samples == e2.samples == 48
+    assert [(r.path, r.top1, r.top5) for r in e1.paths] == [(r.path, r.top1, r.top5) for r in e2.paths]
+
+
+@pytest.mark.slow
+def test_torchrun_resume_is_bit_identical(tmp_path, cifar10_archive, data_cache) -> None:
+    common = ddp_args(cifar10_archive, data_cache, "--eval-subset", "32")
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    torchrun(*common, "--epochs", "2", "--out", str(straight))
+    torchrun(*common, "--epochs", "1", "--out", str(resumed))
+    assert final_state(resumed)["position"]["epoch"] == 1
+    torchrun("train", "--resume", "--out", str(resumed), "--epochs", "2", "--no-progress")
+    a, b = final_state(straight), final_state(resumed)
+    assert a["position"] == b["position"] == {"epoch": 2, "step": 0, "global_step": 8}
+    assert_same_tensors(a["cohort"], b["cohort"])
+    assert (straight / "steps.csv").read_text() == (resumed / "steps.csv").read_text()

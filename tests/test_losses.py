@@ -1,0 +1,79 @@
+"""xross.losses: the XML, DML, KD and independent terms against hand-written references."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from xross.cohort import Cohort
+from xross.losses import DML, KD, XML, Independent, kl
+
+
+@pytest.fixture
+def batch() -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(1)
+    return torch.randn(6, 3, 16, 16, generator=g), torch.randint(0, 10, (6,), generator=g)
+
+
+def ref_kl(t_logits: torch.Tensor, s_logits: torch.Tensor) -> torch.Tensor:
+    """KL(p_t || p_s), summed over classes, mean over the batch, written out."""
+    pt, ps = t_logits.softmax(1), s_logits.softmax(1)
+    return (pt * (pt.log() - ps.log())).sum(1).mean()
+
+
+def test_kl_matches_definition_and_detaches_teacher() -> None:
+    t = torch.randn(5, 7, requires_grad=True)
+    s = torch.randn(5, 7, requires_grad=True)
+    value = kl(t, s)
+    assert torch.allclose(value, ref_kl(t, s), atol=1e-6)
+    value.backward()
+    assert t.grad is None and s.grad is not None
+
+
+def test_xml_terms_equal_hand_written_reference(cohort: Cohort, batch) -> None:
+    x, y = batch
+    cohort.eval()
+    # hand-written: halves, adapters and the four paths
+    up0, up1 = cohort.part(0, 0)(x), cohort.part(1, 0)(x)
+    own0, own1 = cohort.part(0, 1)(up0), cohort.part(1, 1)(up1)
+    up_mimic = cohort.part(1, 1)(cohort.adapters["b0_0to1"](up0))  # student 0's up -> teacher 1's down
+    down_mimic = cohort.part(0, 1)(cohort.adapters["b0_1to0"](up1))  # teacher 1's up -> student 0's down
+    logits = cohort.forward_paths(x, XML().paths(cohort))
+    assert torch.allclose(logits[(0, 1)], up_mimic, atol=1e-6) and torch.allclose(logits[(1, 0)], down_mimic, atol=1e-6)
+
+    terms = XML().loss(0, logits, y, cohort)
+    expected = {
+        "ce": F.cross_entropy(own0, y),
+        "kl": ref_kl(own1, own0),
+        "kl@0-1": ref_kl(own1, up_mimic),
+        "ce@0-1": F.cross_entropy(up_mimic, y),
+        "kl@1-0": ref_kl(own1, down_mimic),
+        "ce@1-0": F.cross_entropy(down_mimic, y),
+    }
+    assert set(terms.terms) == set(expected)
+    for name, value in expected.items():
+        assert torch.allclose(terms.terms[name], value, atol=1e-5), name
+    # (CE_i + KL_i + KL_up + KL_down + CE_up + CE_down) / (2 (K-1)) with K = 2
+    assert torch.allclose(terms.total, sum(expected.values()) / 2, atol=1e-5)
+
+    # student 1 sees the same cross paths with roles swapped: its targets are net 0's predictions
+    terms1 = XML().loss(1, logits, y, cohort)
+    assert torch.allclose(terms1.terms["kl@0-1"], ref_kl(own0, up_mimic), atol=1e-5)
+    assert torch.allclose(terms1.terms["kl@1-0"], ref_kl(own0, down_mimic), atol=1e-5)
+
+
+def test_dml_kd_independent_formulas(cohort: Cohort, batch) -> None:
+    x, y = batch
+    cohort.eval()
+    logits = cohort.forward_paths(x, DML().paths(cohort))
+    own0, own1 = logits[(0, 0)], logits[(1, 1)]
+    assert torch.allclose(
+        DML().loss(0, logits, y, cohort).total, 0.5 * F.cross_entropy(own0, y) + 0.5 * ref_kl(own1, own0), atol=1e-6
+    )
+    assert torch.allclose(Independent().loss(1, logits, y, cohort).total, F.cross_entropy(own1, y), atol=1e-6)
+    teacher, T, a = torch.randn(6, 10), 3.0, 0.3
+    expected = a * F.cross_entropy(own0, y) + (1 - a) * T**2 * ref_kl(teacher / T, own0 / T)
+    assert torch.allclose(KD(temperature=T, alpha=a).loss(0, logits, y, cohort, teacher).total, expected, atol=1e-5)
+    smooth = DML(label_smoothing=0.1).loss(0, logits, y, cohort).terms["ce"]
+    assert torch.allclose(smooth, F.cross_entropy(own0, y, label_smoothing=0.1), atol=1e-6)

@@ -1,0 +1,139 @@
+"""The ``xross`` command line (xross.cli): train, eval, best, export; bad input and damaged data: one line, exit 2."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import surgery
+from xross.config import TrainConfig
+from xross.evaluate import EvalResult
+
+
+def test_train_eval_best_export_cli(cli, tmp_path, cifar10_archive, data_cache) -> None:
+    run = tmp_path / "x1"
+    r = cli(
+        "xross",
+        "train",
+        "--nets",
+        "resnet34,resnet18",
+        "--cut",
+        "layer2",
+        "--mode",
+        "xml",
+        "--data",
+        cifar10_archive,
+        "--subset",
+        "512",
+        "--eval-subset",
+        "128",
+        "--epochs",
+        "2",
+        "--batch-size",
+        "64",
+        "--lr",
+        "1e-3",
+        "--cache-dir",
+        data_cache,
+        "--out",
+        run,
+        "--no-progress",
+    )
+    assert r.code == 0, r
+    assert "resnet34 > resnet18" in r.out and "ensembles" in r.out
+    for name in ("config.yaml", "command.txt", "versions.json", "steps.csv", "epochs.csv", "eval.json"):
+        assert (run / name).is_file(), name
+    assert len(list((run / "checkpoints").glob("step-*.pt"))) == 2
+    assert TrainConfig.load(run / "config.yaml").num_classes == 10
+    steps = (run / "steps.csv").read_text().splitlines()
+    first, last = (dict(zip(steps[0].split(","), row.split(","))) for row in (steps[1], steps[-1]))
+    assert float(last["loss0"]) < float(first["loss0"])  # it learns
+
+    r = cli("xross", "eval", run)
+    assert r.code == 0, r
+    result = EvalResult.load(run / "eval.json")
+    assert len(result.paths) == 4 and result.samples == 128
+    assert set(result.ensembles) == {"nets", "all_paths"}
+    own18 = next(p for p in result.paths if p.path == (1, 1))
+    assert 11e6 < own18.params < 11.3e6 and own18.flops > 0
+
+    r = cli("xross", "best", run, "--max-params", "12M")
+    fits = [p for p in result.paths if p.params <= 12e6]
+    assert {p.path for p in fits} == {(1, 1), (0, 1)}  # resnet18's down half is the small one
+    chosen = max(fits, key=lambda p: (p.top1, -p.params))
+    assert r.code == 0 and f"best path {chosen.path[0]},{chosen.path[1]} " in r.out, r
+    r = cli("xross", "best", run, "--max-params", "1M")
+    assert r.code == 2 and "no path fits" in r.err
+
+    r = cli("xross", "export", run, "--path", "0,1", "--out", tmp_path / "hybrid")
+    assert r.code == 0, r
+    hybrid = surgery.load(tmp_path / "hybrid").eval()
+    assert hybrid(torch.randn(2, 3, 32, 32)).shape == (2, 10)
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--cut", "layer22"], "closest: layer2"),
+        (["--cut", "layer1,layer2,layer3"], "names 3 points but there are 2 nets"),
+        (["--mode", "xmll"], "'xmll' is not one of 'independent', 'kd', 'dml', 'xml'"),
+        (["--data", "/nonexistent/cifar.tar.xz"], "does not exist"),
+        (["--optimizer", "rmsprop"], "'rmsprop' is not one of 'sgd', 'adam', 'adamw'"),
+    ],
+)
+def test_train_bad_input(cli, tmp_path, cifar10_archive, data_cache, args, message) -> None:
+    base = [
+        "--nets",
+        "resnet18,resnet34",
+        "--cut",
+        "layer2",
+        "--data",
+        str(cifar10_archive),
+        "--subset",
+        "64",
+        "--epochs",
+        "1",
+        "--cache-dir",
+        str(data_cache),
+        "--out",
+        str(tmp_path / "bad"),
+        "--no-progress",
+    ]
+    for flag, value in zip(args[::2], args[1::2]):
+        if flag in base:
+            base[base.index(flag) + 1] = value
+        else:
+            base += [flag, value]
+    r = cli("xross", "train", *base)
+    assert r.code == 2, r
+    assert message in r.err and "Traceback" not in r.err
+
+
+def test_corrupt_archive_and_existing_run_dir(cli, tmp_path, cifar10_archive, data_cache) -> None:
+    broken = tmp_path / "broken.tar.xz"
+    broken.write_bytes(cifar10_archive.read_bytes()[: min(cifar10_archive.stat().st_size // 2, 1 << 20)])
+    r = cli(
+        "xross",
+        "train",
+        "--data",
+        broken,
+        "--subset",
+        "64",
+        "--out",
+        tmp_path / "a",
+        "--cache-dir",
+        data_cache,
+        "--no-progress",
+    )
+    assert r.code == 2 and "corrupt or truncated" in r.err
+    run = tmp_path / "existing"
+    run.mkdir()
+    (run / "mine.txt").write_text("keep")
+    r = cli("xross", "train", "--data", cifar10_archive, "--out", run, "--no-progress")
+    assert r.code == 2 and "--resume" in r.err and "--force" in r.err
+    assert (run / "mine.txt").read_text() == "keep"
+    r = cli("xross", "train", "--data", cifar10_archive, "--out", tmp_path / "none", "--resume", "--no-progress")
+    assert r.code == 2 and "cannot resume" in r.err
+    (run / "config.yaml").write_text(TrainConfig(out=str(run)).to_yaml())
+    r = cli("xross", "train", "--resume", "--out", run, "--mode", "dml", "--no-progress")
+    assert r.code == 2 and "drop --mode" in r.err
