@@ -68,3 +68,37 @@ def test_stitch_mismatch_without_adapters() -> None:
     b = surgery.cut(surgery.build_model("resnet50").eval(), "layer2", x)
     with pytest.raises(surgery.SurgeryError, match="128x4x4.*512x4x4.*allow an adapter"):
         surgery.stitch(a[0], b[1], x, allow_adapter=False)
+
+
+def test_least_squares_stitch_between_a_vit_and_its_wider_copy() -> None:
+    timm = pytest.importorskip("timm")
+    import growth
+
+    torch.manual_seed(0)
+    small = timm.create_model(
+        "vit_tiny_patch16_224", img_size=32, patch_size=8, depth=2, num_heads=2, embed_dim=32, num_classes=10
+    ).eval()
+    x = torch.randn(8, 3, 32, 32)
+    wide = growth.net2wider(small, "patch_embed.proj", factor=2, seed=0, noise=0.1, example_input=x).eval()
+    a, b = surgery.cut(small, "blocks.0", x), surgery.cut(wide, "blocks.0", x)
+    fitted = surgery.stitch(a[0], b[1], x, init="lstsq", reference=b[0]).eval()
+    ad = fitted[1]
+    assert (ad.map.in_features, ad.map.out_features) == (32, 64)
+
+    def tokens(piece: torch.nn.Module) -> torch.Tensor:
+        out = piece(x)
+        out = out[0] if isinstance(out, tuple) else out
+        return out.reshape(-1, out.shape[-1])
+
+    with torch.no_grad():
+        rows, cols = tokens(a[0]), tokens(b[0])
+        solution = torch.linalg.lstsq(torch.cat([rows, torch.ones_like(rows[:, :1])], dim=1), cols).solution
+        torch.testing.assert_close(ad.map.weight, solution[:32].T, atol=1e-5, rtol=0)
+        torch.testing.assert_close(ad.map.bias, solution[32], atol=1e-5, rtol=0)
+        unseen = torch.randn(16, 3, 32, 32)
+        target = wide(unseen)
+        random = surgery.stitch(a[0], b[1], x, init="random").eval()
+        fitted_error = (fitted(unseen) - target).abs().mean()
+        random_error = (random(unseen) - target).abs().mean()
+    # the wider copy's tokens are a linear function of the small one's: least squares recovers it
+    assert fitted_error < 1e-4 < random_error

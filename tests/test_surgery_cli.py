@@ -126,3 +126,27 @@ def test_cli_weights_files_load_without_pickles(cli, tmp_path: Path) -> None:
         "surgery", "cut", "resnet18", "--at", "layer2", "--weights", tmp_path / "w.pt", "--out", tmp_path / "q"
     )  # 1000 vs 10 classes
     assert r.code == 2 and "do not fit the model" in r.err and "fc.weight" in r.err
+
+
+def test_cli_cuts_a_saved_hugging_face_model_exactly(cli, tmp_path: Path) -> None:
+    transformers = pytest.importorskip("transformers")
+    config = transformers.BertConfig(
+        vocab_size=120, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64
+    )
+    torch.manual_seed(0)
+    model = transformers.BertForSequenceClassification(config).eval()
+    model.save_pretrained(tmp_path / "bert")
+    inputs = "input_ids=int64:1,16 attention_mask=int64:1,16"
+    r = cli("surgery", "cut", f"hf:{tmp_path / 'bert'}", "--at", "bert.encoder.layer.1", "--input", inputs,
+            "--out", tmp_path / "cut")  # fmt: skip
+    assert r.code == 0, r
+    assert "max |pieces(x) - model(x)| = 0" in r.out
+    pieces = surgery.load(tmp_path / "cut").eval()
+    ids = torch.randint(1, 120, (3, 9))
+    mask = torch.ones_like(ids)
+    mask[0, -2:] = 0
+    with torch.no_grad():
+        torch.testing.assert_close(
+            pieces(input_ids=ids, attention_mask=mask).logits, model(ids, mask).logits, atol=1e-5, rtol=0
+        )
+    assert not list(tmp_path.glob("**/*.bin")) and not list(tmp_path.glob("**/*.pkl"))
