@@ -37,6 +37,7 @@ from torch import nn
 from surgery.errors import SurgeryError
 
 RECIPE_FILE = "recipe.json"
+RUN_CONFIG = "config.yaml"  # what marks an xross run directory
 _CALL = re.compile(r"^(?P<target>[^()]+)\((?P<args>.*)\)$", re.DOTALL)
 _PATH = re.compile(r"^(?P<run>.+)@(?P<path>\d+(?:-\d+)+)$")
 _PIECE = re.compile(r"^(?P<dir>.+):(?P<index>-?\d+)$")
@@ -47,7 +48,7 @@ _RUN_LOADERS: list[RunLoader] = []
 
 @dataclasses.dataclass(frozen=True)
 class Reference:
-    """A parsed reference: ``kind`` is ``build``, ``saved``, ``piece`` or ``run-path``."""
+    """A parsed reference: ``kind`` is ``build``, ``saved``, ``piece``, ``run-path`` or ``run`` (a run directory)."""
 
     kind: str
     target: str
@@ -80,6 +81,8 @@ def parse(text: str) -> Reference:
         return Reference("run-path", m["run"], path=tuple(int(p) for p in m["path"].split("-")))
     if (Path(text) / RECIPE_FILE).is_file():
         return Reference("saved", text)
+    if (Path(text) / RUN_CONFIG).is_file():
+        return Reference("run", text)
     if (m := _PIECE.match(text)) and not Path(text).exists():  # no callable is named by digits
         return Reference("piece", m["dir"], index=int(m["index"]))
     if (m := _CALL.match(text)) and not Path(text).exists():
@@ -132,8 +135,15 @@ def load(
     from surgery.plugins import load_plugins
 
     ref = parse(text)
+    if ref.kind == "run":
+        raise SurgeryError(
+            f"'{text}' is an xross run directory, not one network; name one of its paths, e.g. {text}@0-0"
+        )
+    if ref.kind == "build" and ("/" in ref.target or ref.target.startswith(".")) and ":" not in ref.target:
+        raise SurgeryError(f"'{text}': no such saved model directory (a directory written by surgery.save)")
     if ref.kind == "build":
         kwargs = {"num_classes": num_classes, **ref.kwargs}
+        weights = kwargs.pop("weights", weights)  # resnet18(weights="w.safetensors"): a local file
         return build_model(ref.target, weights=weights, trust_code=trust_typed or trust_code, **kwargs)
     if ref.kind == "run-path":
         load_plugins()
