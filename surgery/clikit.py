@@ -149,7 +149,9 @@ def options_from_model(model: type[Any], exclude: Sequence[str] = ()) -> list[in
     field's hint says ``comma``), and the help is the field's description and default.
     """
     params = []
-    for name, field in model.model_fields.items():
+    order = model.ordered_fields() if hasattr(model, "ordered_fields") else list(model.model_fields)
+    for name in order:
+        field = model.model_fields[name]
         if name in exclude:
             continue
         hint = _cli_hint(field)
@@ -177,11 +179,22 @@ def model_values(model: type[Any], given: dict[str, Any]) -> dict[str, Any]:
         if value is None:
             continue
         if _cli_hint(field).get("comma") and isinstance(value, str):
-            from surgery.refs import split_references
-
-            value = split_references(value)
+            value = _comma_list(field, value)
         out[name] = value
     return out
+
+
+def _comma_list(field: Any, text: str) -> list[Any]:
+    """``"a,b"`` as the field's list: references split where commas separate them, numbers as numbers."""
+    from pydantic import TypeAdapter, ValidationError
+
+    from surgery.refs import split_references
+
+    items = split_references(text)
+    try:  # "8,2" for a list of ints; what does not convert is left for the model to report
+        return list(TypeAdapter(field.annotation).validate_python(items, strict=False))
+    except ValidationError:
+        return items
 
 
 def with_signature(fn: Callable[..., Any], params: Sequence[inspect.Parameter]) -> Callable[..., Any]:

@@ -1,4 +1,4 @@
-"""xross.config: TrainConfig is the single source of the run options, the config file schema and the CLI."""
+"""xross.config: TrainConfig and DistillConfig are the single source of the run options, the file schema and the CLI."""
 
 from __future__ import annotations
 
@@ -9,24 +9,25 @@ import yaml
 
 from surgery.clikit import option_name
 from xross.cli import app
-from xross.config import TrainConfig
+from xross.config import DistillConfig, RunConfig, TrainConfig, load_config
 from xross.errors import XrossError
 
 
-def _train_params() -> dict[str, typing.Any]:
+def _params(command: str) -> dict[str, typing.Any]:
     import typer.main
 
-    command = typer.main.get_command(app).commands["train"]  # type: ignore[attr-defined]
-    return {p.name: p for p in command.params}
+    cmd = typer.main.get_command(app).commands[command]  # type: ignore[attr-defined]
+    return {p.name: p for p in cmd.params}
 
 
-def test_every_field_has_an_option_with_the_same_choices() -> None:
-    params = _train_params()
-    for name, field in TrainConfig.model_fields.items():
-        if name == "format_version":
+@pytest.mark.parametrize(("command", "model"), [("train", TrainConfig), ("distill", DistillConfig)])
+def test_every_field_has_an_option_with_the_same_choices(command: str, model: type[RunConfig]) -> None:
+    params = _params(command)
+    for name, field in model.model_fields.items():
+        if name in ("format_version", "kind"):
             continue
         option = params.get(option_name(name, field))
-        assert option is not None, f"TrainConfig.{name} has no `xross train` option"
+        assert option is not None, f"{model.__name__}.{name} has no `xross {command}` option"
         if typing.get_origin(field.annotation) is typing.Literal:
             assert set(typing.get_args(option.type_descriptor.annotation)) == set(typing.get_args(field.annotation)), (
                 name
@@ -67,3 +68,18 @@ def test_round_trip_and_numbers_written_as_text(tmp_path) -> None:
     assert TrainConfig.load(tmp_path / "c.yaml") == cfg
     (tmp_path / "d.yaml").write_text("lr: 1e-4\n")  # YAML 1.1 reads 1e-4 as text; a number is meant
     assert TrainConfig.load(tmp_path / "d.yaml").lr == 1e-4
+
+
+def test_kind_selects_the_config_class_and_comma_lists_convert(cli, tmp_path) -> None:
+    distill = DistillConfig(student="resnet18", teacher=["runs/x1"], d_hidden=[8, 4], teacher_weights=[1, 2])
+    distill.save(tmp_path / "d.yaml")
+    assert load_config(tmp_path / "d.yaml") == distill
+    text = (tmp_path / "d.yaml").read_text()
+    assert text.startswith("format_version: 1\nkind: distill\nstudent: resnet18\n")  # its own fields first
+    (tmp_path / "t.yaml").write_text("epochs: 2\n")  # files from before `kind` existed are training runs
+    assert isinstance(load_config(tmp_path / "t.yaml"), TrainConfig)
+    (tmp_path / "x.yaml").write_text("kind: prune\n")
+    with pytest.raises(XrossError, match="field 'kind' is 'prune'; expected one of train, distill"):
+        load_config(tmp_path / "x.yaml")
+    r = cli("xross", "distill", "--student", "resnet18", "--teacher", "t", "--d-hidden", "8,x", "--out", tmp_path / "r")
+    assert r.code == 2 and "d_hidden" in r.err and len(r.err.strip().splitlines()) == 1, r

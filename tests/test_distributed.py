@@ -13,7 +13,7 @@ from helpers import ROOT, assert_same_tensors, final_state, finish, xross
 
 from xross.config import TrainConfig
 from xross.evaluate import EvalResult
-from xross.trainer import build_cohort
+from xross.run import build_cohort
 
 
 def ddp_args(archive: Path, cache: Path, *extra: str) -> list[str]:

@@ -1,4 +1,4 @@
-"""xross.losses: the XML, DML, KD and independent terms against hand-written references."""
+"""xross.losses: the XML, DML, KD, independent and distillation terms against hand-written references."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from xross.cohort import Cohort
-from xross.losses import DML, KD, XML, Independent, kl
+from xross.losses import DML, KD, XML, DistillLoss, Independent, kl, soft_cross_entropy
 
 
 @pytest.fixture
@@ -77,3 +77,31 @@ def test_dml_kd_independent_formulas(cohort: Cohort, batch) -> None:
     assert torch.allclose(KD(temperature=T, alpha=a).loss(0, logits, y, cohort, teacher).total, expected, atol=1e-5)
     smooth = DML(label_smoothing=0.1).loss(0, logits, y, cohort).terms["ce"]
     assert torch.allclose(smooth, F.cross_entropy(own0, y, label_smoothing=0.1), atol=1e-6)
+
+
+@pytest.mark.parametrize("temperature", [1.0, 3.0])
+def test_distill_loss_equals_written_out_soft_and_hard_terms(temperature: float) -> None:
+    g = torch.Generator().manual_seed(2)
+    student = torch.randn(5, 7, generator=g, dtype=torch.float64, requires_grad=True)
+    teachers = [torch.randn(5, 7, generator=g, dtype=torch.float64) for _ in range(3)]
+    labels = torch.randint(0, 7, (5,), generator=g)
+    q = sum((t / temperature).softmax(1) for t in teachers) / 3  # the teachers' mean softmax at T
+    log_p = (student / temperature).softmax(1).log()
+    soft = -(q * log_p).sum(1).mean() * temperature**2
+    hard = -(student.softmax(1).log()[torch.arange(5), labels]).mean()
+
+    only_soft = DistillLoss(temperature=temperature)(student, q, labels)
+    assert set(only_soft.terms) == {"soft"}  # MEAL V2: no one-hot labels
+    assert torch.allclose(only_soft.total, soft, rtol=1e-12)
+    mixed = DistillLoss(temperature=temperature, soft_weight=0.7, hard_weight=0.3)(student, q, labels)
+    assert torch.allclose(mixed.total, 0.7 * soft + 0.3 * hard, rtol=1e-12)
+    assert torch.allclose(mixed.terms["ce"], hard, rtol=1e-12)
+
+    # soft cross-entropy and KL to q differ by q's entropy alone: the same gradient
+    (g_ce,) = torch.autograd.grad(soft_cross_entropy(student, q, temperature), student)
+    kl_q = (q * (q.log() - log_p)).sum(1).mean()
+    (g_kl,) = torch.autograd.grad(kl_q, student)
+    assert torch.allclose(g_ce, g_kl, rtol=1e-10)
+    assert soft_cross_entropy(student, q.requires_grad_(), temperature).grad_fn is not None
+    (g_q,) = torch.autograd.grad(soft_cross_entropy(student, q, temperature), q, allow_unused=True)
+    assert g_q is None  # the target is detached

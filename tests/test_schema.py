@@ -32,7 +32,7 @@ from surgery.clikit import run_app
 from surgery.errors import UserError
 from xross.checkpoint import CheckpointDir
 from xross.config import TrainConfig
-from xross.trainer import build_cohort
+from xross.run import build_cohort
 
 MUTANTS = 200  # distinct mutated files per file type, at least
 EXAMPLES = 240  # hypothesis examples drawn to get them (a few draws repeat)

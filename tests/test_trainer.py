@@ -128,7 +128,7 @@ def test_kd_from_a_saved_teacher_ensemble(tmp_path, cifar10_archive, data_cache)
     images, labels = first_batch(trainer)
     target = trainer.teacher_logits(images)
     with torch.no_grad():  # the target's softmax at T is the teachers' mean softmax at T
-        mean = torch.stack([t(images).div(2.0).softmax(1) for t in trainer.teachers]).mean(0)
+        mean = torch.stack([t(images).div(2.0).softmax(1) for t in trainer.teachers.sources]).mean(0)
     assert torch.allclose(target.div(2.0).softmax(1), mean, atol=1e-6)
     losses = trainer.train_step(images, labels)
     assert set(losses[0].terms) == {"ce", "kd"}

@@ -22,7 +22,7 @@ from surgery.errors import SurgeryError
 from surgery.trust import Kind, in_trusted_package, resolve
 from xross.checkpoint import CheckpointDir
 from xross.config import TrainConfig
-from xross.trainer import build_cohort
+from xross.run import build_cohort
 
 SMALL = {
     "source": "growth.models:small_vgg",

@@ -32,6 +32,7 @@ from xross.errors import XrossError
 
 _NAME = re.compile(r"^step-(\d{9})\.pt$")
 DIGEST_KEY = "digest"
+MODEL_KEYS = ("cohort", "student")  # a training run's checkpoint holds its cohort, a distillation's its student
 
 
 def state_digest(state: Any) -> str:
@@ -74,7 +75,7 @@ def read_checkpoint(path: Path, verify: bool = True) -> dict[str, Any]:
         raise XrossError(
             f"checkpoint {path} is truncated or corrupt ({first_line(e, 160)}); an older checkpoint may still load"
         ) from None
-    if not isinstance(state, dict) or not isinstance(state.get("cohort"), dict):
+    if not isinstance(state, dict) or not any(isinstance(state.get(k), dict) for k in MODEL_KEYS):
         raise XrossError(f"checkpoint {path} is not an xross checkpoint")
     recorded = state.pop(DIGEST_KEY, None)
     if verify:

@@ -4,6 +4,7 @@
     xross eval runs/x1
     xross best runs/x1 --max-params 12M
     xross export runs/x1 --path 0,1 --out hybrid
+    xross distill --student runs/x1@1-1 --teacher runs/x1 --teacher-paths all --out runs/d1
 
 Distributed: ``torchrun --nproc_per_node=2 -m xross train ...``.
 """
@@ -14,7 +15,7 @@ import inspect
 import shlex
 import sys
 from pathlib import Path
-from typing import Annotated, Any, Optional
+from typing import Annotated, Any, Optional, TypeVar
 
 import typer
 
@@ -22,12 +23,12 @@ import surgery
 from surgery.clikit import console, model_values, options_from_model, run_app, table, with_signature
 from surgery.flops import human, parse_human
 from xross.cohort import Cohort, parse_path
-from xross.config import TrainConfig
+from xross.config import DistillConfig, RunConfig, TrainConfig, load_config
 from xross.data import BatchLoader, load_split
 from xross.errors import XrossError
-from xross.evaluate import EvalResult, best_path, evaluate, pareto_front
-from xross.run import load_run
-from xross.trainer import DTYPES
+from xross.evaluate import EvalResult, best_path, distillation_gap, evaluate, evaluate_distillation, pareto_front
+from xross.run import DTYPES, load_run, load_student, run_config
+from xross.teachers import load_teachers
 
 app = typer.Typer(
     name="xross",
@@ -37,6 +38,7 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 
+RunConfigT = TypeVar("RunConfigT", bound=RunConfig)
 RunArg = Annotated[Path, typer.Argument(help="run directory written by `xross train`")]
 
 
@@ -57,6 +59,19 @@ RESUME_MAY_CHANGE = ("out", "epochs", "device", "threads", "log_every", "eval_ev
 _RUN_OPTIONS = ("config", "resume", "force", "progress", "trust_code", "no_verify")
 
 
+def _run_config(cls: type[RunConfigT], options: dict[str, Any]) -> tuple[RunConfigT, dict[str, Any]]:
+    """The config a run command's options give (over --config, or the run's own with --resume) and the given ones."""
+    given = model_values(cls, options)
+    if options["resume"]:
+        return _resume_config(cls, given), given
+    base = cls.load(options["config"]).model_dump() if options["config"] else {}
+    return cls.from_dict({**base, **given}, "the options"), given
+
+
+def _command_line() -> str:
+    return "xross " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+
+
 def train(**options: Any) -> None:
     """Train a cohort (Independent, KD, DML or XML); checkpoints every epoch and on Ctrl-C.
 
@@ -66,22 +81,15 @@ def train(**options: Any) -> None:
     """
     from xross.trainer import Trainer
 
-    given = model_values(TrainConfig, options)
-    resume, config = options["resume"], options["config"]
-    if resume:
-        cfg = _resume_config(given)
-    else:
-        base = TrainConfig.load(config).model_dump() if config else {}
-        cfg = TrainConfig.from_dict({**base, **given}, "the options")
-    command = "xross " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    cfg, given = _run_config(TrainConfig, options)
     trust = bool(options["trust_code"])
-    typed_nets = "nets" in given and not resume  # names typed here, not read from a file
+    typed_nets = "nets" in given and not options["resume"]  # names typed here, not read from a file
     trainer = Trainer(
         cfg,
-        resume=resume,
+        resume=options["resume"],
         force=options["force"],
         progress=options["progress"],
-        command=command,
+        command=_command_line(),
         trust_code=trust,
         trust_nets=trust or typed_nets,
         verify=not options["no_verify"],
@@ -89,6 +97,33 @@ def train(**options: Any) -> None:
     result = trainer.fit()
     if trainer.dist.is_main:
         _print_eval(trainer.cohort, result, trainer.run_dir)
+
+
+def distill(**options: Any) -> None:
+    """Distil teachers (runs and their stitched paths, saved models) into one student (MEAL V2).
+
+    Every option but the first six is a field of the run's config (xross.config.DistillConfig);
+    options given here override --config. A student model reference typed here is trusted;
+    teachers and students read from files need --trust-code if they name outside code.
+    """
+    from xross.distill import Distiller
+
+    cfg, given = _run_config(DistillConfig, options)
+    trust = bool(options["trust_code"])
+    typed_student = "student" in given and not options["resume"]
+    distiller = Distiller(
+        cfg,
+        resume=options["resume"],
+        force=options["force"],
+        progress=options["progress"],
+        command=_command_line(),
+        trust_code=trust,
+        trust_student=trust or typed_student,
+        verify=not options["no_verify"],
+    )
+    result = distiller.fit()
+    if distiller.dist.is_main:
+        _print_distill_eval(result, distiller.run_dir)
 
 
 _RUN_PARAMS = [
@@ -106,10 +141,12 @@ _RUN_PARAMS = [
         ("no_verify", False, NoVerifyOpt),
     )
 ]
-app.command()(with_signature(train, [*_RUN_PARAMS, *options_from_model(TrainConfig, exclude=("format_version",))]))
+_FIXED = ("format_version", "kind")
+app.command()(with_signature(train, [*_RUN_PARAMS, *options_from_model(TrainConfig, exclude=_FIXED)]))
+app.command()(with_signature(distill, [*_RUN_PARAMS, *options_from_model(DistillConfig, exclude=_FIXED)]))
 
 
-def _resume_config(given: dict[str, Any]) -> TrainConfig:
+def _resume_config(cls: type[RunConfigT], given: dict[str, Any]) -> RunConfigT:
     """The run's own config; only options that do not change the computation may be given with --resume."""
     if "out" not in given:
         raise XrossError("--resume needs --out RUN_DIR (the run to continue)")
@@ -122,7 +159,13 @@ def _resume_config(given: dict[str, Any]) -> TrainConfig:
             f"--resume continues the run as it was configured; drop --{changed[0].replace('_', '-')} "
             f"(only {', '.join('--' + k.replace('_', '-') for k in RESUME_MAY_CHANGE)} may be given)"
         )
-    return TrainConfig.from_dict({**TrainConfig.load(saved).model_dump(), **given}, str(saved))
+    saved_config = load_config(saved)
+    if not isinstance(saved_config, cls):
+        raise XrossError(
+            f"cannot resume: '{given['out']}' is a {saved_config.kind} run; continue it with "
+            f"`xross {saved_config.kind} --resume --out {given['out']}`"
+        )
+    return cls.from_dict({**saved_config.model_dump(), **given}, str(saved))
 
 
 def _print_eval(cohort: Cohort, result: EvalResult, run: Path) -> None:
@@ -158,8 +201,17 @@ def eval_run(
     trust_code: TrustOpt = False,
     no_verify: NoVerifyOpt = False,
 ) -> None:
-    """Top-1/top-5 of every path, ensembles and the Pareto front; writes RUN/eval.json."""
-    cfg, cohort = load_run(run, trust_code=trust_code, verify=not no_verify)
+    """Top-1/top-5 of every path (of a distillation: student, teachers), ensembles, Pareto front; writes eval.json."""
+    cfg = run_config(run)
+    verify = not no_verify
+    # models first: names from the run's files are refused before any data is decoded
+    if isinstance(cfg, DistillConfig):
+        _, student = load_student(run, trust_code=trust_code, verify=verify)
+        teachers, weights = load_teachers(
+            cfg.teacher, cfg.teacher_paths, cfg.teacher_weights, dtype=cfg.dtype, trust_code=trust_code, verify=verify
+        )
+    else:
+        _, cohort = load_run(run, trust_code=trust_code, verify=verify)
     test = load_split(
         cfg.data,
         "test",
@@ -170,9 +222,41 @@ def eval_run(
     )
     dtype = DTYPES[cfg.dtype]
     batches = ((x.to(dtype), y) for x, y in BatchLoader(test, batch_size, train=False).epoch(0))
+    if isinstance(cfg, DistillConfig):
+        result = evaluate_distillation(
+            student, teachers, weights, batches, cfg.image_size or 0, student_name=cfg.student
+        )
+        result.save(run / "eval.json")
+        _print_distill_eval(result, run)
+        return
     result = evaluate(cohort, batches, cfg.image_size)
     result.save(run / "eval.json")
     _print_eval(cohort, result, run)
+
+
+def _print_distill_eval(result: EvalResult, run: Path) -> None:
+    rows = [(r.role, r.name, f"{r.top1:.2f}", f"{r.top5:.2f}", human(r.params), human(r.flops)) for r in result.paths]
+    for name, acc in result.ensembles.items():
+        rows.append(
+            (
+                "ensemble",
+                f"mean softmax of the {len(result.paths) - 1} {name}",
+                f"{acc.top1:.2f}",
+                f"{acc.top5:.2f}",
+                "",
+                "",
+            )
+        )
+    console.print(
+        table(
+            f"distillation {run} ({result.samples} images)",
+            ["role", "network", "top-1", "top-5", "params", "FLOPs"],
+            rows,
+        )
+    )
+    gap = distillation_gap(result)
+    if gap is not None:
+        console.print(f"student - ensemble: {gap:+.2f} top-1 points", highlight=False)
 
 
 def _results(run: Path) -> EvalResult:
@@ -195,23 +279,32 @@ def best(
     except ValueError:
         raise XrossError("budgets are numbers with an optional k/M/G/T suffix, e.g. 12M") from None
     r = best_path(_results(run).paths, max_params=mp, max_flops=mf)
-    console.print(
-        f"best path {','.join(map(str, r.path))} ({r.name}): top-1 {r.top1:.2f}%, {human(r.params)} "
-        f"params, {human(r.flops)} FLOPs"
-    )
+    what = "the student" if r.role == "student" else f"best path {','.join(map(str, r.path))}"
+    console.print(f"{what} ({r.name}): top-1 {r.top1:.2f}%, {human(r.params)} params, {human(r.flops)} FLOPs")
 
 
 @app.command()
 def export(
     run: RunArg,
-    path: Annotated[str, typer.Option(help="net index per part, e.g. 0,1")],
     out: Annotated[Path, typer.Option(help="output directory (surgery's safe format)")],
+    path: Annotated[Optional[str], _opt("net index per part, e.g. 0,1 (a training run's path)")] = None,
     force: Annotated[bool, typer.Option(help="replace a non-empty output directory")] = False,
     trust_code: TrustOpt = False,
     no_verify: NoVerifyOpt = False,
 ) -> None:
-    """Save one stitched path as a standalone model (load it with surgery.load)."""
+    """Save one stitched path (of a distillation run: its student) as a standalone model (surgery.load)."""
+    distilled = isinstance(run_config(run), DistillConfig)
+    if distilled and path is not None:
+        raise XrossError(f"'{run}' is a distillation run: it has one student and no paths; drop --path")
+    if not distilled and path is None:
+        raise XrossError(f"which path of '{run}'? give --path with a net index per part, e.g. --path 0,1")
     surgery.io.prepare_output_dir(out, force)
+    if distilled:
+        cfg, student = load_student(run, trust_code=trust_code, verify=not no_verify)
+        surgery.save(student, out, force=force)
+        console.print(f"saved the student ({cfg.student}) of {run} to {out}/")
+        return
+    assert path is not None
     _, cohort = load_run(run, trust_code=trust_code, verify=not no_verify)
     chosen = parse_path(path, cohort.num_nets, cohort.num_parts)
     surgery.save(cohort.export_path(chosen), out, force=force)

@@ -1,9 +1,13 @@
-"""The complete description of a training run; saved as ``config.yaml`` in the run directory.
+"""The complete description of a run; saved as ``config.yaml`` in the run directory.
 
-:class:`TrainConfig` is the single source of every training option: its defaults, its
-types and choices, its validation, the schema of ``config.yaml`` and the ``xross
-train`` command-line options (generated from the fields by :mod:`xross.cliconfig`).
-``xross train --config runs/x1/config.yaml`` repeats a run exactly.
+:class:`TrainConfig` (``xross train``: a cohort) and :class:`DistillConfig` (``xross
+distill``: one student from teachers) are each the single source of their options:
+defaults, types and choices, validation, the schema of ``config.yaml`` and the
+command-line options (generated from the fields by :mod:`surgery.clikit`). What every
+run shares (data, optimisation, engine) lives once, in :class:`RunConfig`; the teacher
+options of ``kd`` and ``distill`` once, in :class:`TeacherOptions`. ``kind`` says which
+a ``config.yaml`` holds (:func:`load_config`). ``xross train --config runs/x1/config.yaml``
+repeats a run exactly.
 
 >>> cfg = TrainConfig(nets=["resnet34", "resnet18"], mode="dml", epochs=5)
 >>> cfg.epochs, cfg.lr
@@ -16,11 +20,12 @@ xross.errors.XrossError: config.yaml: field 'epochs' should be a valid integer, 
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, Self
 
 import yaml
-from pydantic import Field, NonNegativeFloat, NonNegativeInt, PositiveInt, model_validator
+from pydantic import Field, NonNegativeFloat, NonNegativeInt, PositiveInt, field_validator, model_validator
 
 from surgery._util import atomic_write_text, first_line
 from surgery.errors import SurgeryError
@@ -37,6 +42,8 @@ OptimizerName = Literal["sgd", "adam", "adamw"]
 LrScheduleName = Literal["constant", "cosine", "step"]
 AmpName = Literal["off", "bf16", "fp16"]
 DtypeName = Literal["float32", "float64"]
+DiscriminatorName = Literal["joint", "grl", "off"]
+KindName = Literal["train", "distill"]
 
 # CLI hints carried by fields: the option name when it differs, how a list is given
 CLI = "cli"
@@ -46,44 +53,13 @@ def _cli(name: str | None = None, *, comma: bool = False) -> dict[str, Any]:
     return {CLI: {"name": name, "comma": comma}}
 
 
-class TrainConfig(FileModel):
-    """Every option of a training run (see the field descriptions; ``xross train --help`` shows them)."""
+class RunConfig(FileModel):
+    """What every run has: its data, optimisation and engine; loading, saving and validation."""
 
     format_version: Literal[1] = Field(1, description="version of this file's layout")
-    # cohort
-    nets: list[str] = Field(
-        default_factory=lambda: ["resnet34", "resnet18"],
-        min_length=2,
-        json_schema_extra=_cli(comma=True),
-        description="comma-separated networks (torchvision names, package.module:callable, timm:NAME, hf:DIR)",
+    stem: StemName = Field(
+        "imagenet", description="imagenet, or cifar (3x3 stride-1 conv1, no maxpool; ResNets built by name)"
     )
-    cuts: list[str] = Field(
-        default_factory=lambda: ["layer2"],
-        min_length=1,
-        json_schema_extra=_cli("cut"),
-        description="cut point: one name for all nets or one per net 'a,b'; repeat for P > 2 parts",
-    )
-    stem: StemName = Field("imagenet", description="imagenet, or cifar (3x3 stride-1 conv1, no maxpool; ResNets)")
-    adapter_batchnorm: bool = Field(False, description="BatchNorm (LayerNorm for tokens) after each adapter")
-    always_adapt: bool = Field(False, description="adapters between every pair of nets, even where shapes agree")
-    # objective
-    mode: ModeName = Field("xml", description="training objective")
-    schedule: ScheduleName = Field(
-        "alternate", description="alternate: each student's loss trains only it; joint: one backward"
-    )
-    cross: CrossName = Field("all", description="xml cross paths: all, or single (one part away from the own path)")
-    shared_prefixes: bool = Field(
-        True, description="compute each path prefix once per step (off: every path from scratch)"
-    )
-    adapter_update: AdapterUpdate = Field(
-        "student", description="which student's loss trains an adapter: any touching it, the one it leaves, or enters"
-    )
-    temperature: Float = Field(4.0, gt=0, description="kd temperature")
-    kd_alpha: Float = Field(0.5, ge=0, le=1, description="kd weight of the hard-label CE")
-    teacher: list[str] = Field(
-        default_factory=list, description="kd teacher: a saved model directory (repeat for an ensemble)"
-    )
-    label_smoothing: Float = Field(0.0, ge=0, lt=1, description="label smoothing of every CE term")
     # data
     data: str = Field(
         "cifar10", description="cifar10 | cifar100 | ImageFolder directory | .tar/.tar.gz/.tar.xz archive of one"
@@ -95,6 +71,7 @@ class TrainConfig(FileModel):
         None, description="decoded-data cache directory (default $XROSS_CACHE or ~/.cache/xross)"
     )
     num_classes: PositiveInt | None = Field(None, description="classifier outputs (default: the data's classes)")
+    label_smoothing: Float = Field(0.0, ge=0, lt=1, description="label smoothing of every CE term")
     # optimisation
     epochs: PositiveInt = Field(30, description="epochs")
     batch_size: PositiveInt = Field(64, description="global batch size")
@@ -114,7 +91,7 @@ class TrainConfig(FileModel):
     amp: AmpName = Field("off", description="mixed precision (CUDA only)")
     dtype: DtypeName = Field("float32", description="float64 for exact comparisons and debugging")
     channels_last: bool = Field(False, description="channels-last memory format (CUDA)")
-    compile: bool = Field(False, description="torch.compile the parts (CUDA)")
+    compile: bool = Field(False, description="torch.compile the trained networks (CUDA)")
     sync_bn: bool = Field(True, description="global BatchNorm statistics when data-parallel")
     threads: PositiveInt | None = Field(None, description="CPU threads")
     eval_every: NonNegativeInt = Field(1, description="evaluate the full nets every N epochs (0: only at the end)")
@@ -123,23 +100,28 @@ class TrainConfig(FileModel):
     out: str = Field("runs/xross", description="run directory")
 
     @model_validator(mode="after")
-    def _consistent(self) -> TrainConfig:
-        if MODES[self.mode].needs_teacher and not self.teacher:
-            raise ValueError(
-                f"mode {self.mode} needs a teacher (--teacher DIR, a saved model, e.g. from `xross export`)"
-            )
+    def _consistent_optimizer(self) -> RunConfig:
         if self.nesterov and self.optimizer != "sgd":
             raise ValueError("nesterov applies to the sgd optimizer only")
         return self
 
+    @classmethod
+    def ordered_fields(cls) -> list[str]:
+        """Field names, the run's own first (kind, its models and objective), then teachers, data, engine."""
+        own = [name for klass in cls.__mro__ for name in vars(klass).get("__annotations__", {})]
+        first = ["format_version", "kind"]
+        seen = dict.fromkeys([*first, *own])
+        return [name for name in seen if name in cls.model_fields]
+
     def to_yaml(self) -> str:
-        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+        data = self.model_dump(mode="json")
+        return yaml.safe_dump({name: data[name] for name in self.ordered_fields()}, sort_keys=False)
 
     def save(self, path: str | Path) -> None:
         atomic_write_text(path, self.to_yaml())
 
     @classmethod
-    def from_dict(cls, data: Any, where: str = "the configuration") -> TrainConfig:
+    def from_dict(cls, data: Any, where: str = "the configuration") -> Self:
         """Validate a mapping of options; one-line :class:`XrossError` naming the field otherwise."""
         try:
             return parse(cls, data, where)
@@ -147,14 +129,75 @@ class TrainConfig(FileModel):
             raise XrossError(str(e)) from None
 
     @classmethod
-    def load(cls, path: str | Path) -> TrainConfig:
-        try:
-            data = yaml.safe_load(Path(path).read_bytes())
-        except OSError as e:
-            raise XrossError(f"cannot read config {path}: {e.strerror}") from None
-        except (yaml.YAMLError, UnicodeDecodeError) as e:
-            raise XrossError(f"config {path} is not valid YAML: {first_line(e)}") from None
-        return cls.from_dict(data, str(path))
+    def load(cls, path: str | Path) -> Self:
+        return cls.from_dict(_read_yaml(path), str(path))
+
+
+class TeacherOptions(FileModel):
+    """Teachers of ``kd`` training and of distillation: references, which paths of a run, weights."""
+
+    teacher: list[str] = Field(
+        default_factory=list,
+        description="teacher: a run directory, RUN@0-1, a saved model or pieces directory, or a model reference "
+        "with weights, e.g. 'resnet18(weights=\"t.safetensors\")' (repeat for an ensemble)",
+    )
+    teacher_paths: str = Field(
+        "full",
+        description="which paths of a run-directory teacher: all (every stitched path), full (its K nets), "
+        "or a list like 0-1,1-0",
+    )
+    teacher_weights: list[Float] | None = Field(
+        None, json_schema_extra=_cli(comma=True), description="weight of each teacher in the ensemble (default equal)"
+    )
+
+    @field_validator("teacher_paths")
+    @classmethod
+    def _paths_list(cls, value: str) -> str:
+        if not re.fullmatch(r"all|full|\d+(-\d+)+(,\d+(-\d+)+)*", value):
+            raise ValueError("should be all, full or a list of paths like 0-1,1-0")
+        return value
+
+
+class TrainConfig(TeacherOptions, RunConfig):
+    """Every option of a cohort's training run (see the field descriptions; ``xross train --help`` shows them)."""
+
+    kind: Literal["train"] = Field("train", description="what this run does: train a cohort")
+    nets: list[str] = Field(
+        default_factory=lambda: ["resnet34", "resnet18"],
+        min_length=2,
+        json_schema_extra=_cli(comma=True),
+        description="comma-separated networks (torchvision names, package.module:callable, timm:NAME, hf:DIR)",
+    )
+    cuts: list[str] = Field(
+        default_factory=lambda: ["layer2"],
+        min_length=1,
+        json_schema_extra=_cli("cut"),
+        description="cut point: one name for all nets or one per net 'a,b'; repeat for P > 2 parts",
+    )
+    adapter_batchnorm: bool = Field(False, description="BatchNorm (LayerNorm for tokens) after each adapter")
+    always_adapt: bool = Field(False, description="adapters between every pair of nets, even where shapes agree")
+    mode: ModeName = Field("xml", description="training objective")
+    schedule: ScheduleName = Field(
+        "alternate", description="alternate: each student's loss trains only it; joint: one backward"
+    )
+    cross: CrossName = Field("all", description="xml cross paths: all, or single (one part away from the own path)")
+    shared_prefixes: bool = Field(
+        True, description="compute each path prefix once per step (off: every path from scratch)"
+    )
+    adapter_update: AdapterUpdate = Field(
+        "student", description="which student's loss trains an adapter: any touching it, the one it leaves, or enters"
+    )
+    temperature: Float = Field(4.0, gt=0, description="kd temperature")
+    kd_alpha: Float = Field(0.5, ge=0, le=1, description="kd weight of the hard-label CE")
+
+    @model_validator(mode="after")
+    def _consistent(self) -> TrainConfig:
+        if MODES[self.mode].needs_teacher and not self.teacher:
+            raise ValueError(
+                f"mode {self.mode} needs a teacher (--teacher: a run directory or a saved model, e.g. from "
+                "`xross export`)"
+            )
+        return self
 
     def per_net_cuts(self) -> list[list[str]]:
         """Cut names per net from ``cuts`` entries like ``"layer2"`` or ``"layer2,features.4"``."""
@@ -171,3 +214,62 @@ class TrainConfig(FileModel):
             for k, n in enumerate(names):
                 per_net[k].append(n)
         return per_net
+
+
+class DistillConfig(TeacherOptions, RunConfig):
+    """Every option of a distillation run (MEAL V2 by default; ``xross distill --help`` shows them).
+
+    The loss is ``soft_weight * T^2 * CE(mean_k w_k softmax(t_k / T), softmax(s / T)) +
+    hard_weight * CE(s, y)`` plus, unless ``discriminator="off"``, the discriminator's
+    binary cross-entropy (see :mod:`xross.discriminator` for its sign in the student).
+    """
+
+    kind: Literal["distill"] = Field("distill", description="what this run does: distil teachers into a student")
+    student: str = Field(
+        description="the student: a model reference (resnet18, timm:NAME, ...), a run's path (runs/x1@0-0, "
+        "with its trained weights) or a saved model or pieces directory"
+    )
+    temperature: Float = Field(1.0, gt=0, description="softmax temperature of the soft target (MEAL V2: 1)")
+    soft_weight: Float = Field(1.0, ge=0, description="weight of the soft cross-entropy to the teachers' ensemble")
+    hard_weight: Float = Field(0.0, ge=0, description="weight of the one-hot-label cross-entropy (MEAL V2: 0)")
+    discriminator: DiscriminatorName = Field(
+        "joint",
+        description="joint: its loss added to the student's (MEAL V2); grl: reversed into the student (MEAL v1); off",
+    )
+    d_lr: Float | None = Field(
+        None, gt=0, description="discriminator learning rate (default: --lr); follows the schedule"
+    )
+    d_hidden: list[PositiveInt] | None = Field(
+        None,
+        json_schema_extra=_cli(comma=True),
+        description="discriminator hidden widths (default: C/8,C/64 as MEAL V2, at least 8 each)",
+    )
+
+    @model_validator(mode="after")
+    def _consistent(self) -> DistillConfig:
+        if not self.teacher:
+            raise ValueError("distillation needs at least one --teacher (a run directory, RUN@0-1 or a saved model)")
+        if self.soft_weight == 0 and self.hard_weight == 0:
+            raise ValueError("soft_weight and hard_weight are both 0: nothing would be learned")
+        return self
+
+
+CONFIGS: dict[str, type[RunConfig]] = {"train": TrainConfig, "distill": DistillConfig}
+
+
+def _read_yaml(path: str | Path) -> Any:
+    try:
+        return yaml.safe_load(Path(path).read_bytes())
+    except OSError as e:
+        raise XrossError(f"cannot read config {path}: {e.strerror}") from None
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        raise XrossError(f"config {path} is not valid YAML: {first_line(e)}") from None
+
+
+def load_config(path: str | Path) -> TrainConfig | DistillConfig:
+    """The config of a run directory's ``config.yaml``, of the class its ``kind`` names (default ``train``)."""
+    data = _read_yaml(path)
+    kind = data.get("kind", "train") if isinstance(data, dict) else "train"
+    if kind not in CONFIGS:
+        raise XrossError(f"{path}: field 'kind' is '{kind}'; expected one of {', '.join(CONFIGS)}")
+    return CONFIGS[kind].from_dict(data, str(path))  # type: ignore[return-value]

@@ -12,10 +12,11 @@ from __future__ import annotations
 import json
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path as FsPath
-from typing import Annotated, Literal
+from typing import TYPE_CHECKING, Annotated, Literal
 
 import torch
 from pydantic import Field, NonNegativeFloat, NonNegativeInt, PositiveInt, Strict
+from torch import nn
 
 from surgery._util import atomic_write_text, evaluating, first_line
 from surgery.errors import SurgeryError
@@ -24,12 +25,20 @@ from surgery.schema import FileModel, Float, parse
 from xross.cohort import Cohort, Path, call_part
 from xross.errors import XrossError
 
+if TYPE_CHECKING:
+    from xross.teachers import Teachers
+
 
 class PathResult(FileModel):
-    """Accuracy and cost of one path: top-1/top-5 in %, parameters, forward FLOPs per image."""
+    """Accuracy and cost of one network: top-1/top-5 in %, parameters, forward FLOPs per image.
+
+    ``role`` is ``path`` for a cohort's path (``path`` its net index per part), ``student``
+    or ``teacher`` in a distillation run (``path`` then empty, or a teacher's cohort path).
+    """
 
     path: Annotated[tuple[Annotated[NonNegativeInt, Strict()], ...], Strict(False)]  # a JSON list, held as a tuple
     name: str
+    role: Literal["path", "student", "teacher"] = "path"
     top1: Float = Field(ge=0, le=100)
     top5: Float = Field(ge=0, le=100)
     params: NonNegativeInt
@@ -146,6 +155,71 @@ def evaluate(
     return EvalResult(paths=results, ensembles=accuracy, samples=n)
 
 
+def _cost(module: nn.Module, path: Path | None, image_size: int) -> tuple[int, float]:
+    """(parameters, FLOPs per image) of a network, or of one path when ``module`` is a cohort."""
+    if path is not None:
+        return path_costs(module, [path], image_size, next(module.parameters()).device)[path]  # type: ignore[arg-type]
+    p = next(module.parameters())
+    x = torch.zeros(1, 3, image_size, image_size, device=p.device, dtype=p.dtype)
+    return count_params(module), float(count_flops(module, x))
+
+
+@torch.no_grad()
+def evaluate_distillation(
+    student: nn.Module,
+    teachers: Teachers | None,
+    weights: torch.Tensor | None,
+    batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
+    image_size: int,
+    reduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    student_name: str = "student",
+) -> EvalResult:
+    """Top-1/top-5 (%) of a student, of each teacher and of the teachers' ensemble (weighted mean softmax).
+
+    ``teachers=None`` scores the student alone (the per-epoch check). The ensemble is
+    ``ensembles["teachers"]``; :func:`distillation_gap` is the student's distance to it.
+    """
+    from xross.teachers import ensemble_probs
+
+    members = teachers.members() if teachers is not None else []
+    hits = torch.zeros(1 + len(members) + (1 if members else 0), 2, dtype=torch.int64)
+    n = 0
+    with evaluating(student):
+        for images, labels in batches:
+            if len(labels) == 0:
+                continue
+            hits[0] += _topk_correct(student(images).float(), labels)
+            if teachers is not None:
+                outputs = teachers(images)
+                for row, logits in enumerate(outputs, start=1):
+                    hits[row] += _topk_correct(logits.float(), labels)
+                hits[-1] += _topk_correct(ensemble_probs(outputs, 1.0, weights), labels)  # type: ignore[arg-type]
+            n += len(labels)
+    if reduce is not None:
+        total = reduce(torch.cat([hits.flatten(), torch.tensor([n])]))
+        hits, n = total[:-1].view_as(hits), int(total[-1])
+    if n == 0:
+        raise XrossError("the evaluation set is empty")
+    pct = [[100 * c / n for c in row] for row in hits.tolist()]
+    rows = [(student_name, student, None, "student"), *((name, m, p, "teacher") for name, m, p in members)]
+    results = []
+    for (name, module, path, role), (top1, top5) in zip(rows, pct):
+        params, flops = _cost(module, path, image_size)
+        results.append(
+            PathResult(path=path or (), name=name, role=role, top1=top1, top5=top5, params=params, flops=flops)
+        )
+    ensembles = {"teachers": Accuracy(top1=pct[-1][0], top5=pct[-1][1])} if members else {}
+    return EvalResult(paths=results, ensembles=ensembles, samples=n)
+
+
+def distillation_gap(result: EvalResult) -> float | None:
+    """Student top-1 minus the teachers' ensemble top-1 (percentage points), if both were evaluated."""
+    student = next((r for r in result.paths if r.role == "student"), None)
+    if student is None or "teachers" not in result.ensembles:
+        return None
+    return student.top1 - result.ensembles["teachers"].top1
+
+
 def pareto_front(results: Sequence[PathResult], cost: str = "params") -> list[PathResult]:
     """Paths no other path beats on both top-1 and ``cost`` (``params`` or ``flops``), cheapest first."""
     ordered = sorted(results, key=lambda r: (getattr(r, cost), -r.top1))
@@ -160,7 +234,8 @@ def pareto_front(results: Sequence[PathResult], cost: str = "params") -> list[Pa
 def best_path(
     results: Sequence[PathResult], max_params: float | None = None, max_flops: float | None = None
 ) -> PathResult:
-    """The most accurate path within the budget (ties: fewer parameters)."""
+    """The most accurate path (or student; never a teacher) within the budget (ties: fewer parameters)."""
+    results = [r for r in results if r.role != "teacher"]
     fits = [
         r
         for r in results

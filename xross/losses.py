@@ -155,3 +155,44 @@ def make_mode(name: str, **options: Any) -> Mode:
     cls = MODES[name]
     fields = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
     return cls(**{k: v for k, v in options.items() if k in fields})
+
+
+# --- distillation (xross distill; MEAL V2) ------------------------------------------------------
+
+
+def soft_cross_entropy(
+    student_logits: torch.Tensor, target_probs: torch.Tensor, temperature: float = 1.0
+) -> torch.Tensor:
+    """``-sum_c q_c log softmax(s / T)_c`` averaged over the batch; ``q`` (a distribution) is detached.
+
+    It differs from ``KL(q || softmax(s / T))`` by the entropy of ``q`` alone, so both give
+    the student the same gradient; MEAL V2 trains with this form.
+    """
+    log_p = F.log_softmax(_upcast(student_logits) / temperature, dim=1)
+    return -(target_probs.detach().to(log_p) * log_p).sum(1).mean()
+
+
+@dataclasses.dataclass
+class DistillLoss:
+    """``soft_weight * T^2 * soft_cross_entropy(s, q, T) + hard_weight * CE(s, y)``.
+
+    ``q`` is the teachers' ensemble distribution at temperature T (:func:`xross.teachers.ensemble_probs`);
+    the ``T^2`` factor keeps the soft term's gradient scale independent of T (Hinton et al.).
+    Terms with weight 0 are not computed.
+    """
+
+    temperature: float = 1.0
+    soft_weight: float = 1.0
+    hard_weight: float = 0.0
+    label_smoothing: float = 0.0
+
+    def __call__(self, student_logits: torch.Tensor, target_probs: torch.Tensor, labels: torch.Tensor) -> LossTerms:
+        terms: dict[str, torch.Tensor] = {}
+        total = student_logits.new_zeros((), dtype=_upcast(student_logits).dtype)
+        if self.soft_weight:
+            terms["soft"] = soft_cross_entropy(student_logits, target_probs, self.temperature) * self.temperature**2
+            total = total + self.soft_weight * terms["soft"]
+        if self.hard_weight:
+            terms["ce"] = F.cross_entropy(_upcast(student_logits), labels, label_smoothing=self.label_smoothing)
+            total = total + self.hard_weight * terms["ce"]
+        return LossTerms(terms, total)

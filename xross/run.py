@@ -1,5 +1,8 @@
-"""A finished (or interrupted) run directory, read back: its config, its cohort with the newest good weights.
+"""Run directories: what a config builds, and a finished (or interrupted) run read back.
 
+A ``train`` run holds a cohort (:func:`load_run`); a ``distill`` run one student
+(:func:`load_student`), whose initial structure and weights it keeps in
+``RUN/student-init`` so that it never depends on where the student came from.
 ``RUN@0-1`` model references (:mod:`surgery.refs`) resolve here: the path through the
 run's cohort as a standalone :class:`surgery.Pieces`.
 """
@@ -7,32 +10,105 @@ run's cohort as a standalone :class:`surgery.Pieces`.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import torch
+from torch import nn
 
 import surgery
 from surgery._util import first_line
 from surgery.refs import register_run_loader
 from xross.checkpoint import CheckpointDir
 from xross.cohort import Cohort
-from xross.config import TrainConfig
+from xross.config import DistillConfig, TrainConfig, load_config
+from xross.distributed import globalise_batchnorm
 from xross.errors import XrossError
-from xross.trainer import DTYPES, build_cohort
+
+DTYPES = {"float32": torch.float32, "float64": torch.float64}
+STUDENT_INIT = "student-init"
+
+
+def build_cohort(
+    config: TrainConfig, device: torch.device, distributed: bool = False, *, trust_code: bool = False
+) -> Cohort:
+    """The cohort a (resolved) config describes, on ``device``, with seeded initial weights.
+
+    ``trust_code`` lets ``config.nets`` name code outside the trusted packages (see
+    :mod:`surgery.trust`): pass it for nets you typed, not for a config from elsewhere.
+    """
+    if config.num_classes is None or config.image_size is None:
+        raise XrossError(
+            "the config lacks num_classes/image_size; they are filled in from the data when training starts"
+        )
+    torch.manual_seed(config.seed)
+    transform = (lambda net: globalise_batchnorm(net, device)) if (distributed and config.sync_bn) else None
+    cohort = Cohort.build(
+        config.nets,
+        config.per_net_cuts(),
+        config.num_classes,
+        config.image_size,
+        stem=config.stem,
+        adapter_batchnorm=config.adapter_batchnorm,
+        always_adapt=config.always_adapt,
+        transform_net=transform,
+        trust_code=trust_code,
+    )
+    return cohort.to(device)
+
+
+def run_config(run: Path) -> TrainConfig | DistillConfig:
+    """The config of a run directory (``RUN/config.yaml``), one line if it is not one."""
+    if not (run / "config.yaml").is_file():
+        raise XrossError(
+            f"'{run}' is not a run directory (no config.yaml); make one with `xross train` or `xross distill`"
+        )
+    return load_config(run / "config.yaml")
+
+
+def _latest_state(run: Path, verify: bool) -> tuple[Path, dict[str, Any]]:
+    return CheckpointDir(run).load_latest(verify)
 
 
 def load_run(run: Path, *, trust_code: bool = False, verify: bool = True) -> tuple[TrainConfig, Cohort]:
-    """The run's config and its cohort (eval mode, on the CPU) with the weights of its newest good checkpoint."""
+    """A ``train`` run's config and its cohort (eval mode, on the CPU) with its newest good weights."""
     run = Path(run)
-    if not (run / "config.yaml").is_file():
-        raise XrossError(f"'{run}' is not a run directory (no config.yaml); train one with `xross train --out {run}`")
-    cfg = TrainConfig.load(run / "config.yaml")
+    cfg = run_config(run)
+    if not isinstance(cfg, TrainConfig):
+        raise XrossError(f"'{run}' is a distillation run: it has one student, not a cohort of paths")
     cohort = build_cohort(cfg, torch.device("cpu"), trust_code=trust_code)
-    path, state = CheckpointDir(run).load_latest(verify)
+    path, state = _latest_state(run, verify)
     try:
         cohort.load_state_dict(state["cohort"])
     except (RuntimeError, KeyError, TypeError) as e:
         raise XrossError(f"checkpoint {path} does not fit the run's config ({first_line(e, 160)})") from None
     return cfg, cohort.to(DTYPES[cfg.dtype]).eval()
+
+
+def initial_student(run: Path, *, trust_code: bool = False) -> nn.Module:
+    """The student a ``distill`` run started from (``RUN/student-init``)."""
+    saved = Path(run) / STUDENT_INIT
+    if not (saved / "recipe.json").is_file():
+        raise XrossError(f"'{run}' lacks {STUDENT_INIT}/ (the student it started from); the run directory is damaged")
+    return surgery.load(saved, trust_code=trust_code)
+
+
+def load_student(run: Path, *, trust_code: bool = False, verify: bool = True) -> tuple[DistillConfig, nn.Module]:
+    """A ``distill`` run's config and its student (eval mode, on the CPU) with its newest good weights."""
+    run = Path(run)
+    cfg = run_config(run)
+    if not isinstance(cfg, DistillConfig):
+        raise XrossError(f"'{run}' is a training run of a cohort, not a distillation run")
+    student = initial_student(run, trust_code=trust_code)
+    path, state = _latest_state(run, verify)
+    try:
+        student.load_state_dict(state["student"])
+    except (RuntimeError, KeyError, TypeError) as e:
+        raise XrossError(f"checkpoint {path} does not fit the run's student ({first_line(e, 160)})") from None
+    return cfg, student.to(DTYPES[cfg.dtype]).eval()
+
+
+def is_distill_run(run: Path) -> bool:
+    return isinstance(run_config(Path(run)), DistillConfig)
 
 
 @register_run_loader
