@@ -21,7 +21,7 @@ import surgery
 from surgery.errors import SurgeryError
 from surgery.trust import Kind, in_trusted_package, resolve
 from xross.checkpoint import CheckpointDir
-from xross.config import TrainConfig
+from xross.config import DistillConfig, TrainConfig
 from xross.run import build_cohort
 
 SMALL = {
@@ -240,3 +240,17 @@ def test_kd_teachers_are_files_from_elsewhere(cli, tmp_path: Path, evil: Path) -
         "--no-progress",
     )
     assert r.code == 2 and not evil.exists(), r
+
+
+def test_students_and_teachers_of_distillation_runs(cli, tmp_path: Path, evil: Path) -> None:
+    run = tmp_path / "distill"
+    run.mkdir()
+    cfg = DistillConfig(student="evilpkg:build", teacher=[str(_saved_pieces(tmp_path))], data="cifar10", out=str(run))
+    cfg.save(run / "config.yaml")
+    _one_line_refusal(cli("xross", "distill", "--resume", "--out", run, "--no-progress"), evil)
+    _one_line_refusal(cli("xross", "distill", "--config", run / "config.yaml", "--out", tmp_path / "d2"), evil)
+    teacher = _saved_pieces(tmp_path / "t")
+    _edit_recipe(teacher, lambda data: [p["origin"]["model"].update(source="evilpkg:build") for p in data["pieces"]])
+    r = cli("xross", "distill", "--student", "resnet18", "--teacher", teacher, "--out", tmp_path / "d3")
+    _one_line_refusal(r, evil)
+    assert not (tmp_path / "d3").exists()
