@@ -101,3 +101,47 @@ def test_torchrun_resume_is_bit_identical(tmp_path, cifar10_archive, data_cache)
     assert a["position"] == b["position"] == {"epoch": 2, "step": 0, "global_step": 8}
     assert_same_tensors(a["cohort"], b["cohort"])
     assert (straight / "steps.csv").read_text() == (resumed / "steps.csv").read_text()
+
+
+@pytest.mark.slow
+def test_torchrun_distillation_matches_one_process(tmp_path, synthetic_archive, data_cache) -> None:
+    from surgery.clikit import run_app
+    from xross.cli import app
+
+    vgg = "growth.models:small_vgg"
+    data = ["--data", str(synthetic_archive), "--image-size", "32", "--cache-dir", str(data_cache), "--epochs", "1"]
+    data += ["--no-progress"]
+    teacher = tmp_path / "xml"
+    with pytest.raises(SystemExit) as e:
+        run_app(
+            app,
+            ["train", "--nets", f"{vgg},{vgg}", "--cut", "features.1", "--subset", "64", "--out", str(teacher)] + data,
+        )
+    assert e.value.code == 0
+    common = ["distill", "--student", f"{teacher}@1-0", "--teacher", str(teacher), "--teacher-paths", "all"]
+    common += [
+        "--subset",
+        "128",
+        "--batch-size",
+        "32",
+        "--eval-subset",
+        "40",
+        "--dtype",
+        "float64",
+        "--eval-every",
+        "0",
+    ]
+    common += ["--lr", "1e-3", *data]
+    code, _, err = finish(xross(*common, "--out", str(tmp_path / "one")))
+    assert code == 0, err
+    torchrun(*common, "--out", str(tmp_path / "two"))
+    one, two = final_state(tmp_path / "one"), final_state(tmp_path / "two")
+    assert one["position"] == two["position"] == {"epoch": 1, "step": 0, "global_step": 4}
+    for part in ("student", "discriminator"):
+        worst = max(
+            (one[part][k] - two[part][k]).abs().max().item() for k in one[part] if one[part][k].is_floating_point()
+        )
+        assert worst <= 1e-9, (part, worst)
+    e1, e2 = EvalResult.load(tmp_path / "one" / "eval.json"), EvalResult.load(tmp_path / "two" / "eval.json")
+    assert [(r.name, r.top1) for r in e1.paths] == [(r.name, r.top1) for r in e2.paths]
+    assert e1.ensembles == e2.ensembles and e1.samples == e2.samples == 40
