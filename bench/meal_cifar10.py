@@ -36,7 +36,7 @@ from rich.console import Console
 from rich.table import Table
 
 from xross.config import DistillConfig, TrainConfig
-from xross.distill import Distiller
+from xross.distiller import Distiller
 from xross.evaluate import EvalResult
 from xross.trainer import Trainer
 
@@ -118,7 +118,7 @@ def main() -> None:
     p.add_argument("--teacher-subset", type=int, default=20000, help="teacher cohort's training images")
     p.add_argument("--teacher-epochs", type=int, default=6)
     p.add_argument("--subset", type=int, default=20000, help="training images of every method")
-    p.add_argument("--epochs", type=int, default=2, help="epochs of every method")
+    p.add_argument("--epochs", type=int, default=3, help="epochs of every method")
     p.add_argument("--eval-subset", type=int, default=None, help="test images (default: all 10,000)")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--lr", type=float, default=2e-4, help="Adam, cosine schedule")

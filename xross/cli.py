@@ -23,8 +23,9 @@ import surgery
 from surgery.clikit import console, model_values, options_from_model, run_app, table, with_signature
 from surgery.flops import human, parse_human
 from xross.cohort import Cohort, parse_path
-from xross.config import DistillConfig, RunConfig, TrainConfig, load_config
+from xross.config import DistillConfig, RunConfig, TrainConfig
 from xross.data import BatchLoader, load_split
+from xross.engine import config_from_options
 from xross.errors import XrossError
 from xross.evaluate import EvalResult, best_path, distillation_gap, evaluate, evaluate_distillation, pareto_front
 from xross.run import DTYPES, load_run, load_student, run_config
@@ -55,17 +56,13 @@ TrustOpt = Annotated[
 NoVerifyOpt = Annotated[
     bool, typer.Option("--no-verify", help="load checkpoints whose digest does not match (weights edited on purpose)")
 ]
-RESUME_MAY_CHANGE = ("out", "epochs", "device", "threads", "log_every", "eval_every", "cache_dir")
 _RUN_OPTIONS = ("config", "resume", "force", "progress", "trust_code", "no_verify")
 
 
 def _run_config(cls: type[RunConfigT], options: dict[str, Any]) -> tuple[RunConfigT, dict[str, Any]]:
     """The config a run command's options give (over --config, or the run's own with --resume) and the given ones."""
     given = model_values(cls, options)
-    if options["resume"]:
-        return _resume_config(cls, given), given
-    base = cls.load(options["config"]).model_dump() if options["config"] else {}
-    return cls.from_dict({**base, **given}, "the options"), given
+    return config_from_options(cls, given, resume=options["resume"], base=options["config"]), given
 
 
 def _command_line() -> str:
@@ -106,7 +103,7 @@ def distill(**options: Any) -> None:
     options given here override --config. A student model reference typed here is trusted;
     teachers and students read from files need --trust-code if they name outside code.
     """
-    from xross.distill import Distiller
+    from xross.distiller import Distiller
 
     cfg, given = _run_config(DistillConfig, options)
     trust = bool(options["trust_code"])
@@ -144,28 +141,6 @@ _RUN_PARAMS = [
 _FIXED = ("format_version", "kind")
 app.command()(with_signature(train, [*_RUN_PARAMS, *options_from_model(TrainConfig, exclude=_FIXED)]))
 app.command()(with_signature(distill, [*_RUN_PARAMS, *options_from_model(DistillConfig, exclude=_FIXED)]))
-
-
-def _resume_config(cls: type[RunConfigT], given: dict[str, Any]) -> RunConfigT:
-    """The run's own config; only options that do not change the computation may be given with --resume."""
-    if "out" not in given:
-        raise XrossError("--resume needs --out RUN_DIR (the run to continue)")
-    saved = Path(given["out"]) / "config.yaml"
-    if not saved.is_file():
-        raise XrossError(f"cannot resume: '{saved}' does not exist; start the run without --resume")
-    changed = [k for k in given if k not in RESUME_MAY_CHANGE]
-    if changed:
-        raise XrossError(
-            f"--resume continues the run as it was configured; drop --{changed[0].replace('_', '-')} "
-            f"(only {', '.join('--' + k.replace('_', '-') for k in RESUME_MAY_CHANGE)} may be given)"
-        )
-    saved_config = load_config(saved)
-    if not isinstance(saved_config, cls):
-        raise XrossError(
-            f"cannot resume: '{given['out']}' is a {saved_config.kind} run; continue it with "
-            f"`xross {saved_config.kind} --resume --out {given['out']}`"
-        )
-    return cls.from_dict({**saved_config.model_dump(), **given}, str(saved))
 
 
 def _print_eval(cohort: Cohort, result: EvalResult, run: Path) -> None:

@@ -4,7 +4,7 @@ checkpoints, resumption, signals, progress and metrics.
 A run is a :class:`RunEngine` subclass that says what it trains (``build``), which
 parameters the optimiser updates (``param_groups``), one step (``step``), what to
 log, what to checkpoint and how to evaluate. :class:`xross.trainer.Trainer` (a cohort)
-and :class:`xross.distill.Distiller` (one student) are the two there are. The loop:
+and :class:`xross.distiller.Distiller` (one student) are the two there are. The loop:
 
     for epoch: for batch: seed from the global step; set the learning rate; step; log;
                stop cleanly (checkpoint, one line) on SIGINT/SIGTERM
@@ -27,7 +27,7 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 
@@ -35,7 +35,7 @@ from surgery._util import atomic_write_text, first_line
 from surgery.errors import UserError
 from surgery.io import versions
 from xross.checkpoint import CheckpointDir
-from xross.config import RunConfig
+from xross.config import RunConfig, load_config
 from xross.data import Augment, BatchLoader, ImageTensors, derive_seed, load_split
 from xross.distributed import DistInfo, any_rank, average_gradients, init_distributed
 from xross.errors import Interrupted, TrainingDiverged, XrossError
@@ -43,6 +43,41 @@ from xross.evaluate import EvalResult
 from xross.metrics import MetricsLog
 from xross.optim import ParamGroup, lr_at, make_optimizer, set_lr
 from xross.run import DTYPES
+
+ConfigT = TypeVar("ConfigT", bound=RunConfig)
+
+
+RESUME_MAY_CHANGE = ("out", "epochs", "device", "threads", "log_every", "eval_every", "cache_dir")
+
+
+def config_from_options(
+    config_class: type[ConfigT], options: dict[str, Any], *, resume: bool = False, base: str | Path | None = None
+) -> ConfigT:
+    """The config of a run from keyword options: over the ``base`` config file if given, or, with
+    ``resume``, over the run's own config in ``options["out"]``, where only the options in
+    ``RESUME_MAY_CHANGE`` (which do not change the computation) may be given."""
+    if not resume:
+        saved = config_class.load(base).model_dump() if base else {}
+        return config_class.from_dict({**saved, **options}, "the options")
+    if "out" not in options:
+        raise XrossError("--resume needs --out RUN_DIR (the run to continue)")
+    path = Path(options["out"]) / "config.yaml"
+    if not path.is_file():
+        raise XrossError(f"cannot resume: '{path}' does not exist; start the run without --resume")
+    changed = [k for k in options if k not in RESUME_MAY_CHANGE]
+    if changed:
+        raise XrossError(
+            f"--resume continues the run as it was configured; drop --{changed[0].replace('_', '-')} "
+            f"(only {', '.join('--' + k.replace('_', '-') for k in RESUME_MAY_CHANGE)} may be given)"
+        )
+    saved_config = load_config(path)
+    if not isinstance(saved_config, config_class):
+        kind = saved_config.kind
+        raise XrossError(
+            f"cannot resume: '{options['out']}' is a {kind} run; continue it with "
+            f"`xross {kind} --resume --out {options['out']}`"
+        )
+    return config_class.from_dict({**saved_config.model_dump(), **options}, str(path))
 
 
 @dataclasses.dataclass

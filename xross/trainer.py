@@ -28,7 +28,7 @@ from surgery.refs import parse as parse_reference
 from surgery.trust import Kind, resolve
 from xross.config import TrainConfig
 from xross.distributed import DistInfo, sum_over_ranks
-from xross.engine import RunEngine
+from xross.engine import RunEngine, config_from_options
 from xross.evaluate import EvalResult, evaluate
 from xross.losses import MODES, LossTerms, Mode, make_mode
 from xross.optim import ParamGroup
@@ -200,3 +200,20 @@ class Trainer(RunEngine):
             paths,
             reduce=functools.partial(sum_over_ranks, info=self.dist),
         )
+
+
+def train(
+    *,
+    resume: bool = False,
+    force: bool = False,
+    progress: bool = True,
+    trust_code: bool = False,
+    **options: Any,
+) -> EvalResult:
+    """Train a cohort from keyword options (the fields of :class:`xross.config.TrainConfig`).
+
+    With ``resume=True`` the run in ``out`` continues with its own config (``options`` may
+    raise ``epochs``). Returns the evaluation of every path (also in ``out/eval.json``).
+    """
+    config = config_from_options(TrainConfig, options, resume=resume)
+    return Trainer(config, resume=resume, force=force, progress=progress, trust_code=trust_code).fit()

@@ -1,7 +1,7 @@
 """Ensemble distillation into one student (MEAL V2), with a cohort's stitched paths as teachers.
 
->>> from xross.distill import distill
->>> result = distill(student="runs/x1@1-1", teacher=["runs/x1"], teacher_paths="all",
+>>> import xross
+>>> result = xross.distill(student="runs/x1@1-1", teacher=["runs/x1"], teacher_paths="all",
 ...                  data="../shared/data/cifar10-jpeg.tar.xz", epochs=2, out="runs/d1")  # doctest: +SKIP
 
 One step: the teachers (eval mode, no_grad; a cohort's shared prefixes run once) give
@@ -19,7 +19,6 @@ resuming, evaluating and exporting never need the reference it came from.
 from __future__ import annotations
 
 import functools
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -35,7 +34,7 @@ from xross.cohort import build_net
 from xross.config import DistillConfig
 from xross.discriminator import Discriminator
 from xross.distributed import DistInfo, globalise_batchnorm, sum_over_ranks
-from xross.engine import RunEngine
+from xross.engine import RunEngine, config_from_options
 from xross.errors import XrossError
 from xross.evaluate import EvalResult, evaluate_distillation
 from xross.losses import DistillLoss
@@ -234,13 +233,7 @@ def distill(
     """Run a distillation from keyword options (the fields of :class:`xross.config.DistillConfig`).
 
     With ``resume=True`` the run in ``out`` continues with its own config (``options`` may
-    raise ``epochs``).
+    raise ``epochs``). Returns the final evaluation (also in ``out/eval.json``).
     """
-    base = DistillConfig.load(Path(options.get("out", "")) / "config.yaml").model_dump() if resume else {}
-    return Distiller(
-        DistillConfig.from_dict({**base, **options}, "the options"),
-        resume=resume,
-        force=force,
-        progress=progress,
-        trust_code=trust_code,
-    ).fit()
+    config = config_from_options(DistillConfig, options, resume=resume)
+    return Distiller(config, resume=resume, force=force, progress=progress, trust_code=trust_code).fit()

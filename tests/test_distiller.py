@@ -14,13 +14,16 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import assert_same_tensors, final_state, finish, xross
+from helpers import assert_same_tensors, final_state, finish
+from helpers import xross as xross_process
 
 import surgery
+import xross
 from surgery.clikit import run_app
 from xross.cli import app
 from xross.config import DistillConfig, load_config
-from xross.distill import Distiller
+from xross.distiller import Distiller
+from xross.errors import XrossError
 from xross.run import load_student
 
 VGG = "growth.models:small_vgg"
@@ -80,10 +83,10 @@ def _rows(csv: Path) -> int:
 def test_sigint_then_resume_is_bit_identical_and_the_run_is_complete(xml_run, synthetic_archive, tmp_path) -> None:
     xml, cache = xml_run
     straight, interrupted = tmp_path / "straight", tmp_path / "interrupted"
-    code, _, err = finish(xross(*_distill_args(xml, cache, synthetic_archive, straight)))
+    code, _, err = finish(xross_process(*_distill_args(xml, cache, synthetic_archive, straight)))
     assert code == 0, err
 
-    p = xross(*_distill_args(xml, cache, synthetic_archive, interrupted))
+    p = xross_process(*_distill_args(xml, cache, synthetic_archive, interrupted))
     deadline = time.time() + 240
     while _rows(interrupted / "steps.csv") < 3 and p.poll() is None and time.time() < deadline:
         time.sleep(0.02)
@@ -94,7 +97,7 @@ def test_sigint_then_resume_is_bit_identical_and_the_run_is_complete(xml_run, sy
     stopped = final_state(interrupted)["position"]["global_step"]
     assert 3 <= stopped < 80, stopped  # 40 steps per epoch, 2 epochs
 
-    code, _, err = finish(xross("distill", "--resume", "--out", str(interrupted), "--no-progress"))
+    code, _, err = finish(xross_process("distill", "--resume", "--out", str(interrupted), "--no-progress"))
     assert code == 0, err
     a, b = final_state(straight), final_state(interrupted)
     assert a["position"] == b["position"]
@@ -210,3 +213,18 @@ def test_python_api_matches_the_config(xml_run, synthetic_archive, tmp_path) -> 
     terms = distiller.train_step(images, labels)
     assert {"soft", "ce", "loss", "acc"} == set(terms)
     assert torch.allclose(terms["loss"], terms["soft"] + 0.5 * terms["ce"])
+
+
+def test_python_function_runs_and_resumes(xml_run, synthetic_archive, tmp_path) -> None:
+    xml, cache = xml_run
+    out = tmp_path / "fn"
+    options = dict(data=str(synthetic_archive), image_size=32, cache_dir=str(cache), subset=20, eval_subset=20)
+    first = xross.distill(
+        student=f"{xml}@0-0", teacher=[str(xml)], batch_size=10, epochs=1, out=str(out), progress=False, **options
+    )
+    assert [r.role for r in first.paths] == ["student", "teacher", "teacher"]
+    assert final_state(out)["position"]["global_step"] == 2
+    xross.distill(resume=True, out=str(out), epochs=2, progress=False)
+    assert final_state(out)["position"]["global_step"] == 4
+    with pytest.raises(XrossError, match="drop --lr"):
+        xross.distill(resume=True, out=str(out), lr=0.1)
