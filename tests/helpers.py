@@ -9,8 +9,10 @@ Runs of the ``xross`` CLI in a subprocess (test_trainer.py, test_distributed.py)
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -62,6 +64,18 @@ def finish(p: subprocess.Popen, timeout: float = 300) -> tuple[int, str, str]:
     """Wait for a process started by :func:`xross`: ``(exit status, stdout, stderr)``."""
     out, err = p.communicate(timeout=timeout)
     return p.returncode, out, err
+
+
+def interrupt_after_steps(p: subprocess.Popen, run: Path, steps: int = 3, timeout: float = 240) -> tuple[int, str, str]:
+    """Send SIGINT to a running ``xross train|distill`` once ``run/steps.csv`` has ``steps`` rows; then finish it."""
+    csv = run / "steps.csv"
+    deadline = time.time() + timeout
+    while p.poll() is None and time.time() < deadline:
+        if csv.exists() and len(csv.read_text().splitlines()) - 1 >= steps:
+            break
+        time.sleep(0.02)
+    p.send_signal(signal.SIGINT)
+    return finish(p)
 
 
 def final_state(run: Path) -> dict:

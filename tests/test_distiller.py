@@ -8,13 +8,11 @@ distillation run, and one-line refusals of bad teachers and students.
 from __future__ import annotations
 
 import json
-import signal
-import time
 from pathlib import Path
 
 import pytest
 import torch
-from helpers import assert_same_tensors, final_state, finish
+from helpers import assert_same_tensors, final_state, finish, interrupt_after_steps
 from helpers import xross as xross_process
 
 import surgery
@@ -75,10 +73,6 @@ def _distill_args(xml: Path, cache: Path, archive: Path, out: Path, *extra: str)
     ]
 
 
-def _rows(csv: Path) -> int:
-    return max(len(csv.read_text().splitlines()) - 1, 0) if csv.exists() else 0
-
-
 @pytest.mark.slow
 def test_sigint_then_resume_is_bit_identical_and_the_run_is_complete(xml_run, synthetic_archive, tmp_path) -> None:
     xml, cache = xml_run
@@ -87,11 +81,7 @@ def test_sigint_then_resume_is_bit_identical_and_the_run_is_complete(xml_run, sy
     assert code == 0, err
 
     p = xross_process(*_distill_args(xml, cache, synthetic_archive, interrupted))
-    deadline = time.time() + 240
-    while _rows(interrupted / "steps.csv") < 3 and p.poll() is None and time.time() < deadline:
-        time.sleep(0.02)
-    p.send_signal(signal.SIGINT)
-    code, _, err = finish(p)
+    code, _, err = interrupt_after_steps(p, interrupted)
     assert code == 130, err
     assert "xross distill --resume" in err and "Traceback" not in err
     stopped = final_state(interrupted)["position"]["global_step"]

@@ -8,13 +8,11 @@ determinism.
 from __future__ import annotations
 
 import hashlib
-import signal
-import time
 from pathlib import Path
 
 import pytest
 import torch
-from helpers import assert_same_tensors, final_state, finish, xross
+from helpers import assert_same_tensors, final_state, finish, interrupt_after_steps, xross
 
 import surgery
 from xross.checkpoint import CheckpointDir, read_checkpoint
@@ -173,10 +171,6 @@ def train_args(archive: Path, cache: Path, out: Path, *extra: str) -> list[str]:
     ]
 
 
-def rows(csv: Path) -> int:
-    return max(len(csv.read_text().splitlines()) - 1, 0) if csv.exists() else 0
-
-
 @pytest.mark.slow
 def test_sigint_mid_epoch_then_resume_is_bit_identical(tmp_path, cifar10_archive, data_cache) -> None:
     # warm the decoded-data cache so both runs start alike
@@ -186,11 +180,7 @@ def test_sigint_mid_epoch_then_resume_is_bit_identical(tmp_path, cifar10_archive
 
     interrupted = tmp_path / "interrupted"
     p = xross(*train_args(cifar10_archive, data_cache, interrupted))
-    deadline = time.time() + 240
-    while rows(interrupted / "steps.csv") < 3 and p.poll() is None and time.time() < deadline:
-        time.sleep(0.05)
-    p.send_signal(signal.SIGINT)
-    code, _, err = finish(p)
+    code, _, err = interrupt_after_steps(p, interrupted)
     assert code == 130, err
     assert "SIGINT" in err and "--resume" in err and "Traceback" not in err
     position = final_state(interrupted)["position"]

@@ -15,7 +15,7 @@ import inspect
 import shlex
 import sys
 from pathlib import Path
-from typing import Annotated, Any, Optional, TypeVar
+from typing import Annotated, Any, Optional
 
 import typer
 
@@ -39,7 +39,6 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 
-RunConfigT = TypeVar("RunConfigT", bound=RunConfig)
 RunArg = Annotated[Path, typer.Argument(help="run directory written by `xross train`")]
 
 
@@ -59,14 +58,26 @@ NoVerifyOpt = Annotated[
 _RUN_OPTIONS = ("config", "resume", "force", "progress", "trust_code", "no_verify")
 
 
-def _run_config(cls: type[RunConfigT], options: dict[str, Any]) -> tuple[RunConfigT, dict[str, Any]]:
-    """The config a run command's options give (over --config, or the run's own with --resume) and the given ones."""
-    given = model_values(cls, options)
-    return config_from_options(cls, given, resume=options["resume"], base=options["config"]), given
-
-
-def _command_line() -> str:
-    return "xross " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+def _run(
+    engine_class: type[Any], config_class: type[RunConfig], options: dict[str, Any], typed: str
+) -> tuple[Any, EvalResult]:
+    """Run a training or distillation from a run command's options (over --config, or the run's own with
+    --resume); ``typed`` names the config field whose model references count as typed by the user
+    (trusted) when given on this command line."""
+    given = model_values(config_class, options)
+    cfg = config_from_options(config_class, given, resume=options["resume"], base=options["config"])
+    trust = bool(options["trust_code"])
+    engine = engine_class(
+        cfg,
+        resume=options["resume"],
+        force=options["force"],
+        progress=options["progress"],
+        command="xross " + " ".join(shlex.quote(a) for a in sys.argv[1:]),
+        trust_code=trust,
+        trust_typed=trust or (typed in given and not options["resume"]),
+        verify=not options["no_verify"],
+    )
+    return engine, engine.fit()
 
 
 def train(**options: Any) -> None:
@@ -78,20 +89,7 @@ def train(**options: Any) -> None:
     """
     from xross.trainer import Trainer
 
-    cfg, given = _run_config(TrainConfig, options)
-    trust = bool(options["trust_code"])
-    typed_nets = "nets" in given and not options["resume"]  # names typed here, not read from a file
-    trainer = Trainer(
-        cfg,
-        resume=options["resume"],
-        force=options["force"],
-        progress=options["progress"],
-        command=_command_line(),
-        trust_code=trust,
-        trust_nets=trust or typed_nets,
-        verify=not options["no_verify"],
-    )
-    result = trainer.fit()
+    trainer, result = _run(Trainer, TrainConfig, options, "nets")
     if trainer.dist.is_main:
         _print_eval(trainer.cohort, result, trainer.run_dir)
 
@@ -105,20 +103,7 @@ def distill(**options: Any) -> None:
     """
     from xross.distiller import Distiller
 
-    cfg, given = _run_config(DistillConfig, options)
-    trust = bool(options["trust_code"])
-    typed_student = "student" in given and not options["resume"]
-    distiller = Distiller(
-        cfg,
-        resume=options["resume"],
-        force=options["force"],
-        progress=options["progress"],
-        command=_command_line(),
-        trust_code=trust,
-        trust_student=trust or typed_student,
-        verify=not options["no_verify"],
-    )
-    result = distiller.fit()
+    distiller, result = _run(Distiller, DistillConfig, options, "student")
     if distiller.dist.is_main:
         _print_distill_eval(result, distiller.run_dir)
 

@@ -27,19 +27,17 @@ from torch import nn
 import surgery
 from surgery._util import evaluating, first_line
 from surgery.errors import UserError
-from surgery.models import is_code_source
 from surgery.refs import parse as parse_reference
-from surgery.trust import Kind, resolve
 from xross.cohort import build_net
 from xross.config import DistillConfig
 from xross.discriminator import Discriminator
-from xross.distributed import DistInfo, globalise_batchnorm, sum_over_ranks
+from xross.distributed import globalise_batchnorm, sum_over_ranks
 from xross.engine import RunEngine, config_from_options
 from xross.errors import XrossError
 from xross.evaluate import EvalResult, evaluate_distillation
 from xross.losses import DistillLoss
 from xross.optim import ParamGroup
-from xross.run import STUDENT_INIT, initial_student
+from xross.run import STUDENT_INIT, check_sources, initial_student
 from xross.teachers import check_classes, ensemble_logits, ensemble_probs, load_teachers
 
 
@@ -67,39 +65,17 @@ def make_student(
 class Distiller(RunEngine):
     """Distils ``config.teacher`` into ``config.student``; ``fit()`` runs to the end (or to a signal).
 
-    ``resume``, ``force``, ``verify`` and ``trust_code`` as for :class:`xross.trainer.Trainer`;
-    ``trust_student`` (default: as ``trust_code``) lets a student *model reference* name
-    code outside the trusted packages, e.g. one the user typed.
+    Options as :class:`xross.engine.RunEngine`; ``trust_typed`` covers a student given as a
+    model reference.
     """
 
     config: DistillConfig
     command_name = "distill"
 
-    def __init__(
-        self,
-        config: DistillConfig,
-        *,
-        resume: bool = False,
-        force: bool = False,
-        progress: bool = True,
-        command: str | None = None,
-        dist: DistInfo | None = None,
-        trust_code: bool = False,
-        trust_student: bool | None = None,
-        verify: bool = True,
-    ):
-        self.trust_code = trust_code
-        self.trust_student = trust_code if trust_student is None else trust_student
-        super().__init__(
-            config, resume=resume, force=force, progress=progress, command=command, dist=dist, verify=verify
-        )
-
     # --- the engine's hooks ----------------------------------------------------------------------
 
     def check_inputs(self, config: DistillConfig) -> None:  # type: ignore[override]
-        ref = parse_reference(config.student)
-        if ref.kind == "build" and is_code_source(ref.target):
-            resolve(ref.target, kind=Kind.MODEL_SOURCE, trust_code=self.trust_student, what="the student")
+        check_sources([config.student], self.trust_typed, "the student")
         self.teachers, self.teacher_weights = load_teachers(
             config.teacher,
             config.teacher_paths,
@@ -116,7 +92,7 @@ class Distiller(RunEngine):
         if resume:
             student = initial_student(self.run_dir, trust_code=self.trust_code)
         else:
-            student = make_student(cfg, trust_code=self.trust_code, trust_typed=self.trust_student, verify=self.verify)
+            student = make_student(cfg, trust_code=self.trust_code, trust_typed=self.trust_typed, verify=self.verify)
             if self.dist.is_main:
                 surgery.save(student, self.run_dir / STUDENT_INIT)
         if self.dist.enabled and cfg.sync_bn:

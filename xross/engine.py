@@ -90,7 +90,15 @@ class Position:
 
 
 class RunEngine:
-    """The run machinery; subclasses fill in the hooks below the ``--- hooks`` line."""
+    """The run machinery; subclasses fill in the hooks below the ``--- hooks`` line.
+
+    ``resume=True`` continues the run in ``config.out`` from its newest loadable checkpoint
+    (``verify=False`` skips the digest check); ``config`` should then be the run's own, with
+    at most ``epochs`` raised (:func:`config_from_options` enforces it). ``trust_code``
+    allows names read from files (run configs, saved directories) that run code outside the
+    trusted packages (see :mod:`surgery.trust`); ``trust_typed`` (default: as ``trust_code``)
+    does so for the model references of the config alone, e.g. ones the user typed.
+    """
 
     command_name = "train"  # the xross sub-command that resumes this kind of run
 
@@ -103,8 +111,12 @@ class RunEngine:
         progress: bool = True,
         command: str | None = None,
         dist: DistInfo | None = None,
+        trust_code: bool = False,
+        trust_typed: bool | None = None,
         verify: bool = True,
     ):
+        self.trust_code = trust_code
+        self.trust_typed = trust_code if trust_typed is None else trust_typed
         self.dist = dist or init_distributed(config.device)
         self.device = self.dist.device
         self.dtype = DTYPES[config.dtype]

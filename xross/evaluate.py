@@ -83,6 +83,18 @@ def _topk_correct(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return torch.stack([hit[:, 0].sum(), hit.any(dim=1).sum()]).cpu()
 
 
+def _percentages(
+    hits: torch.Tensor, n: int, reduce: Callable[[torch.Tensor], torch.Tensor] | None
+) -> tuple[list[list[float]], int]:
+    """Hit counts (summed over ranks by ``reduce``) as percentages of the ``n`` images scored, and ``n``."""
+    if reduce is not None:
+        total = reduce(torch.cat([hits.flatten(), torch.tensor([n])]))
+        hits, n = total[:-1].view_as(hits), int(total[-1])
+    if n == 0:
+        raise XrossError("the evaluation set is empty")
+    return [[100 * c / n for c in row] for row in hits.tolist()], n
+
+
 def path_costs(
     cohort: Cohort, paths: Iterable[Path], image_size: int, device: torch.device | str = "cpu"
 ) -> dict[Path, tuple[int, float]]:
@@ -138,12 +150,7 @@ def evaluate(
                 probs = torch.stack([logits[p].float().softmax(1) for p in members]).mean(0)
                 hits[row] += _topk_correct(probs, labels)
             n += len(labels)
-    if reduce is not None:
-        total = reduce(torch.cat([hits.flatten(), torch.tensor([n])]))
-        hits, n = total[:-1].view_as(hits), int(total[-1])
-    if n == 0:
-        raise XrossError("the evaluation set is empty")
-    pct = [[100 * c / n for c in row] for row in hits.tolist()]
+    pct, n = _percentages(hits, n, reduce)
     costs = path_costs(cohort, paths, image_size, device)
     results = [
         PathResult(
@@ -195,12 +202,7 @@ def evaluate_distillation(
                     hits[row] += _topk_correct(logits.float(), labels)
                 hits[-1] += _topk_correct(ensemble_probs(outputs, 1.0, weights), labels)  # type: ignore[arg-type]
             n += len(labels)
-    if reduce is not None:
-        total = reduce(torch.cat([hits.flatten(), torch.tensor([n])]))
-        hits, n = total[:-1].view_as(hits), int(total[-1])
-    if n == 0:
-        raise XrossError("the evaluation set is empty")
-    pct = [[100 * c / n for c in row] for row in hits.tolist()]
+    pct, n = _percentages(hits, n, reduce)
     rows = [(student_name, student, None, "student"), *((name, m, p, "teacher") for name, m, p in members)]
     results = []
     for (name, module, path, role), (top1, top5) in zip(rows, pct):

@@ -10,20 +10,24 @@ run's cohort as a standalone :class:`surgery.Pieces`.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TypeVar
 
 import torch
 from torch import nn
 
 import surgery
 from surgery._util import first_line
+from surgery.models import is_code_source
+from surgery.refs import parse as parse_reference
 from surgery.refs import register_run_loader
+from surgery.trust import Kind, resolve
 from xross.checkpoint import CheckpointDir
 from xross.cohort import Cohort
-from xross.config import DistillConfig, TrainConfig, load_config
+from xross.config import DistillConfig, RunConfig, TrainConfig, load_config
 from xross.distributed import globalise_batchnorm
 from xross.errors import XrossError
 
+M = TypeVar("M", bound=nn.Module)
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 STUDENT_INIT = "student-init"
 
@@ -56,6 +60,15 @@ def build_cohort(
     return cohort.to(device)
 
 
+def check_sources(references: list[str], trust_code: bool, what: str) -> None:
+    """Refuse, in one line, model references that name code outside the trusted packages (unless ``trust_code``),
+    before anything is imported or built."""
+    for text in references:
+        ref = parse_reference(text)
+        if ref.kind == "build" and is_code_source(ref.target):
+            resolve(ref.target, kind=Kind.MODEL_SOURCE, trust_code=trust_code, what=what)
+
+
 def run_config(run: Path) -> TrainConfig | DistillConfig:
     """The config of a run directory (``RUN/config.yaml``), one line if it is not one."""
     if not (run / "config.yaml").is_file():
@@ -65,8 +78,14 @@ def run_config(run: Path) -> TrainConfig | DistillConfig:
     return load_config(run / "config.yaml")
 
 
-def _latest_state(run: Path, verify: bool) -> tuple[Path, dict[str, Any]]:
-    return CheckpointDir(run).load_latest(verify)
+def _with_latest_weights(run: Path, module: M, key: str, cfg: RunConfig, verify: bool) -> M:
+    """``module`` with the weights of the run's newest good checkpoint (its ``key`` entry), in eval mode."""
+    path, state = CheckpointDir(run).load_latest(verify)
+    try:
+        module.load_state_dict(state[key])
+    except (RuntimeError, KeyError, TypeError) as e:
+        raise XrossError(f"checkpoint {path} does not fit the run's {key} ({first_line(e, 160)})") from None
+    return module.to(DTYPES[cfg.dtype]).eval()
 
 
 def load_run(run: Path, *, trust_code: bool = False, verify: bool = True) -> tuple[TrainConfig, Cohort]:
@@ -76,12 +95,7 @@ def load_run(run: Path, *, trust_code: bool = False, verify: bool = True) -> tup
     if not isinstance(cfg, TrainConfig):
         raise XrossError(f"'{run}' is a distillation run: it has one student, not a cohort of paths")
     cohort = build_cohort(cfg, torch.device("cpu"), trust_code=trust_code)
-    path, state = _latest_state(run, verify)
-    try:
-        cohort.load_state_dict(state["cohort"])
-    except (RuntimeError, KeyError, TypeError) as e:
-        raise XrossError(f"checkpoint {path} does not fit the run's config ({first_line(e, 160)})") from None
-    return cfg, cohort.to(DTYPES[cfg.dtype]).eval()
+    return cfg, _with_latest_weights(run, cohort, "cohort", cfg, verify)
 
 
 def initial_student(run: Path, *, trust_code: bool = False) -> nn.Module:
@@ -99,12 +113,7 @@ def load_student(run: Path, *, trust_code: bool = False, verify: bool = True) ->
     if not isinstance(cfg, DistillConfig):
         raise XrossError(f"'{run}' is a training run of a cohort, not a distillation run")
     student = initial_student(run, trust_code=trust_code)
-    path, state = _latest_state(run, verify)
-    try:
-        student.load_state_dict(state["student"])
-    except (RuntimeError, KeyError, TypeError) as e:
-        raise XrossError(f"checkpoint {path} does not fit the run's student ({first_line(e, 160)})") from None
-    return cfg, student.to(DTYPES[cfg.dtype]).eval()
+    return cfg, _with_latest_weights(run, student, "student", cfg, verify)
 
 
 def is_distill_run(run: Path) -> bool:

@@ -23,67 +23,32 @@ from typing import Any
 import torch
 from torch import nn
 
-from surgery.models import is_code_source
-from surgery.refs import parse as parse_reference
-from surgery.trust import Kind, resolve
 from xross.config import TrainConfig
-from xross.distributed import DistInfo, sum_over_ranks
+from xross.distributed import sum_over_ranks
 from xross.engine import RunEngine, config_from_options
 from xross.evaluate import EvalResult, evaluate
 from xross.losses import MODES, LossTerms, Mode, make_mode
 from xross.optim import ParamGroup
-from xross.run import build_cohort
+from xross.run import build_cohort, check_sources
 from xross.teachers import Teachers, ensemble_probs, load_teachers
 
 ADAPTER_OWNERS = {"student": "any", "up": "src", "down": "dst"}
 
 
-def check_sources(nets: list[str], trust_code: bool) -> None:
-    """Refuse, in one line, nets that name code outside the trusted packages (unless ``trust_code``)."""
-    for net in nets:
-        ref = parse_reference(net)
-        if ref.kind == "build" and is_code_source(ref.target):
-            resolve(ref.target, kind=Kind.MODEL_SOURCE, trust_code=trust_code, what="the net")
-
-
 class Trainer(RunEngine):
     """Trains a cohort as ``config`` says; ``fit()`` runs to the end (or to a signal).
 
-    ``resume=True`` continues the run in ``config.out`` from its newest loadable
-    checkpoint (``verify=False`` skips the checkpoint digest check); ``config`` should be
-    the run's own (``TrainConfig.load(out/"config.yaml")``), with at most ``epochs``
-    raised to train longer. ``trust_code`` allows nets and teachers that name code
-    outside the trusted packages (see :mod:`surgery.trust`); ``trust_nets`` (default:
-    as ``trust_code``) does so for the nets alone, e.g. nets the user typed.
+    Options as :class:`xross.engine.RunEngine`; ``trust_typed`` covers ``config.nets``.
     """
 
     config: TrainConfig
     command_name = "train"
 
-    def __init__(
-        self,
-        config: TrainConfig,
-        *,
-        resume: bool = False,
-        force: bool = False,
-        progress: bool = True,
-        command: str | None = None,
-        dist: DistInfo | None = None,
-        trust_code: bool = False,
-        trust_nets: bool | None = None,
-        verify: bool = True,
-    ):
-        self.trust_code = trust_code
-        self.trust_nets = trust_code if trust_nets is None else trust_nets
-        self.train_logits: dict[int, torch.Tensor] = {}
-        super().__init__(
-            config, resume=resume, force=force, progress=progress, command=command, dist=dist, verify=verify
-        )
-
     # --- the engine's hooks ----------------------------------------------------------------------
 
     def check_inputs(self, config: TrainConfig) -> None:  # type: ignore[override]
-        check_sources(config.nets, self.trust_nets)
+        self.train_logits: dict[int, torch.Tensor] = {}
+        check_sources(config.nets, self.trust_typed, "the net")
         self.teachers: Teachers | None = None
         if MODES[config.mode].needs_teacher:
             self.teachers, self.teacher_weights = load_teachers(
@@ -98,7 +63,7 @@ class Trainer(RunEngine):
 
     def build(self, resume: bool) -> None:
         config = self.config
-        self.cohort = build_cohort(config, self.device, self.dist.enabled, trust_code=self.trust_nets).to(self.dtype)
+        self.cohort = build_cohort(config, self.device, self.dist.enabled, trust_code=self.trust_typed).to(self.dtype)
         if config.channels_last:
             self.cohort = self.cohort.to(memory_format=torch.channels_last)
         self.mode: Mode = make_mode(
