@@ -23,9 +23,8 @@ import surgery
 from surgery.clikit import console, model_values, options_from_model, run_app, table, with_signature
 from surgery.flops import human, parse_human
 from xross.cohort import Cohort, parse_path
-from xross.config import DistillConfig, RunConfig, TrainConfig
+from xross.config import DistillConfig, RunConfig, TrainConfig, config_from_options
 from xross.data import BatchLoader, load_split
-from xross.engine import config_from_options
 from xross.errors import XrossError
 from xross.evaluate import EvalResult, best_path, distillation_gap, evaluate, evaluate_distillation, pareto_front
 from xross.run import DTYPES, load_run, load_student, run_config

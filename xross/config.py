@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Any, Literal, Self
+from typing import Any, Literal, Self, TypeVar
 
 import yaml
 from pydantic import Field, NonNegativeFloat, NonNegativeInt, PositiveInt, field_validator, model_validator
@@ -273,3 +273,39 @@ def load_config(path: str | Path) -> TrainConfig | DistillConfig:
     if kind not in CONFIGS:
         raise XrossError(f"{path}: field 'kind' is '{kind}'; expected one of {', '.join(CONFIGS)}")
     return CONFIGS[kind].from_dict(data, str(path))  # type: ignore[return-value]
+
+
+ConfigT = TypeVar("ConfigT", bound=RunConfig)
+
+
+RESUME_MAY_CHANGE = ("out", "epochs", "device", "threads", "log_every", "eval_every", "cache_dir")
+
+
+def config_from_options(
+    config_class: type[ConfigT], options: dict[str, Any], *, resume: bool = False, base: str | Path | None = None
+) -> ConfigT:
+    """The config of a run from keyword options: over the ``base`` config file if given, or, with
+    ``resume``, over the run's own config in ``options["out"]``, where only the options in
+    ``RESUME_MAY_CHANGE`` (which do not change the computation) may be given."""
+    if not resume:
+        saved = config_class.load(base).model_dump() if base else {}
+        return config_class.from_dict({**saved, **options}, "the options")
+    if "out" not in options:
+        raise XrossError("--resume needs --out RUN_DIR (the run to continue)")
+    path = Path(options["out"]) / "config.yaml"
+    if not path.is_file():
+        raise XrossError(f"cannot resume: '{path}' does not exist; start the run without --resume")
+    changed = [k for k in options if k not in RESUME_MAY_CHANGE]
+    if changed:
+        raise XrossError(
+            f"--resume continues the run as it was configured; drop --{changed[0].replace('_', '-')} "
+            f"(only {', '.join('--' + k.replace('_', '-') for k in RESUME_MAY_CHANGE)} may be given)"
+        )
+    saved_config = load_config(path)
+    if not isinstance(saved_config, config_class):
+        kind = saved_config.kind
+        raise XrossError(
+            f"cannot resume: '{options['out']}' is a {kind} run; continue it with "
+            f"`xross {kind} --resume --out {options['out']}`"
+        )
+    return config_class.from_dict({**saved_config.model_dump(), **options}, str(path))

@@ -29,16 +29,16 @@ from surgery._util import evaluating, first_line
 from surgery.errors import UserError
 from surgery.refs import parse as parse_reference
 from xross.cohort import build_net
-from xross.config import DistillConfig
+from xross.config import DistillConfig, config_from_options
 from xross.discriminator import Discriminator
 from xross.distributed import globalise_batchnorm, sum_over_ranks
-from xross.engine import RunEngine, config_from_options
+from xross.engine import RunEngine
 from xross.errors import XrossError
 from xross.evaluate import EvalResult, evaluate_distillation
 from xross.losses import DistillLoss
 from xross.optim import ParamGroup
 from xross.run import STUDENT_INIT, check_sources, initial_student
-from xross.teachers import check_classes, ensemble_logits, ensemble_probs, load_teachers
+from xross.teachers import check_classes, ensemble_logits, ensemble_probs
 
 
 def make_student(
@@ -76,15 +76,7 @@ class Distiller(RunEngine):
 
     def check_inputs(self, config: DistillConfig) -> None:  # type: ignore[override]
         check_sources([config.student], self.trust_typed, "the student")
-        self.teachers, self.teacher_weights = load_teachers(
-            config.teacher,
-            config.teacher_paths,
-            config.teacher_weights,
-            device=self.device,
-            dtype=config.dtype,
-            trust_code=self.trust_code,
-            verify=self.verify,
-        )
+        self.load_teachers(config)
 
     def build(self, resume: bool) -> None:
         cfg = self.config

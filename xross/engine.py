@@ -27,7 +27,7 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import torch
 
@@ -35,7 +35,7 @@ from surgery._util import atomic_write_text, first_line
 from surgery.errors import UserError
 from surgery.io import versions
 from xross.checkpoint import CheckpointDir
-from xross.config import RunConfig, load_config
+from xross.config import DistillConfig, RunConfig, TrainConfig
 from xross.data import Augment, BatchLoader, ImageTensors, derive_seed, load_split
 from xross.distributed import DistInfo, any_rank, average_gradients, init_distributed
 from xross.errors import Interrupted, TrainingDiverged, XrossError
@@ -43,41 +43,7 @@ from xross.evaluate import EvalResult
 from xross.metrics import MetricsLog
 from xross.optim import ParamGroup, lr_at, make_optimizer, set_lr
 from xross.run import DTYPES
-
-ConfigT = TypeVar("ConfigT", bound=RunConfig)
-
-
-RESUME_MAY_CHANGE = ("out", "epochs", "device", "threads", "log_every", "eval_every", "cache_dir")
-
-
-def config_from_options(
-    config_class: type[ConfigT], options: dict[str, Any], *, resume: bool = False, base: str | Path | None = None
-) -> ConfigT:
-    """The config of a run from keyword options: over the ``base`` config file if given, or, with
-    ``resume``, over the run's own config in ``options["out"]``, where only the options in
-    ``RESUME_MAY_CHANGE`` (which do not change the computation) may be given."""
-    if not resume:
-        saved = config_class.load(base).model_dump() if base else {}
-        return config_class.from_dict({**saved, **options}, "the options")
-    if "out" not in options:
-        raise XrossError("--resume needs --out RUN_DIR (the run to continue)")
-    path = Path(options["out"]) / "config.yaml"
-    if not path.is_file():
-        raise XrossError(f"cannot resume: '{path}' does not exist; start the run without --resume")
-    changed = [k for k in options if k not in RESUME_MAY_CHANGE]
-    if changed:
-        raise XrossError(
-            f"--resume continues the run as it was configured; drop --{changed[0].replace('_', '-')} "
-            f"(only {', '.join('--' + k.replace('_', '-') for k in RESUME_MAY_CHANGE)} may be given)"
-        )
-    saved_config = load_config(path)
-    if not isinstance(saved_config, config_class):
-        kind = saved_config.kind
-        raise XrossError(
-            f"cannot resume: '{options['out']}' is a {kind} run; continue it with "
-            f"`xross {kind} --resume --out {options['out']}`"
-        )
-    return config_class.from_dict({**saved_config.model_dump(), **options}, str(path))
+from xross.teachers import Teachers, load_teachers
 
 
 @dataclasses.dataclass
@@ -94,7 +60,7 @@ class RunEngine:
 
     ``resume=True`` continues the run in ``config.out`` from its newest loadable checkpoint
     (``verify=False`` skips the digest check); ``config`` should then be the run's own, with
-    at most ``epochs`` raised (:func:`config_from_options` enforces it). ``trust_code``
+    at most ``epochs`` raised (:func:`xross.config.config_from_options` enforces it). ``trust_code``
     allows names read from files (run configs, saved directories) that run code outside the
     trusted packages (see :mod:`surgery.trust`); ``trust_typed`` (default: as ``trust_code``)
     does so for the model references of the config alone, e.g. ones the user typed.
@@ -116,6 +82,7 @@ class RunEngine:
         verify: bool = True,
     ):
         self.trust_code = trust_code
+        self.teachers: Teachers | None = None
         self.trust_typed = trust_code if trust_typed is None else trust_typed
         self.dist = dist or init_distributed(config.device)
         self.device = self.dist.device
@@ -209,7 +176,19 @@ class RunEngine:
     def compile(self) -> None:
         """``torch.compile`` the trained modules (CUDA only)."""
 
-    # --- helpers for steps ----------------------------------------------------------------------
+    # --- helpers for subclasses -----------------------------------------------------------------
+
+    def load_teachers(self, config: TrainConfig | DistillConfig) -> None:
+        """``self.teachers`` and ``self.teacher_weights`` from the config's teacher options (:mod:`xross.teachers`)."""
+        self.teachers, self.teacher_weights = load_teachers(
+            config.teacher,
+            config.teacher_paths,
+            config.teacher_weights,
+            device=self.device,
+            dtype=config.dtype,
+            trust_code=self.trust_code,
+            verify=self.verify,
+        )
 
     def autocast(self) -> contextlib.AbstractContextManager[Any]:
         if self.config.amp == "off" or self.device.type != "cuda":

@@ -23,14 +23,14 @@ from typing import Any
 import torch
 from torch import nn
 
-from xross.config import TrainConfig
+from xross.config import TrainConfig, config_from_options
 from xross.distributed import sum_over_ranks
-from xross.engine import RunEngine, config_from_options
+from xross.engine import RunEngine
 from xross.evaluate import EvalResult, evaluate
 from xross.losses import MODES, LossTerms, Mode, make_mode
 from xross.optim import ParamGroup
 from xross.run import build_cohort, check_sources
-from xross.teachers import Teachers, ensemble_probs, load_teachers
+from xross.teachers import ensemble_probs
 
 ADAPTER_OWNERS = {"student": "any", "up": "src", "down": "dst"}
 
@@ -49,17 +49,8 @@ class Trainer(RunEngine):
     def check_inputs(self, config: TrainConfig) -> None:  # type: ignore[override]
         self.train_logits: dict[int, torch.Tensor] = {}
         check_sources(config.nets, self.trust_typed, "the net")
-        self.teachers: Teachers | None = None
         if MODES[config.mode].needs_teacher:
-            self.teachers, self.teacher_weights = load_teachers(
-                config.teacher,
-                config.teacher_paths,
-                config.teacher_weights,
-                device=self.device,
-                dtype=config.dtype,
-                trust_code=self.trust_code,
-                verify=self.verify,
-            )
+            self.load_teachers(config)
 
     def build(self, resume: bool) -> None:
         config = self.config
