@@ -1,4 +1,4 @@
-"""``xross``: train a cohort with cross mutual learning, evaluate every stitched path, export one.
+"""``xross``: train a cohort with cross mutual learning, evaluate every stitched path, export one, distil them.
 
     xross train --nets resnet34,resnet18 --cut layer2 --mode xml --data cifar10 --epochs 30 --out runs/x1
     xross eval runs/x1
@@ -32,13 +32,14 @@ from xross.teachers import load_teachers
 
 app = typer.Typer(
     name="xross",
-    help="Train K networks so that their pieces become interchangeable (XML), evaluate and export stitched paths.",
+    help="Train K networks so that their pieces become interchangeable (XML), evaluate and export stitched paths, "
+    "distil them into one network.",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
 )
 
-RunArg = Annotated[Path, typer.Argument(help="run directory written by `xross train`")]
+RunArg = Annotated[Path, typer.Argument(help="run directory written by `xross train` or `xross distill`")]
 
 
 def _opt(help: str, *names: str) -> Any:
@@ -54,7 +55,6 @@ TrustOpt = Annotated[
 NoVerifyOpt = Annotated[
     bool, typer.Option("--no-verify", help="load checkpoints whose digest does not match (weights edited on purpose)")
 ]
-_RUN_OPTIONS = ("config", "resume", "force", "progress", "trust_code", "no_verify")
 
 
 def _run(
