@@ -43,6 +43,7 @@ from surgery_zoo import build  # the same models and small inputs as the surgery
 
 import growth
 from growth.check import output_change, vary_constant_weights
+from growth.errors import GrowthError
 
 warnings.filterwarnings("ignore", category=FutureWarning)
 
@@ -97,6 +98,8 @@ DEFAULTS: dict[str, dict[str, Any]] = {
     "net2deeper": {},
     "net2branch": {"seed": 0},
 }
+# What a refusal asks for, given as the user would: net2wider under a LayerNorm needs an integer factor.
+RETRY: dict[str, tuple[str, dict[str, Any]]] = {"net2wider": ("give an integer factor", {"factor": 2.0})}
 # Argument variants tried in order; a site joins with the first variant that applies there.
 VARIANTS: dict[str, list[dict[str, Any]]] = {
     "net2wider": [{}],
@@ -117,6 +120,7 @@ class OpResult:
     preserved: int = 0
     worst: float = 0.0
     errors: list[str] = field(default_factory=list)
+    retried: list[str] = field(default_factory=list)  # sites grown with the arguments a refusal asked for
 
     @property
     def applies(self) -> bool:
@@ -141,7 +145,7 @@ def bench_op(model: torch.nn.Module, x: torch.Tensor, op: str, k: int, rng: rand
     for site, variant in rng.sample(candidates, min(k, len(candidates))):
         result.tried += 1
         try:
-            grown = growth.OPS[op].apply(model, site, {**DEFAULTS[op], **variant}, example_input=x)
+            grown = _apply(model, x, op, site, {**DEFAULTS[op], **variant}, result)
             change = output_change(model, grown, (x,))
         except Exception as e:  # noqa: BLE001 - a bench records failures instead of stopping
             result.errors.append(f"{site}: {type(e).__name__}: {str(e)[:160]}")
@@ -153,6 +157,20 @@ def bench_op(model: torch.nn.Module, x: torch.Tensor, op: str, k: int, rng: rand
             result.errors.append(f"{site}: output moved by {change.relative:.2e} of max |y|")
         del grown
     return result
+
+
+def _apply(
+    model: torch.nn.Module, x: torch.Tensor, op: str, site: str, args: dict[str, Any], result: OpResult
+) -> torch.nn.Module:
+    """The op at ``site``; if it refuses with a message naming other arguments (RETRY), once more with those."""
+    try:
+        return growth.OPS[op].apply(model, site, args, example_input=x)
+    except GrowthError as e:
+        hint, fix = RETRY.get(op, ("", {}))
+        if not hint or hint not in str(e):
+            raise
+        result.retried.append(site)
+        return growth.OPS[op].apply(model, site, {**args, **fix}, example_input=x)
 
 
 def build_timm(name: str) -> tuple[torch.nn.Module, torch.Tensor]:
@@ -204,6 +222,8 @@ def report(console: Console, title: str, results: dict[str, dict[str, OpResult]]
         for op, r in per_op.items():
             for error in r.errors:
                 console.print(f"[red]{name} {op}[/] {error}", highlight=False)
+            for site in r.retried:
+                console.print(f"{name} {op} {site}: refused 1.5 (LayerNorm), grown by 2", highlight=False)
             if not r.applies:
                 console.print(f"[yellow]{name}: {op} applies nowhere[/]", highlight=False)
 
