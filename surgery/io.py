@@ -41,6 +41,7 @@ from surgery.models import assign_state, is_code_source, rebuild
 from surgery.modspec import module_from_spec, module_spec
 from surgery.recipe import recipe_of
 from surgery.recipe_file import FORMAT, CutEntry, ModuleEntry, RecipeFile, SpecEntry
+from surgery.schema import read_json_file
 from surgery.specs import ValueSpec
 from surgery.trust import Kind, resolve
 
@@ -156,16 +157,11 @@ def save(obj: nn.Module, directory: str | os.PathLike[str], *, force: bool = Fal
 def read_recipe(directory: str | os.PathLike[str]) -> RecipeFile:
     """Parse and validate ``recipe.json`` of a saved directory (one-line errors naming the field)."""
     path = Path(directory) / RECIPE_FILE
-    if not path.is_file():
-        raise SurgeryError(f"'{directory}' has no {RECIPE_FILE}; it is not a directory saved by surgery.save")
-    try:
-        data = json.loads(path.read_bytes())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise SurgeryError(
-            f"{path} is not valid JSON ({first_line(e)}); the file is corrupt or truncated, save again"
-        ) from None
-    except OSError as e:
-        raise SurgeryError(f"cannot read {path}: {e.strerror}") from None
+    data = read_json_file(
+        path,
+        missing=f"'{directory}' has no {RECIPE_FILE}; it is not a directory saved by surgery.save",
+        fix="the file is corrupt or truncated, save again",
+    )
     return RecipeFile.read(data, str(path))
 
 

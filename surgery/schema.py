@@ -24,12 +24,15 @@ surgery.errors.SurgeryError: point.json: field 'y' is not a known field (known: 
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Callable
+from pathlib import Path
 from typing import Annotated, Any, ClassVar, TypeVar
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, ValidationError
 
+from surgery._util import first_line
 from surgery.errors import SurgeryError, UserError, did_you_mean
 
 M = TypeVar("M", bound="FileModel")
@@ -168,3 +171,16 @@ def parse(model: type[M], data: Any, where: str, fix: str = DEFAULT_FIX) -> M:
         raise
     except (ValueError, TypeError) as e:  # a validator of the model refusing a value
         raise SurgeryError(f"{where}: {e}; {fix}") from None
+
+
+def read_json_file(path: Path, *, missing: str, fix: str) -> Any:
+    """The JSON value in ``path``, or a one-line :class:`SurgeryError`: ``missing`` if there is no such file,
+    otherwise what is wrong with it followed by ``fix``."""
+    if not path.is_file():
+        raise SurgeryError(missing)
+    try:
+        return json.loads(path.read_bytes())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise SurgeryError(f"{path} is not valid JSON ({first_line(e)}); {fix}") from None
+    except OSError as e:
+        raise SurgeryError(f"cannot read {path}: {e.strerror}") from None

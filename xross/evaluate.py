@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path as FsPath
-from typing import TYPE_CHECKING, Annotated, Literal
+from typing import Annotated, Literal
 
 import torch
 from pydantic import Field, NonNegativeFloat, NonNegativeInt, PositiveInt, Strict
@@ -24,9 +24,7 @@ from surgery.flops import count_flops, count_params, human
 from surgery.schema import FileModel, Float, parse
 from xross.cohort import Cohort, Path, call_part
 from xross.errors import XrossError
-
-if TYPE_CHECKING:
-    from xross.teachers import Teachers
+from xross.teachers import Teachers, ensemble_probs
 
 
 class PathResult(FileModel):
@@ -186,8 +184,6 @@ def evaluate_distillation(
     ``teachers=None`` scores the student alone (the per-epoch check). The ensemble is
     ``ensembles["teachers"]``; :func:`distillation_gap` is the student's distance to it.
     """
-    from xross.teachers import ensemble_probs
-
     members = teachers.members() if teachers is not None else []
     hits = torch.zeros(1 + len(members) + (1 if members else 0), 2, dtype=torch.int64)
     n = 0

@@ -47,13 +47,13 @@ class Trainer(RunEngine):
     # --- the engine's hooks ----------------------------------------------------------------------
 
     def check_inputs(self, config: TrainConfig) -> None:  # type: ignore[override]
-        self.train_logits: dict[int, torch.Tensor] = {}
         check_sources(config.nets, self.trust_typed, "the net")
         if MODES[config.mode].needs_teacher:
             self.load_teachers(config)
 
     def build(self, resume: bool) -> None:
         config = self.config
+        self.train_logits: dict[int, torch.Tensor] = {}  # each student's own-path logits of the last step
         self.cohort = build_cohort(config, self.device, self.dist.enabled, trust_code=self.trust_typed).to(self.dtype)
         if config.channels_last:
             self.cohort = self.cohort.to(memory_format=torch.channels_last)

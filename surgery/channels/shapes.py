@@ -19,12 +19,8 @@ from surgery._util import evaluating, first_line
 from surgery.errors import SurgeryError
 from surgery.inputs import Example
 
-_SHAPE_KEEPING_MODULES: tuple[type, ...] = (
-    nn.modules.batchnorm._NormBase,
-    nn.LayerNorm,
-    nn.GroupNorm,
-    nn.Identity,
-    nn.modules.dropout._DropoutNd,
+# modules that act on each value alone: the channels pass through them unchanged
+ELEMENTWISE_MODULES: tuple[type, ...] = (
     nn.ReLU,
     nn.ReLU6,
     nn.GELU,
@@ -39,8 +35,16 @@ _SHAPE_KEEPING_MODULES: tuple[type, ...] = (
     nn.Mish,
     nn.Softplus,
     nn.Hardtanh,
-    nn.PReLU,
+    nn.modules.dropout._DropoutNd,
+    nn.Identity,
     StochasticDepth,
+)
+_SHAPE_KEEPING_MODULES: tuple[type, ...] = (
+    *ELEMENTWISE_MODULES,
+    nn.modules.batchnorm._NormBase,
+    nn.LayerNorm,
+    nn.GroupNorm,
+    nn.PReLU,
 )
 _CANDIDATE_SIZES = (64, 32, 96, 224, 299)
 

@@ -19,6 +19,7 @@ from torch import nn
 from surgery.cut import piece_info
 from surgery.errors import SurgeryError
 from surgery.io import versions
+from surgery.schema import read_json_file
 
 FORMATS = {"onnx": ".onnx", "pt2": ".pt2"}
 MANIFEST_FILE = "pieces.json"
@@ -107,12 +108,11 @@ def write_manifest(
 def read_manifest(directory: str | os.PathLike[str]) -> dict[str, Any]:
     """The parsed ``pieces.json`` of an export directory."""
     path = Path(directory) / MANIFEST_FILE
-    if not path.is_file():
-        raise SurgeryError(f"'{directory}' has no {MANIFEST_FILE}; it is not a directory written by surgery.export")
-    try:
-        data = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise SurgeryError(f"{path} is not valid JSON ({e}); export again") from None
+    data = read_json_file(
+        path,
+        missing=f"'{directory}' has no {MANIFEST_FILE}; it is not a directory written by surgery.export",
+        fix="export again",
+    )
     if not isinstance(data, dict) or data.get("format") not in FORMATS or not isinstance(data.get("pieces"), list):
         raise SurgeryError(f"{path} is not an export manifest (no known 'format' and 'pieces'); export again")
     return data

@@ -13,7 +13,7 @@ import operator
 import torch
 import torch.nn.functional as F
 from torch import fx, nn
-from torchvision.ops import StochasticDepth, stochastic_depth
+from torchvision.ops import stochastic_depth
 
 from surgery.channels.groups import Endpoint, Layout
 from surgery.channels.registry import (
@@ -23,30 +23,11 @@ from surgery.channels.registry import (
     _register,
 )
 from surgery.channels.rules.arguments import _parameter_source
+from surgery.channels.shapes import ELEMENTWISE_MODULES
 from surgery.channels.walk import _fallback, _Walk
 
-_ELEMENTWISE_MODULES = (
-    nn.ReLU,
-    nn.ReLU6,
-    nn.GELU,
-    nn.SiLU,
-    nn.Hardswish,
-    nn.Hardsigmoid,
-    nn.Sigmoid,
-    nn.Tanh,
-    nn.LeakyReLU,
-    nn.ELU,
-    nn.SELU,
-    nn.Mish,
-    nn.Softplus,
-    nn.Hardtanh,
-    nn.modules.dropout._DropoutNd,
-    nn.Identity,
-    StochasticDepth,
-)
 
-
-@_register(_MODULE_RULES, _ELEMENTWISE_MODULES)
+@_register(_MODULE_RULES, ELEMENTWISE_MODULES)
 def _pass_module(w: _Walk, node: fx.Node, module: nn.Module) -> Layout | None:
     return w.layout(node.args[0]) if node.args else None
 
