@@ -10,6 +10,7 @@ True
 
 from surgery import refs
 from surgery.adapters import Adapter, adapter, stitch
+from surgery.batchnorm import recalibrate_bn
 from surgery.capture import Capture, capture, trace
 from surgery.cut import Pieces, cut
 from surgery.cutpoints import CutPoint, cut_points
@@ -24,6 +25,7 @@ from surgery.recipe import Recipe, recipe_of
 from surgery.remap import permute_channels
 from surgery.render import render
 from surgery.replace import replace
+from surgery.slim import SlimNet, slim
 from surgery.specs import ValueSpec
 
 __all__ = [
@@ -51,9 +53,12 @@ __all__ = [
     "match_channels",
     "permute_channels",
     "recipe_of",
+    "recalibrate_bn",
     "render",
     "replace",
     "save",
+    "slim",
+    "SlimNet",
     "stitch",
     "trace",
 ]

@@ -78,6 +78,7 @@ GROUP_LISTS = (
     "nodes",
     "blockers",
     "replication_blockers",
+    "width_blockers",
     "uniform",
 )
 
@@ -90,6 +91,9 @@ class ChannelGroup:
     bounds of a channel slice, the sizes of a split): a change of width rewrites them.
     ``uniform`` says why a replication must copy every channel the same number of times
     (a layer norm or a mean over the channels keeps its statistics only then).
+    ``blockers`` say why the channels cannot move at all, ``width_blockers`` why their number
+    is fixed (a reshape spells it, attention heads split it), ``replication_blockers`` why
+    copies of them would change the output (statistics over groups of channels).
     """
 
     id: int
@@ -102,6 +106,7 @@ class ChannelGroup:
     nodes: list[str] = field(default_factory=list)
     blockers: list[str] = field(default_factory=list)
     replication_blockers: list[str] = field(default_factory=list)
+    width_blockers: list[str] = field(default_factory=list)
     uniform: list[str] = field(default_factory=list)
 
     def obstacle(self, replicate: bool) -> str | None:
@@ -110,7 +115,12 @@ class ChannelGroup:
         ``blocks`` > 1 is not an obstacle: grouped convs only ask that channels move within
         each of ``blocks`` equal contiguous blocks.
         """
-        reasons = self.blockers + (self.replication_blockers if replicate else [])
+        reasons = self.blockers + (self.width_blockers + self.replication_blockers if replicate else [])
+        return reasons[0] if reasons else None
+
+    def resize_obstacle(self) -> str | None:
+        """Why the number of channels cannot change at all (slimming keeps a subset); None if it can."""
+        reasons = self.blockers + self.width_blockers
         return reasons[0] if reasons else None
 
 

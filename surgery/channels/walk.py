@@ -71,11 +71,15 @@ class _Walk:
         for name in GROUP_LISTS:
             getattr(da, name).extend(getattr(db, name))
 
-    def block(self, layouts: Iterable[Layout | None], reason: str, replication_only: bool = False) -> None:
+    def block(
+        self, layouts: Iterable[Layout | None], reason: str, replication_only: bool = False, fixed_width: bool = False
+    ) -> None:
+        """Record why the channels of ``layouts`` cannot move (default), cannot change in number
+        (``fixed_width``) or cannot be copied exactly (``replication_only``)."""
+        kind = "width_blockers" if fixed_width else "replication_blockers" if replication_only else "blockers"
         for layout in layouts:
             for g in self.expand(layout).groups() if layout is not None else ():
-                d = self.draft(g)
-                (d.replication_blockers if replication_only else d.blockers).append(reason)
+                getattr(self.draft(g), kind).append(reason)
 
     def require_uniform(self, layout: Layout, reason: str) -> None:
         """A replication of ``layout``'s channels must copy each the same number of times (statistics over them)."""
@@ -138,7 +142,7 @@ class _Walk:
             for name in GROUP_LISTS:
                 getattr(self.drafts[piece], name).extend(getattr(whole, name))
             if whole.blocks > 1 and aligned:
-                self.drafts[piece].replication_blockers.append(
+                self.drafts[piece].width_blockers.append(
                     f"grouped convs read these channels in blocks of {block} together with other channels that "
                     f"{self.describe(node)} separates from them: widening only these would unbalance the blocks"
                 )
@@ -220,7 +224,7 @@ class _Walk:
                 [layout],
                 f"{what} {self.describe(node)} reads these channels in {blocks} blocks together with other channels: "
                 "widening only some of them would unbalance the blocks",
-                replication_only=True,
+                fixed_width=True,
             )
 
     # node helpers
@@ -308,6 +312,7 @@ class _Walk:
             grp.nodes[:] = sorted(dict.fromkeys(grp.nodes), key=order.__getitem__)
             grp.blockers[:] = dict.fromkeys(grp.blockers)
             grp.replication_blockers[:] = dict.fromkeys(grp.replication_blockers)
+            grp.width_blockers[:] = dict.fromkeys(grp.width_blockers)
             if grp.channels % grp.blocks:
                 grp.blockers.append(
                     f"{grp.channels} channels cannot split into the {grp.blocks} blocks "

@@ -31,11 +31,11 @@ def _multihead_attention(w: _Walk, node: fx.Node, mha: nn.MultiheadAttention) ->
         w.block([layout], f"{w.describe(node)} embeds dim {last} but these channels are on dim {layout.dim}")
     elif layout is not None:
         w.add(layout, "consumers", Endpoint(node.name, str(node.target), "MultiheadAttention", query.name))
-        w.block([layout], reason, replication_only=True)
+        w.block([layout], reason, fixed_width=True)
     outputs = [u for u in node.users if u.target is operator.getitem and u.args[1] == 0]
     if len(outputs) != 1:
         return None, None
     out = Layout(last, (Segment(w.new_group(mha.embed_dim), mha.embed_dim),))
     w.add(out, "producers", Endpoint(node.name, str(node.target), "MultiheadAttention", outputs[0].name))
-    w.block([out], reason, replication_only=True)
+    w.block([out], reason, fixed_width=True)
     return out, None

@@ -157,7 +157,7 @@ def _literal_channel_count(w: _Walk, node: fx.Node, layout: Layout, d: int) -> N
     if plain:
         w.add(layout, "literals", Endpoint(node.name, node.name, "reshape", node.args[0].name, dim=d))
     else:
-        w.block([layout], f"{w.describe(node)} reshapes to a fixed count of {sizes[d]} channels", replication_only=True)
+        w.block([layout], f"{w.describe(node)} reshapes to a fixed count of {sizes[d]} channels", fixed_width=True)
 
 
 def _rewrite_reshape(node: fx.Node, ep: Endpoint, moved: Callable[[int], int], size: int) -> None:
