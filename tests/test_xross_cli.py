@@ -63,7 +63,7 @@ def test_train_eval_best_export_cli(cli, tmp_path, cifar10_archive, data_cache) 
     chosen = max(fits, key=lambda p: (p.top1, -p.params))
     assert r.code == 0 and f"best path {chosen.path[0]},{chosen.path[1]} " in r.out, r
     r = cli("xross", "best", run, "--max-params", "1M")
-    assert r.code == 2 and "no path fits" in r.err
+    assert r.code == 2 and "nothing fits the budget" in r.err
 
     r = cli("xross", "export", run, "--path", "0,1", "--out", tmp_path / "hybrid")
     assert r.code == 0, r

@@ -32,7 +32,7 @@ from xross.errors import XrossError
 
 _NAME = re.compile(r"^step-(\d{9})\.pt$")
 DIGEST_KEY = "digest"
-MODEL_KEYS = ("cohort", "student")  # a training run's checkpoint holds its cohort, a distillation's its student
+MODEL_KEYS = ("cohort", "student", "slim")  # a cohort, a distillation's student, a mutualnet run's net
 
 
 def state_digest(state: Any) -> str:

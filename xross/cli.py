@@ -14,6 +14,7 @@ from __future__ import annotations
 import inspect
 import shlex
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any, Optional
 
@@ -27,7 +28,10 @@ from xross.config import DistillConfig, RunConfig, TrainConfig, config_from_opti
 from xross.data import BatchLoader, load_split
 from xross.errors import XrossError
 from xross.evaluate import EvalResult, best_path, distillation_gap, evaluate, evaluate_distillation, pareto_front
-from xross.run import DTYPES, load_run, load_student, run_config
+from xross.latency import LATENCY_FILE, batch1_ms, profile_run
+from xross.mutualnet import calibration_images, evaluate_settings, standalone_setting
+from xross.query import COLUMNS, parse_ms, query_rows, row_values, write_query_files
+from xross.run import DTYPES, is_mutualnet_run, load_run, load_slim, load_student, run_config
 from xross.teachers import load_teachers
 
 app = typer.Typer(
@@ -58,7 +62,7 @@ NoVerifyOpt = Annotated[
 
 
 def _run(
-    engine_class: type[Any], config_class: type[RunConfig], options: dict[str, Any], typed: str
+    engine_for: Callable[[Any], type[Any]], config_class: type[RunConfig], options: dict[str, Any], typed: str
 ) -> tuple[Any, EvalResult]:
     """Run a training or distillation from a run command's options (over --config, or the run's own with
     --resume); ``typed`` names the config field whose model references count as typed by the user
@@ -66,7 +70,7 @@ def _run(
     given = model_values(config_class, options)
     cfg = config_from_options(config_class, given, resume=options["resume"], base=options["config"])
     trust = bool(options["trust_code"])
-    engine = engine_class(
+    engine = engine_for(cfg)(
         cfg,
         resume=options["resume"],
         force=options["force"],
@@ -80,16 +84,19 @@ def _run(
 
 
 def train(**options: Any) -> None:
-    """Train a cohort (Independent, KD, DML or XML); checkpoints every epoch and on Ctrl-C.
+    """Train a cohort (Independent, KD, DML or XML), or one net at every width (MutualNet); checkpoints every
+    epoch and on Ctrl-C.
 
     Every option but the first six is a field of the run's config (xross.config.TrainConfig);
     options given here override --config. Nets named on this command line are trusted;
     nets and teachers read from files need --trust-code if they name outside code.
     """
-    from xross.trainer import Trainer
+    from xross.trainer import trainer_class
 
-    trainer, result = _run(Trainer, TrainConfig, options, "nets")
-    if trainer.dist.is_main:
+    trainer, result = _run(trainer_class, TrainConfig, options, "nets")
+    if trainer.dist.is_main and trainer.config.mode == "mutualnet":
+        _print_settings(result, trainer.run_dir)
+    elif trainer.dist.is_main:
         _print_eval(trainer.cohort, result, trainer.run_dir)
 
 
@@ -102,7 +109,7 @@ def distill(**options: Any) -> None:
     """
     from xross.distiller import Distiller
 
-    distiller, result = _run(Distiller, DistillConfig, options, "student")
+    distiller, result = _run(lambda _: Distiller, DistillConfig, options, "student")
     if distiller.dist.is_main:
         _print_distill_eval(result, distiller.run_dir)
 
@@ -160,11 +167,14 @@ def eval_run(
     trust_code: TrustOpt = False,
     no_verify: NoVerifyOpt = False,
 ) -> None:
-    """Top-1/top-5 of every path (of a distillation: student, teachers), ensembles, Pareto front; writes eval.json."""
+    """Top-1/top-5 of every path (of a distillation: student, teachers; of a mutualnet run: every width and
+    resolution), ensembles, Pareto front; writes eval.json."""
     cfg = run_config(run)
     verify = not no_verify
     # models first: names from the run's files are refused before any data is decoded
-    if isinstance(cfg, DistillConfig):
+    if isinstance(cfg, TrainConfig) and cfg.mode == "mutualnet":
+        _, slim = load_slim(run, trust_code=trust_code, verify=verify)
+    elif isinstance(cfg, DistillConfig):
         _, student = load_student(run, trust_code=trust_code, verify=verify)
         teachers, weights = load_teachers(
             cfg.teacher, cfg.teacher_paths, cfg.teacher_weights, dtype=cfg.dtype, trust_code=trust_code, verify=verify
@@ -181,6 +191,11 @@ def eval_run(
     )
     dtype = DTYPES[cfg.dtype]
     batches = ((x.to(dtype), y) for x, y in BatchLoader(test, batch_size, train=False).epoch(0))
+    if isinstance(cfg, TrainConfig) and cfg.mode == "mutualnet":
+        result = evaluate_settings(slim, calibration_images(cfg, dtype), batches, *cfg.grid())
+        result.save(run / "eval.json")
+        _print_settings(result, run)
+        return
     if isinstance(cfg, DistillConfig):
         result = evaluate_distillation(
             student, teachers, weights, batches, cfg.image_size or 0, student_name=cfg.student
@@ -230,16 +245,22 @@ def best(
     run: RunArg,
     max_params: Annotated[Optional[str], _opt("parameter budget, e.g. 12M")] = None,
     max_flops: Annotated[Optional[str], _opt("FLOP budget per image, e.g. 1.5G")] = None,
+    max_latency: Annotated[Optional[str], _opt("batch-1 latency budget from `xross profile`, e.g. 5ms")] = None,
 ) -> None:
-    """The most accurate stitched path within a parameter/FLOP budget."""
+    """The most accurate path (or width-resolution setting) within a parameter/FLOP/latency budget."""
     try:
         mp = parse_human(max_params) if max_params else None
         mf = parse_human(max_flops) if max_flops else None
     except ValueError:
         raise XrossError("budgets are numbers with an optional k/M/G/T suffix, e.g. 12M") from None
-    r = best_path(_results(run).paths, max_params=mp, max_flops=mf)
-    what = "the student" if r.role == "student" else f"best path {','.join(map(str, r.path))}"
-    console.print(f"{what} ({r.name}): top-1 {r.top1:.2f}%, {human(r.params)} params, {human(r.flops)} FLOPs")
+    ml = parse_ms(max_latency) if max_latency else None
+    latency = batch1_ms(run) if ml is not None else None
+    if ml is not None and latency is None:
+        raise XrossError(f"a latency budget needs '{run}/{LATENCY_FILE}'; measure it with `xross profile {run}`")
+    r = best_path(_results(run).paths, max_params=mp, max_flops=mf, max_latency=ml, latency=latency)
+    what = {"student": "the student", "setting": "best setting"}.get(r.role, f"best path {','.join(map(str, r.path))}")
+    ms = f", {latency[r.name]:.2f} ms" if latency else ""
+    console.print(f"{what} ({r.name}): top-1 {r.top1:.2f}%, {human(r.params)} params, {human(r.flops)} FLOPs{ms}")
 
 
 @app.command()
@@ -247,11 +268,19 @@ def export(
     run: RunArg,
     out: Annotated[Path, typer.Option(help="output directory (surgery's safe format)")],
     path: Annotated[Optional[str], _opt("net index per part, e.g. 0,1 (a training run's path)")] = None,
+    width: Annotated[Optional[float], _opt("a mutualnet run's width, e.g. 0.5")] = None,
+    resolution: Annotated[Optional[int], _opt("a mutualnet run's input resolution, e.g. 24")] = None,
     force: Annotated[bool, typer.Option(help="replace a non-empty output directory")] = False,
     trust_code: TrustOpt = False,
     no_verify: NoVerifyOpt = False,
 ) -> None:
-    """Save one stitched path (of a distillation run: its student) as a standalone model (surgery.load)."""
+    """Save one stitched path (of a distillation run: its student; of a mutualnet run: one width and
+    resolution, cut at the run's cut points) as standalone pieces (surgery.load)."""
+    if is_mutualnet_run(run):
+        _export_setting(run, out, width, resolution, force, trust_code, not no_verify)
+        return
+    if width is not None or resolution is not None:
+        raise XrossError(f"'{run}' is not a mutualnet run: --width/--resolution do not apply; drop them")
     distilled = isinstance(run_config(run), DistillConfig)
     if distilled and path is not None:
         raise XrossError(f"'{run}' is a distillation run: it has one student and no paths; drop --path")
@@ -268,6 +297,65 @@ def export(
     chosen = parse_path(path, cohort.num_nets, cohort.num_parts)
     surgery.save(cohort.export_path(chosen), out, force=force)
     console.print(f"saved path {path} ({cohort.path_name(chosen)}) to {out}/")
+
+
+def _export_setting(
+    run: Path, out: Path, width: float | None, resolution: int | None, force: bool, trust_code: bool, verify: bool
+) -> None:
+    cfg, slim = load_slim(run, trust_code=trust_code, verify=verify)
+    if width is None or resolution is None:
+        widths, resolutions = cfg.grid()
+        raise XrossError(
+            f"which setting of '{run}'? give --width (e.g. {widths[-1]:g}) and --resolution (one of "
+            f"{', '.join(map(str, resolutions))}); `xross best {run} --max-flops ...` picks one"
+        )
+    slim.width = width  # validates the width before any data is decoded or anything written
+    surgery.io.prepare_output_dir(out, force)
+    pieces = standalone_setting(cfg, slim, width, resolution)
+    surgery.save(pieces, out, force=force)
+    console.print(f"saved {cfg.nets[0]} at width {width:g}, {resolution}px ({len(pieces)} pieces) to {out}/")
+
+
+def _print_settings(result: EvalResult, run: Path) -> None:
+    latency = batch1_ms(run)
+    rows = [row_values(r, latency) for r in sorted(result.paths, key=lambda r: -r.flops)]
+    console.print(table(f"{run}: every width and resolution ({result.samples} images)", COLUMNS, rows))
+
+
+@app.command("table")
+def query_table(run: RunArg) -> None:
+    """The query table (Pareto front of accuracy over FLOPs, with latency after `xross profile`); writes
+    query.csv and query.png in the run directory."""
+    result = _results(run)
+    latency = batch1_ms(run)
+    rows = [row_values(r, latency) for r in query_rows(result.paths)]
+    console.print(table(f"{run}: query table ({result.samples} images)", COLUMNS, rows))
+    written = write_query_files(run, result.paths, latency)
+    console.print(f"wrote {', '.join(str(p) for p in written)}", highlight=False)
+
+
+@app.command()
+def profile(
+    run: RunArg,
+    batch: Annotated[int, typer.Option(help="the larger batch size timed besides batch 1")] = 32,
+    repeats: Annotated[int, typer.Option(help="timed calls per entry (the median is kept)")] = 10,
+    trust_code: TrustOpt = False,
+    no_verify: NoVerifyOpt = False,
+) -> None:
+    """Time every network of a run on this machine (each path, student or width-resolution setting);
+    writes latency.json, which `xross best --max-latency` and `xross table` read."""
+    latency = profile_run(run, batch, repeats, trust_code=trust_code, verify=not no_verify)
+    latency.save(run)
+    device = latency.device
+    rows = [
+        (n, f"{e.ms_batch1:.2f}", f"{e.ms_batch:.1f}", human(e.flops), human(e.params))
+        for n, e in latency.entries.items()
+    ]
+    console.print(
+        table(
+            f"{run}: latency on {device}", ["network", "ms (batch 1)", f"ms (batch {batch})", "FLOPs", "params"], rows
+        )
+    )
 
 
 @app.command()

@@ -33,7 +33,7 @@ from surgery.schema import FileModel, Float, parse
 from xross.errors import XrossError
 from xross.losses import MODES
 
-ModeName = Literal["independent", "kd", "dml", "xml"]
+ModeName = Literal["independent", "kd", "dml", "xml", "mutualnet"]
 ScheduleName = Literal["alternate", "joint"]
 CrossName = Literal["all", "single"]
 AdapterUpdate = Literal["student", "up", "down"]
@@ -164,9 +164,10 @@ class TrainConfig(TeacherOptions, RunConfig):
     kind: Literal["train"] = Field("train", description="what this run does: train a cohort")
     nets: list[str] = Field(
         default_factory=lambda: ["resnet34", "resnet18"],
-        min_length=2,
+        min_length=1,
         json_schema_extra=_cli(comma=True),
-        description="comma-separated networks (torchvision names, package.module:callable, timm:NAME, hf:DIR)",
+        description="comma-separated networks (torchvision names, package.module:callable, timm:NAME, hf:DIR); "
+        "one for mutualnet",
     )
     cuts: list[str] = Field(
         default_factory=lambda: ["layer2"],
@@ -176,7 +177,9 @@ class TrainConfig(TeacherOptions, RunConfig):
     )
     adapter_batchnorm: bool = Field(False, description="BatchNorm (LayerNorm for tokens) after each adapter")
     always_adapt: bool = Field(False, description="adapters between every pair of nets, even where shapes agree")
-    mode: ModeName = Field("xml", description="training objective")
+    mode: ModeName = Field(
+        "xml", description="training objective (mutualnet: one net at every width and resolution, see --widths)"
+    )
     schedule: ScheduleName = Field(
         "alternate", description="alternate: each student's loss trains only it; joint: one backward"
     )
@@ -189,9 +192,69 @@ class TrainConfig(TeacherOptions, RunConfig):
     )
     temperature: Float = Field(4.0, gt=0, description="kd temperature")
     kd_alpha: Float = Field(0.5, ge=0, le=1, description="kd weight of the hard-label CE")
+    # mutualnet
+    widths: str | None = Field(
+        None, description="mutualnet: the width range trained, LOW:HIGH fractions of the full width (default 0.25:1.0)"
+    )
+    resolutions: list[PositiveInt] | None = Field(
+        None,
+        json_schema_extra=_cli(comma=True),
+        description="mutualnet: input resolutions, e.g. 32,28,24,20 (default: the image size only)",
+    )
+    sandwich: int = Field(
+        4, ge=1, description="mutualnet: networks per step (widest, narrowest and N-2 random; 1: the widest alone)"
+    )
+    width_divisor: PositiveInt = Field(8, description="mutualnet: kept channel counts are multiples of this")
+    eval_widths: list[Float] | None = Field(
+        None,
+        json_schema_extra=_cli(comma=True),
+        description="mutualnet: widths of the evaluated grid (default: 4 evenly spaced over --widths)",
+    )
+    bn_batches: PositiveInt = Field(
+        20, description="mutualnet: training batches that recalibrate BatchNorm for each evaluated setting"
+    )
+
+    @field_validator("widths")
+    @classmethod
+    def _width_range(cls, value: str | None) -> str | None:
+        if value is None:
+            return value
+        low, sep, high = value.partition(":")
+        try:
+            lo, hi = float(low), float(high)
+        except ValueError:
+            raise ValueError("should be LOW:HIGH fractions of the full width, e.g. 0.25:1.0") from None
+        if not sep or not 0 < lo <= hi <= 1:
+            raise ValueError("should be LOW:HIGH with 0 < LOW <= HIGH <= 1, e.g. 0.25:1.0")
+        return value
+
+    def width_range(self) -> tuple[float, float]:
+        low, _, high = (self.widths or "0.25:1.0").partition(":")
+        return float(low), float(high)
+
+    def grid(self) -> tuple[list[float], list[int]]:
+        """The widths and resolutions a mutualnet run is evaluated at (widest and largest first)."""
+        lo, hi = self.width_range()
+        widths = self.eval_widths or [round(hi - i * (hi - lo) / 3, 4) for i in range(4)]
+        resolutions = self.resolutions or ([self.image_size] if self.image_size else [])
+        return sorted(set(widths), reverse=True), sorted(set(resolutions), reverse=True)
 
     @model_validator(mode="after")
     def _consistent(self) -> TrainConfig:
+        mutual = ("widths", "resolutions", "eval_widths")
+        if self.mode == "mutualnet":
+            if len(self.nets) != 1:
+                raise ValueError(f"mutualnet trains one net; give one in --nets, not {len(self.nets)}")
+            if self.teacher:
+                raise ValueError("mutualnet distils its own widest network; drop --teacher")
+            if self.eval_widths and not all(0 < w <= 1 for w in self.eval_widths):
+                raise ValueError("eval_widths should be fractions in (0, 1]")
+            return self
+        if len(self.nets) < 2:
+            raise ValueError(f"mode {self.mode} trains a cohort; give at least two nets (or --mode mutualnet)")
+        given = [name for name in mutual if getattr(self, name) is not None]
+        if given:
+            raise ValueError(f"{given[0]} applies to --mode mutualnet only; drop it or set --mode mutualnet")
         if MODES[self.mode].needs_teacher and not self.teacher:
             raise ValueError(
                 f"mode {self.mode} needs a teacher (--teacher: a run directory or a saved model, e.g. from "

@@ -10,7 +10,7 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path as FsPath
 from typing import Annotated, Literal
 
@@ -31,16 +31,19 @@ class PathResult(FileModel):
     """Accuracy and cost of one network: top-1/top-5 in %, parameters, forward FLOPs per image.
 
     ``role`` is ``path`` for a cohort's path (``path`` its net index per part), ``student``
-    or ``teacher`` in a distillation run (``path`` then empty, or a teacher's cohort path).
+    or ``teacher`` in a distillation run (``path`` then empty, or a teacher's cohort path),
+    ``setting`` for one width and input resolution of a mutualnet run (``width``, ``resolution``).
     """
 
     path: Annotated[tuple[Annotated[NonNegativeInt, Strict()], ...], Strict(False)]  # a JSON list, held as a tuple
     name: str
-    role: Literal["path", "student", "teacher"] = "path"
+    role: Literal["path", "student", "teacher", "setting"] = "path"
     top1: Float = Field(ge=0, le=100)
     top5: Float = Field(ge=0, le=100)
     params: NonNegativeInt
     flops: NonNegativeFloat
+    width: Float | None = Field(None, gt=0, le=1)
+    resolution: PositiveInt | None = None
 
 
 class Accuracy(FileModel):
@@ -74,14 +77,14 @@ class EvalResult(FileModel):
             raise XrossError(str(e)) from None
 
 
-def _topk_correct(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+def topk_correct(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """How many of ``labels`` are the top-1 and among the top-5 of ``logits``: an int64 pair on the CPU."""
     k = min(5, logits.shape[1])
     hit = logits.topk(k, dim=1).indices == labels[:, None]
     return torch.stack([hit[:, 0].sum(), hit.any(dim=1).sum()]).cpu()
 
 
-def _percentages(
+def percentages(
     hits: torch.Tensor, n: int, reduce: Callable[[torch.Tensor], torch.Tensor] | None
 ) -> tuple[list[list[float]], int]:
     """Hit counts (summed over ranks by ``reduce``) as percentages of the ``n`` images scored, and ``n``."""
@@ -143,12 +146,12 @@ def evaluate(
                 continue
             logits = cohort.forward_paths(images, list(dict.fromkeys([*paths, *own])))
             for row, p in enumerate(paths):
-                hits[row] += _topk_correct(logits[p].float(), labels)
+                hits[row] += topk_correct(logits[p].float(), labels)
             for row, members in enumerate(ensembles.values(), start=len(paths)):
                 probs = torch.stack([logits[p].float().softmax(1) for p in members]).mean(0)
-                hits[row] += _topk_correct(probs, labels)
+                hits[row] += topk_correct(probs, labels)
             n += len(labels)
-    pct, n = _percentages(hits, n, reduce)
+    pct, n = percentages(hits, n, reduce)
     costs = path_costs(cohort, paths, image_size, device)
     results = [
         PathResult(
@@ -191,14 +194,14 @@ def evaluate_distillation(
         for images, labels in batches:
             if len(labels) == 0:
                 continue
-            hits[0] += _topk_correct(student(images).float(), labels)
+            hits[0] += topk_correct(student(images).float(), labels)
             if teachers is not None:
                 outputs = teachers(images)
                 for row, logits in enumerate(outputs, start=1):
-                    hits[row] += _topk_correct(logits.float(), labels)
-                hits[-1] += _topk_correct(ensemble_probs(outputs, 1.0, weights), labels)  # type: ignore[arg-type]
+                    hits[row] += topk_correct(logits.float(), labels)
+                hits[-1] += topk_correct(ensemble_probs(outputs, 1.0, weights), labels)  # type: ignore[arg-type]
             n += len(labels)
-    pct, n = _percentages(hits, n, reduce)
+    pct, n = percentages(hits, n, reduce)
     rows = [(student_name, student, None, "student"), *((name, m, p, "teacher") for name, m, p in members)]
     results = []
     for (name, module, path, role), (top1, top5) in zip(rows, pct):
@@ -230,20 +233,38 @@ def pareto_front(results: Sequence[PathResult], cost: str = "params") -> list[Pa
 
 
 def best_path(
-    results: Sequence[PathResult], max_params: float | None = None, max_flops: float | None = None
+    results: Sequence[PathResult],
+    max_params: float | None = None,
+    max_flops: float | None = None,
+    max_latency: float | None = None,
+    latency: Mapping[str, float] | None = None,
 ) -> PathResult:
-    """The most accurate path (or student; never a teacher) within the budget (ties: fewer parameters)."""
+    """The most accurate path, student or setting (never a teacher) within the budget (ties: fewer parameters).
+
+    ``max_latency`` (ms) needs ``latency``: milliseconds per network name (a run's latency table).
+    """
     results = [r for r in results if r.role != "teacher"]
-    fits = [
-        r
-        for r in results
-        if (max_params is None or r.params <= max_params) and (max_flops is None or r.flops <= max_flops)
-    ]
-    if not fits:
-        smallest = min(results, key=lambda r: (r.params, r.flops))
-        raise XrossError(
-            f"no path fits the budget (max params {human(max_params) if max_params else '-'}, max FLOPs "
-            f"{human(max_flops) if max_flops else '-'}); the smallest path '{smallest.name}' has "
-            f"{human(smallest.params)} params and {human(smallest.flops)} FLOPs"
+    if max_latency is not None:
+        if latency is None:
+            raise XrossError("a latency budget needs the run's latency table; measure it with `xross profile RUN`")
+        missing = [r.name for r in results if r.name not in latency]
+        if missing:
+            raise XrossError(f"the latency table lacks '{missing[0]}'; measure it again with `xross profile RUN`")
+
+    def fits(r: PathResult) -> bool:
+        return (
+            (max_params is None or r.params <= max_params)
+            and (max_flops is None or r.flops <= max_flops)
+            and (max_latency is None or latency is None or latency[r.name] <= max_latency)
         )
-    return max(fits, key=lambda r: (r.top1, -r.params))
+
+    chosen = [r for r in results if fits(r)]
+    if not chosen:
+        smallest = min(results, key=lambda r: (r.flops, r.params))
+        ms = f", {latency[smallest.name]:.2f} ms" if latency and smallest.name in latency else ""
+        raise XrossError(
+            f"nothing fits the budget (max params {human(max_params) if max_params else '-'}, max FLOPs "
+            f"{human(max_flops) if max_flops else '-'}, max latency {f'{max_latency:g} ms' if max_latency else '-'}); "
+            f"the cheapest, '{smallest.name}', has {human(smallest.params)} params, {human(smallest.flops)} FLOPs{ms}"
+        )
+    return max(chosen, key=lambda r: (r.top1, -r.params))

@@ -1,6 +1,7 @@
 """Run directories: what a config builds, and a finished (or interrupted) run read back.
 
-A ``train`` run holds a cohort (:func:`load_run`); a ``distill`` run one student
+A ``train`` run holds a cohort (:func:`load_run`), or with ``mode="mutualnet"`` one
+slimmable net (:func:`load_slim`); a ``distill`` run one student
 (:func:`load_student`), whose initial structure and weights it keeps in
 ``RUN/student-init`` so that it never depends on where the student came from.
 ``RUN@0-1`` model references (:mod:`surgery.refs`) resolve here: the path through the
@@ -16,13 +17,15 @@ import torch
 from torch import nn
 
 import surgery
-from surgery._util import first_line
+from surgery._util import evaluating, first_line
+from surgery.errors import SurgeryError
 from surgery.models import is_code_source
 from surgery.refs import parse as parse_reference
 from surgery.refs import register_run_loader
+from surgery.slim import SlimNet
 from surgery.trust import Kind, resolve
 from xross.checkpoint import CheckpointDir
-from xross.cohort import Cohort
+from xross.cohort import Cohort, build_net
 from xross.config import DistillConfig, RunConfig, TrainConfig, load_config
 from xross.distributed import globalise_batchnorm
 from xross.errors import XrossError
@@ -60,6 +63,35 @@ def build_cohort(
     return cohort.to(device)
 
 
+def build_slim(
+    config: TrainConfig, device: torch.device, distributed: bool = False, *, trust_code: bool = False
+) -> SlimNet:
+    """The slimmable net a ``mutualnet`` config describes, with seeded initial weights, on ``device``."""
+    if config.num_classes is None or config.image_size is None:
+        raise XrossError(
+            "the config lacks num_classes/image_size; they are filled in from the data when training starts"
+        )
+    torch.manual_seed(config.seed)
+    net = build_net(config.nets[0], config.num_classes, config.stem, trust_code=trust_code)
+    if distributed and config.sync_bn:
+        net = globalise_batchnorm(net, device)
+    resolutions = config.grid()[1]
+    for size in resolutions:  # every resolution trained must run, before any step is taken
+        try:
+            with torch.no_grad(), evaluating(net):
+                net(torch.zeros(2, 3, size, size))
+        except (RuntimeError, ValueError, AssertionError) as e:  # timm asserts input sizes
+            raise XrossError(
+                f"resolution {size}: {config.nets[0]} cannot take {size}x{size} inputs ({first_line(e, 120)}); "
+                "give --resolutions it accepts"
+            ) from None
+    example = torch.zeros(2, 3, resolutions[0], resolutions[0])
+    try:
+        return SlimNet(net, divisor=config.width_divisor, example_input=example).to(device)
+    except SurgeryError as e:
+        raise XrossError(f"mutualnet cannot slim {config.nets[0]}: {e}") from None
+
+
 def check_sources(references: list[str], trust_code: bool, what: str) -> None:
     """Refuse, in one line, model references that name code outside the trusted packages (unless ``trust_code``),
     before anything is imported or built."""
@@ -94,8 +126,25 @@ def load_run(run: Path, *, trust_code: bool = False, verify: bool = True) -> tup
     cfg = run_config(run)
     if not isinstance(cfg, TrainConfig):
         raise XrossError(f"'{run}' is a distillation run: it has one student, not a cohort of paths")
+    if cfg.mode == "mutualnet":
+        raise XrossError(f"'{run}' is a mutualnet run: one net at many widths, not a cohort of paths")
     cohort = build_cohort(cfg, torch.device("cpu"), trust_code=trust_code)
     return cfg, _with_latest_weights(run, cohort, "cohort", cfg, verify)
+
+
+def load_slim(run: Path, *, trust_code: bool = False, verify: bool = True) -> tuple[TrainConfig, SlimNet]:
+    """A ``mutualnet`` run's config and its slimmable net (eval mode, on the CPU) with its newest good weights."""
+    run = Path(run)
+    cfg = run_config(run)
+    if not isinstance(cfg, TrainConfig) or cfg.mode != "mutualnet":
+        raise XrossError(f"'{run}' is not a mutualnet run (its config has no widths to run at)")
+    slim = build_slim(cfg, torch.device("cpu"), trust_code=trust_code)
+    return cfg, _with_latest_weights(run, slim, "slim", cfg, verify)
+
+
+def is_mutualnet_run(run: Path) -> bool:
+    cfg = run_config(Path(run))
+    return isinstance(cfg, TrainConfig) and cfg.mode == "mutualnet"
 
 
 def initial_student(run: Path, *, trust_code: bool = False) -> nn.Module:

@@ -28,6 +28,7 @@ from xross.distributed import sum_over_ranks
 from xross.engine import RunEngine
 from xross.evaluate import EvalResult, evaluate
 from xross.losses import MODES, LossTerms, Mode, make_mode
+from xross.mutualnet import MutualNetTrainer
 from xross.optim import ParamGroup
 from xross.run import build_cohort, check_sources
 from xross.teachers import ensemble_probs
@@ -158,6 +159,11 @@ class Trainer(RunEngine):
         )
 
 
+def trainer_class(config: TrainConfig) -> type[RunEngine]:
+    """The engine that trains ``config``: :class:`Trainer` for a cohort, MutualNet's for ``mode="mutualnet"``."""
+    return MutualNetTrainer if config.mode == "mutualnet" else Trainer
+
+
 def train(
     *,
     resume: bool = False,
@@ -166,10 +172,12 @@ def train(
     trust_code: bool = False,
     **options: Any,
 ) -> EvalResult:
-    """Train a cohort from keyword options (the fields of :class:`xross.config.TrainConfig`).
+    """Train a cohort (or, with ``mode="mutualnet"``, one net at every width) from keyword options (the fields
+    of :class:`xross.config.TrainConfig`).
 
     With ``resume=True`` the run in ``out`` continues with its own config (``options`` may
     raise ``epochs``). Returns the evaluation of every path (also in ``out/eval.json``).
     """
     config = config_from_options(TrainConfig, options, resume=resume)
-    return Trainer(config, resume=resume, force=force, progress=progress, trust_code=trust_code).fit()
+    engine = trainer_class(config)
+    return engine(config, resume=resume, force=force, progress=progress, trust_code=trust_code).fit()
