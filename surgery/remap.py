@@ -225,6 +225,42 @@ def _attention_out(mha: nn.MultiheadAttention, m: ChannelMap) -> None:
 
 def _attention_in(mha: nn.MultiheadAttention, m: ChannelMap, noise: float, gen: torch.Generator | None) -> None:
     _set(mha, "in_proj_weight", _read(mha.in_proj_weight.detach(), m, 1, noise, gen))
+    if m.size != m.old:
+        _attention_resize(mha, m.size)
+
+
+def head_index(old: int, new: int, heads: int) -> torch.Tensor:
+    """Positions kept when ``heads`` heads sharing ``old`` channels shrink to ``new``: each head's first ones."""
+    if new % heads or old % heads or new > old:
+        raise SurgeryError(f"{new} of {old} channels do not split into {heads} attention heads")
+    head, new_head = old // heads, new // heads
+    return (torch.arange(new_head) + (torch.arange(heads) * head)[:, None]).flatten()
+
+
+def _qkv_index(old: int, new: int, heads: int) -> torch.Tensor:
+    """:func:`head_index` in each of the query, key and value blocks of a packed projection."""
+    inner = head_index(old, new, heads)
+    return torch.cat([inner + b * old for b in range(3)])
+
+
+# Tensors of attention whose size follows the embedding they read (the heads' total width), by endpoint kind:
+# the rows of a packed query-key-value projection, the columns of the output projection.
+_HEAD_EDITS: dict[str, Callable[[int, int, int], torch.Tensor]] = {"heads_qkv": _qkv_index, "heads_inner": head_index}
+
+
+def _attention_resize(mha: nn.MultiheadAttention, size: int) -> None:
+    """Shrink the heads' total width to ``size`` (the embedding's): every head keeps its first channels of
+    queries, keys and values, and ``out_proj`` the matching columns."""
+    heads, old = mha.num_heads, mha.embed_dim
+    inner, rows = head_index(old, size, heads), _qkv_index(old, size, heads)
+    new_head = size // heads
+    _set(mha, "in_proj_weight", mha.in_proj_weight.detach().index_select(0, rows))
+    if mha.in_proj_bias is not None:
+        _set(mha, "in_proj_bias", mha.in_proj_bias.detach().index_select(0, rows))
+    _set(mha.out_proj, "weight", mha.out_proj.weight.detach().index_select(1, inner))
+    mha.out_proj.in_features = size
+    mha.embed_dim = mha.kdim = mha.vdim = size
+    mha.head_dim = new_head
 
 
 def _embedding_out(emb: nn.Embedding, m: ChannelMap) -> None:
@@ -340,6 +376,13 @@ def remap_channels(
             continue
         if ep.kind == "parameter":
             _remap_parameter(gm, ep, m)
+            continue
+        if ep.kind in _HEAD_EDITS:
+            if m.size != m.old:  # permutations of the embedding leave the heads as they are
+                owner_path, _, name = ep.target.rpartition(".")
+                owner = gm.get_submodule(owner_path) if owner_path else gm
+                index = _HEAD_EDITS[ep.kind](m.old, m.size, ep.groups)
+                _set(owner, name, getattr(owner, name).detach().index_select(ep.dim, index))
             continue
         module = gm.get_submodule(target)
         edit = _edit_for(module)

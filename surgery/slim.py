@@ -66,13 +66,18 @@ def make_divisible(value: float, divisor: int) -> int:
 
 def kept_channels(channels: int, width: float, divisor: int = 8, blocks: int = 1) -> int:
     """How many of a group's ``channels`` width ``width`` keeps: a multiple of ``divisor`` (where ``channels`` is)
-    and of the ``blocks`` of the grouped convs reading them, at least one block, at most all."""
+    and of ``blocks`` (grouped convs reading them, attention heads sharing them), at least one block, at most all."""
     if width >= 1.0:
         return channels
     unit = math.lcm(divisor, blocks)
     if channels % unit or unit > max(divisor, blocks):  # rounding to both would be too coarse: keep the blocks
         unit = blocks
     return min(channels, make_divisible(width * channels, unit))
+
+
+def _unit(group: ChannelGroup) -> int:
+    """What a group's kept count must be a multiple of: its blocks and its heads."""
+    return math.lcm(group.blocks, group.multiple)
 
 
 def keep_map(group: ChannelGroup, kept: int) -> ChannelMap:
@@ -89,14 +94,50 @@ def check_width(width: float) -> float:
     return width
 
 
+# Where a kept tensor comes from in the full tensor of the same name: the kept positions along each dim (None:
+# all of them), or, for a selection that is not one per dim, flat positions.
+Selection = list[torch.Tensor | None] | torch.Tensor
+MAX_PLANS = 256  # plans kept at once (one per distinct set of kept channel counts); the oldest go first
+
+
 @dataclass
 class _Plan:
     """The network at one width: a module tree without tensors, and where each of its tensors comes from."""
 
     maps: dict[int, ChannelMap]
     skeleton: fx.GraphModule  # every parameter and buffer removed; supplied at call time
-    index: dict[str, torch.Tensor]  # tensor name -> flat positions in the full tensor of the same name
+    index: dict[str, Selection]
     shapes: dict[str, torch.Size]
+
+
+def _selection(flat: torch.Tensor, full: torch.Size, kept: torch.Size) -> Selection:
+    """``flat`` (positions in a tensor of shape ``full``, laid out as ``kept``) as one index per dim when it is."""
+    if len(full) == 0:  # a scalar (a BatchNorm's batch count): kept as it is
+        return []
+    if len(full) != len(kept):
+        return flat
+    coords = torch.unravel_index(flat, full)
+    per_dim: list[torch.Tensor | None] = []
+    for d, c in enumerate(coords):
+        line = c.view(kept)[(0,) * d + (slice(None),) + (0,) * (len(full) - d - 1)]  # dim d, others at 0
+        identity = len(line) == full[d] and torch.equal(line, torch.arange(full[d]))
+        per_dim.append(None if identity else line.clone())
+    rebuilt = torch.zeros((), dtype=torch.long)
+    for d, idx in enumerate(per_dim):
+        positions = torch.arange(full[d]) if idx is None else idx
+        rebuilt = rebuilt * full[d] + positions.view([-1] + [1] * (len(full) - d - 1))
+    return per_dim if torch.equal(rebuilt.flatten(), flat) else flat
+
+
+def _gather(full: torch.Tensor, selection: Selection, shape: torch.Size) -> torch.Tensor:
+    """The kept entries of ``full`` (a view of it when nothing is dropped; otherwise a gather autograd follows)."""
+    if isinstance(selection, torch.Tensor):
+        return full.reshape(-1)[selection.to(full.device)].view(shape)
+    out = full
+    for d, idx in enumerate(selection):
+        if idx is not None:
+            out = out.index_select(d, idx.to(full.device))
+    return out
 
 
 def _tensors(module: nn.Module) -> Iterable[tuple[nn.Module, str, str, torch.Tensor]]:
@@ -134,7 +175,7 @@ class SlimNet(nn.Module):
                 self.groups[gid] = group
             elif group.producers:
                 self.skipped.append(f"'{group.producers[0].target}' ({group.channels} channels): {reason}")
-        self._plans: dict[float, _Plan] = {}
+        self._plans: dict[tuple[tuple[int, int], ...], _Plan] = {}
         self._drop_unrunnable()
         if not self.groups:
             first = f" ({self.skipped[0]})" if self.skipped else ""
@@ -158,7 +199,7 @@ class SlimNet(nn.Module):
         """Kept channels of each slimmable group at ``width`` (default: the current), named by its first producer."""
         w = self.width if width is None else check_width(width)
         return {
-            g.producers[0].target: kept_channels(g.channels, w, self.divisor, g.blocks)
+            g.producers[0].target: kept_channels(g.channels, w, self.divisor, _unit(g))
             for g in self.groups.values()
             if g.producers
         }
@@ -167,14 +208,17 @@ class SlimNet(nn.Module):
         """The plan at ``width``; None when it keeps every channel (the model itself runs)."""
         maps = {}
         for gid, group in self.groups.items():
-            kept = kept_channels(group.channels, width, self.divisor, group.blocks)
+            kept = kept_channels(group.channels, width, self.divisor, _unit(group))
             if kept < group.channels:
                 maps[gid] = keep_map(group, kept)
         if not maps:
             return None
-        if width not in self._plans:
-            self._plans[width] = self._build_plan(maps)
-        return self._plans[width]
+        key = tuple((gid, m.size) for gid, m in maps.items())
+        if key not in self._plans:
+            if len(self._plans) >= MAX_PLANS:
+                del self._plans[next(iter(self._plans))]
+            self._plans[key] = self._build_plan(maps)
+        return self._plans[key]
 
     def _build_plan(self, maps: dict[int, ChannelMap]) -> _Plan:
         """Apply ``maps`` to a copy whose tensors hold their own flat positions: what each kept entry was."""
@@ -186,8 +230,9 @@ class SlimNet(nn.Module):
                 table[attr] = nn.Parameter(positions, requires_grad=False) if isinstance(t, nn.Parameter) else positions
         remap_channels(probe, self._analysis, maps)
         index, shapes = {}, {}
+        full = {name: t.shape for _, _, name, t in _tensors(self.model)}
         for owner, attr, name, t in list(_tensors(probe)):
-            index[name] = t.detach().round().long().flatten()
+            index[name] = _selection(t.detach().round().long().flatten(), full[name], t.shape)
             shapes[name] = t.shape
             table = owner._parameters if attr in owner._parameters else owner._buffers
             del table[attr]
@@ -210,7 +255,7 @@ class SlimNet(nn.Module):
     def _drop_unrunnable(self, width: float = 0.5) -> None:
         """Keep at full width the groups whose slimming breaks the graph (a size computed from another tensor)."""
         maps = {
-            gid: keep_map(g, kept_channels(g.channels, width, self.divisor, g.blocks)) for gid, g in self.groups.items()
+            gid: keep_map(g, kept_channels(g.channels, width, self.divisor, _unit(g))) for gid, g in self.groups.items()
         }
         if not maps or self._failure(maps) is None or self._failure({}) is not None:
             return  # runs slimmed, or cannot be checked on the meta device
@@ -240,8 +285,7 @@ class SlimNet(nn.Module):
             if name in calibrated:
                 out[name] = calibrated[name]
                 continue
-            full = sources[name]
-            out[name] = full.reshape(-1)[index.to(full.device)].view(plan.shapes[name])
+            out[name] = _gather(sources[name], index, plan.shapes[name])
         return out
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:

@@ -283,8 +283,9 @@ def test_token_streams_follow_class_tokens_attention_and_layer_scales() -> None:
     assert {c.target for c in stream.consumers} == {"attn", "mlp", "head"}
     assert {(f.target, f.dim) for f in stream.followers} == {("cls", 2), ("pos", 2), ("gamma", 0)}
     assert stream.obstacle(replicate=False) is None
-    heads = "'attn' (MultiheadAttention) splits these channels into 2 heads, whose width is fixed"
+    heads = "'attn' (MultiheadAttention) splits these channels into 2 heads"
     assert stream.obstacle(replicate=True) == heads
+    assert stream.resize_obstacle() is None and stream.multiple == 2  # may shrink to a multiple of the heads
     assert _kept(net, _permuted(net, "patch"))
     growth.net2wider(net, "mlp", factor=2.0, seed=0, example_input=X, check=True)
 

@@ -78,6 +78,20 @@ def test_transformer_mlp_slims_and_fixed_head_width_is_listed() -> None:
     assert view.skipped and all("(" in line and ":" in line for line in view.skipped)
 
 
+def test_multihead_attention_slims_with_its_stream() -> None:
+    net = torchvision.models.VisionTransformer(
+        image_size=32, patch_size=8, num_layers=2, num_heads=4, hidden_dim=64, mlp_dim=128, num_classes=10
+    ).eval()
+    torch.nn.init.normal_(net.heads.head.weight)  # a zero head would hide every difference
+    x = torch.randn(2, 3, 32, 32)
+    view = surgery.slim(net, 0.5, example_input=x).eval()
+    small = view.extract().eval()
+    attention = small.encoder.layers[0].self_attention
+    assert (attention.embed_dim, attention.num_heads, attention.head_dim) == (32, 4, 8)
+    assert torch.equal(view(x), small(x))
+    assert surgery.count_flops(small, x) / surgery.count_flops(net, x) <= 0.35
+
+
 def test_batchnorm_statistics_per_width_and_resolution() -> None:
     net = torchvision.models.resnet18(num_classes=10)
     view = surgery.slim(net, 0.5)
@@ -125,3 +139,16 @@ def test_extracted_network_saves_and_loads(tmp_path) -> None:
     back = surgery.load(tmp_path / "small").eval()
     x = torch.randn(1, 3, 32, 32)
     assert torch.equal(back(x), small(x))
+
+
+def test_widths_share_plans_and_plans_index_per_dim() -> None:
+    view = surgery.slim(torchvision.models.resnet18(num_classes=10)).eval()
+    x = torch.randn(1, 3, 16, 16)
+    widths = torch.linspace(0.25, 0.99, 40).tolist()  # a training run draws widths like these
+    with torch.no_grad():
+        for width in widths:
+            view.width = width
+            view(x)
+    plans = view._plans.values()
+    assert len(plans) == len({tuple(view.channels(w).values()) for w in widths}) < 40  # one per channel counts
+    assert all(isinstance(selection, list) for plan in plans for selection in plan.index.values())

@@ -99,6 +99,7 @@ class ChannelGroup:
     id: int
     channels: int
     blocks: int = 1
+    multiple: int = 1
     producers: list[Endpoint] = field(default_factory=list)
     followers: list[Endpoint] = field(default_factory=list)
     consumers: list[Endpoint] = field(default_factory=list)

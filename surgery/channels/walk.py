@@ -68,6 +68,7 @@ class _Walk:
         self.parent[rb] = ra
         da, db = self.drafts[ra], self.drafts[rb]
         da.blocks = math.lcm(da.blocks, db.blocks)
+        da.multiple = math.lcm(da.multiple, db.multiple)
         for name in GROUP_LISTS:
             getattr(da, name).extend(getattr(db, name))
 
@@ -199,6 +200,17 @@ class _Walk:
                 kept.append(s)
             position += s.size
         return Layout(cut.dim, tuple(kept))
+
+    def require_multiple(self, layout: Layout, n: int, reason: str) -> None:
+        """A new size of ``layout``'s channels must be a multiple of ``n`` (heads sharing them); copies of
+        them would change the output (``reason``)."""
+        layout = self.expand(layout)
+        self.block([layout], reason, replication_only=True)
+        if len(layout.segments) != 1 or layout.segments[0].inner != 1:
+            self.block([layout], f"{reason}, across several channel groups", fixed_width=True)
+            return
+        d = self.draft(layout.segments[0].group)
+        d.multiple = math.lcm(d.multiple, n)
 
     def require_blocks(self, layout: Layout, blocks: int, node: fx.Node, what: str) -> None:
         """``node`` reads ``layout`` in ``blocks`` equal contiguous blocks (a grouped conv, a group norm).

@@ -247,3 +247,20 @@ def _size_read(w: _Walk, node: fx.Node) -> None:
     if attribute not in ("shape", "dtype", "device", "ndim"):
         return _fallback(w, node)
     return None
+
+
+def _patch_merging(w: _Walk, node: fx.Node) -> Layout | None:
+    """torchvision's Swin ``_patch_merging_pad(x)``: the four 2x2 neighbours of channels-last ``x``
+    concatenated on the channels, so the output holds the input's channels four times over."""
+    layout, shape = w.layout(node.args[0]), w.shape(node.args[0])
+    if layout is None or shape is None or layout.dim != len(shape) - 1:
+        return _fallback(w, node)
+    return Layout(layout.dim, layout.segments * 4)
+
+
+try:  # torchvision is a dependency, but its private Swin helper may move
+    from torchvision.models.swin_transformer import _patch_merging_pad
+except ImportError:  # pragma: no cover
+    _patch_merging_pad = None
+if _patch_merging_pad is not None:
+    _register(_FUNCTION_RULES, [_patch_merging_pad])(_patch_merging)
