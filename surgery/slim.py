@@ -279,6 +279,7 @@ class SlimNet(nn.Module):
     def _tensors_at(self, plan: _Plan, resolution: Resolution | None) -> dict[str, torch.Tensor]:
         """The kept entries of every shared tensor at ``plan``'s width (calibrated statistics where there are)."""
         sources = self._sources()
+        parameters = {name for name, _ in self.model.named_parameters(remove_duplicate=False)}
         calibrated = self.bn_stats.get((self.width, resolution), {}) if resolution is not None else {}
         out = {}
         for name, index in plan.index.items():
@@ -286,6 +287,8 @@ class SlimNet(nn.Module):
                 out[name] = calibrated[name]
                 continue
             out[name] = _gather(sources[name], index, plan.shapes[name])
+            if out[name] is sources[name] and name not in parameters:  # BatchNorm at a narrow width updates
+                out[name] = out[name].clone()  # a copy of the full network's statistics, never them
         return out
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:

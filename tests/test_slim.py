@@ -144,11 +144,11 @@ def test_extracted_network_saves_and_loads(tmp_path) -> None:
 def test_widths_share_plans_and_plans_index_per_dim() -> None:
     view = surgery.slim(torchvision.models.resnet18(num_classes=10)).eval()
     x = torch.randn(1, 3, 16, 16)
-    widths = torch.linspace(0.25, 0.99, 40).tolist()  # a training run draws widths like these
+    widths = torch.linspace(0.25, 0.5, 60).tolist()  # a training run draws widths like these
     with torch.no_grad():
         for width in widths:
             view.width = width
             view(x)
     plans = view._plans.values()
-    assert len(plans) == len({tuple(view.channels(w).values()) for w in widths}) < 40  # one per channel counts
+    assert len(plans) == len({tuple(view.channels(w).values()) for w in widths}) < 60  # one per channel counts
     assert all(isinstance(selection, list) for plan in plans for selection in plan.index.values())
