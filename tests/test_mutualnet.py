@@ -22,7 +22,8 @@ from xross.run import load_slim
 def mutualnet_args(archive: Path, cache: Path, out: Path, *extra: str) -> list[str]:
     return [
         "train", "--mode", "mutualnet", "--nets", "resnet18", "--cut", "layer3",
-        "--widths", "0.25:1.0", "--resolutions", "32,24", "--sandwich", "3", "--eval-widths", "1.0,0.5,0.25", "--bn-batches", "2",
+        "--widths", "0.25:1.0", "--resolutions", "32,24", "--sandwich", "3", "--eval-widths", "1.0,0.5,0.25",
+        "--bn-batches", "2",
         "--data", str(archive), "--subset", "64", "--eval-subset", "32", "--batch-size", "16",
         "--epochs", "2", "--lr", "1e-3", "--cache-dir", str(cache), "--threads", "1", "--log-every", "1",
         "--eval-every", "0", "--out", str(out), "--no-progress", *extra,

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -64,6 +66,15 @@ def test_train_eval_best_export_cli(cli, tmp_path, cifar10_archive, data_cache) 
     assert r.code == 0 and f"best path {chosen.path[0]},{chosen.path[1]} " in r.out, r
     r = cli("xross", "best", run, "--max-params", "1M")
     assert r.code == 2 and "nothing fits the budget" in r.err
+
+    r = cli("xross", "profile", run, "--repeats", "2", "--batch", "2")  # every path timed: a latency budget
+    assert r.code == 0, r
+    latency = json.loads((run / "latency.json").read_text())["entries"]
+    assert set(latency) == {p.name for p in result.paths}
+    fastest = min(result.paths, key=lambda p: latency[p.name]["ms_batch1"])
+    budget = latency[fastest.name]["ms_batch1"] * 1.0001
+    r = cli("xross", "best", run, "--max-latency", f"{budget}ms")
+    assert r.code == 0 and ",".join(map(str, fastest.path)) in r.out, r
 
     r = cli("xross", "export", run, "--path", "0,1", "--out", tmp_path / "hybrid")
     assert r.code == 0, r
