@@ -145,3 +145,21 @@ def test_torchrun_distillation_matches_one_process(tmp_path, synthetic_archive, 
     e1, e2 = EvalResult.load(tmp_path / "one" / "eval.json"), EvalResult.load(tmp_path / "two" / "eval.json")
     assert [(r.name, r.top1) for r in e1.paths] == [(r.name, r.top1) for r in e2.paths]
     assert e1.ensembles == e2.ensembles and e1.samples == e2.samples == 40
+
+
+@pytest.mark.slow
+def test_torchrun_mutualnet_matches_one_process(tmp_path, synthetic_archive, data_cache) -> None:
+    common = ["train", "--mode", "mutualnet", "--nets", "growth.models:small_vgg", "--widths", "0.25:1.0"]
+    common += ["--data", str(synthetic_archive), "--cache-dir", str(data_cache), "--subset", "128"]
+    common += ["--batch-size", "32", "--eval-subset", "40", "--bn-batches", "2", "--dtype", "float64"]
+    common += ["--optimizer", "sgd", "--lr", "0.05", "--epochs", "1", "--eval-every", "0", "--no-progress"]
+    code, _, err = finish(xross(*common, "--out", str(tmp_path / "one")))
+    assert code == 0, err
+    torchrun(*common, "--out", str(tmp_path / "two"))
+    one, two = final_state(tmp_path / "one"), final_state(tmp_path / "two")
+    assert one["position"] == two["position"] == {"epoch": 1, "step": 0, "global_step": 4}
+    worst = max((one["slim"][k].float() - two["slim"][k].float()).abs().max().item() for k in one["slim"])
+    assert worst <= 1e-5, worst
+    # every setting recalibrated on the same images: global BatchNorm statistics over the ranks' halves
+    e1, e2 = EvalResult.load(tmp_path / "one" / "eval.json"), EvalResult.load(tmp_path / "two" / "eval.json")
+    assert [(r.name, r.top1) for r in e1.paths] == [(r.name, r.top1) for r in e2.paths]

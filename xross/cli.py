@@ -192,7 +192,13 @@ def eval_run(
     dtype = DTYPES[cfg.dtype]
     batches = ((x.to(dtype), y) for x, y in BatchLoader(test, batch_size, train=False).epoch(0))
     if isinstance(cfg, TrainConfig) and cfg.mode == "mutualnet":
-        result = evaluate_settings(slim, calibration_images(cfg, dtype), batches, *cfg.grid())
+        result = evaluate_settings(
+            slim,
+            calibration_images(cfg, dtype),
+            batches,
+            *cfg.grid(),
+            progress=lambda name: console.print(f"width-resolution {name}: recalibrating BatchNorm, evaluating"),
+        )
         result.save(run / "eval.json")
         _print_settings(result, run)
         return

@@ -85,7 +85,7 @@ def evaluate_settings(
     """Top-1/top-5, parameters and FLOPs of every (width, resolution), each with its own BatchNorm statistics."""
     data = list(batches)
     rows = []
-    training = slim.training
+    training, previous = slim.training, slim.width
     for width in widths:
         for resolution in resolutions:
             if progress is not None:
@@ -114,7 +114,7 @@ def evaluate_settings(
                     flops=count_flops(net, x),
                 )
             )
-    slim.width = max(widths)
+    slim.width = previous
     slim.train(training)
     return EvalResult(paths=rows, ensembles={}, samples=n)
 
