@@ -130,8 +130,12 @@ def calibration_images(config: TrainConfig, dtype: torch.dtype = torch.float32) 
         seed=config.seed,
     )
     loader = BatchLoader(train, config.batch_size, train=True, augment=Augment(), seed=config.seed)
-    count = min(config.bn_batches, len(loader))
-    return [x.to(dtype) for (x, _), _ in zip(loader.epoch(0), range(count))]
+    return [x.to(dtype) for x in first_batches(loader, config.bn_batches)]
+
+
+def first_batches(loader: BatchLoader, count: int) -> list[torch.Tensor]:
+    """The images of the first ``count`` batches of ``loader``'s epoch 0 (the same whenever asked)."""
+    return [x for (x, _), _ in zip(loader.epoch(0), range(min(count, len(loader))))]
 
 
 class MutualNetTrainer(RunEngine):
@@ -200,15 +204,13 @@ class MutualNetTrainer(RunEngine):
 
     # --- evaluation -----------------------------------------------------------------------------
 
-    def calibration_images(self) -> list[torch.Tensor]:
-        """The first ``bn_batches`` training batches of epoch 0 (the same whenever asked)."""
-        count = min(self.config.bn_batches, len(self.train_loader))
-        return [self.prepare_images(x) for (x, _), _ in zip(self.train_loader.epoch(0), range(count))]
+    def _calibration_batches(self) -> list[torch.Tensor]:
+        return [self.prepare_images(x) for x in first_batches(self.train_loader, self.config.bn_batches)]
 
     def _evaluate(self, widths: Sequence[float], resolutions: Sequence[int]) -> EvalResult:
         return evaluate_settings(
             self.slim,
-            self.calibration_images(),
+            self._calibration_batches(),
             self.eval_batches(),
             widths,
             resolutions,
