@@ -306,9 +306,14 @@ def _edit_for(module: nn.Module) -> _Edit:
     return _Edit()
 
 
+def _owner(gm: fx.GraphModule, target: str) -> tuple[nn.Module, str]:
+    """The module holding the tensor at dotted path ``target``, and the tensor's name in it."""
+    owner_path, _, name = target.rpartition(".")
+    return (gm.get_submodule(owner_path) if owner_path else gm), name
+
+
 def _remap_parameter(gm: fx.GraphModule, ep: Endpoint, m: ChannelMap) -> None:
-    owner_path, _, name = ep.target.rpartition(".")
-    owner = gm.get_submodule(owner_path) if owner_path else gm
+    owner, name = _owner(gm, ep.target)
     _set(owner, name, _take(getattr(owner, name).detach(), ep.dim, m))
 
 
@@ -379,8 +384,7 @@ def remap_channels(
             continue
         if ep.kind in _HEAD_EDITS:
             if m.size != m.old:  # permutations of the embedding leave the heads as they are
-                owner_path, _, name = ep.target.rpartition(".")
-                owner = gm.get_submodule(owner_path) if owner_path else gm
+                owner, name = _owner(gm, ep.target)
                 index = _HEAD_EDITS[ep.kind](m.old, m.size, ep.groups)
                 _set(owner, name, getattr(owner, name).detach().index_select(ep.dim, index))
             continue

@@ -92,6 +92,19 @@ def test_multihead_attention_slims_with_its_stream() -> None:
     assert surgery.count_flops(small, x) / surgery.count_flops(net, x) <= 0.35
 
 
+def test_windowed_attention_and_patch_merging_slim_in_swin() -> None:
+    net = torchvision.models.SwinTransformer(
+        patch_size=[4, 4], embed_dim=16, depths=[1, 1], num_heads=[2, 4], window_size=[2, 2], num_classes=10
+    ).eval()
+    x = torch.randn(2, 3, 32, 32)
+    view = surgery.slim(net, 0.5, example_input=x).eval()
+    small = view.extract().eval()
+    attention = small.features[3][0].attn  # the second stage, after a patch merging
+    assert attention.qkv.weight.shape == (3 * 16, 16) and attention.proj.weight.shape == (16, 16)
+    assert torch.equal(view(x), small(x))
+    assert surgery.count_flops(small, x) / surgery.count_flops(net, x) <= 0.35
+
+
 def test_batchnorm_statistics_per_width_and_resolution() -> None:
     net = torchvision.models.resnet18(num_classes=10)
     view = surgery.slim(net, 0.5)
