@@ -68,6 +68,7 @@ def write_query_files(
     written = [run / QUERY_CSV]
     try:
         import matplotlib
+        import matplotlib.ticker
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
@@ -79,6 +80,8 @@ def write_query_files(
     for r in rows:
         ax.annotate(r.name, (r.flops / 1e6, r.top1), fontsize=7, xytext=(3, -9), textcoords="offset points")
     ax.set_xscale("log")
+    ax.xaxis.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%g"))
+    ax.xaxis.set_minor_formatter(matplotlib.ticker.FormatStrFormatter("%g"))
     ax.set_xlabel("MFLOPs per image")
     ax.set_ylabel("top-1 (%)")
     ax.set_title(run.name)
