@@ -8,9 +8,9 @@ network give the same output bit for bit (eval mode, float32). Constant weights 
 statistic would show.
 
     python bench/slim_zoo.py                          # all 80 models (about 10 minutes on 2 cores)
-    python bench/slim_zoo.py --models resnet18,vit_b_16 --width 0.25
+    python bench/slim_zoo.py --models resnet18,vit_b_16 --width 0.25 --divisor 4
 
-Last line: {"models": 80, "slims": s, "exact": e, "median_flops_ratio": r, "width": 0.5, "minutes": m}.
+Last line: {"models": 80, "slims": s, "exact": e, "median_flops_ratio": r, "width": 0.5, "divisor": 8, "minutes": m}.
 """
 
 from __future__ import annotations
@@ -52,13 +52,13 @@ class Row:
         return self.ratio <= SLIMMED
 
 
-def slim_one(name: str, width: float) -> Row:
+def slim_one(name: str, width: float, divisor: int = 8) -> Row:
     start = time.perf_counter()
     row = Row(name)
     try:
         model, x = build(name)
         vary_constant_weights(model, torch.Generator().manual_seed(0))
-        view = surgery.slim(model, width, example_input=x).eval()
+        view = surgery.slim(model, width, divisor, example_input=x).eval()
         small = view.extract().eval()
         with torch.no_grad():
             row.exact = torch.equal(view(x), small(x))
@@ -75,6 +75,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--models", help="comma-separated torchvision names (default: all classifiers)")
     parser.add_argument("--width", type=float, default=0.5)
+    parser.add_argument("--divisor", type=int, default=8, help="kept channel counts are multiples of this")
     args = parser.parse_args()
     torch.manual_seed(0)
     names = args.models.split(",") if args.models else torchvision.models.list_models(torchvision.models)
@@ -82,7 +83,7 @@ def main() -> None:
     start = time.perf_counter()
     rows = []
     for i, name in enumerate(names, 1):
-        row = slim_one(name, args.width)
+        row = slim_one(name, args.width, args.divisor)
         rows.append(row)
         status = row.error or f"ratio {row.ratio:.3f} exact {row.exact} skipped {row.skipped}"
         console.print(f"[{i}/{len(names)}] {name}: {status} ({row.seconds:.1f}s)", highlight=False)
@@ -100,6 +101,7 @@ def main() -> None:
         "exact": sum(r.exact for r in rows),
         "median_flops_ratio": round(statistics.median(ratios), 3) if ratios else None,
         "width": args.width,
+        "divisor": args.divisor,
         "minutes": round((time.perf_counter() - start) / 60, 1),
     }
     print(json.dumps(summary))
