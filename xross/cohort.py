@@ -32,6 +32,7 @@ from surgery.adapters import boundary_adapter
 from surgery.cut import piece_info
 from surgery.errors import SurgeryError
 from xross.errors import XrossError
+from xross.exits import ExitHeads, head_factory
 
 Path = tuple[int, ...]
 
@@ -80,7 +81,13 @@ def normalise_cuts(cuts: Sequence[str] | Sequence[Sequence[str]], num_nets: int)
 class Cohort(nn.Module):
     """K networks as :class:`surgery.Pieces` of P parts each, plus adapters between parts."""
 
-    def __init__(self, nets: Sequence[surgery.Pieces], adapters: dict[str, nn.Module], names: Sequence[str]):
+    def __init__(
+        self,
+        nets: Sequence[surgery.Pieces],
+        adapters: dict[str, nn.Module],
+        names: Sequence[str],
+        exits: ExitHeads | None = None,
+    ):
         super().__init__()
         parts = {len(n) for n in nets}
         if len(nets) < 2 or len(parts) != 1 or parts.pop() < 2:
@@ -88,6 +95,7 @@ class Cohort(nn.Module):
         self.nets = nn.ModuleList(nets)
         self.adapters = nn.ModuleDict(adapters)
         self.names = list(names)
+        self.exits = exits
 
     # --- construction ---------------------------------------------------------------------------
 
@@ -105,6 +113,8 @@ class Cohort(nn.Module):
         always_adapt: bool = False,
         transform_net: Any = None,
         trust_code: bool = False,
+        exits: bool = False,
+        exit_head: str | None = None,
     ) -> Cohort:
         """Build, cut and connect the networks.
 
@@ -118,6 +128,9 @@ class Cohort(nn.Module):
                 distributed BatchNorm).
             trust_code: allow nets named by code outside the trusted packages (see
                 :mod:`surgery.trust`).
+            exits: an exit head after every part but the last of every net (:mod:`xross.exits`),
+                built after everything else, so that the nets and adapters start as without them.
+            exit_head: ``module:callable`` making each head (default pool + linear).
         """
         per_net_cuts = normalise_cuts(cuts, len(nets))
         example = torch.zeros(1, 3, image_size, image_size)
@@ -148,7 +161,11 @@ class Cohort(nn.Module):
                     ) from None
                 if ad is not None:
                     adapters[adapter_key(b, i, j)] = ad
-        return cls(pieces, adapters, names)
+        heads = None
+        if exits:
+            shapes = [[piece_info(net[b]).out_specs[0].shape for b in range(len(net) - 1)] for net in pieces]
+            heads = ExitHeads.build(shapes, num_classes, head_factory(exit_head, trust_code=trust_code))
+        return cls(pieces, adapters, names, heads)
 
     # --- structure ------------------------------------------------------------------------------
 
@@ -222,14 +239,18 @@ class Cohort(nn.Module):
 
     # --- computation ----------------------------------------------------------------------------
 
-    def forward_paths(self, x: torch.Tensor, paths: Iterable[Path], shared: bool = True) -> dict[Path, torch.Tensor]:
+    def forward_paths(
+        self, x: torch.Tensor, paths: Iterable[Path], shared: bool = True, prefixes: dict[Path, Any] | None = None
+    ) -> dict[Path, torch.Tensor]:
         """Logits of each path on ``x``.
 
         With ``shared=True`` (default) every distinct prefix is computed once (a prefix
-        tree); ``shared=False`` computes each path from scratch (the reference).
+        tree); ``shared=False`` computes each path from scratch (the reference). A dict
+        given as ``prefixes`` receives the value after every prefix computed (what exit
+        heads read).
         """
         results: dict[Path, torch.Tensor] = {}
-        memo: dict[Path, torch.Tensor] = {}
+        memo: dict[Path, Any] = {}
         for path in paths:
             if not shared:
                 memo = {}
@@ -237,14 +258,21 @@ class Cohort(nn.Module):
                 key = path[: p + 1]
                 if key in memo:
                     continue
-                h = x if p == 0 else memo[key[:-1]]
-                if p > 0:
-                    ad = self.adapter(p - 1, key[-2], key[-1])
-                    if ad is not None:
-                        h = call_part(ad, h)
-                memo[key] = call_part(self.part(key[-1], p), h)
+                memo[key] = self.step(key, x if p == 0 else memo[key[:-1]])
+                if prefixes is not None:
+                    prefixes[key] = memo[key]
             results[path] = memo[path]
         return results
+
+    def step(self, prefix: Path, value: Any) -> Any:
+        """The value after ``prefix`` from the value after ``prefix[:-1]`` (the input for a first part):
+        the adapter between the two nets, if any, then the part."""
+        p = len(prefix) - 1
+        if p > 0:
+            ad = self.adapter(p - 1, prefix[-2], prefix[-1])
+            if ad is not None:
+                value = call_part(ad, value)
+        return call_part(self.part(prefix[-1], p), value)
 
     def forward(self, x: torch.Tensor, path: Path | None = None) -> torch.Tensor:
         """Logits of one path (default: net 0 itself)."""

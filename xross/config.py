@@ -72,6 +72,11 @@ class RunConfig(FileModel):
     )
     num_classes: PositiveInt | None = Field(None, description="classifier outputs (default: the data's classes)")
     label_smoothing: Float = Field(0.0, ge=0, lt=1, description="label smoothing of every CE term")
+    holdout: NonNegativeInt | None = Field(
+        None,
+        description="training images held out (stratified, never trained on) to calibrate exit thresholds "
+        "(default: a tenth with --exits, else none)",
+    )
     # optimisation
     epochs: PositiveInt = Field(30, description="epochs")
     batch_size: PositiveInt = Field(64, description="global batch size")
@@ -104,6 +109,10 @@ class RunConfig(FileModel):
         if self.nesterov and self.optimizer != "sgd":
             raise ValueError("nesterov applies to the sgd optimizer only")
         return self
+
+    def default_holdout(self, train_images: int, num_classes: int) -> int:
+        """Images held out of training when ``holdout`` is not given (none unless a run calibrates something)."""
+        return 0
 
     @classmethod
     def ordered_fields(cls) -> list[str]:
@@ -192,6 +201,23 @@ class TrainConfig(TeacherOptions, RunConfig):
     )
     temperature: Float = Field(4.0, gt=0, description="kd temperature")
     kd_alpha: Float = Field(0.5, ge=0, le=1, description="kd weight of the hard-label CE")
+    # any-time exits
+    exits: bool = Field(False, description="an exit head after every part of every net, trained with the cohort")
+    exit_head: str | None = Field(
+        None,
+        description="exits: head factory 'module:callable' called as f(channels, num_classes) (default: pool + linear)",
+    )
+    exit_weights: list[Float] | None = Field(
+        None,
+        json_schema_extra=_cli(comma=True),
+        description="exits: weight of each boundary's exit CE, one per cut (default 1 each)",
+    )
+    init_from: str | None = Field(
+        None, description="start the cohort from this train run's newest weights (same nets and cuts)"
+    )
+    frozen_cohort: bool = Field(
+        False, description="train the exit heads only; the cohort stays as --init-from left it (xross add-exits)"
+    )
     # mutualnet
     widths: str | None = Field(
         None, description="mutualnet: the width range trained, LOW:HIGH fractions of the full width (default 0.25:1.0)"
@@ -242,7 +268,10 @@ class TrainConfig(TeacherOptions, RunConfig):
     @model_validator(mode="after")
     def _consistent(self) -> TrainConfig:
         mutual = ("widths", "resolutions", "eval_widths")
+        self._consistent_exits()
         if self.mode == "mutualnet":
+            if self.exits or self.init_from:
+                raise ValueError("mutualnet has no parts to exit from; drop --exits/--init-from")
             if len(self.nets) != 1:
                 raise ValueError(f"mutualnet trains one net; give one in --nets, not {len(self.nets)}")
             if self.teacher:
@@ -261,6 +290,25 @@ class TrainConfig(TeacherOptions, RunConfig):
                 "`xross export`)"
             )
         return self
+
+    def _consistent_exits(self) -> None:
+        if not self.exits:
+            given = [n for n in ("exit_head", "exit_weights") if getattr(self, n) is not None]
+            if given or self.frozen_cohort:
+                name = given[0] if given else "frozen_cohort"
+                raise ValueError(f"{name} applies with --exits only; add --exits or drop it")
+        if self.exit_weights is not None and len(self.exit_weights) != len(self.cuts):
+            raise ValueError(f"exit_weights needs one weight per cut ({len(self.cuts)}), not {len(self.exit_weights)}")
+        if self.frozen_cohort and not self.init_from:
+            raise ValueError("frozen_cohort trains exit heads on a trained cohort; give --init-from RUN")
+
+    def default_holdout(self, train_images: int, num_classes: int) -> int:
+        """With exits, a tenth of the training images (at least one per class) calibrate the exit thresholds."""
+        return max(num_classes, round(train_images / 10)) if self.exits else 0
+
+    def exit_weight_list(self) -> list[float]:
+        """The weight of each boundary's exit term (one per cut)."""
+        return list(self.exit_weights) if self.exit_weights is not None else [1.0] * len(self.cuts)
 
     def per_net_cuts(self) -> list[list[str]]:
         """Cut names per net from ``cuts`` entries like ``"layer2"`` or ``"layer2,features.4"``."""

@@ -36,7 +36,7 @@ from surgery.errors import UserError
 from surgery.io import versions
 from xross.checkpoint import CheckpointDir
 from xross.config import DistillConfig, RunConfig, TrainConfig
-from xross.data import Augment, BatchLoader, ImageTensors, derive_seed, load_split
+from xross.data import Augment, BatchLoader, ImageTensors, derive_seed, load_split, split_holdout
 from xross.distributed import DistInfo, any_rank, average_gradients, init_distributed
 from xross.errors import Interrupted, TrainingDiverged, XrossError
 from xross.evaluate import EvalResult
@@ -113,6 +113,9 @@ class RunEngine:
         train, test = self._load_data(config)
         config.num_classes = config.num_classes or len(train.classes)
         config.image_size = config.image_size or int(train.images.shape[-1])
+        if config.holdout is None:
+            config.holdout = config.default_holdout(len(train), config.num_classes)
+        train, _ = split_holdout(train, config.holdout, config.seed)
         self.config = config
         self.build(resume)
         groups = self.param_groups()

@@ -24,6 +24,7 @@ from surgery.flops import count_flops, count_params, human
 from surgery.schema import FileModel, Float, parse
 from xross.cohort import Cohort, Path, call_part
 from xross.errors import XrossError
+from xross.exits import exit_prefixes, feature
 from xross.teachers import Teachers, ensemble_probs
 
 
@@ -51,13 +52,29 @@ class Accuracy(FileModel):
     top5: Float = Field(ge=0, le=100)
 
 
+class ExitResult(FileModel):
+    """Accuracy and cost of one exit: the head after ``prefix`` (net indices of the parts run so far).
+
+    ``flops`` and ``params`` count the parts and adapters of the prefix and the head itself.
+    """
+
+    prefix: Annotated[tuple[Annotated[NonNegativeInt, Strict()], ...], Strict(False)]
+    name: str
+    top1: Float = Field(ge=0, le=100)
+    top5: Float = Field(ge=0, le=100)
+    params: NonNegativeInt
+    flops: NonNegativeFloat
+
+
 class EvalResult(FileModel):
-    """``eval.json``: every evaluated path, the ensembles (mean softmax) and the number of images."""
+    """``eval.json``: every evaluated path, the ensembles (mean softmax), the number of images and, in a run
+    with exit heads, every exit along the evaluated paths."""
 
     format_version: Literal[1] = 1
     paths: list[PathResult]
     ensembles: dict[str, Accuracy]
     samples: PositiveInt
+    exits: list[ExitResult] = Field(default_factory=list)
 
     def own(self, net: int, num_parts: int) -> PathResult:
         return next(r for r in self.paths if r.path == (net,) * num_parts)
@@ -97,9 +114,12 @@ def percentages(
 
 
 def path_costs(
-    cohort: Cohort, paths: Iterable[Path], image_size: int, device: torch.device | str = "cpu"
+    cohort: Cohort, paths: Iterable[Path], image_size: int, device: torch.device | str = "cpu", exits: bool = False
 ) -> dict[Path, tuple[int, float]]:
-    """(parameters, forward FLOPs per image) of each path; FLOPs of each part counted once."""
+    """(parameters, forward FLOPs per image) of each path (or prefix); FLOPs of each part counted once.
+
+    With ``exits=True`` each ``path`` is an exit's prefix and the cost includes its exit head.
+    """
     x = torch.zeros(1, 3, image_size, image_size, device=device, dtype=next(cohort.parameters()).dtype)
     flops: dict[int, float] = {}
     out: dict[Path, tuple[int, float]] = {}
@@ -107,14 +127,19 @@ def path_costs(
         for path in paths:
             h = x
             total = 0.0
-            for m in cohort.modules_of(path):
+            modules = cohort.modules_of(path)
+            if exits:
+                modules.append(cohort.exits.head(path[-1], len(path) - 1))  # type: ignore[union-attr]
+            for m in modules:
+                if exits and m is modules[-1]:
+                    h = feature(h)
                 args = h if isinstance(h, tuple) else (h,)
                 if id(m) not in flops:
                     flops[id(m)] = count_flops(m, *args)
                 total += flops[id(m)]
                 with evaluating(m):
                     h = call_part(m, h)
-            out[path] = (count_params(cohort.modules_of(path)), total)
+            out[path] = (count_params(modules), total)
     return out
 
 
@@ -136,22 +161,32 @@ def evaluate(
     paths = list(paths) if paths is not None else cohort.paths()
     own = [cohort.own_path(i) for i in range(cohort.num_nets)]
     ensembles = {"nets": own, "all_paths": paths}
-    # correct predictions: a row per path, then per ensemble; columns top-1, top-5
-    hits = torch.zeros(len(paths) + len(ensembles), 2, dtype=torch.int64)
+    prefixes = exit_prefixes(paths, cohort.num_parts) if cohort.exits is not None else []
+    # correct predictions: a row per path, per ensemble, then per exit; columns top-1, top-5
+    hits = torch.zeros(len(paths) + len(ensembles) + len(prefixes), 2, dtype=torch.int64)
     n = 0
     device = next(cohort.parameters()).device
     with evaluating(cohort):
         for images, labels in batches:
             if len(labels) == 0:  # a rank's part of a short last batch
                 continue
-            logits = cohort.forward_paths(images, list(dict.fromkeys([*paths, *own])))
+            values: dict[Path, object] = {}
+            logits = cohort.forward_paths(images, list(dict.fromkeys([*paths, *own])), prefixes=values)
             for row, p in enumerate(paths):
                 hits[row] += topk_correct(logits[p].float(), labels)
             for row, members in enumerate(ensembles.values(), start=len(paths)):
                 probs = torch.stack([logits[p].float().softmax(1) for p in members]).mean(0)
                 hits[row] += topk_correct(probs, labels)
+            for row, prefix in enumerate(prefixes, start=len(paths) + len(ensembles)):
+                hits[row] += topk_correct(cohort.exits.logits(prefix, values[prefix]).float(), labels)  # type: ignore[union-attr]
             n += len(labels)
     pct, n = percentages(hits, n, reduce)
+    exit_rows = pct[len(paths) + len(ensembles) :]
+    exit_costs = path_costs(cohort, prefixes, image_size, device, exits=True)
+    exits = [
+        ExitResult(prefix=q, name=cohort.path_name(q), top1=acc[0], top5=acc[1], params=cost[0], flops=cost[1])
+        for q, acc, cost in zip(prefixes, exit_rows, (exit_costs[q] for q in prefixes))
+    ]
     costs = path_costs(cohort, paths, image_size, device)
     results = [
         PathResult(
@@ -160,7 +195,7 @@ def evaluate(
         for row, p in enumerate(paths)
     ]
     accuracy = {k: Accuracy(top1=pct[len(paths) + i][0], top5=pct[len(paths) + i][1]) for i, k in enumerate(ensembles)}
-    return EvalResult(paths=results, ensembles=accuracy, samples=n)
+    return EvalResult(paths=results, ensembles=accuracy, samples=n, exits=exits)
 
 
 def _cost(module: nn.Module, path: Path | None, image_size: int) -> tuple[int, float]:

@@ -18,6 +18,7 @@ part it passes through (cheaper, not the research's update). Then one optimizer 
 from __future__ import annotations
 
 import functools
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -27,10 +28,11 @@ from xross.config import TrainConfig, config_from_options
 from xross.distributed import sum_over_ranks
 from xross.engine import RunEngine
 from xross.evaluate import EvalResult, evaluate
+from xross.exits import exit_loss, exit_prefixes
 from xross.losses import MODES, LossTerms, Mode, make_mode
 from xross.mutualnet import MutualNetTrainer
 from xross.optim import ParamGroup
-from xross.run import build_cohort, check_sources
+from xross.run import build_cohort, check_sources, load_cohort_weights
 from xross.teachers import ensemble_probs
 
 ADAPTER_OWNERS = {"student": "any", "up": "src", "down": "dst"}
@@ -66,9 +68,14 @@ class Trainer(RunEngine):
             label_smoothing=config.label_smoothing,
         )
         self.paths = self.mode.paths(self.cohort)
+        self.exit_prefixes = exit_prefixes(self.paths, self.cohort.num_parts) if config.exits else []
+        if config.init_from and not resume:
+            load_cohort_weights(self.cohort, Path(config.init_from), verify=self.verify)
         self.trainables = [self._trainables(i) for i in range(self.cohort.num_nets)]
 
     def param_groups(self) -> list[ParamGroup]:
+        if self.config.frozen_cohort:
+            return [{"params": list(self.cohort.exits.parameters())}]  # type: ignore[union-attr]
         return [{"params": list(self.cohort.parameters())}]
 
     def model_state(self) -> dict[str, Any]:
@@ -83,9 +90,15 @@ class Trainer(RunEngine):
                 piece.compile()
 
     def _trainables(self, i: int) -> list[nn.Parameter]:
-        """Parameters student i's loss updates: its net and the adapters it owns."""
-        return self.cohort.net_parameters(i) + self.cohort.adapter_parameters(
-            i, ADAPTER_OWNERS[self.config.adapter_update]
+        """Parameters student i's loss updates: its net, the adapters it owns and its exit heads
+        (only the heads with ``frozen_cohort``)."""
+        heads = self.cohort.exits.parameters_of(i) if self.cohort.exits is not None else []
+        if self.config.frozen_cohort:
+            return heads
+        return (
+            self.cohort.net_parameters(i)
+            + self.cohort.adapter_parameters(i, ADAPTER_OWNERS[self.config.adapter_update])
+            + heads
         )
 
     # --- one step -----------------------------------------------------------------------------
@@ -105,10 +118,15 @@ class Trainer(RunEngine):
         """One optimizer step on a batch; only ``students`` (default all) learn from it."""
         students = list(range(self.cohort.num_nets)) if students is None else students
         images = self.prepare_images(images)
+        if self.config.frozen_cohort:  # BatchNorm statistics stay as the trained cohort left them
+            self.cohort.nets.eval()
+            self.cohort.adapters.eval()
+        values: dict = {}
+        with self.autocast(), torch.set_grad_enabled(not self.config.frozen_cohort):
+            logits = self.cohort.forward_paths(images, self.paths, shared=self.config.shared_prefixes, prefixes=values)
         with self.autocast():
-            logits = self.cohort.forward_paths(images, self.paths, shared=self.config.shared_prefixes)
             target = self.teacher_logits(images)
-            losses = {i: self.mode.loss(i, logits, labels, self.cohort, target) for i in students}
+            losses = {i: self._loss(i, logits, values, labels, target) for i in students}
         for i, loss in losses.items():
             self.check_finite(loss.terms, f" of net {i} ({self.config.nets[i]})")
         self.optimizer.zero_grad(set_to_none=True)
@@ -126,6 +144,33 @@ class Trainer(RunEngine):
         self.optimizer_step()
         self.train_logits = {i: logits[self.cohort.own_path(i)].detach() for i in students}
         return losses
+
+    def _loss(
+        self,
+        i: int,
+        logits: dict[tuple[int, ...], torch.Tensor],
+        values: dict[tuple[int, ...], Any],
+        labels: torch.Tensor,
+        target: torch.Tensor | None,
+    ) -> LossTerms:
+        """Student i's loss: the mode's terms (none with ``frozen_cohort``) plus its exit terms."""
+        if self.config.frozen_cohort:
+            loss = LossTerms({}, torch.zeros((), device=labels.device))
+        else:
+            loss = self.mode.loss(i, logits, labels, self.cohort, target)
+        if self.exit_prefixes:
+            own = [p for p in self.exit_prefixes if p[-1] == i]
+            term = exit_loss(
+                self.cohort.exits,  # type: ignore[arg-type]
+                values,
+                own,
+                labels,
+                self.config.exit_weight_list(),
+                self.config.label_smoothing,
+            )
+            if i in term:
+                loss = LossTerms({**loss.terms, "exits": term[i]}, loss.total + term[i])
+        return loss
 
     def step(self, images: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
         losses = self.train_step(images, labels)

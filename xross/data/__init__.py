@@ -32,6 +32,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import torch
+
 from xross.data import sources
 from xross.data.augment import CIFAR_MEAN, CIFAR_STD, Augment, CropFlip, derive_seed
 from xross.data.cache import (
@@ -51,6 +53,7 @@ from xross.data.subset import stratified
 from xross.errors import XrossError
 
 __all__ = [
+    "split_holdout",
     "ARCHIVE_SUFFIXES",
     "CACHE_FORMAT",
     "CIFAR_MEAN",
@@ -155,3 +158,25 @@ def _build(
         listing = sources.scan_folder(origin, split)
     keep = stratified(listing.labels, subset, seed, where)
     return ImageTensors(stack(decode_all(listing, keep, progress), image_size), listing.labels[keep], listing.classes)
+
+
+def split_holdout(data: ImageTensors, holdout: int, seed: int = 0) -> tuple[ImageTensors, ImageTensors]:
+    """(the images trained on, ``holdout`` images held out): a stratified choice, deterministic in ``seed``.
+
+    >>> import torch
+    >>> data = ImageTensors(torch.zeros(6, 3, 2, 2, dtype=torch.uint8), torch.tensor([0, 0, 0, 1, 1, 1]), ["a", "b"])
+    >>> train, held = split_holdout(data, 2)
+    >>> len(train), held.labels.tolist()
+    (4, [0, 1])
+    """
+    if holdout <= 0:
+        return data, ImageTensors(data.images[:0], data.labels[:0], data.classes)
+    if holdout >= len(data):
+        raise XrossError(f"holdout={holdout} leaves nothing of the {len(data)} training images; give a smaller one")
+    held = stratified(data.labels, holdout, derive_seed("holdout", seed), "the training split")
+    keep = torch.ones(len(data), dtype=torch.bool)
+    keep[held] = False
+    return (
+        ImageTensors(data.images[keep], data.labels[keep], data.classes),
+        ImageTensors(data.images[held], data.labels[held], data.classes),
+    )
