@@ -17,9 +17,10 @@ from __future__ import annotations
 import json
 import platform
 import statistics
+import sys
 import time
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from pydantic import Field, NonNegativeFloat, NonNegativeInt, PositiveInt
@@ -29,7 +30,9 @@ from surgery._util import atomic_write_text, evaluating, first_line
 from surgery.errors import SurgeryError
 from surgery.flops import count_flops, count_params
 from surgery.schema import FileModel, Float, parse
+from xross.cohort import Cohort, adapter_key, call_part
 from xross.errors import XrossError
+from xross.exits import feature, head_key
 from xross.mutualnet import setting_name
 from xross.run import DTYPES, is_distill_run, is_mutualnet_run, load_run, load_slim, load_student, run_config
 
@@ -80,11 +83,13 @@ def device_name(device: torch.device) -> str:
     return f"cpu:{platform.processor() or platform.machine()}:{torch.get_num_threads()} threads"
 
 
-def _time_ms(module: nn.Module, x: torch.Tensor, repeats: int) -> float:
+def _time_ms(module: nn.Module, args: tuple[Any, ...], repeats: int) -> float:
+    cuda = any(isinstance(a, torch.Tensor) and a.is_cuda for a in args)
+
     def call() -> None:
-        module(x)
-        if x.is_cuda:
-            torch.cuda.synchronize(x.device)
+        module(*args)
+        if cuda:
+            torch.cuda.synchronize()
 
     call()  # warm-up
     times = []
@@ -95,17 +100,30 @@ def _time_ms(module: nn.Module, x: torch.Tensor, repeats: int) -> float:
     return statistics.median(times)
 
 
+def _batched(example: Any, batch: int) -> tuple[Any, ...]:
+    """The call's arguments with every batch-first tensor cut to one sample, or repeated to ``batch`` samples."""
+    args = example if isinstance(example, tuple) else (example,)
+    size = next(a.shape[0] for a in args if isinstance(a, torch.Tensor))
+
+    def resize(a: Any) -> Any:
+        if not isinstance(a, torch.Tensor) or a.dim() == 0 or a.shape[0] != size:
+            return a
+        return a[:1].expand(batch, *a.shape[1:]).contiguous()
+
+    return tuple(resize(a) for a in args)
+
+
 @torch.no_grad()
-def measure(module: nn.Module, example: torch.Tensor, batch: int = 32, repeats: int = 10) -> LatencyEntry:
-    """Time ``module`` on ``example`` (one image's worth, batch 1) and on ``batch`` copies of it."""
-    one = example[:1]
-    many = one.expand(batch, *one.shape[1:]).contiguous()
+def measure(module: nn.Module, example: Any, batch: int = 32, repeats: int = 10) -> LatencyEntry:
+    """Time ``module`` on ``example`` (a tensor or a tuple of arguments; one sample's worth, batch 1) and on
+    ``batch`` copies of it."""
+    one, many = _batched(example, 1), _batched(example, batch)
     with evaluating(module):
         return LatencyEntry(
             ms_batch1=_time_ms(module, one, repeats),
             ms_batch=_time_ms(module, many, repeats),
             batch=batch,
-            flops=count_flops(module, one),
+            flops=count_flops(module, *one),
             params=count_params(module),
         )
 
@@ -141,6 +159,95 @@ def profile_run(
         entries[dcfg.student] = measure(student, image(cfg.image_size or 32), batch, repeats)
     else:
         _, cohort = load_run(run, trust_code=trust_code, verify=verify)
+        x = image(cfg.image_size or 32)
         for p in cohort.paths():
-            entries[cohort.path_name(p)] = measure(cohort.export_path(p), image(cfg.image_size or 32), batch, repeats)
+            entries[cohort.path_name(p)] = measure(cohort.export_path(p), x, batch, repeats)
+        entries.update(piece_entries(cohort, x, batch, repeats))
     return LatencyTable(device=device_name(torch.device("cpu")), entries=entries)
+
+
+def part_entry(net: int, part: int) -> str:
+    return f"part_n{net}_p{part}"
+
+
+def adapter_entry(boundary: int, src: int, dst: int) -> str:
+    return f"adapter_{adapter_key(boundary, src, dst)}"
+
+
+def exit_entry(net: int, boundary: int) -> str:
+    return f"exit_{head_key(net, boundary)}"
+
+
+def _chain_ms(cohort: Cohort, net: int, x: Any, repeats: int) -> dict[str, float]:
+    """Median ms of each part of net ``net``, and of the adapters and exit head after each, timed *in a run of
+    the net*: every repeat runs the whole chain, so each piece meets the caches the pieces before it left
+    (timing one piece alone, over and over, finds it faster than it is in a route)."""
+    cuda = isinstance(x, torch.Tensor) and x.is_cuda
+    times: dict[str, list[float]] = {}
+
+    def timed(name: str, module: nn.Module, value: Any) -> Any:
+        start = time.perf_counter()
+        out = call_part(module, value)
+        if cuda:
+            torch.cuda.synchronize()
+        times.setdefault(name, []).append((time.perf_counter() - start) * 1e3)
+        return out
+
+    for _ in range(repeats + 1):  # the first round warms up
+        value = x
+        for p in range(cohort.num_parts):
+            value = timed(part_entry(net, p), cohort.part(net, p), value)
+            if p == cohort.num_parts - 1:
+                break
+            for j in range(cohort.num_nets):
+                ad = cohort.adapter(p, net, j)
+                if ad is not None:
+                    timed(adapter_entry(p, net, j), ad, value)
+            if cohort.exits is not None:
+                timed(exit_entry(net, p), cohort.exits.head(net, p), feature(value))
+    return {name: statistics.median(t[1:]) for name, t in times.items()}
+
+
+@torch.no_grad()
+def piece_entries(cohort: Cohort, x: torch.Tensor, batch: int, repeats: int) -> dict[str, LatencyEntry]:
+    """Every part, adapter and exit head of a cohort (``part_n0_p1``, ``adapter_b0_0to1``, ``exit_n0_b0``),
+    timed within runs of its net at batch 1 and at ``batch``, with FLOPs and parameters."""
+    entries = {}
+    with evaluating(cohort):
+        for i in range(cohort.num_nets):
+            one = _chain_ms(cohort, i, x[:1], repeats)
+            many = _chain_ms(cohort, i, x[:1].expand(batch, *x.shape[1:]).contiguous(), repeats)
+            value: Any = x[:1]
+            for p in range(cohort.num_parts):
+                modules = {part_entry(i, p): (cohort.part(i, p), value)}
+                value = call_part(cohort.part(i, p), value)
+                if p < cohort.num_parts - 1:
+                    for j in range(cohort.num_nets):
+                        if cohort.adapter(p, i, j) is not None:
+                            modules[adapter_entry(p, i, j)] = (cohort.adapter(p, i, j), value)
+                    if cohort.exits is not None:
+                        modules[exit_entry(i, p)] = (cohort.exits.head(i, p), feature(value))
+                for name, (module, arg) in modules.items():
+                    args = arg if isinstance(arg, tuple) else (arg,)
+                    entries[name] = LatencyEntry(
+                        ms_batch1=one[name],
+                        ms_batch=many[name],
+                        batch=batch,
+                        flops=count_flops(module, *args),
+                        params=count_params(module),
+                    )
+    return entries
+
+
+def latency_table(
+    run: Path, batch: int = 32, repeats: int = 10, *, trust_code: bool = False, verify: bool = True
+) -> LatencyTable:
+    """The run's latency table: the saved one if it was measured on this device, else measured now and saved."""
+    if (run / LATENCY_FILE).is_file():
+        table = LatencyTable.load(run)
+        if table.device == device_name(torch.device("cpu")):
+            return table
+        print(f"note: {run}/{LATENCY_FILE} was measured on {table.device}; measuring again here", file=sys.stderr)
+    table = profile_run(run, batch, repeats, trust_code=trust_code, verify=verify)
+    table.save(run)
+    return table
