@@ -23,15 +23,16 @@ import typer
 import surgery
 from surgery.clikit import console, model_values, options_from_model, run_app, table, with_signature
 from surgery.flops import human, parse_human
+from xross.anytime_report import AnytimeReport, anytime_report, best_point, deadline_choice, write_anytime_files
 from xross.cohort import Cohort, parse_path
 from xross.config import DistillConfig, RunConfig, TrainConfig, config_from_options
 from xross.data import BatchLoader, load_split
 from xross.errors import XrossError
 from xross.evaluate import EvalResult, best_path, distillation_gap, evaluate, evaluate_distillation, pareto_front
-from xross.latency import LATENCY_FILE, batch1_ms, profile_run
+from xross.latency import LATENCY_FILE, batch1_ms, latency_table, profile_run
 from xross.mutualnet import calibration_images, evaluate_settings, standalone_setting
 from xross.query import COLUMNS, parse_ms, query_rows, row_values, write_query_files
-from xross.run import DTYPES, is_mutualnet_run, load_run, load_slim, load_student, run_config
+from xross.run import DTYPES, exit_heads_config, is_mutualnet_run, load_run, load_slim, load_student, run_config
 from xross.teachers import load_teachers
 
 app = typer.Typer(
@@ -157,6 +158,13 @@ def _print_eval(cohort: Cohort, result: EvalResult, run: Path) -> None:
     )
     ens = [(k, f"{v.top1:.2f}", f"{v.top5:.2f}") for k, v in result.ensembles.items()]
     console.print(table("ensembles (mean softmax)", ["members", "top-1", "top-5"], ens))
+    if result.exits:
+        rows = [
+            ("-".join(map(str, e.prefix)), e.name, f"{e.top1:.2f}", f"{e.top5:.2f}", human(e.params), human(e.flops))
+            for e in result.exits
+        ]
+        columns = ["after parts", "nets", "top-1", "top-5", "params", "FLOPs"]
+        console.print(table("exits (the head after the parts run so far)", columns, rows))
 
 
 @app.command("eval")
@@ -251,19 +259,52 @@ def best(
     run: RunArg,
     max_params: Annotated[Optional[str], _opt("parameter budget, e.g. 12M")] = None,
     max_flops: Annotated[Optional[str], _opt("FLOP budget per image, e.g. 1.5G")] = None,
-    max_latency: Annotated[Optional[str], _opt("batch-1 latency budget from `xross profile`, e.g. 5ms")] = None,
+    max_latency: Annotated[
+        Optional[str], _opt("batch-1 latency budget from `xross profile`, e.g. 5ms (with exits: a deadline)")
+    ] = None,
+    mean_flops: Annotated[
+        Optional[str], _opt("mean FLOPs per image with confident early exits (after `xross anytime`), e.g. 20M")
+    ] = None,
 ) -> None:
-    """The most accurate path (or width-resolution setting) within a parameter/FLOP/latency budget."""
+    """The most accurate path (or width-resolution setting) within a parameter/FLOP/latency budget; with exit
+    heads, the route and exit to use under a deadline, or the route and thresholds for a mean FLOP budget."""
     try:
         mp = parse_human(max_params) if max_params else None
         mf = parse_human(max_flops) if max_flops else None
+        mean = parse_human(mean_flops) if mean_flops else None
     except ValueError:
         raise XrossError("budgets are numbers with an optional k/M/G/T suffix, e.g. 12M") from None
     ml = parse_ms(max_latency) if max_latency else None
+    if mean is not None:
+        if mp is not None or mf is not None or ml is not None:
+            raise XrossError(
+                "--mean-flops is a budget of its own; give it without --max-params/--max-flops/--max-latency"
+            )
+        point = best_point(AnytimeReport.load(run).points, mean)
+        thresholds = ", ".join(f"{t:.3f}" if t <= 1 else "never" for t in point.thresholds)
+        console.print(
+            f"route {','.join(map(str, point.path))} with exit thresholds {thresholds}: top-1 {point.top1:.2f}% at "
+            f"{human(point.flops)} FLOPs per image on the test split (calibration: {point.calibration_top1:.2f}% at "
+            f"{human(point.calibration_flops)})",
+            highlight=False,
+        )
+        return
+    results = _results(run)
+    if ml is not None and results.exits:
+        if mp is not None:
+            raise XrossError("with exits --max-latency is a deadline; combine it with --max-flops, not --max-params")
+        chosen = deadline_choice(results, latency_table(run), ml, mf)
+        stop = "its end" if len(chosen.prefix) == len(chosen.path) else f"the exit after part {chosen.stage}"
+        console.print(
+            f"route {','.join(map(str, chosen.path))}, answering from {stop}: top-1 {chosen.accuracy:.2f}%, "
+            f"{chosen.ms:.2f} ms, {human(chosen.flops)} FLOPs",
+            highlight=False,
+        )
+        return
     latency = batch1_ms(run) if ml is not None else None
     if ml is not None and latency is None:
         raise XrossError(f"a latency budget needs '{run}/{LATENCY_FILE}'; measure it with `xross profile {run}`")
-    r = best_path(_results(run).paths, max_params=mp, max_flops=mf, max_latency=ml, latency=latency)
+    r = best_path(results.paths, max_params=mp, max_flops=mf, max_latency=ml, latency=latency)
     what = {"student": "the student", "setting": "best setting"}.get(r.role, f"best path {','.join(map(str, r.path))}")
     ms = f", {latency[r.name]:.2f} ms" if latency else ""
     console.print(f"{what} ({r.name}): top-1 {r.top1:.2f}%, {human(r.params)} params, {human(r.flops)} FLOPs{ms}")
@@ -362,6 +403,97 @@ def profile(
             f"{run}: latency on {device}", ["network", "ms (batch 1)", f"ms (batch {batch})", "FLOPs", "params"], rows
         )
     )
+
+
+@app.command()
+def anytime(
+    run: RunArg,
+    budgets: Annotated[str, typer.Option(help="mean-FLOPs budgets, % of the costliest path")] = "25,50,75,100",
+    deadlines: Annotated[int, typer.Option(help="deadlines on the any-time curve")] = 12,
+    wall_clock: Annotated[int, typer.Option(help="test images answered one by one per deadline on the clock")] = 0,
+    eval_subset: Annotated[Optional[int], _opt("evaluate on a stratified subset (default: the run's)")] = None,
+    trust_code: TrustOpt = False,
+    no_verify: NoVerifyOpt = False,
+) -> None:
+    """Any-time curves of a run with exit heads: accuracy vs deadline, and vs mean FLOPs with confidence
+    thresholds calibrated on held-out training images; writes anytime.json, anytime.csv and anytime.png."""
+    try:
+        shares = [float(b) / 100 for b in budgets.split(",")]
+    except ValueError:
+        raise XrossError(f"--budgets '{budgets}' should be percentages like 25,50,75,100") from None
+    if not all(0 < s for s in shares):
+        raise XrossError(f"--budgets '{budgets}' should be positive percentages like 25,50,75,100")
+    cfg, cohort = load_run(run, trust_code=trust_code, verify=not no_verify)
+    if cohort.exits is None:
+        raise XrossError(f"'{run}' has no exit heads; retrain with --exits or run `xross add-exits {run} --out DIR`")
+    table_ = latency_table(run, trust_code=trust_code, verify=not no_verify)
+    report = anytime_report(
+        cfg, cohort, table_, eval_subset=eval_subset, shares=shares, deadlines=deadlines, wall_clock=wall_clock,
+        progress=lambda text: console.print(text, highlight=False),
+    )  # fmt: skip
+    _print_anytime(run, report)
+    written = write_anytime_files(run, report)
+    console.print(f"wrote {', '.join(str(p) for p in written)}", highlight=False)
+
+
+def _print_anytime(run: Path, report: AnytimeReport) -> None:
+    def route(path: tuple[int, ...] | None) -> str:
+        return ",".join(map(str, path)) if path else "-"
+
+    def pct(value: float | None) -> str:
+        return f"{value:.2f}" if value is not None else "-"
+
+    rows = [
+        (f"{d.deadline_ms:.2f}", route(d.path), route(d.prefix), pct(d.top1), route(d.full_path), pct(d.full_path_top1))
+        for d in report.deadlines
+    ]
+    columns = ["deadline ms", "route", "answers after", "top-1", "best full path", "its top-1"]
+    console.print(table(f"{run}: any-time ({report.test_images} test images, {report.device})", columns, rows))
+    rows = [
+        (f"{100 * b.share:g}%", human(b.budget_flops), route(b.path), pct(b.top1),
+         human(b.mean_flops) if b.mean_flops is not None else "-", route(b.full_path), pct(b.full_path_top1))
+        for b in report.budgets
+    ]  # fmt: skip
+    columns = ["budget", "mean FLOPs", "route", "top-1", "spent (test)", "best full path", "its top-1"]
+    title = f"budgeted batch classification (thresholds on {report.calibration_images} held-out images)"
+    console.print(table(title, columns, rows))
+    if report.wall_clock_answers:
+        console.print(
+            f"wall clock: {report.deadline_violations} of {report.wall_clock_answers} answers later than their "
+            "deadline + 10 %",
+            highlight=False,
+        )
+
+
+@app.command("add-exits")
+def add_exits(
+    run: RunArg,
+    out: Annotated[Path, typer.Option(help="the new run directory (RUN is left as it is)")],
+    epochs: Annotated[int, typer.Option(help="epochs of head training")] = 3,
+    lr: Annotated[float, typer.Option(help="learning rate of the heads")] = 1e-3,
+    exit_head: Annotated[Optional[str], _opt("head factory 'module:callable' (default: pool + linear)")] = None,
+    exit_weights: Annotated[Optional[str], _opt("weight of each boundary's exit, e.g. 1,1")] = None,
+    holdout: Annotated[Optional[int], _opt("training images held out for calibration (default: a tenth)")] = None,
+    force: Annotated[bool, typer.Option(help="start over in a non-empty --out")] = False,
+    progress: Annotated[bool, typer.Option(help="show a progress bar")] = True,
+    trust_code: TrustOpt = False,
+    no_verify: NoVerifyOpt = False,
+) -> None:
+    """Train exit heads on a trained cohort, frozen (its weights and BatchNorm statistics stay): a new run with
+    RUN's config, --exits on and the cohort from RUN."""
+    from xross.trainer import Trainer
+
+    given = {"out": str(out), "epochs": epochs, "lr": lr, "exit_head": exit_head, "holdout": holdout}
+    if exit_weights:
+        given["exit_weights"] = exit_weights.split(",")
+    cfg = exit_heads_config(run, **{k: v for k, v in given.items() if v is not None})
+    trainer = Trainer(
+        cfg, force=force, progress=progress, trust_code=trust_code, trust_typed=trust_code, verify=not no_verify,
+        command="xross " + " ".join(shlex.quote(a) for a in sys.argv[1:]),
+    )  # fmt: skip
+    result = trainer.fit()
+    if trainer.dist.is_main:
+        _print_eval(trainer.cohort, result, trainer.run_dir)
 
 
 @app.command()

@@ -11,7 +11,7 @@ run's cohort as a standalone :class:`surgery.Pieces`.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import torch
 from torch import nn
@@ -59,8 +59,33 @@ def build_cohort(
         always_adapt=config.always_adapt,
         transform_net=transform,
         trust_code=trust_code,
+        exits=config.exits,
+        exit_head=config.exit_head,
     )
     return cohort.to(device)
+
+
+def load_cohort_weights(cohort: Cohort, run: Path, *, verify: bool = True) -> None:
+    """Copy the newest good weights of the train run ``run`` into ``cohort`` (same nets and cuts); exit
+    heads the run lacks keep their initial weights."""
+    cfg = run_config(run)
+    if not isinstance(cfg, TrainConfig) or cfg.mode == "mutualnet":
+        raise XrossError(f"--init-from '{run}' is not a cohort's training run")
+    path, state = CheckpointDir(run).load_latest(verify)
+    try:
+        missing, unexpected = cohort.load_state_dict(state["cohort"], strict=False)
+    except RuntimeError as e:
+        raise XrossError(
+            f"--init-from '{run}': its checkpoint {path.name} does not fit this cohort ({first_line(e, 120)}); "
+            "give the same nets and cuts"
+        ) from None
+    absent = [k for k in missing if not k.startswith("exits.")]
+    if absent or unexpected:
+        name = (absent or unexpected)[0]
+        raise XrossError(
+            f"--init-from '{run}': its checkpoint {path.name} does not fit this cohort ('{name}'); "
+            "give the same nets and cuts"
+        )
 
 
 def build_slim(
@@ -178,3 +203,18 @@ def run_path(run: Path, path: tuple[int, ...], *, trust_code: bool = False, veri
             f"'{run}@{'-'.join(map(str, path))}' needs {cohort.num_parts} net indices in 0..{cohort.num_nets - 1}"
         )
     return cohort.export_path(path)
+
+
+def exit_heads_config(run: Path, **options: Any) -> TrainConfig:
+    """The config of a run that trains exit heads on ``run``'s frozen cohort (``xross add-exits``): the
+    run's own config with exits on, the cohort initialised from ``run`` and frozen; ``options`` (``out``,
+    ``epochs``, ``lr``, exit options...) override it."""
+    run = Path(run)
+    cfg = run_config(run)
+    if not isinstance(cfg, TrainConfig) or cfg.mode == "mutualnet":
+        raise XrossError(f"'{run}' is not a cohort's training run; exit heads attach to a cohort's parts")
+    if cfg.exits:
+        raise XrossError(f"'{run}' already has exit heads; use it as it is (`xross anytime {run}`)")
+    base = cfg.model_dump(exclude={"out", "holdout", "warmup_epochs", "lr_schedule"})
+    base.update(exits=True, init_from=str(run.resolve()), frozen_cohort=True, epochs=3, lr=1e-3)
+    return TrainConfig.from_dict({**base, **options}, "the options")
