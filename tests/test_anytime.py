@@ -10,6 +10,7 @@ import pytest
 import torch
 from helpers import tiny
 
+import xross
 from xross.anytime import AnytimeRunner, RouteCosts
 from xross.anytime_report import AnytimeReport
 from xross.cohort import Cohort
@@ -142,3 +143,8 @@ def test_best_answers_for_a_deadline_and_a_mean_budget(exits_run: Path, cli) -> 
     assert r.code == 0 and "answering from its end" in r.out, r
     r = cli("xross", "best", exits_run, "--max-latency", "0.001ms")
     assert r.code == 2 and "give at least" in r.err and len(r.err.strip().splitlines()) == 1
+
+    x = torch.randn(1, 3, 32, 32)
+    runner = xross.AnytimeRunner.from_run(exits_run, deadline_ms=1e4)  # time for everything: the best full path
+    answer = runner(x)
+    assert answer.final and torch.equal(answer.logits, runner.cohort.forward_paths(x, [answer.prefix])[answer.prefix])

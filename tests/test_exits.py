@@ -145,3 +145,5 @@ def test_add_exits_trains_heads_on_a_frozen_cohort(tmp_path, cifar10_archive, da
     assert any(k.startswith("exits.") for k in after)
     code, _, err = finish(xross("add-exits", str(heads), "--out", str(tmp_path / "again")))
     assert code == 2 and "already has exit heads" in err and len(err.strip().splitlines()) == 1
+    code, _, err = finish(xross("anytime", str(base)))
+    assert code == 2 and "retrain with --exits or run `xross add-exits" in err and len(err.strip().splitlines()) == 1

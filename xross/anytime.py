@@ -23,13 +23,16 @@ import dataclasses
 import math
 import time
 from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path as FsPath
 from typing import Any
 
 import torch
 
 from xross.cohort import Cohort, Path
 from xross.errors import XrossError
-from xross.latency import LatencyTable, adapter_entry, exit_entry, part_entry
+from xross.evaluate import EvalResult
+from xross.latency import LatencyTable, adapter_entry, exit_entry, latency_table, part_entry
+from xross.run import load_run
 
 
 @dataclasses.dataclass(frozen=True)
@@ -149,6 +152,11 @@ def check_deadline(routes: Sequence[RouteCosts], deadline_ms: float | None, devi
         )
 
 
+def accuracy_by_prefix(result: EvalResult) -> dict[Path, float]:
+    """Top-1 by prefix from an evaluation: every exit's, and every path's final output."""
+    return {**{e.prefix: e.top1 for e in result.exits}, **{r.path: r.top1 for r in result.paths}}
+
+
 @dataclasses.dataclass
 class Answer:
     """What an any-time call returns: logits, the exit answered from (its prefix), time spent, FLOPs run."""
@@ -209,6 +217,23 @@ class AnytimeRunner:
         self.deadline_ms = deadline_ms
         self.flops = flops
         self.clock = clock
+
+    @classmethod
+    def from_run(
+        cls, run: str | FsPath, deadline_ms: float | None = None, flops: float | None = None, **options: Any
+    ) -> AnytimeRunner:
+        """A runner over a run directory's cohort (newest weights) and latency table (measured now if it has
+        none for this device); without ``path`` the route is chosen by the accuracies in its ``eval.json``.
+
+        ``options``: ``path``, ``clock``; ``trust_code`` and ``verify`` as for loading the run.
+        """
+        run = FsPath(run)
+        trust_code, verify = options.pop("trust_code", False), options.pop("verify", True)
+        _, cohort = load_run(run, trust_code=trust_code, verify=verify)
+        table = latency_table(run, trust_code=trust_code, verify=verify)
+        if options.get("path") is None:
+            options["accuracy"] = accuracy_by_prefix(EvalResult.load(run / "eval.json"))
+        return cls(cohort, table, deadline_ms, flops, **options)
 
     @torch.no_grad()
     def __call__(self, x: Any) -> Answer:

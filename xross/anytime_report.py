@@ -33,7 +33,7 @@ from pydantic import Field, NonNegativeInt, Strict
 from surgery._util import atomic_write, atomic_write_text, first_line
 from surgery.errors import SurgeryError
 from surgery.schema import FileModel, Float, parse
-from xross.anytime import AnytimeRunner, Plan, RouteCosts, check_deadline, minimum_deadline, plan
+from xross.anytime import AnytimeRunner, Plan, RouteCosts, accuracy_by_prefix, check_deadline, minimum_deadline, plan
 from xross.budget import StageRecords, calibrate, collect, stage_costs, thresholds_for
 from xross.cohort import Cohort, Path
 from xross.config import TrainConfig
@@ -101,6 +101,7 @@ class AnytimeReport(FileModel):
     wall_clock_answers: NonNegativeInt = 0
     deadline_violations: NonNegativeInt = 0
     wall_clock_top1: dict[str, Float] = Field(default_factory=dict)
+    wall_clock_late: dict[str, NonNegativeInt] = Field(default_factory=dict)
 
     def save(self, run: FsPath) -> None:
         atomic_write_text(run / ANYTIME_JSON, self.model_dump_json(indent=1) + "\n")
@@ -265,7 +266,7 @@ def best_point(points: Sequence[OperatingPoint], mean_flops: float) -> Operating
 
 def deadline_choice(result: EvalResult, table: LatencyTable, deadline_ms: float, flops: float | None = None) -> Plan:
     """The route and exit to use under a deadline (and FLOP limit), by the accuracies of ``eval.json``."""
-    accuracy = {**{e.prefix: e.top1 for e in result.exits}, **{r.path: r.top1 for r in result.paths}}
+    accuracy = accuracy_by_prefix(result)
     routes = [RouteCosts.of(r.path, table) for r in result.paths]
     check_deadline(routes, deadline_ms, table.device)
     chosen = plan(routes, accuracy, deadline_ms, flops)
@@ -282,22 +283,23 @@ def wall_clock_check(
     labels: torch.Tensor,
     deadlines: Sequence[float],
     progress: Callable[[str], None] | None = None,
-) -> tuple[int, int, dict[str, float]]:
+) -> tuple[int, dict[str, int], dict[str, float]]:
     """Answer each image alone under each deadline on the real clock: (answers, answers later than the
-    deadline + 10 %, top-1 per deadline)."""
-    answers = late = 0
-    top1 = {}
+    deadline + 10 % per deadline, top-1 per deadline); deadlines keyed ``f"{ms:.3f}"``."""
+    answers = 0
+    late, top1 = {}, {}
     for d in deadlines:
         runner = AnytimeRunner(cohort, table, deadline_ms=d, accuracy=cal, clock=time.perf_counter)
-        right = 0
+        right = over = 0
         for x, y in zip(images, labels):
             answer = runner(x[None])
             answers += 1
-            late += answer.elapsed_ms > 1.1 * d
+            over += answer.elapsed_ms > 1.1 * d
             right += int(answer.logits.argmax(1).item() == int(y))
-        top1[f"{d:.3f}"] = 100.0 * right / max(len(labels), 1)
+        key = f"{d:.3f}"
+        top1[key], late[key] = 100.0 * right / max(len(labels), 1), over
         if progress:
-            progress(f"deadline {d:.2f} ms: {len(labels)} answers, top-1 {top1[f'{d:.3f}']:.1f}%")
+            progress(f"deadline {d:.2f} ms: {len(labels)} answers, top-1 {top1[key]:.1f}%, {over} late")
     return answers, late, top1
 
 
@@ -351,7 +353,8 @@ def anytime_report(
         for x in images[:4]:  # warm-up: first calls pay one-time costs the table does not hold
             cohort.forward_paths(x[None], cohort.paths())
         answers, late, top1 = wall_clock_check(cohort, table, cal, images, labels, grid, progress)
-        report.wall_clock_answers, report.deadline_violations, report.wall_clock_top1 = answers, late, top1
+        report.wall_clock_answers, report.wall_clock_top1, report.wall_clock_late = answers, top1, late
+        report.deadline_violations = sum(late.values())
     return report
 
 

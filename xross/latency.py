@@ -240,9 +240,10 @@ def piece_entries(cohort: Cohort, x: torch.Tensor, batch: int, repeats: int) -> 
 
 
 def latency_table(
-    run: Path, batch: int = 32, repeats: int = 10, *, trust_code: bool = False, verify: bool = True
+    run: str | Path, batch: int = 32, repeats: int = 10, *, trust_code: bool = False, verify: bool = True
 ) -> LatencyTable:
     """The run's latency table: the saved one if it was measured on this device, else measured now and saved."""
+    run = Path(run)
     if (run / LATENCY_FILE).is_file():
         table = LatencyTable.load(run)
         if table.device == device_name(torch.device("cpu")):

@@ -208,13 +208,19 @@ def run_path(run: Path, path: tuple[int, ...], *, trust_code: bool = False, veri
 def exit_heads_config(run: Path, **options: Any) -> TrainConfig:
     """The config of a run that trains exit heads on ``run``'s frozen cohort (``xross add-exits``): the
     run's own config with exits on, the cohort initialised from ``run`` and frozen; ``options`` (``out``,
-    ``epochs``, ``lr``, exit options...) override it."""
+    ``epochs``, ``lr``, exit options...) override it.
+
+    The images held out for calibrating exit thresholds are ``run``'s own holdout, or, if it had none,
+    a tenth of its training images: the heads never see them, but the cohort did.
+    """
     run = Path(run)
     cfg = run_config(run)
     if not isinstance(cfg, TrainConfig) or cfg.mode == "mutualnet":
         raise XrossError(f"'{run}' is not a cohort's training run; exit heads attach to a cohort's parts")
     if cfg.exits:
         raise XrossError(f"'{run}' already has exit heads; use it as it is (`xross anytime {run}`)")
-    base = cfg.model_dump(exclude={"out", "holdout", "warmup_epochs", "lr_schedule"})
+    base = cfg.model_dump(exclude={"out", "warmup_epochs", "lr_schedule"})
     base.update(exits=True, init_from=str(run.resolve()), frozen_cohort=True, epochs=3, lr=1e-3)
+    if not base["holdout"]:  # the cohort trained on every image: hold out a tenth now (it has seen them)
+        base["holdout"] = None
     return TrainConfig.from_dict({**base, **options}, "the options")
