@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path as FsPath
@@ -30,9 +29,9 @@ from typing import Annotated, Literal
 import torch
 from pydantic import Field, NonNegativeInt, Strict
 
-from surgery._util import atomic_write, atomic_write_text, first_line
+from surgery._util import atomic_write_text
 from surgery.errors import SurgeryError
-from surgery.schema import FileModel, Float, parse
+from surgery.schema import FileModel, Float, parse, read_json_file
 from xross.anytime import AnytimeRunner, Plan, RouteCosts, accuracy_by_prefix, check_deadline, minimum_deadline, plan
 from xross.budget import StageRecords, calibrate, collect, stage_costs, thresholds_for
 from xross.cohort import Cohort, Path
@@ -41,6 +40,7 @@ from xross.data import BatchLoader, load_split, split_holdout
 from xross.errors import XrossError
 from xross.evaluate import EvalResult
 from xross.latency import LatencyTable
+from xross.query import save_png
 from xross.run import DTYPES
 
 ANYTIME_JSON, ANYTIME_CSV, ANYTIME_PNG = "anytime.json", "anytime.csv", "anytime.png"
@@ -108,13 +108,14 @@ class AnytimeReport(FileModel):
 
     @classmethod
     def load(cls, run: FsPath) -> AnytimeReport:
-        path = run / ANYTIME_JSON
-        if not path.is_file():
-            raise XrossError(f"'{run}' has no {ANYTIME_JSON}; make it with `xross anytime {run}`")
+        fix = f"run `xross anytime {run}` again"
         try:
-            return parse(cls, json.loads(path.read_bytes()), str(path), fix=f"run `xross anytime {run}` again")
-        except (OSError, ValueError) as e:
-            raise XrossError(f"cannot read {path}: {first_line(e)}; run `xross anytime {run}` again") from None
+            data = read_json_file(
+                run / ANYTIME_JSON,
+                missing=f"'{run}' has no {ANYTIME_JSON}; make it with `xross anytime {run}`",
+                fix=fix,
+            )
+            return parse(cls, data, str(run / ANYTIME_JSON), fix=fix)
         except SurgeryError as e:
             raise XrossError(str(e)) from None
 
@@ -405,8 +406,5 @@ def write_anytime_files(run: FsPath, report: AnytimeReport) -> list[FsPath]:
     right.legend(fontsize=8, loc="lower right")
     fig.suptitle(run.name)
     fig.tight_layout()
-    png = io.BytesIO()
-    fig.savefig(png, format="png", dpi=120)
-    plt.close(fig)
-    atomic_write(run / ANYTIME_PNG, lambda tmp: tmp.write_bytes(png.getvalue()))
+    save_png(fig, run / ANYTIME_PNG)
     return [*written, run / ANYTIME_PNG]

@@ -23,16 +23,18 @@ import typer
 import surgery
 from surgery.clikit import console, model_values, options_from_model, run_app, table, with_signature
 from surgery.flops import human, parse_human
-from xross.anytime_report import AnytimeReport, anytime_report, best_point, deadline_choice, write_anytime_files
-from xross.cohort import Cohort, parse_path
+from xross.anytime_report import AnytimeReport, best_point, deadline_choice
+from xross.cli_anytime import add_exits, anytime
+from xross.cli_common import NoVerifyOpt, RunArg, TrustOpt, opt, print_eval
+from xross.cohort import parse_path
 from xross.config import DistillConfig, RunConfig, TrainConfig, config_from_options
 from xross.data import BatchLoader, load_split
 from xross.errors import XrossError
-from xross.evaluate import EvalResult, best_path, distillation_gap, evaluate, evaluate_distillation, pareto_front
+from xross.evaluate import EvalResult, best_path, distillation_gap, evaluate, evaluate_distillation
 from xross.latency import LATENCY_FILE, batch1_ms, latency_table, profile_run
 from xross.mutualnet import calibration_images, evaluate_settings, standalone_setting
 from xross.query import COLUMNS, parse_ms, query_rows, row_values, write_query_files
-from xross.run import DTYPES, exit_heads_config, is_mutualnet_run, load_run, load_slim, load_student, run_config
+from xross.run import DTYPES, is_mutualnet_run, load_run, load_slim, load_student, run_config
 from xross.teachers import load_teachers
 
 app = typer.Typer(
@@ -43,23 +45,6 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-
-RunArg = Annotated[Path, typer.Argument(help="run directory written by `xross train` or `xross distill`")]
-
-
-def _opt(help: str, *names: str) -> Any:
-    return typer.Option(*names, help=help, show_default=False)
-
-
-TrustOpt = Annotated[
-    bool,
-    typer.Option(
-        "--trust-code", help="allow names in files (nets, teachers) that run code outside the trusted packages"
-    ),
-]
-NoVerifyOpt = Annotated[
-    bool, typer.Option("--no-verify", help="load checkpoints whose digest does not match (weights edited on purpose)")
-]
 
 
 def _run(
@@ -98,7 +83,7 @@ def train(**options: Any) -> None:
     if trainer.dist.is_main and trainer.config.mode == "mutualnet":
         _print_settings(result, trainer.run_dir)
     elif trainer.dist.is_main:
-        _print_eval(trainer.cohort, result, trainer.run_dir)
+        print_eval(trainer.cohort, result, trainer.run_dir)
 
 
 def distill(**options: Any) -> None:
@@ -121,7 +106,7 @@ _RUN_PARAMS = [
         (
             "config",
             None,
-            Annotated[Optional[Path], _opt("start from this config.yaml (options given here override it)")],
+            Annotated[Optional[Path], opt("start from this config.yaml (options given here override it)")],
         ),
         ("resume", False, Annotated[bool, typer.Option(help="continue the run in --out from its last checkpoint")]),
         ("force", False, Annotated[bool, typer.Option(help="start over in a non-empty --out")]),
@@ -135,42 +120,10 @@ app.command()(with_signature(train, [*_RUN_PARAMS, *options_from_model(TrainConf
 app.command()(with_signature(distill, [*_RUN_PARAMS, *options_from_model(DistillConfig, exclude=_FIXED)]))
 
 
-def _print_eval(cohort: Cohort, result: EvalResult, run: Path) -> None:
-    front = {r.path for r in pareto_front(result.paths)}
-    rows = [
-        (
-            ",".join(map(str, r.path)),
-            r.name,
-            f"{r.top1:.2f}",
-            f"{r.top5:.2f}",
-            human(r.params),
-            human(r.flops),
-            "*" if r.path in front else "",
-        )
-        for r in sorted(result.paths, key=lambda r: r.params)
-    ]
-    console.print(
-        table(
-            f"paths of {run} ({result.samples} images)",
-            ["path", "parts", "top-1", "top-5", "params", "FLOPs", "pareto"],
-            rows,
-        )
-    )
-    ens = [(k, f"{v.top1:.2f}", f"{v.top5:.2f}") for k, v in result.ensembles.items()]
-    console.print(table("ensembles (mean softmax)", ["members", "top-1", "top-5"], ens))
-    if result.exits:
-        rows = [
-            ("-".join(map(str, e.prefix)), e.name, f"{e.top1:.2f}", f"{e.top5:.2f}", human(e.params), human(e.flops))
-            for e in result.exits
-        ]
-        columns = ["after parts", "nets", "top-1", "top-5", "params", "FLOPs"]
-        console.print(table("exits (the head after the parts run so far)", columns, rows))
-
-
 @app.command("eval")
 def eval_run(
     run: RunArg,
-    eval_subset: Annotated[Optional[int], _opt("evaluate on a stratified subset (default: the run's)")] = None,
+    eval_subset: Annotated[Optional[int], opt("evaluate on a stratified subset (default: the run's)")] = None,
     batch_size: Annotated[int, typer.Option(help="evaluation batch size")] = 256,
     trust_code: TrustOpt = False,
     no_verify: NoVerifyOpt = False,
@@ -219,7 +172,7 @@ def eval_run(
         return
     result = evaluate(cohort, batches, cfg.image_size)
     result.save(run / "eval.json")
-    _print_eval(cohort, result, run)
+    print_eval(cohort, result, run)
 
 
 def _print_distill_eval(result: EvalResult, run: Path) -> None:
@@ -257,13 +210,13 @@ def _results(run: Path) -> EvalResult:
 @app.command()
 def best(
     run: RunArg,
-    max_params: Annotated[Optional[str], _opt("parameter budget, e.g. 12M")] = None,
-    max_flops: Annotated[Optional[str], _opt("FLOP budget per image, e.g. 1.5G")] = None,
+    max_params: Annotated[Optional[str], opt("parameter budget, e.g. 12M")] = None,
+    max_flops: Annotated[Optional[str], opt("FLOP budget per image, e.g. 1.5G")] = None,
     max_latency: Annotated[
-        Optional[str], _opt("batch-1 latency budget from `xross profile`, e.g. 5ms (with exits: a deadline)")
+        Optional[str], opt("batch-1 latency budget from `xross profile`, e.g. 5ms (with exits: a deadline)")
     ] = None,
     mean_flops: Annotated[
-        Optional[str], _opt("mean FLOPs per image with confident early exits (after `xross anytime`), e.g. 20M")
+        Optional[str], opt("mean FLOPs per image with confident early exits (after `xross anytime`), e.g. 20M")
     ] = None,
 ) -> None:
     """The most accurate path (or width-resolution setting) within a parameter/FLOP/latency budget; with exit
@@ -314,9 +267,9 @@ def best(
 def export(
     run: RunArg,
     out: Annotated[Path, typer.Option(help="output directory (surgery's safe format)")],
-    path: Annotated[Optional[str], _opt("net index per part, e.g. 0,1 (a training run's path)")] = None,
-    width: Annotated[Optional[float], _opt("a mutualnet run's width, e.g. 0.5")] = None,
-    resolution: Annotated[Optional[int], _opt("a mutualnet run's input resolution, e.g. 24")] = None,
+    path: Annotated[Optional[str], opt("net index per part, e.g. 0,1 (a training run's path)")] = None,
+    width: Annotated[Optional[float], opt("a mutualnet run's width, e.g. 0.5")] = None,
+    resolution: Annotated[Optional[int], opt("a mutualnet run's input resolution, e.g. 24")] = None,
     force: Annotated[bool, typer.Option(help="replace a non-empty output directory")] = False,
     trust_code: TrustOpt = False,
     no_verify: NoVerifyOpt = False,
@@ -406,97 +359,6 @@ def profile(
 
 
 @app.command()
-def anytime(
-    run: RunArg,
-    budgets: Annotated[str, typer.Option(help="mean-FLOPs budgets, % of the costliest path")] = "25,50,75,100",
-    deadlines: Annotated[int, typer.Option(help="deadlines on the any-time curve")] = 12,
-    wall_clock: Annotated[int, typer.Option(help="test images answered one by one per deadline on the clock")] = 0,
-    eval_subset: Annotated[Optional[int], _opt("evaluate on a stratified subset (default: the run's)")] = None,
-    trust_code: TrustOpt = False,
-    no_verify: NoVerifyOpt = False,
-) -> None:
-    """Any-time curves of a run with exit heads: accuracy vs deadline, and vs mean FLOPs with confidence
-    thresholds calibrated on held-out training images; writes anytime.json, anytime.csv and anytime.png."""
-    try:
-        shares = [float(b) / 100 for b in budgets.split(",")]
-    except ValueError:
-        raise XrossError(f"--budgets '{budgets}' should be percentages like 25,50,75,100") from None
-    if not all(0 < s for s in shares):
-        raise XrossError(f"--budgets '{budgets}' should be positive percentages like 25,50,75,100")
-    cfg, cohort = load_run(run, trust_code=trust_code, verify=not no_verify)
-    if cohort.exits is None:
-        raise XrossError(f"'{run}' has no exit heads; retrain with --exits or run `xross add-exits {run} --out DIR`")
-    table_ = latency_table(run, trust_code=trust_code, verify=not no_verify)
-    report = anytime_report(
-        cfg, cohort, table_, eval_subset=eval_subset, shares=shares, deadlines=deadlines, wall_clock=wall_clock,
-        progress=lambda text: console.print(text, highlight=False),
-    )  # fmt: skip
-    _print_anytime(run, report)
-    written = write_anytime_files(run, report)
-    console.print(f"wrote {', '.join(str(p) for p in written)}", highlight=False)
-
-
-def _print_anytime(run: Path, report: AnytimeReport) -> None:
-    def route(path: tuple[int, ...] | None) -> str:
-        return ",".join(map(str, path)) if path else "-"
-
-    def pct(value: float | None) -> str:
-        return f"{value:.2f}" if value is not None else "-"
-
-    rows = [
-        (f"{d.deadline_ms:.2f}", route(d.path), route(d.prefix), pct(d.top1), route(d.full_path), pct(d.full_path_top1))
-        for d in report.deadlines
-    ]
-    columns = ["deadline ms", "route", "answers after", "top-1", "best full path", "its top-1"]
-    console.print(table(f"{run}: any-time ({report.test_images} test images, {report.device})", columns, rows))
-    rows = [
-        (f"{100 * b.share:g}%", human(b.budget_flops), route(b.path), pct(b.top1),
-         human(b.mean_flops) if b.mean_flops is not None else "-", route(b.full_path), pct(b.full_path_top1))
-        for b in report.budgets
-    ]  # fmt: skip
-    columns = ["budget", "mean FLOPs", "route", "top-1", "spent (test)", "best full path", "its top-1"]
-    title = f"budgeted batch classification (thresholds on {report.calibration_images} held-out images)"
-    console.print(table(title, columns, rows))
-    if report.wall_clock_answers:
-        console.print(
-            f"wall clock: {report.deadline_violations} of {report.wall_clock_answers} answers later than their "
-            "deadline + 10 %",
-            highlight=False,
-        )
-
-
-@app.command("add-exits")
-def add_exits(
-    run: RunArg,
-    out: Annotated[Path, typer.Option(help="the new run directory (RUN is left as it is)")],
-    epochs: Annotated[int, typer.Option(help="epochs of head training")] = 3,
-    lr: Annotated[float, typer.Option(help="learning rate of the heads")] = 1e-3,
-    exit_head: Annotated[Optional[str], _opt("head factory 'module:callable' (default: pool + linear)")] = None,
-    exit_weights: Annotated[Optional[str], _opt("weight of each boundary's exit, e.g. 1,1")] = None,
-    holdout: Annotated[Optional[int], _opt("training images held out for calibration (default: a tenth)")] = None,
-    force: Annotated[bool, typer.Option(help="start over in a non-empty --out")] = False,
-    progress: Annotated[bool, typer.Option(help="show a progress bar")] = True,
-    trust_code: TrustOpt = False,
-    no_verify: NoVerifyOpt = False,
-) -> None:
-    """Train exit heads on a trained cohort, frozen (its weights and BatchNorm statistics stay): a new run with
-    RUN's config, --exits on and the cohort from RUN."""
-    from xross.trainer import Trainer
-
-    given = {"out": str(out), "epochs": epochs, "lr": lr, "exit_head": exit_head, "holdout": holdout}
-    if exit_weights:
-        given["exit_weights"] = exit_weights.split(",")
-    cfg = exit_heads_config(run, **{k: v for k, v in given.items() if v is not None})
-    trainer = Trainer(
-        cfg, force=force, progress=progress, trust_code=trust_code, trust_typed=trust_code, verify=not no_verify,
-        command="xross " + " ".join(shlex.quote(a) for a in sys.argv[1:]),
-    )  # fmt: skip
-    result = trainer.fit()
-    if trainer.dist.is_main:
-        _print_eval(trainer.cohort, result, trainer.run_dir)
-
-
-@app.command()
 def cache(
     action: Annotated[str, typer.Argument(help="info (list the decoded splits) | clear (remove them)")],
     cache_dir: Annotated[
@@ -528,6 +390,10 @@ def cache(
         when = [datetime.datetime.fromtimestamp(entry.last_used).strftime("%Y-%m-%d %H:%M:%S") for entry in entries]
         rows = [(entry.path.name, human_bytes(entry.bytes), used) for entry, used in zip(entries, when)]
         console.print(table("least recently used first (removed first)", ["entry", "size", "last used"], rows))
+
+
+app.command()(anytime)
+app.command("add-exits")(add_exits)
 
 
 def main() -> None:

@@ -14,7 +14,6 @@ True
 
 from __future__ import annotations
 
-import json
 import platform
 import statistics
 import sys
@@ -26,10 +25,10 @@ import torch
 from pydantic import Field, NonNegativeFloat, NonNegativeInt, PositiveInt
 from torch import nn
 
-from surgery._util import atomic_write_text, evaluating, first_line
+from surgery._util import atomic_write_text, evaluating
 from surgery.errors import SurgeryError
 from surgery.flops import count_flops, count_params
-from surgery.schema import FileModel, Float, parse
+from surgery.schema import FileModel, Float, parse, read_json_file
 from xross.cohort import Cohort, adapter_key, call_part
 from xross.errors import XrossError
 from xross.exits import feature, head_key
@@ -61,13 +60,14 @@ class LatencyTable(FileModel):
 
     @classmethod
     def load(cls, run: Path) -> LatencyTable:
-        path = run / LATENCY_FILE
-        if not path.is_file():
-            raise XrossError(f"'{run}' has no {LATENCY_FILE}; measure it with `xross profile {run}`")
+        fix = f"run `xross profile {run}` again"
         try:
-            return parse(cls, json.loads(path.read_bytes()), str(path), fix=f"run `xross profile {run}` again")
-        except (OSError, ValueError) as e:
-            raise XrossError(f"cannot read {path}: {first_line(e)}; run `xross profile {run}` again") from None
+            data = read_json_file(
+                run / LATENCY_FILE,
+                missing=f"'{run}' has no {LATENCY_FILE}; measure it with `xross profile {run}`",
+                fix=fix,
+            )
+            return parse(cls, data, str(run / LATENCY_FILE), fix=fix)
         except SurgeryError as e:
             raise XrossError(str(e)) from None
 

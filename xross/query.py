@@ -23,6 +23,7 @@ import csv
 import io
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 from surgery._util import atomic_write, atomic_write_text
 from surgery.flops import human
@@ -87,11 +88,18 @@ def write_query_files(
     ax.set_title(run.name)
     ax.legend(loc="lower right", fontsize=8)
     fig.tight_layout()
+    save_png(fig, run / QUERY_PNG)
+    return [*written, run / QUERY_PNG]
+
+
+def save_png(fig: Any, path: Path) -> None:
+    """Write a matplotlib figure as a PNG, atomically, and close it."""
+    import matplotlib.pyplot as plt
+
     png = io.BytesIO()
     fig.savefig(png, format="png", dpi=120)
     plt.close(fig)
-    atomic_write(run / QUERY_PNG, lambda tmp: tmp.write_bytes(png.getvalue()))
-    return [*written, run / QUERY_PNG]
+    atomic_write(path, lambda tmp: tmp.write_bytes(png.getvalue()))
 
 
 def parse_ms(text: str) -> float:

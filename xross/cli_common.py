@@ -1,0 +1,62 @@
+"""What several ``xross`` commands share: argument types, options, and the table of a cohort's evaluation."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from surgery.clikit import console, table
+from surgery.flops import human
+from xross.cohort import Cohort
+from xross.evaluate import EvalResult, pareto_front
+
+RunArg = Annotated[Path, typer.Argument(help="run directory written by `xross train` or `xross distill`")]
+
+
+def opt(help: str, *names: str) -> Any:
+    return typer.Option(*names, help=help, show_default=False)
+
+
+TrustOpt = Annotated[
+    bool,
+    typer.Option(
+        "--trust-code", help="allow names in files (nets, teachers) that run code outside the trusted packages"
+    ),
+]
+NoVerifyOpt = Annotated[
+    bool, typer.Option("--no-verify", help="load checkpoints whose digest does not match (weights edited on purpose)")
+]
+
+
+def print_eval(cohort: Cohort, result: EvalResult, run: Path) -> None:
+    front = {r.path for r in pareto_front(result.paths)}
+    rows = [
+        (
+            ",".join(map(str, r.path)),
+            r.name,
+            f"{r.top1:.2f}",
+            f"{r.top5:.2f}",
+            human(r.params),
+            human(r.flops),
+            "*" if r.path in front else "",
+        )
+        for r in sorted(result.paths, key=lambda r: r.params)
+    ]
+    console.print(
+        table(
+            f"paths of {run} ({result.samples} images)",
+            ["path", "parts", "top-1", "top-5", "params", "FLOPs", "pareto"],
+            rows,
+        )
+    )
+    ens = [(k, f"{v.top1:.2f}", f"{v.top5:.2f}") for k, v in result.ensembles.items()]
+    console.print(table("ensembles (mean softmax)", ["members", "top-1", "top-5"], ens))
+    if result.exits:
+        rows = [
+            ("-".join(map(str, e.prefix)), e.name, f"{e.top1:.2f}", f"{e.top5:.2f}", human(e.params), human(e.flops))
+            for e in result.exits
+        ]
+        columns = ["after parts", "nets", "top-1", "top-5", "params", "FLOPs"]
+        console.print(table("exits (the head after the parts run so far)", columns, rows))
