@@ -1,183 +1,269 @@
-"""The research's from-scratch experiment in miniature, on the shared CIFAR-10 JPEGs.
+"""The research's from-scratch experiment on the shared CIFAR-10 JPEGs: Independent, DML and XML.
 
-ResNet34 (net 0) and ResNet18 (net 1), torchvision's, cut after layer2, trained from
-scratch by Independent, DML and XML with the same data, epochs and optimiser, for
-several seeds. Reports top-1 of each net, the 2-net ensemble, and (XML) every
-stitched path with its parameters; writes the figures as JSON and a plot of
-accuracy against parameters for every path.
+ResNet34 (net 0) and ResNet18 (net 1), torchvision's, cut after layer2, trained from scratch by each
+method with the same data, epochs and optimiser, for several seeds (a seed fixes the training subset,
+the initial weights and the data order, so runs of one seed are paired). Every run is evaluated once at
+the end (every net, the 2-net ensemble, every stitched path), then diagnosed on 1,000 test images: linear
+CKA of the two nets' features at the cut, mean prediction entropy, and top-1 lost under weight noise.
 
-    python bench/xross_cifar10.py                  # the defaults below: ~45 min on 2 cores
-    python bench/xross_cifar10.py --subset 1000 --epochs 2 --seeds 0   # a quick look
+Geometries:
 
-Last line: {"seeds", "independent": [a, b], "dml": [a, b], "xml": [a, b],
-"xml_paths_min", "xml_paths_max", "ensemble": {"independent", "dml", "xml"}} (means over seeds, %)
+* ``small`` (default; the first bench): 32x32 images (a 4x4 boundary), Adam 1e-3 cosine, crop+flip,
+  4,000 training / 2,000 test images, 10 epochs, seeds 0,1.
+* ``research`` (the research's terms): CIFAR-10 upsampled to 64x64 (decoded once, cached), ImageNet stem,
+  so layer2 hands over 128x8x8; Adam 1e-4 constant; no augmentation (``--augment`` turns crop+flip on);
+  8,000 training images, 3 epochs, seeds 0,1,2, the full 10,000-image test set. ~95 min on 2 cores.
+
+``--ablations`` (research geometry, 2,500 training images, 3 epochs, seeds 0,1, ~80 min): XML alternate vs
+joint schedule, all vs single cross paths, cross_weight 0.5 and 2, peer target mean vs ensemble (DML and
+XML), each next to DML at the same budget; and semi-supervised DML/XML with 10 % of the labels next to
+Independent on the same 10 % (which trains on those images only).
+
+Decision rule, fixed before the runs: method A beats B on a net when the mean over seeds of the paired
+difference A - B exceeds twice its standard error (sd / sqrt(seeds)); otherwise no decision.
+
+    python bench/xross_cifar10.py --geometry research           # the main table
+    python bench/xross_cifar10.py --geometry research --ablations
+    python bench/xross_cifar10.py --subset 500 --epochs 1 --seeds 0   # a quick look
+
+Runs are kept in ``--runs``; ``--reuse`` skips a run whose directory already holds its results.
+Last line (research): {"geometry", "seeds", "independent": [[m, s], [m, s]], "dml", "xml", "xml_paths_min",
+"xml_paths_max", "cka_xml", "cka_dml", "cka_independent", "entropy": {...}, "noise_drop": {...}}
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import statistics
 import time
 from pathlib import Path
+from typing import Any
 
 from rich.console import Console
 from rich.table import Table
 
 from xross.config import TrainConfig
+from xross.diagnose import diagnose
 from xross.evaluate import EvalResult
+from xross.plots import pyplot, save_png
+from xross.run import test_batches
+from xross.similarity import cohort_cka
 from xross.trainer import Trainer
 
 ROOT = Path(__file__).resolve().parents[1]
-MODES = ("independent", "dml", "xml")
 NETS = ["resnet34", "resnet18"]
+GEOMETRIES: dict[str, dict[str, Any]] = {
+    "small": {"image_size": None, "subset": 4000, "eval_subset": 2000, "epochs": 10, "lr": 1e-3,
+              "lr_schedule": "cosine", "augment": True, "seeds": "0,1"},
+    "research": {"image_size": 64, "subset": 8000, "eval_subset": None, "epochs": 3, "lr": 1e-4,
+                 "lr_schedule": "constant", "augment": False, "seeds": "0,1,2"},
+}  # fmt: skip
+ABLATION_BUDGET = {"subset": 2500, "epochs": 3, "seeds": "0,1"}
+MAIN = {"independent": ("independent", {}), "dml": ("dml", {}), "xml": ("xml", {})}
+ABLATIONS: dict[str, tuple[str, dict[str, Any]]] = {
+    "dml": ("dml", {}),
+    "xml": ("xml", {}),
+    "xml joint": ("xml", {"schedule": "joint"}),
+    "xml single": ("xml", {"cross": "single"}),
+    "xml cross_weight 0.5": ("xml", {"cross_weight": 0.5}),
+    "xml cross_weight 2": ("xml", {"cross_weight": 2.0}),
+    "dml ensemble": ("dml", {"peer_target": "ensemble"}),
+    "xml ensemble": ("xml", {"peer_target": "ensemble"}),
+    "independent 10% labels": ("independent", {"labeled_fraction": 0.1}),
+    "dml 10% labels": ("dml", {"labeled_fraction": 0.1}),
+    "xml 10% labels": ("xml", {"labeled_fraction": 0.1}),
+}
+DIAGNOSE_IMAGES, NOISE_SCALES = 1000, (0.01, 0.02, 0.05, 0.1)  # noise drop: at 0.05, the middle
 
 
-def run(mode: str, seed: int, args: argparse.Namespace) -> EvalResult:
+def run(name: str, mode: str, options: dict[str, Any], seed: int, args: argparse.Namespace) -> dict[str, Any]:
+    """Train one variant at one seed (or reuse its results), evaluate, diagnose; the run's record."""
+    out = args.runs / f"{name.replace(' ', '_').replace('%', 'pct')}-seed{seed}"
+    record_file = out / "bench_record.json"
+    if args.reuse and record_file.is_file():
+        return json.loads(record_file.read_text())
     cfg = TrainConfig(
-        nets=NETS,
-        cuts=["layer2"],
-        mode=mode,
-        data=args.data,
-        subset=args.subset,
-        eval_subset=args.eval_subset,
-        epochs=args.epochs,
-        batch_size=args.batch_size,
-        optimizer="adam",
-        lr=args.lr,
-        lr_schedule="cosine",
-        seed=seed,
-        eval_every=0,
-        out=str(args.runs / f"{mode}-seed{seed}"),
+        nets=NETS, cuts=["layer2"], mode=mode, data=args.data, subset=args.subset, eval_subset=args.eval_subset,
+        image_size=args.image_size, epochs=args.epochs, batch_size=args.batch_size, optimizer="adam", lr=args.lr,
+        lr_schedule=args.lr_schedule, augment=args.augment, seed=seed, eval_every=0, out=str(out), **options,
+    )  # fmt: skip
+    start = time.time()
+    trainer = Trainer(cfg, force=True, progress=not args.quiet, command=f"bench/xross_cifar10.py {name} seed {seed}")
+    result = trainer.fit()
+    minutes = (time.time() - start) / 60
+    batches = test_batches(trainer.config, min(DIAGNOSE_IMAGES, args.eval_subset or DIAGNOSE_IMAGES))
+    scales = NOISE_SCALES if args.noise else ()
+    report = diagnose(trainer.cohort, batches, scales, draws=2, seed=seed)
+    cka = cohort_cka(trainer.cohort, [x for x, _ in batches])
+    record = {
+        "name": name, "seed": seed, "minutes": round(minutes, 2), "eval": result.model_dump(mode="json"),
+        "cka": cka, "entropy": report.entropy, "flatness_scales": report.scales, "flatness_top1": report.top1,
+        "noise_drop": report.noise_drop if scales else None, "paths": report.names,
+    }  # fmt: skip
+    record_file.write_text(json.dumps(record, indent=1) + "\n")
+    return record
+
+
+def mean_sd(values: list[float]) -> tuple[float, float]:
+    return statistics.mean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+
+
+def paired(a: list[float], b: list[float]) -> tuple[float, float, str]:
+    """Mean paired difference a - b, its standard error, and the verdict of the decision rule."""
+    diffs = [x - y for x, y in zip(a, b)]
+    mean, sd = mean_sd(diffs)
+    se = sd / math.sqrt(len(diffs))
+    verdict = "no decision" if len(diffs) < 2 or abs(mean) <= 2 * se else ("better" if mean > 0 else "worse")
+    return mean, se, verdict
+
+
+def top1s(records: list[dict[str, Any]], path: list[int]) -> list[float]:
+    return [next(p["top1"] for p in r["eval"]["paths"] if list(p["path"]) == path) for r in records]
+
+
+def summarise(results: dict[str, list[dict[str, Any]]], args: argparse.Namespace, console: Console) -> dict[str, Any]:
+    seeds = len(next(iter(results.values())))
+    first = EvalResult.model_validate(next(iter(results.values()))[0]["eval"])
+    paths = [list(p.path) for p in first.paths]
+    names = [p.name.replace("resnet", "R") for p in first.paths]
+    table = Table(title=f"top-1 %, mean ± sd over {seeds} seeds ({args.geometry} geometry)", title_justify="left")
+    for col in ("method", *names, "ensemble", "CKA@cut", "entropy", "noise drop", "min/run"):
+        table.add_column(col, justify="left" if col == "method" else "right")
+    summary: dict[str, Any] = {}
+    for method, records in results.items():
+        cells = [mean_sd(top1s(records, p)) for p in paths]
+        ens = mean_sd([r["eval"]["ensembles"]["nets"]["top1"] for r in records])
+        cka = statistics.mean(r["cka"]["b0_0v1"] for r in records)
+        entropy = statistics.mean(statistics.mean(r["entropy"]) for r in records)
+        drops = [r["noise_drop"] for r in records if r["noise_drop"] is not None]
+        drop = statistics.mean(drops) if drops else None
+        table.add_row(
+            method, *(f"{m:.2f} ± {s:.2f}" for m, s in cells), f"{ens[0]:.2f} ± {ens[1]:.2f}", f"{cka:.3f}",
+            f"{entropy:.3f}", f"{drop:.2f}" if drop is not None else "-",
+            f"{statistics.mean(r['minutes'] for r in records):.1f}",
+        )  # fmt: skip
+        own = [cells[paths.index([i, i])] for i in range(len(NETS))]
+        stitched = [cells[k][0] for k, p in enumerate(paths) if len(set(p)) > 1]
+        summary[method] = {"nets": [[round(m, 2), round(s, 2)] for m, s in own], "ensemble": round(ens[0], 2),
+                           "paths_min": round(min(stitched), 2), "paths_max": round(max(stitched), 2),
+                           "cka": round(cka, 4), "entropy": round(entropy, 4),
+                           "noise_drop": round(drop, 2) if drop is not None else None}  # fmt: skip
+    console.print(table)
+    baseline = "dml" if "dml" in results and args.ablations else None
+    pairs = [(a, baseline) for a in results if baseline and a != baseline and "labels" not in a]
+    pairs += [(a, "independent 10% labels") for a in results if "10% labels" in a and not a.startswith("independent")]
+    if not args.ablations:
+        pairs = [("xml", "dml"), ("xml", "independent"), ("dml", "independent")]
+    decisions = Table(
+        title="paired differences over seeds (decision: |mean| > 2 standard errors)", title_justify="left"
     )
-    return Trainer(cfg, force=True, progress=not args.quiet, command=f"bench/xross_cifar10.py {mode} seed {seed}").fit()
-
-
-def plot(results: dict[str, list[EvalResult]], path: Path) -> bool:
-    """Top-1 against parameters of every path, one colour per method (mean over seeds, bars: min-max)."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return False
-    fig, ax = plt.subplots(figsize=(7.5, 4.8))
-    for k, (mode, marker) in enumerate(zip(MODES, ("s", "^", "o"))):
-        for i, first in enumerate(results[mode][0].paths):
-            tops = [res.paths[i].top1 for res in results[mode]]
-            mean = statistics.mean(tops)
-            x = first.params / 1e6 + (k - 1) * 0.25  # side by side, so the methods do not hide each other
-            ax.errorbar(
-                x,
-                mean,
-                yerr=[[mean - min(tops)], [max(tops) - mean]],
-                fmt=marker,
-                color=f"C{k}",
-                capsize=3,
-                label=mode if i == 0 else None,
-            )
-    for r in results["xml"][0].paths:
-        ax.annotate(
-            r.name.replace("resnet", "R"), (r.params / 1e6, 2), fontsize=8, ha="center", rotation=90, va="bottom"
+    for col in ("A vs B", *(f"{n} A-B" for n in NETS), "verdict"):
+        decisions.add_column(col, justify="left" if col == "A vs B" else "right")
+    for a, b in pairs:
+        diffs = [paired(top1s(results[a], [i, i]), top1s(results[b], [i, i])) for i in range(len(NETS))]
+        decisions.add_row(
+            f"{a} vs {b}", *(f"{m:+.2f} ± {se:.2f}" for m, se, _ in diffs), " / ".join(v for *_, v in diffs)
         )
-    ax.set_ylim(0, None)
-    ax.set_xlabel("parameters of the path (M)")
-    ax.set_ylabel("top-1 (%)")
-    ax.set_title("every path (up half > down half) after each method; mean over seeds, bars min-max")
-    ax.grid(alpha=0.3)
-    ax.legend(loc="center")
+        summary[f"{a} vs {b}"] = [[round(m, 2), round(se, 2), v] for m, se, v in diffs]
+    console.print(decisions)
+    return summary
+
+
+def plot_cka(summary: dict[str, Any], methods: list[str], path: Path) -> None:
+    """Linear CKA at the cut and top-1 of the stitched paths per method."""
+    plt = pyplot()
+    if plt is None:
+        return
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.8))
+    left.bar(methods, [summary[m]["cka"] for m in methods], color=[f"C{k}" for k in range(len(methods))])
+    left.set_ylabel("linear CKA, resnet34 vs resnet18 at layer2")
+    left.set_ylim(0, 1)
+    for k, m in enumerate(methods):
+        s = summary[m]
+        right.plot(
+            [k, k], [s["paths_min"], s["paths_max"]], "o-", color=f"C{k}", label="stitched paths" if k == 0 else None
+        )
+        right.plot(
+            [k - 0.1, k + 0.1], [s["nets"][0][0], s["nets"][1][0]], "s", color="0.3", label="nets" if k == 0 else None
+        )
+    right.set_xticks(range(len(methods)), methods)
+    right.set_ylabel("top-1 (%)")
+    right.legend(fontsize=8)
+    for ax in (left, right):
+        ax.tick_params(axis="x", labelsize=7, rotation=20)
+    fig.suptitle("how alike the nets are at the cut, and what their stitched paths score (mean over seeds)", fontsize=9)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return True
-
-
-def replot(report: Path) -> None:
-    """Redraw the plot from a saved ``xross_cifar10.json`` (no training)."""
-    detail = json.loads((report / "xross_cifar10.json").read_text())
-    results = {m: [EvalResult.from_json(r) for r in detail["runs"][m]] for m in MODES}
-    plot(results, report / "xross_cifar10_paths.png")
+    save_png(fig, path)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--geometry", choices=sorted(GEOMETRIES), default="small")
+    ap.add_argument("--ablations", action="store_true", help="the ablation variants (research geometry, smaller)")
     ap.add_argument("--data", default=str(ROOT.parent / "shared" / "data" / "cifar10-jpeg.tar.xz"))
-    ap.add_argument("--subset", type=int, default=4000, help="training images (stratified)")
-    ap.add_argument("--eval-subset", type=int, default=2000, help="test images (stratified)")
-    ap.add_argument("--epochs", type=int, default=10)
+    ap.add_argument("--subset", type=int, help="training images (stratified; default by geometry)")
+    ap.add_argument("--eval-subset", type=int, help="test images (default by geometry; research: all 10,000)")
+    ap.add_argument("--epochs", type=int)
+    ap.add_argument("--lr", type=float)
+    ap.add_argument("--augment", action=argparse.BooleanOptionalAction, default=None, help="random crop and flip")
     ap.add_argument("--batch-size", type=int, default=64)
-    ap.add_argument("--lr", type=float, default=1e-3)
-    ap.add_argument("--seeds", default="0,1")
+    ap.add_argument("--seeds")
+    ap.add_argument("--no-noise", dest="noise", action="store_false", help="skip the weight-noise test")
     ap.add_argument("--runs", type=Path, default=ROOT / "runs" / "bench-cifar10", help="run directories")
-    ap.add_argument("--report", type=Path, default=ROOT / "docs" / "results", help="where the JSON and the plot go")
+    ap.add_argument("--reuse", action="store_true", help="keep runs whose directory holds their results")
+    ap.add_argument("--report", type=Path, default=ROOT / "docs" / "results", help="where the JSON and plots go")
     ap.add_argument("--quiet", action="store_true")
-    ap.add_argument("--replot", action="store_true", help="only redraw the plot from REPORT/xross_cifar10.json")
     args = ap.parse_args()
-    if args.replot:
-        replot(args.report)
-        return
+    if args.ablations:
+        args.geometry = "research"
+    defaults = {**GEOMETRIES[args.geometry], **(ABLATION_BUDGET if args.ablations else {})}
+    for key, value in defaults.items():
+        if getattr(args, key, None) is None:
+            setattr(args, key, value)
+    args.noise = args.noise and not args.ablations
     seeds = [int(s) for s in args.seeds.split(",")]
-    console = Console()
-    start = time.time()
-    results: dict[str, list[EvalResult]] = {m: [] for m in MODES}
-    for seed in seeds:
-        for mode in MODES:
-            console.print(f"[bold]{mode}[/] seed {seed} ({(time.time() - start) / 60:.1f} min so far)")
-            results[mode].append(run(mode, seed, args))
-    minutes = (time.time() - start) / 60
-
-    def own(mode: str, net: int) -> float:
-        return statistics.mean(r.own(net, 2).top1 for r in results[mode])
-
-    def ensemble(mode: str) -> float:
-        return statistics.mean(r.ensembles["nets"].top1 for r in results[mode])
-
-    table = Table(
-        title=(
-            f"top-1 %, mean over seeds {seeds} ({args.subset} train / {args.eval_subset} test "
-            f"images, {args.epochs} epochs)"
-        ),
-        title_justify="left",
+    variants = ABLATIONS if args.ablations else MAIN
+    console = Console(width=200)
+    console.print(
+        f"{args.geometry} geometry: {args.subset} training images, {args.epochs} epochs, lr {args.lr} "
+        f"{args.lr_schedule}, augment {args.augment}, seeds {seeds}, test images {args.eval_subset or 'all'}\n"
+        "decision rule (fixed before the runs): A beats B on a net when the mean paired difference over seeds "
+        "exceeds twice its standard error"
     )
-    for col in ("method", *NETS, "2-net ensemble"):
-        table.add_column(col, justify="right" if col != "method" else "left")
-    for mode in MODES:
-        table.add_row(mode, f"{own(mode, 0):.2f}", f"{own(mode, 1):.2f}", f"{ensemble(mode):.2f}")
-    console.print(table)
-    paths = Table(title="every path (mean over seeds)", title_justify="left")
-    for col in ("path", "params", *MODES):
-        paths.add_column(col, justify="right" if col != "path" else "left")
-    first = results["xml"][0].paths
-    for k, r in enumerate(first):
-        paths.add_row(
-            r.name,
-            f"{r.params / 1e6:.1f}M",
-            *(f"{statistics.mean(res.paths[k].top1 for res in results[m]):.2f}" for m in MODES),
-        )
-    console.print(paths)
-    xml_paths = [statistics.mean(res.paths[k].top1 for res in results["xml"]) for k in range(len(first))]
-    summary = {
-        "seeds": len(seeds),
-        "independent": [round(own("independent", 0), 2), round(own("independent", 1), 2)],
-        "dml": [round(own("dml", 0), 2), round(own("dml", 1), 2)],
-        "xml": [round(own("xml", 0), 2), round(own("xml", 1), 2)],
-        "xml_paths_min": round(min(xml_paths), 2),
-        "xml_paths_max": round(max(xml_paths), 2),
-        "ensemble": {m: round(ensemble(m), 2) for m in MODES},
-    }
+    start = time.time()
+    results: dict[str, list[dict[str, Any]]] = {name: [] for name in variants}
+    for seed in seeds:
+        for name, (mode, options) in variants.items():
+            console.print(f"[bold]{name}[/] seed {seed} ({(time.time() - start) / 60:.1f} min so far)")
+            results[name].append(run(name, mode, options, seed, args))
+    minutes = (time.time() - start) / 60
+    summary = summarise(results, args, console)
+    tag = (
+        "ablations"
+        if args.ablations
+        else args.geometry + ("-augment" if args.augment and args.geometry == "research" else "")
+    )
     args.report.mkdir(parents=True, exist_ok=True)
-    detail = {
-        "summary": summary,
-        "minutes": round(minutes, 1),
-        "settings": {k: str(v) for k, v in vars(args).items()},
-        "runs": {m: [r.to_json() for r in results[m]] for m in MODES},
-    }
-    (args.report / "xross_cifar10.json").write_text(json.dumps(detail, indent=1) + "\n")
-    if plot(results, args.report / "xross_cifar10_paths.png"):
-        console.print(f"plot: {args.report / 'xross_cifar10_paths.png'}")
-    console.print(f"total {minutes:.1f} min")
-    print(json.dumps(summary))
+    settings = {k: str(v) for k, v in vars(args).items()}
+    detail = {"summary": summary, "minutes": round(minutes, 1), "settings": settings, "runs": results}
+    (args.report / f"xross_cifar10_{tag}.json").write_text(json.dumps(detail, indent=1) + "\n")
+    plot_cka(summary, list(variants), args.report / f"xross_cifar10_{tag}_cka.png")
+    console.print(f"total {minutes:.1f} min; report in {args.report}")
+    if args.ablations:
+        line = {"geometry": "research", "ablations": True, "seeds": len(seeds), "minutes": round(minutes, 1)}
+        line.update({name: summary[name]["nets"] for name in variants})
+    else:
+        line = {"geometry": args.geometry, "seeds": len(seeds), "augment": args.augment, "minutes": round(minutes, 1)}
+        line.update({m: summary[m]["nets"] for m in MAIN})
+        line |= {"xml_paths_min": summary["xml"]["paths_min"], "xml_paths_max": summary["xml"]["paths_max"]}
+        line |= {f"cka_{m}": summary[m]["cka"] for m in ("xml", "dml", "independent")}
+        line |= {
+            "entropy": {m: summary[m]["entropy"] for m in MAIN},
+            "noise_drop": {m: summary[m]["noise_drop"] for m in MAIN},
+        }
+    print(json.dumps(line))
 
 
 if __name__ == "__main__":

@@ -40,8 +40,9 @@ from xross.data import BatchLoader, load_split, split_holdout
 from xross.errors import XrossError
 from xross.evaluate import EvalResult
 from xross.latency import LatencyTable
-from xross.query import save_png
+from xross.plots import pyplot, save_png
 from xross.run import DTYPES
+from xross.run import test_batches as run_test_batches
 
 ANYTIME_JSON, ANYTIME_CSV, ANYTIME_PNG = "anytime.json", "anytime.csv", "anytime.png"
 PathField = Annotated[tuple[Annotated[NonNegativeInt, Strict()], ...], Strict(False)]
@@ -322,17 +323,13 @@ def anytime_report(
     held = calibration_split(cfg)
     if held is None or len(held) == 0:
         raise XrossError("the run held out no training images to calibrate on (holdout 0); retrain with --holdout N")
+    test_batches = run_test_batches(cfg, eval_subset, batch_size)
+    test_images = sum(len(y) for _, y in test_batches)
     dtype = DTYPES[cfg.dtype]
-    test = load_split(cfg.data, "test", subset=eval_subset or cfg.eval_subset, image_size=cfg.image_size,
-                      cache_dir=cfg.cache_dir, seed=cfg.seed)  # fmt: skip
-
-    def batches(data: object) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        return [(x.to(dtype), y) for x, y in BatchLoader(data, batch_size, train=False).epoch(0)]  # type: ignore[arg-type]
-
+    held_batches = [(x.to(dtype), y) for x, y in BatchLoader(held, batch_size, train=False).epoch(0)]
     if progress:
-        progress(f"scoring every exit on {len(held)} held-out and {len(test)} test images")
-    test_batches = batches(test)
-    cal_records, test_records = collect(cohort, batches(held)), collect(cohort, test_batches)
+        progress(f"scoring every exit on {len(held)} held-out and {test_images} test images")
+    cal_records, test_records = collect(cohort, held_batches), collect(cohort, test_batches)
     cal, acc = prefix_accuracy(cal_records), prefix_accuracy(test_records)
     routes = [RouteCosts.of(p, table) for p in cohort.paths()]
     grid = deadline_grid(routes, deadlines)
@@ -341,14 +338,14 @@ def anytime_report(
         exits=len(cohort.exits.heads),
         routes=len(routes),
         calibration_images=len(held),
-        test_images=len(test),
+        test_images=test_images,
         full_path_top1=max(acc[r.path] for r in routes),
         deadlines=deadline_rows(routes, cal, acc, grid),
         budgets=budget_rows(routes, cal_records, test_records, shares),
         points=operating_points(routes, cal_records, test_records),
     )
     if wall_clock:
-        pick = torch.linspace(0, len(test) - 1, min(wall_clock, len(test))).long()  # spread over the classes
+        pick = torch.linspace(0, test_images - 1, min(wall_clock, test_images)).long()  # spread over the classes
         images = torch.cat([x for x, _ in test_batches])[pick]
         labels = torch.cat([y for _, y in test_batches])[pick]
         for x in images[:4]:  # warm-up: first calls pay one-time costs the table does not hold
@@ -374,12 +371,8 @@ def write_anytime_files(run: FsPath, report: AnytimeReport) -> list[FsPath]:
                          "-".join(map(str, b.full_path or ())), b.full_path_top1])  # fmt: skip
     atomic_write_text(run / ANYTIME_CSV, buffer.getvalue())
     written = [run / ANYTIME_JSON, run / ANYTIME_CSV]
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = pyplot()
+    if plt is None:
         return written
     fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
     ds = report.deadlines

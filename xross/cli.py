@@ -26,15 +26,15 @@ from surgery.flops import human, parse_human
 from xross.anytime_report import AnytimeReport, best_point, deadline_choice
 from xross.cli_anytime import add_exits, anytime
 from xross.cli_common import NoVerifyOpt, RunArg, TrustOpt, opt, print_eval
+from xross.cli_diagnose import diagnose_command, similarity_command
 from xross.cohort import parse_path
 from xross.config import DistillConfig, RunConfig, TrainConfig, config_from_options
-from xross.data import BatchLoader, load_split
 from xross.errors import XrossError
 from xross.evaluate import EvalResult, best_path, distillation_gap, evaluate, evaluate_distillation
 from xross.latency import LATENCY_FILE, batch1_ms, latency_table, profile_run
 from xross.mutualnet import calibration_images, evaluate_settings, standalone_setting
 from xross.query import COLUMNS, parse_ms, query_rows, row_values, write_query_files
-from xross.run import DTYPES, is_mutualnet_run, load_run, load_slim, load_student, run_config
+from xross.run import DTYPES, is_mutualnet_run, load_run, load_slim, load_student, run_config, test_batches
 from xross.teachers import load_teachers
 
 app = typer.Typer(
@@ -142,16 +142,8 @@ def eval_run(
         )
     else:
         _, cohort = load_run(run, trust_code=trust_code, verify=verify)
-    test = load_split(
-        cfg.data,
-        "test",
-        subset=eval_subset or cfg.eval_subset,
-        image_size=cfg.image_size,
-        cache_dir=cfg.cache_dir,
-        seed=cfg.seed,
-    )
+    batches = test_batches(cfg, eval_subset, batch_size)
     dtype = DTYPES[cfg.dtype]
-    batches = ((x.to(dtype), y) for x, y in BatchLoader(test, batch_size, train=False).epoch(0))
     if isinstance(cfg, TrainConfig) and cfg.mode == "mutualnet":
         result = evaluate_settings(
             slim,
@@ -394,6 +386,8 @@ def cache(
 
 app.command()(anytime)
 app.command("add-exits")(add_exits)
+app.command("diagnose")(diagnose_command)
+app.command("similarity")(similarity_command)
 
 
 def main() -> None:

@@ -36,6 +36,7 @@ from xross.losses import MODES
 ModeName = Literal["independent", "kd", "dml", "xml", "mutualnet"]
 ScheduleName = Literal["alternate", "joint"]
 CrossName = Literal["all", "single"]
+PeerTargetName = Literal["mean", "ensemble"]
 AdapterUpdate = Literal["student", "up", "down"]
 StemName = Literal["imagenet", "cifar"]
 OptimizerName = Literal["sgd", "adam", "adamw"]
@@ -72,6 +73,7 @@ class RunConfig(FileModel):
     )
     num_classes: PositiveInt | None = Field(None, description="classifier outputs (default: the data's classes)")
     label_smoothing: Float = Field(0.0, ge=0, lt=1, description="label smoothing of every CE term")
+    augment: bool = Field(True, description="random crop and flip of training images (off: the research's setting)")
     holdout: NonNegativeInt | None = Field(
         None,
         description="training images held out (stratified, never trained on) to calibrate exit thresholds "
@@ -193,6 +195,19 @@ class TrainConfig(TeacherOptions, RunConfig):
         "alternate", description="alternate: each student's loss trains only it; joint: one backward"
     )
     cross: CrossName = Field("all", description="xml cross paths: all, or single (one part away from the own path)")
+    cross_weight: Float = Field(1.0, ge=0, description="xml: weight of the cross-path terms (1: the research's)")
+    peer_target: PeerTargetName = Field(
+        "mean", description="dml/xml mutual term: mean of the KL to each peer, or KL to the peers' ensemble (DML_e)"
+    )
+    labeled_fraction: Float = Field(
+        1.0, gt=0, le=1, description="semi-supervised: the stratified fraction of training images that keep a label"
+    )
+    unlabeled: str | None = Field(
+        None, description="semi-supervised: a folder of unlabelled images added to training (mutual terms only)"
+    )
+    cka_images: NonNegativeInt = Field(
+        0, description="linear CKA of the nets' features at every cut in epochs.csv, on this many test images (0: off)"
+    )
     shared_prefixes: bool = Field(
         True, description="compute each path prefix once per step (off: every path from scratch)"
     )
@@ -270,6 +285,8 @@ class TrainConfig(TeacherOptions, RunConfig):
         mutual = ("widths", "resolutions", "eval_widths")
         self._consistent_exits()
         if self.mode == "mutualnet":
+            if self.labeled_fraction < 1 or self.unlabeled:
+                raise ValueError("mutualnet has no semi-supervised mode; drop --labeled-fraction/--unlabeled")
             if self.exits or self.init_from:
                 raise ValueError("mutualnet has no parts to exit from; drop --exits/--init-from")
             if len(self.nets) != 1:
@@ -284,6 +301,8 @@ class TrainConfig(TeacherOptions, RunConfig):
         given = [name for name in mutual if getattr(self, name) is not None]
         if given:
             raise ValueError(f"{given[0]} applies to --mode mutualnet only; drop it or set --mode mutualnet")
+        if self.unlabeled and self.mode == "independent":
+            raise ValueError("independent learns nothing from unlabelled images; use dml, xml or kd with --unlabeled")
         if MODES[self.mode].needs_teacher and not self.teacher:
             raise ValueError(
                 f"mode {self.mode} needs a teacher (--teacher: a run directory or a saved model, e.g. from "

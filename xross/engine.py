@@ -116,6 +116,7 @@ class RunEngine:
         if config.holdout is None:
             config.holdout = config.default_holdout(len(train), config.num_classes)
         train, _ = split_holdout(train, config.holdout, config.seed)
+        train = self.training_images(train, config)
         self.config = config
         self.build(resume)
         groups = self.param_groups()
@@ -123,7 +124,7 @@ class RunEngine:
         self.optimizer = make_optimizer(groups, config)
         use_fp16 = config.amp == "fp16" and self.device.type == "cuda"
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=use_fp16)
-        augment = Augment()
+        augment = training_augment(config)
         kw = {"device": self.device, "seed": config.seed, "rank": self.dist.rank, "world_size": self.dist.world_size}
         self.train_loader = BatchLoader(train, config.batch_size, train=True, augment=augment, **kw)
         self.test_loader = BatchLoader(test, config.batch_size, train=False, augment=augment, **kw)
@@ -164,6 +165,10 @@ class RunEngine:
 
     def load_model_state(self, state: dict[str, Any]) -> None:
         raise NotImplementedError
+
+    def training_images(self, train: ImageTensors, config: RunConfig) -> ImageTensors:
+        """The images the run trains on, from the training split (after the holdout); as they are by default."""
+        return train
 
     def epoch_metrics(self) -> dict[str, float]:
         """Metrics of an ``eval_every`` evaluation at the end of an epoch."""
@@ -412,3 +417,9 @@ class RunEngine:
         )
         with Progress(*columns, transient=False) as bar:
             yield bar
+
+
+def training_augment(config: RunConfig) -> Augment:
+    """The augmentation of a run's training batches: random crop and flip, or (``augment=False``) none;
+    normalisation either way."""
+    return Augment() if config.augment else Augment(crop_padding=0, flip=False)

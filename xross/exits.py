@@ -29,11 +29,11 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.nn import functional as F
 
 from surgery.errors import SurgeryError
 from surgery.trust import Kind, resolve
 from xross.errors import XrossError
+from xross.labels import hard_label_ce
 
 Prefix = tuple[int, ...]
 HeadFactory = Callable[[int, int], nn.Module]
@@ -142,6 +142,6 @@ def exit_loss(
     out: dict[int, torch.Tensor] = {}
     for prefix in prefixes:
         logits = heads.logits(prefix, values[prefix])
-        term = weights[len(prefix) - 1] * F.cross_entropy(logits.float(), labels, label_smoothing=label_smoothing)
+        term = weights[len(prefix) - 1] * hard_label_ce(logits.float(), labels, label_smoothing)
         out[prefix[-1]] = out[prefix[-1]] + term if prefix[-1] in out else term
     return out

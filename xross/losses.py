@@ -6,10 +6,11 @@ their weighted total. Teacher distributions are always detached.
 * independent: ``CE_i``
 * kd:  ``alpha * CE_i + (1 - alpha) * T^2 * KL(softmax(t/T), softmax(s_i/T))``, t a fixed
   teacher (ensembles average their softmax)
-* dml: ``0.5 * CE_i + 0.5 * mean_j KL(p_j, p_i)``
-* xml: ``(CE_i + mean_j KL(p_j, p_i) + sum_j sum_{pi in cross(i,j)} [KL(p_j, p_pi) + CE(p_pi, y)])
+* dml: ``0.5 * CE_i + 0.5 * mean_j KL(p_j, p_i)`` (``peer_target="ensemble"``: ``KL(mean_j p_j, p_i)``)
+* xml: ``(CE_i + mean_j KL(p_j, p_i) + w * sum_j sum_{pi in cross(i,j)} [KL(p_j, p_pi) + CE(p_pi, y)])
   / (n_cross (K - 1))`` where cross(i, j) are the paths through parts of i and j only
-  (2^P - 2 of them, so the normaliser is 2(K-1) at P = 2, as in the research).
+  (2^P - 2 of them, so the normaliser is 2(K-1) at P = 2, as in the research); ``w`` is
+  ``cross_weight`` (1 in the research).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import torch.nn.functional as F
 
 from xross.cohort import Cohort, Path
 from xross.errors import XrossError
+from xross.labels import hard_label_ce
 
 
 def _upcast(t: torch.Tensor) -> torch.Tensor:
@@ -57,7 +59,7 @@ class Mode:
     needs_teacher: ClassVar[bool] = False  # the trainer loads --teacher models for modes that need them
 
     def ce(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        return F.cross_entropy(_upcast(logits), labels, label_smoothing=self.label_smoothing)
+        return hard_label_ce(logits, labels, self.label_smoothing)
 
     def paths(self, cohort: Cohort) -> list[Path]:
         return [cohort.own_path(i) for i in range(cohort.num_nets)]
@@ -95,25 +97,37 @@ class KD(Mode):
         return LossTerms({"ce": ce, "kd": soft}, self.alpha * ce + (1 - self.alpha) * soft)
 
 
-def _mean_peer_kl(i: int, logits: dict[Path, torch.Tensor], cohort: Cohort) -> torch.Tensor:
+def peer_kl(i: int, logits: dict[Path, torch.Tensor], cohort: Cohort, target: str = "mean") -> torch.Tensor:
+    """Student i's mutual term: the mean of its KL to each peer (``target="mean"``, DML), or its KL to the
+    peers' ensemble, the mean of their softmax (``"ensemble"``, DML_e; lower entropy). The same for K = 2."""
     own = logits[cohort.own_path(i)]
-    peers = [kl(logits[cohort.own_path(j)], own) for j in range(cohort.num_nets) if j != i]
-    return torch.stack(peers).mean()
+    peers = [logits[cohort.own_path(j)] for j in range(cohort.num_nets) if j != i]
+    if target == "ensemble":
+        probs = torch.stack([_upcast(p.detach()).softmax(1) for p in peers]).mean(0)
+        return kl(probs.clamp_min(1e-12).log(), own)
+    return torch.stack([kl(p, own) for p in peers]).mean()
 
 
 @dataclasses.dataclass
 class DML(Mode):
+    """Deep mutual learning; ``peer_target`` as :func:`peer_kl`."""
+
+    peer_target: str = "mean"
+
     def loss(self, i, logits, labels, cohort, teacher=None) -> LossTerms:
         ce = self.ce(logits[cohort.own_path(i)], labels)
-        k = _mean_peer_kl(i, logits, cohort)
+        k = peer_kl(i, logits, cohort, self.peer_target)
         return LossTerms({"ce": ce, "kl": k}, 0.5 * ce + 0.5 * k)
 
 
 @dataclasses.dataclass
 class XML(Mode):
-    """Cross mutual learning; ``cross='single'`` keeps the paths one part away from the student's own."""
+    """Cross mutual learning; ``cross='single'`` keeps the paths one part away from the student's own;
+    ``cross_weight`` scales the cross-path terms; ``peer_target`` as :func:`peer_kl`."""
 
     cross: str = "all"
+    cross_weight: float = 1.0
+    peer_target: str = "mean"
 
     def __post_init__(self) -> None:
         if self.cross not in ("all", "single"):
@@ -131,7 +145,10 @@ class XML(Mode):
         return list(needed)
 
     def loss(self, i, logits, labels, cohort, teacher=None) -> LossTerms:
-        terms = {"ce": self.ce(logits[cohort.own_path(i)], labels), "kl": _mean_peer_kl(i, logits, cohort)}
+        terms = {
+            "ce": self.ce(logits[cohort.own_path(i)], labels),
+            "kl": peer_kl(i, logits, cohort, self.peer_target),
+        }
         n_cross = 0
         for j in range(cohort.num_nets):
             if j == i:
@@ -141,7 +158,9 @@ class XML(Mode):
                 terms[f"kl@{_path_tag(path)}"] = kl(target, logits[path])
                 terms[f"ce@{_path_tag(path)}"] = self.ce(logits[path], labels)
             n_cross = len(self.cross_paths(cohort, i, j))
-        total = torch.stack(list(terms.values())).sum() / (n_cross * (cohort.num_nets - 1))
+        own = terms["ce"] + terms["kl"]
+        cross = torch.stack([v for k, v in terms.items() if "@" in k]).sum()
+        total = (own + self.cross_weight * cross) / (n_cross * (cohort.num_nets - 1))
         return LossTerms(terms, total)
 
 
@@ -193,6 +212,6 @@ class DistillLoss:
             terms["soft"] = soft_cross_entropy(student_logits, target_probs, self.temperature) * self.temperature**2
             total = total + self.soft_weight * terms["soft"]
         if self.hard_weight:
-            terms["ce"] = F.cross_entropy(_upcast(student_logits), labels, label_smoothing=self.label_smoothing)
+            terms["ce"] = hard_label_ce(student_logits, labels, self.label_smoothing)
             total = total + self.hard_weight * terms["ce"]
         return LossTerms(terms, total)

@@ -58,3 +58,22 @@ class MetricsLog:
     def close(self) -> None:
         if self.writer is not None:
             self.writer.close()
+
+
+def read_metrics(run_dir: Path, name: str) -> list[dict[str, float]]:
+    """The rows of ``<name>.csv`` as numbers (empty cells dropped); [] when the file does not exist."""
+    path = run_dir / f"{name}.csv"
+    if not path.is_file():
+        return []
+    with open(path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    out = []
+    for row in rows:
+        values = {}
+        for k, v in row.items():
+            try:
+                values[k] = float(v)
+            except (TypeError, ValueError):
+                continue
+        out.append(values)
+    return out

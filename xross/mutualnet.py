@@ -30,9 +30,9 @@ import surgery
 from surgery.flops import count_flops, count_params
 from surgery.slim import SlimNet
 from xross.config import TrainConfig
-from xross.data import Augment, BatchLoader, load_split
+from xross.data import BatchLoader, load_split
 from xross.distributed import sum_over_ranks
-from xross.engine import RunEngine
+from xross.engine import RunEngine, training_augment
 from xross.evaluate import EvalResult, PathResult, percentages, topk_correct
 from xross.optim import ParamGroup
 from xross.run import build_slim, check_sources
@@ -129,7 +129,7 @@ def calibration_images(config: TrainConfig, dtype: torch.dtype = torch.float32) 
         cache_dir=config.cache_dir,
         seed=config.seed,
     )
-    loader = BatchLoader(train, config.batch_size, train=True, augment=Augment(), seed=config.seed)
+    loader = BatchLoader(train, config.batch_size, train=True, augment=training_augment(config), seed=config.seed)
     return [x.to(dtype) for x in first_batches(loader, config.bn_batches)]
 
 

@@ -23,12 +23,12 @@ import csv
 import io
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
 
-from surgery._util import atomic_write, atomic_write_text
+from surgery._util import atomic_write_text
 from surgery.flops import human
 from xross.errors import XrossError
 from xross.evaluate import PathResult, pareto_front
+from xross.plots import pyplot, save_png
 
 QUERY_CSV = "query.csv"
 QUERY_PNG = "query.png"
@@ -67,14 +67,11 @@ def write_query_files(
         writer.writerow([r.flops, r.name, r.width, r.resolution, r.top1, r.top5, r.params, ms])
     atomic_write_text(run / QUERY_CSV, buffer.getvalue())
     written = [run / QUERY_CSV]
-    try:
-        import matplotlib
-        import matplotlib.ticker
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = pyplot()
+    if plt is None:
         return written
+    import matplotlib.ticker
+
     fig, ax = plt.subplots(figsize=(6, 4))
     ax.scatter([r.flops / 1e6 for r in results], [r.top1 for r in results], s=14, color="0.6", label="every network")
     ax.plot([r.flops / 1e6 for r in rows], [r.top1 for r in rows], "o-", color="C0", label="query table (Pareto)")
@@ -90,16 +87,6 @@ def write_query_files(
     fig.tight_layout()
     save_png(fig, run / QUERY_PNG)
     return [*written, run / QUERY_PNG]
-
-
-def save_png(fig: Any, path: Path) -> None:
-    """Write a matplotlib figure as a PNG, atomically, and close it."""
-    import matplotlib.pyplot as plt
-
-    png = io.BytesIO()
-    fig.savefig(png, format="png", dpi=120)
-    plt.close(fig)
-    atomic_write(path, lambda tmp: tmp.write_bytes(png.getvalue()))
 
 
 def parse_ms(text: str) -> float:

@@ -27,6 +27,7 @@ from surgery.trust import Kind, resolve
 from xross.checkpoint import CheckpointDir
 from xross.cohort import Cohort, build_net
 from xross.config import DistillConfig, RunConfig, TrainConfig, load_config
+from xross.data import BatchLoader, load_split
 from xross.distributed import globalise_batchnorm
 from xross.errors import XrossError
 
@@ -224,3 +225,14 @@ def exit_heads_config(run: Path, **options: Any) -> TrainConfig:
     if not base["holdout"]:  # the cohort trained on every image: hold out a tenth now (it has seen them)
         base["holdout"] = None
     return TrainConfig.from_dict({**base, **options}, "the options")
+
+
+def test_batches(
+    cfg: RunConfig, eval_subset: int | None = None, batch_size: int = 256
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """A run's evaluation images as batches in its dtype (``eval_subset``: a stratified subset, default the
+    run's own)."""
+    test = load_split(cfg.data, "test", subset=eval_subset or cfg.eval_subset, image_size=cfg.image_size,
+                      cache_dir=cfg.cache_dir, seed=cfg.seed)  # fmt: skip
+    dtype = DTYPES[cfg.dtype]
+    return [(x.to(dtype), y) for x, y in BatchLoader(test, batch_size, train=False).epoch(0)]

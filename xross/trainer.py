@@ -25,14 +25,18 @@ import torch
 from torch import nn
 
 from xross.config import TrainConfig, config_from_options
+from xross.data import ImageTensors
+from xross.data.semi import keep_labels, labeled_only, load_unlabeled, with_unlabeled
 from xross.distributed import sum_over_ranks
 from xross.engine import RunEngine
 from xross.evaluate import EvalResult, evaluate
 from xross.exits import exit_loss, exit_prefixes
+from xross.labels import labeled_accuracy
 from xross.losses import MODES, LossTerms, Mode, make_mode
 from xross.mutualnet import MutualNetTrainer
 from xross.optim import ParamGroup
 from xross.run import build_cohort, check_sources, load_cohort_weights
+from xross.similarity import cohort_cka
 from xross.teachers import ensemble_probs
 
 ADAPTER_OWNERS = {"student": "any", "up": "src", "down": "dst"}
@@ -54,6 +58,15 @@ class Trainer(RunEngine):
         if MODES[config.mode].needs_teacher:
             self.load_teachers(config)
 
+    def training_images(self, train: ImageTensors, config: TrainConfig) -> ImageTensors:  # type: ignore[override]
+        """Semi-supervised data: only ``labeled_fraction`` of the images keep their label, the ``unlabeled``
+        folder is added; independent training, which learns nothing from an unlabelled image, drops them."""
+        train = keep_labels(train, config.labeled_fraction, config.seed)
+        if config.unlabeled:
+            extra = load_unlabeled(config.unlabeled, int(train.images.shape[-1]), self.progress)
+            train = with_unlabeled(train, extra)
+        return labeled_only(train) if config.mode == "independent" else train
+
     def build(self, resume: bool) -> None:
         config = self.config
         self.train_logits: dict[int, torch.Tensor] = {}  # each student's own-path logits of the last step
@@ -63,6 +76,8 @@ class Trainer(RunEngine):
         self.mode: Mode = make_mode(
             config.mode,
             cross=config.cross,
+            cross_weight=config.cross_weight,
+            peer_target=config.peer_target,
             temperature=config.temperature,
             alpha=config.kd_alpha,
             label_smoothing=config.label_smoothing,
@@ -177,7 +192,9 @@ class Trainer(RunEngine):
         row: dict[str, float] = {}
         for i, loss in losses.items():
             row[f"loss{i}"] = float(loss.total.detach())
-            row[f"acc{i}"] = 100.0 * float((self.train_logits[i].argmax(1) == labels).float().mean())
+            row[f"acc{i}"] = labeled_accuracy(self.train_logits[i], labels)
+            for group, value in term_groups(loss.terms).items():
+                row[f"{group}{i}"] = value
         return row
 
     def progress_text(self, row: dict[str, float]) -> str:
@@ -191,7 +208,19 @@ class Trainer(RunEngine):
         result = self.evaluate(own)
         row = {f"top1_net{i}": result.own(i, self.cohort.num_parts).top1 for i in range(self.cohort.num_nets)}
         row["top1_ensemble"] = result.ensembles["nets"].top1
+        if self.config.cka_images:
+            row.update(self.cka())
         return row
+
+    def cka(self) -> dict[str, float]:
+        """Linear CKA of the nets' features at every cut on the first ``cka_images`` test images."""
+        images, left = [], self.config.cka_images
+        for x, _ in self.eval_batches():
+            images.append(x[:left])
+            left -= len(images[-1])
+            if left <= 0:
+                break
+        return {f"cka_{key}": value for key, value in cohort_cka(self.cohort, images).items()}
 
     def evaluate(self, paths: list[tuple[int, ...]] | None = None) -> EvalResult:
         """Top-1/top-5 of ``paths`` (default all) on the evaluation split; each rank scores its part of every batch."""
@@ -202,6 +231,16 @@ class Trainer(RunEngine):
             paths,
             reduce=functools.partial(sum_over_ranks, info=self.dist),
         )
+
+
+def term_groups(terms: dict[str, torch.Tensor]) -> dict[str, float]:
+    """A student's loss terms for the metrics, unweighted: its own path's (``ce``, ``kl``, ``exits``) and the
+    sum of its cross paths' (``cross``: every ``kl@``/``ce@`` term of xml)."""
+    groups = {k: float(v.detach()) for k, v in terms.items() if "@" not in k}
+    cross = [float(v.detach()) for k, v in terms.items() if "@" in k]
+    if cross:
+        groups["cross"] = sum(cross)
+    return groups
 
 
 def trainer_class(config: TrainConfig) -> type[RunEngine]:
