@@ -149,3 +149,18 @@ def test_bad_cohorts() -> None:
         Cohort.build(["resnet18", "resnet34"], cuts=[["layer2"], ["layer2.0.conv1"]], num_classes=10)
     with pytest.raises(surgery.UserError, match="unknown cross"):
         XML(cross="some")
+
+
+@pytest.mark.parametrize("net", ["resnet18", "resnet34"])
+def test_research_geometry_hands_over_128x8x8_at_layer2(net: str) -> None:
+    """64x64 images through the ImageNet stem (stride 2 + max-pool) and layer2 (stride 2): 128 x 8 x 8."""
+    from xross.config import TrainConfig
+    from xross.run import build_cohort
+
+    cfg = TrainConfig(nets=[net, "resnet18"], cuts=["layer2"], image_size=64, num_classes=10, stem="imagenet")
+    cohort = build_cohort(cfg, torch.device("cpu"), False)
+    values: dict = {}
+    with torch.no_grad():
+        cohort.eval()
+        cohort.forward_paths(torch.randn(2, 3, 64, 64), [cohort.own_path(0)], prefixes=values)
+    assert values[(0,)].shape == (2, 128, 8, 8)

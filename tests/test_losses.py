@@ -5,9 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import tiny
 
 from xross.cohort import Cohort
-from xross.losses import DML, KD, XML, DistillLoss, Independent, kl, soft_cross_entropy
+from xross.losses import DML, KD, XML, DistillLoss, Independent, kl, peer_kl, soft_cross_entropy
 
 
 @pytest.fixture
@@ -105,3 +106,37 @@ def test_distill_loss_equals_written_out_soft_and_hard_terms(temperature: float)
     assert soft_cross_entropy(student, q.requires_grad_(), temperature).grad_fn is not None
     (g_q,) = torch.autograd.grad(soft_cross_entropy(student, q, temperature), q, allow_unused=True)
     assert g_q is None  # the target is detached
+
+
+def test_peer_target_ensemble_is_kl_to_the_peers_mean_softmax() -> None:
+    torch.manual_seed(0)
+    c = Cohort.build(
+        [tiny([8, 16]), tiny([12, 16]), tiny([16, 16])], cuts=["features.0"], num_classes=10, image_size=16
+    )
+    c.eval()
+    x, y = torch.randn(5, 3, 16, 16), torch.randint(0, 10, (5,))
+    logits = c.forward_paths(x, XML().paths(c))
+    own = [logits[c.own_path(i)] for i in range(3)]
+    mean_peers = (own[1].softmax(1) + own[2].softmax(1)) / 2
+    ensemble_kl = (mean_peers * (mean_peers.log() - own[0].log_softmax(1))).sum(1).mean()
+    assert torch.allclose(peer_kl(0, logits, c, "ensemble"), ensemble_kl, atol=1e-6)
+    assert torch.allclose(
+        peer_kl(0, logits, c, "mean"), (ref_kl(own[1], own[0]) + ref_kl(own[2], own[0])) / 2, atol=1e-6
+    )
+    # the ensemble target has the lower entropy term, so its KL is at most the mean KL (convexity)
+    assert float(peer_kl(0, logits, c, "ensemble").detach()) <= float(peer_kl(0, logits, c, "mean").detach()) + 1e-6
+    dml = DML(peer_target="ensemble").loss(0, logits, y, c)
+    assert torch.allclose(dml.total, 0.5 * F.cross_entropy(own[0], y) + 0.5 * ensemble_kl, atol=1e-6)
+    assert torch.allclose(XML(peer_target="ensemble").loss(0, logits, y, c).terms["kl"], ensemble_kl, atol=1e-6)
+
+
+@pytest.mark.parametrize("weight", [0.0, 0.5, 2.0])
+def test_cross_weight_scales_only_the_cross_path_terms(cohort: Cohort, batch, weight: float) -> None:
+    x, y = batch
+    cohort.eval()
+    logits = cohort.forward_paths(x, XML().paths(cohort))
+    terms = XML(cross_weight=weight).loss(0, logits, y, cohort)
+    assert terms.terms.keys() == XML().loss(0, logits, y, cohort).terms.keys()
+    own = terms.terms["ce"] + terms.terms["kl"]
+    cross = sum(v for k, v in terms.terms.items() if "@" in k)
+    assert torch.allclose(terms.total, (own + weight * cross) / 2, atol=1e-6)

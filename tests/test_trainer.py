@@ -17,7 +17,9 @@ from helpers import assert_same_tensors, final_state, finish, interrupt_after_st
 import surgery
 from xross.checkpoint import CheckpointDir, read_checkpoint
 from xross.config import TrainConfig
+from xross.data import Augment
 from xross.errors import TrainingDiverged, XrossError
+from xross.metrics import read_metrics
 from xross.trainer import Trainer
 
 
@@ -260,3 +262,23 @@ def test_same_seed_gives_identical_metrics(tmp_path, cifar10_archive, data_cache
     other = small(tmp_path / "c", cifar10_archive, data_cache, mode="xml", epochs=1, seed=1)
     Trainer(other, progress=False).fit()
     assert (Path(other.out) / "steps.csv").read_text() != (outs[0] / "steps.csv").read_text()
+
+
+def test_metrics_log_loss_terms_and_cka_and_augment_off_only_normalises(tmp_path, cifar10_archive, data_cache) -> None:
+    cfg = small_config(
+        tmp_path, cifar10_archive, data_cache, nets=["resnet18", "resnet18"], augment=False, cka_images=24,
+        eval_every=1, subset=64,
+    )  # fmt: skip
+    trainer = Trainer(cfg, progress=False)
+    loader = trainer.train_loader
+    order_images = [x for x, _ in loader.epoch(0)]
+    again = [x for x, _ in loader.epoch(0)]
+    assert all(torch.equal(a, b) for a, b in zip(order_images, again))
+    flat = torch.cat(order_images).flatten(1)
+    normalised = Augment()(loader.images, train=False).flatten(1)
+    assert all(bool((normalised == row).all(1).any()) for row in flat)  # every batch row is an unaltered image
+    trainer.fit()
+    steps = read_metrics(tmp_path / "run", "steps")
+    assert {"ce0", "kl0", "cross0", "ce1", "kl1", "cross1"} <= set(steps[0])
+    epochs = read_metrics(tmp_path / "run", "epochs")
+    assert 0 < epochs[-1]["cka_b0_0v1"] <= 1  # two resnet18s: same shapes, no adapter between them
