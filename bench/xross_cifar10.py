@@ -14,10 +14,11 @@ Geometries:
   so layer2 hands over 128x8x8; Adam 1e-4 constant; no augmentation (``--augment`` turns crop+flip on);
   8,000 training images, 3 epochs, seeds 0,1,2, the full 10,000-image test set. ~95 min on 2 cores.
 
-``--ablations`` (research geometry, 2,500 training images, 3 epochs, seeds 0,1, ~80 min): XML alternate vs
-joint schedule, all vs single cross paths, cross_weight 0.5 and 2, peer target mean vs ensemble (DML and
-XML), each next to DML at the same budget; and semi-supervised DML/XML with 10 % of the labels next to
-Independent on the same 10 % (which trains on those images only).
+``--ablations`` (research geometry, 2,500 training images, 3 epochs, seeds 0,1): XML alternate vs joint
+schedule, cross_weight 0.5 and 2, all vs single cross paths (three parts: cuts after layer2 and layer3, where
+they differ), peer target mean vs ensemble (three nets: ResNet34, ResNet18, ResNet18, where they differ),
+each next to DML at the same budget; and semi-supervised DML/XML with 10 % of the labels next to Independent
+on the same 10 % (which trains on those images only).
 
 Decision rule, fixed before the runs: method A beats B on a net when the mean over seeds of the paired
 difference A - B exceeds twice its standard error (sd / sqrt(seeds)); otherwise no decision.
@@ -46,7 +47,6 @@ from rich.table import Table
 
 from xross.config import TrainConfig
 from xross.diagnose import diagnose
-from xross.evaluate import EvalResult
 from xross.plots import pyplot, save_png
 from xross.run import test_batches
 from xross.similarity import cohort_cka
@@ -62,15 +62,18 @@ GEOMETRIES: dict[str, dict[str, Any]] = {
 }  # fmt: skip
 ABLATION_BUDGET = {"subset": 2500, "epochs": 3, "seeds": "0,1"}
 MAIN = {"independent": ("independent", {}), "dml": ("dml", {}), "xml": ("xml", {})}
+THREE_PARTS = {"cuts": ["layer2", "layer3"]}  # cross single differs from all only from three parts on
+THREE_NETS = {"nets": [*NETS, "resnet18"]}  # a peer ensemble differs from the one peer only from three nets on
 ABLATIONS: dict[str, tuple[str, dict[str, Any]]] = {
     "dml": ("dml", {}),
     "xml": ("xml", {}),
     "xml joint": ("xml", {"schedule": "joint"}),
-    "xml single": ("xml", {"cross": "single"}),
     "xml cross_weight 0.5": ("xml", {"cross_weight": 0.5}),
     "xml cross_weight 2": ("xml", {"cross_weight": 2.0}),
-    "dml ensemble": ("dml", {"peer_target": "ensemble"}),
-    "xml ensemble": ("xml", {"peer_target": "ensemble"}),
+    "xml 3 parts": ("xml", THREE_PARTS),
+    "xml 3 parts single": ("xml", {**THREE_PARTS, "cross": "single"}),
+    "dml 3 nets": ("dml", THREE_NETS),
+    "dml 3 nets ensemble": ("dml", {**THREE_NETS, "peer_target": "ensemble"}),
     "independent 10% labels": ("independent", {"labeled_fraction": 0.1}),
     "dml 10% labels": ("dml", {"labeled_fraction": 0.1}),
     "xml 10% labels": ("xml", {"labeled_fraction": 0.1}),
@@ -84,19 +87,20 @@ def run(name: str, mode: str, options: dict[str, Any], seed: int, args: argparse
     record_file = out / "bench_record.json"
     if args.reuse and record_file.is_file():
         return json.loads(record_file.read_text())
+    options = {"nets": NETS, "cuts": ["layer2"], **options}
     cfg = TrainConfig(
-        nets=NETS, cuts=["layer2"], mode=mode, data=args.data, subset=args.subset, eval_subset=args.eval_subset,
+        mode=mode, data=args.data, subset=args.subset, eval_subset=args.eval_subset,
         image_size=args.image_size, epochs=args.epochs, batch_size=args.batch_size, optimizer="adam", lr=args.lr,
         lr_schedule=args.lr_schedule, augment=args.augment, seed=seed, eval_every=0, out=str(out), **options,
     )  # fmt: skip
     start = time.time()
     trainer = Trainer(cfg, force=True, progress=not args.quiet, command=f"bench/xross_cifar10.py {name} seed {seed}")
     result = trainer.fit()
-    minutes = (time.time() - start) / 60
     batches = test_batches(trainer.config, min(DIAGNOSE_IMAGES, args.eval_subset or DIAGNOSE_IMAGES))
     scales = NOISE_SCALES if args.noise else ()
     report = diagnose(trainer.cohort, batches, scales, draws=2, seed=seed)
     cka = cohort_cka(trainer.cohort, [x for x, _ in batches])
+    minutes = (time.time() - start) / 60  # training, evaluation and diagnosis
     record = {
         "name": name, "seed": seed, "minutes": round(minutes, 2), "eval": result.model_dump(mode="json"),
         "cka": cka, "entropy": report.entropy, "flatness_scales": report.scales, "flatness_top1": report.top1,
@@ -123,33 +127,51 @@ def top1s(records: list[dict[str, Any]], path: list[int]) -> list[float]:
     return [next(p["top1"] for p in r["eval"]["paths"] if list(p["path"]) == path) for r in records]
 
 
+def own_path(record: dict[str, Any], net: int) -> list[int]:
+    return [net] * len(record["eval"]["paths"][0]["path"])
+
+
+def net_count(record: dict[str, Any]) -> int:
+    return 1 + max(max(p["path"]) for p in record["eval"]["paths"])
+
+
 def summarise(results: dict[str, list[dict[str, Any]]], args: argparse.Namespace, console: Console) -> dict[str, Any]:
     seeds = len(next(iter(results.values())))
-    first = EvalResult.model_validate(next(iter(results.values()))[0]["eval"])
-    paths = [list(p.path) for p in first.paths]
-    names = [p.name.replace("resnet", "R") for p in first.paths]
+    widest = max(
+        len(r[0]["eval"]["paths"][-1]["path"]) and max(r[0]["eval"]["paths"][-1]["path"]) + 1 for r in results.values()
+    )
+    nets = [*NETS, "resnet18"][:widest]
     table = Table(title=f"top-1 %, mean ± sd over {seeds} seeds ({args.geometry} geometry)", title_justify="left")
-    for col in ("method", *names, "ensemble", "CKA@cut", "entropy", "noise drop", "min/run"):
+    columns = ("method", *(f"net {i} {n}" for i, n in enumerate(nets)), "ensemble", "stitched min-max", "CKA@layer2",
+               "entropy", "noise drop", "min/run")  # fmt: skip
+    for col in columns:
         table.add_column(col, justify="left" if col == "method" else "right")
     summary: dict[str, Any] = {}
     for method, records in results.items():
-        cells = [mean_sd(top1s(records, p)) for p in paths]
+        count = net_count(records[0])
+        own = [mean_sd(top1s(records, own_path(records[0], i))) for i in range(count)]
+        paths = [p["path"] for p in records[0]["eval"]["paths"] if len(set(p["path"])) > 1]
+        stitched = [statistics.mean(top1s(records, p)) for p in paths]
         ens = mean_sd([r["eval"]["ensembles"]["nets"]["top1"] for r in records])
         cka = statistics.mean(r["cka"]["b0_0v1"] for r in records)
         entropy = statistics.mean(statistics.mean(r["entropy"]) for r in records)
         drops = [r["noise_drop"] for r in records if r["noise_drop"] is not None]
         drop = statistics.mean(drops) if drops else None
         table.add_row(
-            method, *(f"{m:.2f} ± {s:.2f}" for m, s in cells), f"{ens[0]:.2f} ± {ens[1]:.2f}", f"{cka:.3f}",
+            method, *(f"{m:.2f} ± {s:.2f}" for m, s in own), *([""] * (len(nets) - count)),
+            f"{ens[0]:.2f} ± {ens[1]:.2f}", f"{min(stitched):.2f}-{max(stitched):.2f}", f"{cka:.3f}",
             f"{entropy:.3f}", f"{drop:.2f}" if drop is not None else "-",
             f"{statistics.mean(r['minutes'] for r in records):.1f}",
         )  # fmt: skip
-        own = [cells[paths.index([i, i])] for i in range(len(NETS))]
-        stitched = [cells[k][0] for k, p in enumerate(paths) if len(set(p)) > 1]
         summary[method] = {"nets": [[round(m, 2), round(s, 2)] for m, s in own], "ensemble": round(ens[0], 2),
                            "paths_min": round(min(stitched), 2), "paths_max": round(max(stitched), 2),
                            "cka": round(cka, 4), "entropy": round(entropy, 4),
                            "noise_drop": round(drop, 2) if drop is not None else None}  # fmt: skip
+        if not args.ablations:
+            every = records[0]["eval"]["paths"]
+            summary[method]["paths"] = {
+                p["name"]: [round(v, 2) for v in mean_sd(top1s(records, p["path"]))] for p in every
+            }
     console.print(table)
     baseline = "dml" if "dml" in results and args.ablations else None
     pairs = [(a, baseline) for a in results if baseline and a != baseline and "labels" not in a]
@@ -159,15 +181,27 @@ def summarise(results: dict[str, list[dict[str, Any]]], args: argparse.Namespace
     decisions = Table(
         title="paired differences over seeds (decision: |mean| > 2 standard errors)", title_justify="left"
     )
-    for col in ("A vs B", *(f"{n} A-B" for n in NETS), "verdict"):
+    for col in ("A vs B", *(f"{n} A-B" for n in NETS), "verdict"):  # nets 0 and 1 are in every variant
         decisions.add_column(col, justify="left" if col == "A vs B" else "right")
     for a, b in pairs:
-        diffs = [paired(top1s(results[a], [i, i]), top1s(results[b], [i, i])) for i in range(len(NETS))]
+        diffs = [
+            paired(top1s(results[a], own_path(results[a][0], i)), top1s(results[b], own_path(results[b][0], i)))
+            for i in range(len(NETS))
+        ]
         decisions.add_row(
             f"{a} vs {b}", *(f"{m:+.2f} ± {se:.2f}" for m, se, _ in diffs), " / ".join(v for *_, v in diffs)
         )
         summary[f"{a} vs {b}"] = [[round(m, 2), round(se, 2), v] for m, se, v in diffs]
     console.print(decisions)
+    if not args.ablations:
+        paths = Table(title="every path (up half > down half), mean ± sd over seeds", title_justify="left")
+        for col in ("path", *results):
+            paths.add_column(col, justify="left" if col == "path" else "right")
+        for name in summary[next(iter(results))]["paths"]:
+            paths.add_row(
+                name, *(f"{summary[m]['paths'][name][0]:.2f} ± {summary[m]['paths'][name][1]:.2f}" for m in results)
+            )
+        console.print(paths)
     return summary
 
 
@@ -238,7 +272,7 @@ def main() -> None:
         for name, (mode, options) in variants.items():
             console.print(f"[bold]{name}[/] seed {seed} ({(time.time() - start) / 60:.1f} min so far)")
             results[name].append(run(name, mode, options, seed, args))
-    minutes = (time.time() - start) / 60
+    minutes = sum(r["minutes"] for records in results.values() for r in records)  # reused runs count their own time
     summary = summarise(results, args, console)
     tag = (
         "ablations"
@@ -250,7 +284,9 @@ def main() -> None:
     detail = {"summary": summary, "minutes": round(minutes, 1), "settings": settings, "runs": results}
     (args.report / f"xross_cifar10_{tag}.json").write_text(json.dumps(detail, indent=1) + "\n")
     plot_cka(summary, list(variants), args.report / f"xross_cifar10_{tag}_cka.png")
-    console.print(f"total {minutes:.1f} min; report in {args.report}")
+    console.print(
+        f"total {minutes:.1f} min of runs ({(time.time() - start) / 60:.1f} min now); report in {args.report}"
+    )
     if args.ablations:
         line = {"geometry": "research", "ablations": True, "seeds": len(seeds), "minutes": round(minutes, 1)}
         line.update({name: summary[name]["nets"] for name in variants})

@@ -83,3 +83,23 @@ def test_kind_selects_the_config_class_and_comma_lists_convert(cli, tmp_path) ->
         load_config(tmp_path / "x.yaml")
     r = cli("xross", "distill", "--student", "resnet18", "--teacher", "t", "--d-hidden", "8,x", "--out", tmp_path / "r")
     assert r.code == 2 and "d_hidden" in r.err and len(r.err.strip().splitlines()) == 1, r
+
+
+def test_semi_supervised_options_are_refused_where_they_mean_nothing(tmp_path) -> None:
+    with pytest.raises(ValueError, match="independent learns nothing"):
+        TrainConfig(mode="independent", unlabeled=str(tmp_path))
+    with pytest.raises(ValueError, match="mutualnet has no semi-supervised"):
+        TrainConfig(mode="mutualnet", nets=["resnet18"], labeled_fraction=0.5)
+
+
+def test_mutual_options_are_refused_for_modes_without_the_term() -> None:
+    with pytest.raises(ValueError, match="peer_target applies to dml and xml"):
+        TrainConfig(mode="independent", peer_target="ensemble")
+    with pytest.raises(ValueError, match="cross_weight applies to xml"):
+        TrainConfig(mode="dml", cross_weight=0.5)
+    with pytest.raises(ValueError, match="ensemble equals mean"):
+        TrainConfig(mode="dml", peer_target="ensemble")  # two nets: the same objective
+    with pytest.raises(ValueError, match="single equals all"):
+        TrainConfig(mode="xml", cross="single")  # two parts: the same paths
+    TrainConfig(mode="dml", peer_target="ensemble", nets=["resnet18"] * 3)
+    TrainConfig(mode="xml", cross="single", cuts=["layer1", "layer3"])

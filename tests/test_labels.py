@@ -97,10 +97,3 @@ def test_hard_label_term_of_unlabeled_images_is_exactly_zero_in_a_run(tmp_path, 
                     value.grad[batch_labels == UNLABELED],
                     torch.zeros_like(value.grad[:1]).expand(int((batch_labels == UNLABELED).sum()), -1),
                 ), path
-
-
-def test_semi_supervised_options_are_refused_where_they_mean_nothing(tmp_path) -> None:
-    with pytest.raises(ValueError, match="independent learns nothing"):
-        TrainConfig(mode="independent", unlabeled=str(tmp_path))
-    with pytest.raises(ValueError, match="mutualnet has no semi-supervised"):
-        TrainConfig(mode="mutualnet", nets=["resnet18"], labeled_fraction=0.5)

@@ -85,11 +85,6 @@ class SimilarityReport(FileModel):
     def save(self, run: FsPath) -> None:
         atomic_write_text(run / SIMILARITY_JSON, self.model_dump_json(indent=1) + "\n")
 
-    def mean_between_nets(self) -> float:
-        """The mean CKA between the nets' own features over every cut and pair (adapters left out)."""
-        values = [v for k, v in self.cka.items() if "v" in k.split("_")[1]]
-        return sum(values) / len(values) if values else float("nan")
-
 
 def similarity_report(cohort: Cohort, images: list[torch.Tensor]) -> SimilarityReport:
     return SimilarityReport(
