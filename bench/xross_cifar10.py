@@ -48,7 +48,7 @@ from rich.table import Table
 from xross.config import TrainConfig
 from xross.diagnose import diagnose
 from xross.plots import pyplot, save_png
-from xross.run import test_batches
+from xross.run import evaluation_batches
 from xross.similarity import cohort_cka
 from xross.trainer import Trainer
 
@@ -96,7 +96,7 @@ def run(name: str, mode: str, options: dict[str, Any], seed: int, args: argparse
     start = time.time()
     trainer = Trainer(cfg, force=True, progress=not args.quiet, command=f"bench/xross_cifar10.py {name} seed {seed}")
     result = trainer.fit()
-    batches = test_batches(trainer.config, min(DIAGNOSE_IMAGES, args.eval_subset or DIAGNOSE_IMAGES))
+    batches = evaluation_batches(trainer.config, min(DIAGNOSE_IMAGES, args.eval_subset or DIAGNOSE_IMAGES))
     scales = NOISE_SCALES if args.noise else ()
     report = diagnose(trainer.cohort, batches, scales, draws=2, seed=seed)
     cka = cohort_cka(trainer.cohort, [x for x, _ in batches])

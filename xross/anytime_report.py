@@ -41,8 +41,7 @@ from xross.errors import XrossError
 from xross.evaluate import EvalResult
 from xross.latency import LatencyTable
 from xross.plots import pyplot, save_png
-from xross.run import DTYPES
-from xross.run import test_batches as run_test_batches
+from xross.run import DTYPES, evaluation_batches
 
 ANYTIME_JSON, ANYTIME_CSV, ANYTIME_PNG = "anytime.json", "anytime.csv", "anytime.png"
 PathField = Annotated[tuple[Annotated[NonNegativeInt, Strict()], ...], Strict(False)]
@@ -323,7 +322,7 @@ def anytime_report(
     held = calibration_split(cfg)
     if held is None or len(held) == 0:
         raise XrossError("the run held out no training images to calibrate on (holdout 0); retrain with --holdout N")
-    test_batches = run_test_batches(cfg, eval_subset, batch_size)
+    test_batches = evaluation_batches(cfg, eval_subset, batch_size)
     test_images = sum(len(y) for _, y in test_batches)
     dtype = DTYPES[cfg.dtype]
     held_batches = [(x.to(dtype), y) for x, y in BatchLoader(held, batch_size, train=False).epoch(0)]

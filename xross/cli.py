@@ -34,7 +34,7 @@ from xross.evaluate import EvalResult, best_path, distillation_gap, evaluate, ev
 from xross.latency import LATENCY_FILE, batch1_ms, latency_table, profile_run
 from xross.mutualnet import calibration_images, evaluate_settings, standalone_setting
 from xross.query import COLUMNS, parse_ms, query_rows, row_values, write_query_files
-from xross.run import DTYPES, is_mutualnet_run, load_run, load_slim, load_student, run_config, test_batches
+from xross.run import DTYPES, evaluation_batches, is_mutualnet_run, load_run, load_slim, load_student, run_config
 from xross.teachers import load_teachers
 
 app = typer.Typer(
@@ -142,7 +142,7 @@ def eval_run(
         )
     else:
         _, cohort = load_run(run, trust_code=trust_code, verify=verify)
-    batches = test_batches(cfg, eval_subset, batch_size)
+    batches = evaluation_batches(cfg, eval_subset, batch_size)
     dtype = DTYPES[cfg.dtype]
     if isinstance(cfg, TrainConfig) and cfg.mode == "mutualnet":
         result = evaluate_settings(

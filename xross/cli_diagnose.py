@@ -14,7 +14,7 @@ from xross.cli_common import NoVerifyOpt, RunArg, TrustOpt
 from xross.diagnose import EMBEDDING_PNG, FLATNESS_PNG, DiagnoseReport, diagnose, embedding_plot, flatness_plot
 from xross.errors import XrossError
 from xross.metrics import read_metrics
-from xross.run import load_run, test_batches
+from xross.run import evaluation_batches, load_run
 from xross.similarity import SIMILARITY_PNG, similarity_plot, similarity_report
 
 ImagesOpt = Annotated[int, typer.Option("--images", help="test images used (a stratified subset)", min=1)]
@@ -40,7 +40,7 @@ def diagnose_command(
     if not noise or not all(s > 0 for s in noise):
         raise XrossError(f"--scales '{scales}' should be positive numbers like 0.01,0.02,0.05,0.1")
     cfg, cohort = load_run(run, trust_code=trust_code, verify=not no_verify)
-    batches = test_batches(cfg, images)
+    batches = evaluation_batches(cfg, images)
     console.print(f"{run}: {len(noise)} noise scales x {draws} draws on {sum(len(y) for _, y in batches)} images")
     report = diagnose(cohort, batches, noise, draws, seed)
     report.save(run)
@@ -83,7 +83,7 @@ def similarity_command(
     cross-path loss terms over training from steps.csv (CKA per epoch when trained with --cka-images); writes
     similarity.json and similarity.png."""
     cfg, cohort = load_run(run, trust_code=trust_code, verify=not no_verify)
-    report = similarity_report(cohort, [x for x, _ in test_batches(cfg, images)])
+    report = similarity_report(cohort, [x for x, _ in evaluation_batches(cfg, images)])
     report.save(run)
     rows = [(key, f"{value:.4f}") for key, value in report.cka.items()]
     title = f"{run}: linear CKA ({report.images} images; b<cut>_<i>v<j>: net i vs net j, <i>to<j>: through the adapter)"

@@ -227,7 +227,7 @@ def exit_heads_config(run: Path, **options: Any) -> TrainConfig:
     return TrainConfig.from_dict({**base, **options}, "the options")
 
 
-def test_batches(
+def evaluation_batches(
     cfg: RunConfig, eval_subset: int | None = None, batch_size: int = 256
 ) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """A run's evaluation images as batches in its dtype (``eval_subset``: a stratified subset, default the
