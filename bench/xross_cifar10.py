@@ -14,11 +14,11 @@ Geometries:
   so layer2 hands over 128x8x8; Adam 1e-4 constant; no augmentation (``--augment`` turns crop+flip on);
   8,000 training images, 3 epochs, seeds 0,1,2, the full 10,000-image test set. ~95 min on 2 cores.
 
-``--ablations`` (research geometry, 2,500 training images, 3 epochs, seeds 0,1): XML alternate vs joint
-schedule, cross_weight 0.5 and 2, all vs single cross paths (three parts: cuts after layer2 and layer3, where
-they differ), peer target mean vs ensemble (three nets: ResNet34, ResNet18, ResNet18, where they differ),
-each next to DML at the same budget; and semi-supervised DML/XML with 10 % of the labels next to Independent
-on the same 10 % (which trains on those images only).
+``--ablations`` (research geometry; 1,200 training images, 3 epochs, 2,000 test images, seeds 0,1):
+XML alternate vs joint schedule, cross_weight 0.5 and 2, all vs single cross paths (three parts: cuts after
+layer2 and layer3, where they differ), peer target mean vs ensemble (three nets: ResNet34, ResNet18, ResNet18,
+where they differ), each next to DML at the same budget; and semi-supervised DML/XML with 10 % of the labels
+next to Independent on the same 10 % (which trains on those images only).
 
 Decision rule, fixed before the runs: method A beats B on a net when the mean over seeds of the paired
 difference A - B exceeds twice its standard error (sd / sqrt(seeds)); otherwise no decision.
@@ -60,7 +60,7 @@ GEOMETRIES: dict[str, dict[str, Any]] = {
     "research": {"image_size": 64, "subset": 8000, "eval_subset": None, "epochs": 3, "lr": 1e-4,
                  "lr_schedule": "constant", "augment": False, "seeds": "0,1,2"},
 }  # fmt: skip
-ABLATION_BUDGET = {"subset": 2500, "epochs": 3, "seeds": "0,1"}
+ABLATION_BUDGET = {"subset": 1200, "eval_subset": 2000, "epochs": 3, "seeds": "0,1"}  # sized for 90 min
 MAIN = {"independent": ("independent", {}), "dml": ("dml", {}), "xml": ("xml", {})}
 THREE_PARTS = {"cuts": ["layer2", "layer3"]}  # cross single differs from all only from three parts on
 THREE_NETS = {"nets": [*NETS, "resnet18"]}  # a peer ensemble differs from the one peer only from three nets on
