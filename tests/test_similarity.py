@@ -52,6 +52,10 @@ def test_cohort_cka_compares_each_pair_at_each_cut(cohort: Cohort) -> None:
 
 
 def test_loss_term_curves_separate_own_and_cross_terms() -> None:
-    steps = [{"global_step": 1.0, "ce0": 2.0, "kl0": 0.1, "cross0": 4.0, "ce1": 2.1}, {"global_step": 2.0, "ce0": 1.5}]
+    steps = [
+        {"global_step": 1.0, "ce0": 2.0, "kl0": 0.1, "cross_ce0": 2.5, "cross_kl0": 0.3, "ce1": 2.1},
+        {"global_step": 2.0, "ce0": 1.5},
+    ]
     curves = loss_term_curves(steps, 2)
-    assert curves["ce0"] == [(1.0, 2.0), (2.0, 1.5)] and curves["cross0"] == [(1.0, 4.0)] and "cross1" not in curves
+    assert curves["ce", 0] == [(1.0, 2.0), (2.0, 1.5)] and curves["cross_ce", 0] == [(1.0, 2.5)]
+    assert ("cross_ce", 1) not in curves and curves["ce", 1] == [(1.0, 2.1)]

@@ -20,7 +20,7 @@ from xross.config import TrainConfig
 from xross.data import Augment
 from xross.errors import TrainingDiverged, XrossError
 from xross.metrics import read_metrics
-from xross.trainer import Trainer
+from xross.trainer import Trainer, term_groups
 
 
 def small_config(tmp_path: Path, cifar10_archive: Path, data_cache: Path, **over) -> TrainConfig:
@@ -279,6 +279,12 @@ def test_metrics_log_loss_terms_and_cka_and_augment_off_only_normalises(tmp_path
     assert all(bool((normalised == row).all(1).any()) for row in flat)  # every batch row is an unaltered image
     trainer.fit()
     steps = read_metrics(tmp_path / "run", "steps")
-    assert {"ce0", "kl0", "cross0", "ce1", "kl1", "cross1"} <= set(steps[0])
+    assert {"ce0", "kl0", "cross_ce0", "cross_kl0", "ce1", "kl1", "cross_ce1", "cross_kl1"} <= set(steps[0])
     epochs = read_metrics(tmp_path / "run", "epochs")
     assert 0 < epochs[-1]["cka_b0_0v1"] <= 1  # two resnet18s: same shapes, no adapter between them
+
+
+def test_term_groups_average_the_cross_paths_terms() -> None:
+    terms = {k: torch.tensor(v) for k, v in {"ce": 2.0, "kl": 0.5, "ce@0-1": 3.0, "ce@1-0": 1.0, "kl@0-1": 0.2,
+                                               "kl@1-0": 0.4}.items()}  # fmt: skip
+    assert term_groups(terms) == pytest.approx({"ce": 2.0, "kl": 0.5, "cross_ce": 2.0, "cross_kl": 0.3})

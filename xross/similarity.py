@@ -92,15 +92,18 @@ def similarity_report(cohort: Cohort, images: list[torch.Tensor]) -> SimilarityR
     )
 
 
-def loss_term_curves(steps: list[dict[str, float]], num_nets: int) -> dict[str, list[tuple[float, float]]]:
-    """Per-term loss curves of a run's ``steps.csv`` rows: ``{"ce0": [(step, value), ...], ...}`` for the own-path
-    terms (``ce``, ``kl``, ``kd``, ``exits``) and the cross-path sum (``cross``) of each net that logged them."""
-    curves: dict[str, list[tuple[float, float]]] = {}
-    for row in steps:
-        for term in ("ce", "kl", "kd", "exits", "cross"):
+OWN_TERMS, CROSS_TERMS = ("ce", "kl", "kd", "exits"), ("cross_ce", "cross_kl", "cross")
+
+
+def loss_term_curves(steps: list[dict[str, float]], num_nets: int) -> dict[tuple[str, int], list[tuple[float, float]]]:
+    """Per-term loss curves from a run's ``steps.csv`` rows: ``{(term, net): [(step, value), ...]}`` for the
+    own-path terms and the cross-path ones (``cross_ce``, ``cross_kl``; ``cross``, their sum, in older runs)."""
+    curves: dict[tuple[str, int], list[tuple[float, float]]] = {}
+    for k, row in enumerate(steps):
+        for term in (*OWN_TERMS, *CROSS_TERMS):
             for i in range(num_nets):
                 if f"{term}{i}" in row:
-                    curves.setdefault(f"{term}{i}", []).append((row.get("global_step", len(curves)), row[f"{term}{i}"]))
+                    curves.setdefault((term, i), []).append((row.get("global_step", k), row[f"{term}{i}"]))
     return curves
 
 
@@ -113,12 +116,12 @@ def similarity_plot(
     if plt is None:
         return None
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
-    for name, points in loss_term_curves(steps, len(report.names)).items():
-        net = int(name[-1])
-        left.plot(*zip(*points), label=f"{name[:-1]} ({report.names[net]})", linestyle="--" if "cross" in name else "-")
+    for (term, net), points in loss_term_curves(steps, len(report.names)).items():
+        style = "--" if term in CROSS_TERMS else "-"
+        left.plot(*zip(*points), label=f"{term} ({report.names[net]})", linestyle=style)
     left.set_xlabel("step")
     left.set_ylabel("loss term (unweighted)")
-    left.set_title("own-path terms (solid) and the sum of cross-path terms (dashed)", fontsize=9)
+    left.set_title("own-path terms (solid), cross-path terms: mean over the cross paths (dashed)", fontsize=9)
     if left.lines:
         left.legend(fontsize=7)
     keys = [k for k in (epochs[-1] if epochs else {}) if k.startswith("cka_")]
@@ -131,8 +134,7 @@ def similarity_plot(
         right.bar(range(len(report.cka)), list(report.cka.values()), tick_label=list(report.cka))
     right.set_ylim(0, 1.05)
     right.set_ylabel("linear CKA")
-    right.set_title(f"CKA at each cut (b<cut>_<i>v<j>: nets; <i>to<j>: through the adapter), {report.images} images",
-                    fontsize=9)  # fmt: skip
+    right.set_title(f"linear CKA at each cut, {report.images} test images", fontsize=9)
     if keys:
         right.legend(fontsize=7)
     fig.tight_layout()

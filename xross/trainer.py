@@ -234,12 +234,14 @@ class Trainer(RunEngine):
 
 
 def term_groups(terms: dict[str, torch.Tensor]) -> dict[str, float]:
-    """A student's loss terms for the metrics, unweighted: its own path's (``ce``, ``kl``, ``exits``) and the
-    sum of its cross paths' (``cross``: every ``kl@``/``ce@`` term of xml)."""
+    """A student's loss terms for the metrics, unweighted: its own path's (``ce``, ``kl``, ``kd``, ``exits``) and,
+    for xml, the mean over its cross paths of their CE and KL terms (``cross_ce``, ``cross_kl``: on the own
+    path's scale, so the two can be compared)."""
     groups = {k: float(v.detach()) for k, v in terms.items() if "@" not in k}
-    cross = [float(v.detach()) for k, v in terms.items() if "@" in k]
-    if cross:
-        groups["cross"] = sum(cross)
+    for kind in ("ce", "kl"):
+        cross = [float(v.detach()) for k, v in terms.items() if k.startswith(f"{kind}@")]
+        if cross:
+            groups[f"cross_{kind}"] = sum(cross) / len(cross)
     return groups
 
 
