@@ -191,7 +191,7 @@ def flatness_plot(report: DiagnoseReport, path: FsPath, title: str = "") -> FsPa
     for p, name in enumerate(report.names):
         own = len(set(report.paths[p])) == 1
         style = {"linestyle": "-" if own else "--", "linewidth": 1.6 if own else 0.8, "marker": "o", "markersize": 3}
-        left.plot(report.scales, [row[p] for row in report.top1], label=name if own else None, **style)
+        left.plot(report.scales, [row[p] for row in report.top1], label=name, **style)
         right.plot(report.scales, [row[p] for row in report.loss], **style)
     left.set_xlabel("noise std / weight std")
     left.set_ylabel("top-1 (%)")
