@@ -304,15 +304,9 @@ class TrainConfig(TeacherOptions, RunConfig):
         if self.peer_target != "mean" and self.mode not in ("dml", "xml"):
             raise ValueError(f"peer_target applies to dml and xml, not {self.mode}; drop --peer-target")
         if self.peer_target == "ensemble" and len(self.nets) < 3:
-            raise ValueError(
-                "with two nets the peers' ensemble is the one peer, so peer_target ensemble equals mean; give three "
-                "or more nets"
-            )
+            raise ValueError("with two nets peer_target ensemble equals mean (one peer); give three or more nets")
         if self.cross == "single" and len(self.cuts) < 2:
-            raise ValueError(
-                "with two parts every cross path is one part away, so cross single equals all; cut twice "
-                "(--cut A --cut B) for single to differ"
-            )
+            raise ValueError("with two parts cross single equals all; cut twice (--cut A --cut B) for it to differ")
         if self.cross_weight != 1 and self.mode != "xml":
             raise ValueError(f"cross_weight applies to xml, not {self.mode}; drop --cross-weight")
         if self.unlabeled and self.mode == "independent":
