@@ -46,7 +46,7 @@ from rich.console import Console
 from rich.table import Table
 
 from xross.config import TrainConfig
-from xross.diagnose import diagnose
+from xross.diagnose import NOISE_SCALES, diagnose
 from xross.plots import pyplot, save_png
 from xross.run import evaluation_batches
 from xross.similarity import cohort_cka
@@ -78,7 +78,7 @@ ABLATIONS: dict[str, tuple[str, dict[str, Any]]] = {
     "dml 10% labels": ("dml", {"labeled_fraction": 0.1}),
     "xml 10% labels": ("xml", {"labeled_fraction": 0.1}),
 }
-DIAGNOSE_IMAGES, NOISE_SCALES = 1000, (0.01, 0.02, 0.05, 0.1)  # noise drop: at 0.05, the middle
+DIAGNOSE_IMAGES = 1000  # noise drop: at 0.05, the middle of NOISE_SCALES
 
 
 def run(name: str, mode: str, options: dict[str, Any], seed: int, args: argparse.Namespace) -> dict[str, Any]:

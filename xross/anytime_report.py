@@ -36,12 +36,12 @@ from xross.anytime import AnytimeRunner, Plan, RouteCosts, accuracy_by_prefix, c
 from xross.budget import StageRecords, calibrate, collect, stage_costs, thresholds_for
 from xross.cohort import Cohort, Path
 from xross.config import TrainConfig
-from xross.data import BatchLoader, load_split, split_holdout
+from xross.data import load_split, split_holdout
 from xross.errors import XrossError
 from xross.evaluate import EvalResult
 from xross.latency import LatencyTable
 from xross.plots import pyplot, save_png
-from xross.run import DTYPES, evaluation_batches
+from xross.run import as_batches, evaluation_batches
 
 ANYTIME_JSON, ANYTIME_CSV, ANYTIME_PNG = "anytime.json", "anytime.csv", "anytime.png"
 PathField = Annotated[tuple[Annotated[NonNegativeInt, Strict()], ...], Strict(False)]
@@ -324,8 +324,7 @@ def anytime_report(
         raise XrossError("the run held out no training images to calibrate on (holdout 0); retrain with --holdout N")
     test_batches = evaluation_batches(cfg, eval_subset, batch_size)
     test_images = sum(len(y) for _, y in test_batches)
-    dtype = DTYPES[cfg.dtype]
-    held_batches = [(x.to(dtype), y) for x, y in BatchLoader(held, batch_size, train=False).epoch(0)]
+    held_batches = as_batches(held, cfg, batch_size)
     if progress:
         progress(f"scoring every exit on {len(held)} held-out and {test_images} test images")
     cal_records, test_records = collect(cohort, held_batches), collect(cohort, test_batches)

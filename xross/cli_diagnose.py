@@ -11,7 +11,15 @@ import typer
 
 from surgery.clikit import console, table
 from xross.cli_common import NoVerifyOpt, RunArg, TrustOpt
-from xross.diagnose import EMBEDDING_PNG, FLATNESS_PNG, DiagnoseReport, diagnose, embedding_plot, flatness_plot
+from xross.diagnose import (
+    EMBEDDING_PNG,
+    FLATNESS_PNG,
+    NOISE_SCALES,
+    DiagnoseReport,
+    diagnose,
+    embedding_plot,
+    flatness_plot,
+)
 from xross.errors import XrossError
 from xross.metrics import read_metrics
 from xross.run import evaluation_batches, load_run
@@ -23,8 +31,8 @@ ImagesOpt = Annotated[int, typer.Option("--images", help="test images used (a st
 def diagnose_command(
     run: RunArg,
     images: ImagesOpt = 1000,
-    scales: Annotated[str, typer.Option(help="weight-noise scales: std of the noise / std of the tensor")] = (
-        "0.01,0.02,0.05,0.1"
+    scales: Annotated[str, typer.Option(help="weight-noise scales: std of the noise / std of the tensor")] = ",".join(
+        map(str, NOISE_SCALES)
     ),
     draws: Annotated[int, typer.Option(help="noisy copies averaged at each scale", min=1)] = 3,
     seed: Annotated[int, typer.Option(help="seed of the noise")] = 0,

@@ -31,6 +31,7 @@ from xross.plots import pyplot, save_png
 from xross.similarity import boundary_features
 
 Batches = Sequence[tuple[torch.Tensor, torch.Tensor]]
+NOISE_SCALES = (0.01, 0.02, 0.05, 0.1)  # noise std / weight std, as the DML paper's flatness test
 DIAGNOSE_JSON, FLATNESS_PNG, EMBEDDING_PNG = "diagnose.json", "flatness.png", "embedding.png"
 
 
@@ -68,7 +69,7 @@ def perturbed(cohort: Cohort, scale: float, generator: torch.Generator) -> Cohor
 def flatness(
     cohort: Cohort,
     batches: Batches,
-    scales: Sequence[float] = (0.01, 0.02, 0.05, 0.1),
+    scales: Sequence[float] = NOISE_SCALES,
     draws: int = 3,
     seed: int = 0,
     paths: Sequence[Path] | None = None,
@@ -158,7 +159,7 @@ class DiagnoseReport(FileModel):
 def diagnose(
     cohort: Cohort,
     batches: Batches,
-    scales: Sequence[float] = (0.01, 0.02, 0.05, 0.1),
+    scales: Sequence[float] = NOISE_SCALES,
     draws: int = 3,
     seed: int = 0,
 ) -> DiagnoseReport:

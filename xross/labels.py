@@ -24,22 +24,23 @@ import torch.nn.functional as F
 UNLABELED = -1
 
 
+def upcast(t: torch.Tensor) -> torch.Tensor:
+    """Losses in at least float32 (mixed precision hands over half-precision logits)."""
+    return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
+
+
 def per_image_ce(logits: torch.Tensor, labels: torch.Tensor, label_smoothing: float = 0.0) -> torch.Tensor:
     """Cross-entropy of each image, exactly 0 for unlabelled ones (computed in at least float32)."""
-    if logits.dtype in (torch.float16, torch.bfloat16):
-        logits = logits.float()
-    return F.cross_entropy(logits, labels, reduction="none", ignore_index=UNLABELED, label_smoothing=label_smoothing)
+    return F.cross_entropy(
+        upcast(logits), labels, reduction="none", ignore_index=UNLABELED, label_smoothing=label_smoothing
+    )
 
 
 def hard_label_ce(logits: torch.Tensor, labels: torch.Tensor, label_smoothing: float = 0.0) -> torch.Tensor:
     """Mean cross-entropy over the labelled images of the batch; 0 (with a gradient of 0) when none is."""
     labeled = labels != UNLABELED
     if bool(labeled.all()):  # the usual case: the plain mean, exactly as F.cross_entropy gives it
-        return F.cross_entropy(
-            logits.float() if logits.dtype in (torch.float16, torch.bfloat16) else logits,
-            labels,
-            label_smoothing=label_smoothing,
-        )
+        return F.cross_entropy(upcast(logits), labels, label_smoothing=label_smoothing)
     return per_image_ce(logits, labels, label_smoothing).sum() / labeled.sum().clamp_min(1)
 
 

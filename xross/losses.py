@@ -24,18 +24,13 @@ import torch.nn.functional as F
 
 from xross.cohort import Cohort, Path
 from xross.errors import XrossError
-from xross.labels import hard_label_ce
-
-
-def _upcast(t: torch.Tensor) -> torch.Tensor:
-    """Losses in at least float32 (mixed precision hands over half-precision logits)."""
-    return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
+from xross.labels import hard_label_ce, upcast
 
 
 def kl(teacher_logits: torch.Tensor, student_logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
     """``KL(p_t || p_s)`` averaged over the batch; the teacher side is detached."""
-    t = F.log_softmax(_upcast(teacher_logits.detach()) / temperature, dim=1)
-    s = F.log_softmax(_upcast(student_logits) / temperature, dim=1)
+    t = F.log_softmax(upcast(teacher_logits.detach()) / temperature, dim=1)
+    s = F.log_softmax(upcast(student_logits) / temperature, dim=1)
     return F.kl_div(s, t, reduction="batchmean", log_target=True)
 
 
@@ -103,7 +98,7 @@ def peer_kl(i: int, logits: dict[Path, torch.Tensor], cohort: Cohort, target: st
     own = logits[cohort.own_path(i)]
     peers = [logits[cohort.own_path(j)] for j in range(cohort.num_nets) if j != i]
     if target == "ensemble":
-        probs = torch.stack([_upcast(p.detach()).softmax(1) for p in peers]).mean(0)
+        probs = torch.stack([upcast(p.detach()).softmax(1) for p in peers]).mean(0)
         return kl(probs.clamp_min(1e-12).log(), own)
     return torch.stack([kl(p, own) for p in peers]).mean()
 
@@ -187,7 +182,7 @@ def soft_cross_entropy(
     It differs from ``KL(q || softmax(s / T))`` by the entropy of ``q`` alone, so both give
     the student the same gradient; MEAL V2 trains with this form.
     """
-    log_p = F.log_softmax(_upcast(student_logits) / temperature, dim=1)
+    log_p = F.log_softmax(upcast(student_logits) / temperature, dim=1)
     return -(target_probs.detach().to(log_p) * log_p).sum(1).mean()
 
 
@@ -207,7 +202,7 @@ class DistillLoss:
 
     def __call__(self, student_logits: torch.Tensor, target_probs: torch.Tensor, labels: torch.Tensor) -> LossTerms:
         terms: dict[str, torch.Tensor] = {}
-        total = student_logits.new_zeros((), dtype=_upcast(student_logits).dtype)
+        total = student_logits.new_zeros((), dtype=upcast(student_logits).dtype)
         if self.soft_weight:
             terms["soft"] = soft_cross_entropy(student_logits, target_probs, self.temperature) * self.temperature**2
             total = total + self.soft_weight * terms["soft"]

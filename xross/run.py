@@ -27,7 +27,7 @@ from surgery.trust import Kind, resolve
 from xross.checkpoint import CheckpointDir
 from xross.cohort import Cohort, build_net
 from xross.config import DistillConfig, RunConfig, TrainConfig, load_config
-from xross.data import BatchLoader, load_split
+from xross.data import BatchLoader, ImageTensors, load_split
 from xross.distributed import globalise_batchnorm
 from xross.errors import XrossError
 
@@ -234,5 +234,10 @@ def evaluation_batches(
     run's own)."""
     test = load_split(cfg.data, "test", subset=eval_subset or cfg.eval_subset, image_size=cfg.image_size,
                       cache_dir=cfg.cache_dir, seed=cfg.seed)  # fmt: skip
+    return as_batches(test, cfg, batch_size)
+
+
+def as_batches(data: ImageTensors, cfg: RunConfig, batch_size: int = 256) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """``data`` normalised, in order, as batches in the run's dtype."""
     dtype = DTYPES[cfg.dtype]
-    return [(x.to(dtype), y) for x, y in BatchLoader(test, batch_size, train=False).epoch(0)]
+    return [(x.to(dtype), y) for x, y in BatchLoader(data, batch_size, train=False).epoch(0)]
