@@ -9,7 +9,7 @@ BIN    := $(VENV)/bin
 
 $(BIN)/surgery: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --quiet -e '.[dev]'
+	$(BIN)/pip install --quiet --no-cache-dir -e '.[dev]'
 	touch $(BIN)/surgery
 
 venv: $(BIN)/surgery
