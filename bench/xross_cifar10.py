@@ -77,7 +77,17 @@ ABLATIONS: dict[str, tuple[str, dict[str, Any]]] = {
     "independent 10% labels": ("independent", {"labeled_fraction": 0.1}),
     "dml 10% labels": ("dml", {"labeled_fraction": 0.1}),
     "xml 10% labels": ("xml", {"labeled_fraction": 0.1}),
+    # independent training sees only the labelled 10 %: one step per epoch where dml/xml take 18, so
+    # also give it the same 54 steps (54 epochs of its 120 images), else it is merely untrained
+    "independent 10% labels 54 epochs": ("independent", {"labeled_fraction": 0.1, "epochs": 54}),
 }
+# each ablation against the variant it changes one thing of (besides DML at the same budget, which all face)
+ABLATION_PAIRS = [
+    ("xml 3 parts single", "xml 3 parts"), ("dml 3 nets ensemble", "dml 3 nets"),
+    *((a, b) for a in ("dml 10% labels", "xml 10% labels")
+      for b in ("independent 10% labels", "independent 10% labels 54 epochs")),
+    ("xml joint", "xml"), ("xml cross_weight 0.5", "xml"), ("xml cross_weight 2", "xml"),
+]  # fmt: skip
 DIAGNOSE_IMAGES = 1000  # noise drop: at 0.05, the middle of NOISE_SCALES
 
 
@@ -87,12 +97,12 @@ def run(name: str, mode: str, options: dict[str, Any], seed: int, args: argparse
     record_file = out / "bench_record.json"
     if args.reuse and record_file.is_file():
         return json.loads(record_file.read_text())
-    options = {"nets": NETS, "cuts": ["layer2"], **options}
-    cfg = TrainConfig(
-        mode=mode, data=args.data, subset=args.subset, eval_subset=args.eval_subset,
-        image_size=args.image_size, epochs=args.epochs, batch_size=args.batch_size, optimizer="adam", lr=args.lr,
-        lr_schedule=args.lr_schedule, augment=args.augment, seed=seed, eval_every=0, out=str(out), **options,
-    )  # fmt: skip
+    cfg = TrainConfig(**{
+        "mode": mode, "data": args.data, "subset": args.subset, "eval_subset": args.eval_subset,
+        "image_size": args.image_size, "epochs": args.epochs, "batch_size": args.batch_size, "optimizer": "adam",
+        "lr": args.lr, "lr_schedule": args.lr_schedule, "augment": args.augment, "seed": seed, "eval_every": 0,
+        "out": str(out), "nets": NETS, "cuts": ["layer2"], **options,
+    })  # fmt: skip
     start = time.time()
     trainer = Trainer(cfg, force=True, progress=not args.quiet, command=f"bench/xross_cifar10.py {name} seed {seed}")
     result = trainer.fit()
@@ -173,10 +183,9 @@ def summarise(results: dict[str, list[dict[str, Any]]], args: argparse.Namespace
                 p["name"]: [round(v, 2) for v in mean_sd(top1s(records, p["path"]))] for p in every
             }
     console.print(table)
-    baseline = "dml" if "dml" in results and args.ablations else None
-    pairs = [(a, baseline) for a in results if baseline and a != baseline and "labels" not in a]
-    pairs += [(a, "independent 10% labels") for a in results if "10% labels" in a and not a.startswith("independent")]
-    if not args.ablations:
+    if args.ablations:
+        pairs = [(a, "dml") for a in results if a != "dml" and "labels" not in a] + ABLATION_PAIRS
+    else:
         pairs = [("xml", "dml"), ("xml", "independent"), ("dml", "independent")]
     decisions = Table(
         title="paired differences over seeds (decision: |mean| > 2 standard errors)", title_justify="left"
@@ -210,7 +219,7 @@ def plot_cka(summary: dict[str, Any], methods: list[str], path: Path) -> None:
     plt = pyplot()
     if plt is None:
         return
-    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.8))
+    fig, (left, right) = plt.subplots(1, 2, figsize=(max(10, 1.1 * len(methods)), 3.8 + 0.15 * len(methods)))
     left.bar(methods, [summary[m]["cka"] for m in methods], color=[f"C{k}" for k in range(len(methods))])
     left.set_ylabel("linear CKA, resnet34 vs resnet18 at layer2")
     left.set_ylim(0, 1)
@@ -226,7 +235,7 @@ def plot_cka(summary: dict[str, Any], methods: list[str], path: Path) -> None:
     right.set_ylabel("top-1 (%)")
     right.legend(fontsize=8)
     for ax in (left, right):
-        ax.tick_params(axis="x", labelsize=7, rotation=20)
+        plt.setp(ax.get_xticklabels(), rotation=35 if len(methods) > 4 else 20, ha="right", fontsize=7)
     fig.suptitle("how alike the nets are at the cut, and what their stitched paths score (mean over seeds)", fontsize=9)
     fig.tight_layout()
     save_png(fig, path)
