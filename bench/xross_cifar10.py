@@ -147,10 +147,7 @@ def net_count(record: dict[str, Any]) -> int:
 
 def summarise(results: dict[str, list[dict[str, Any]]], args: argparse.Namespace, console: Console) -> dict[str, Any]:
     seeds = len(next(iter(results.values())))
-    widest = max(
-        len(r[0]["eval"]["paths"][-1]["path"]) and max(r[0]["eval"]["paths"][-1]["path"]) + 1 for r in results.values()
-    )
-    nets = [*NETS, "resnet18"][:widest]
+    nets = [*NETS, "resnet18"][: max(net_count(records[0]) for records in results.values())]
     table = Table(title=f"top-1 %, mean ± sd over {seeds} seeds ({args.geometry} geometry)", title_justify="left")
     columns = ("method", *(f"net {i} {n}" for i, n in enumerate(nets)), "ensemble", "stitched min-max", "CKA@layer2",
                "entropy", "noise drop", "min/run")  # fmt: skip

@@ -79,7 +79,10 @@ def flatness(
     out = {}
     for scale in scales:
         generator = seeded_generator("flatness", seed, scale)
-        runs = [path_scores(perturbed(cohort, scale, generator), batches, paths) for _ in range(draws if scale else 1)]
+        if scale == 0:  # the cohort itself: a copy without noise would score the same
+            runs = [path_scores(cohort, batches, paths)]
+        else:
+            runs = [path_scores(perturbed(cohort, scale, generator), batches, paths) for _ in range(draws)]
         out[scale] = {
             p: (sum(r[p][0] for r in runs) / len(runs), sum(r[p][1] for r in runs) / len(runs)) for p in paths
         }
