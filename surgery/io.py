@@ -5,13 +5,15 @@
 >>> pieces = surgery.cut(net, at="layer2")
 >>> d = tempfile.mkdtemp()
 >>> _ = surgery.save(pieces, d, force=True)
->>> again = surgery.load(d).eval()
+>>> again = surgery.load(d)
+>>> again.training  # it comes back in the mode it was saved in
+False
 >>> x = torch.randn(1, 3, 32, 32)
 >>> torch.equal(again(x), pieces(x))
 True
 
 A directory holds ``recipe.json`` (how to rebuild: architecture source, constructor
-kwargs, transforms, cut names, versions, the weights' SHA-256; its schema is
+kwargs, transforms, cut names, train/eval mode, versions, the weights' SHA-256; its schema is
 :class:`surgery.recipe_file.RecipeFile`) and ``weights.safetensors``. Loading
 validates the recipe, resolves every name in it through :mod:`surgery.trust` (code
 outside the trusted packages needs ``trust_code=True``), checks the checksum, rebuilds
@@ -98,7 +100,35 @@ def describe(obj: nn.Module) -> dict[str, Any]:
         if recipe is None:
             raise _no_recipe(type(obj).__name__)
         body = {"kind": "model", "model": recipe.to_json()}
-    return {"format": FORMAT, "format_version": RecipeFile.current_version(), **body, "versions": versions()}
+    return {
+        "format": FORMAT,
+        "format_version": RecipeFile.current_version(),
+        **body,
+        **_mode_of(obj),
+        "versions": versions(),
+    }
+
+
+def _mode_of(obj: nn.Module) -> dict[str, Any]:
+    """The train/eval mode of ``obj``: its own flag and the submodules whose flag is the other one."""
+    return {
+        "training": obj.training,
+        "mode_exceptions": [name for name, m in obj.named_modules() if name and m.training != obj.training],
+    }
+
+
+def _set_mode(obj: nn.Module, recipe: RecipeFile, where: Path) -> nn.Module:
+    """Put ``obj`` in the mode ``recipe`` records (each module's own flag, as it was saved)."""
+    obj.train(recipe.training)
+    modules = dict(obj.named_modules())
+    for name in recipe.mode_exceptions:
+        if name not in modules:
+            raise SurgeryError(
+                f"{where} records the mode of module '{name}', which the rebuilt model has not; "
+                "it was saved by another version or is corrupt"
+            )
+        modules[name].training = not recipe.training
+    return obj
 
 
 def _state_for_safetensors(obj: nn.Module) -> dict[str, torch.Tensor]:
@@ -243,7 +273,12 @@ def _rebuild_part(entry: CutEntry | ModuleEntry, cache: dict[str, Pieces], trust
 
 
 def load(directory: str | os.PathLike[str], *, trust_code: bool = False) -> nn.Module:
-    """Rebuild what :func:`save` wrote: a model or a :class:`Pieces`, on the CPU, in train mode.
+    """Rebuild what :func:`save` wrote: a model or a :class:`Pieces`, on the CPU, in the mode it was saved in.
+
+    Every module gets back the ``training`` flag it had when saved (a model saved after
+    ``.eval()`` comes back in eval mode: dropout off, BatchNorm using and keeping its
+    running statistics). Directories written before the mode was recorded (recipe
+    format version 2 and older) load in eval mode.
 
     Raises a one-line :class:`SurgeryError` for a missing, corrupt, tampered or truncated
     file, or a recipe that names code outside the trusted packages when ``trust_code`` is
@@ -262,7 +297,7 @@ def load(directory: str | os.PathLike[str], *, trust_code: bool = False) -> nn.M
     except UserError as e:
         raise SurgeryError(f"{directory / RECIPE_FILE} does not rebuild: {first_line(e)}") from None
     assign_state(obj, state, what=f"in '{directory}'")
-    return obj.train()
+    return _set_mode(obj, recipe, directory / RECIPE_FILE)
 
 
 __all__ = ["load", "save", "describe", "read_recipe", "Origin"]

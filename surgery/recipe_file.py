@@ -1,7 +1,7 @@
 """The declared schema of ``recipe.json``, the file :func:`surgery.save` writes beside the weights.
 
->>> data = {"format": FORMAT, "format_version": 2, "kind": "model", "model": {"source": "resnet18"},
-...         "versions": {}, "weights": {"file": "weights.safetensors", "sha256": "0" * 64}}
+>>> data = {"format": FORMAT, "format_version": 3, "kind": "model", "model": {"source": "resnet18"},
+...         "training": False, "versions": {}, "weights": {"file": "weights.safetensors", "sha256": "0" * 64}}
 >>> RecipeFile.read(data, "recipe.json").model.source
 'resnet18'
 >>> RecipeFile.read({**data, "kind": "pieces"}, "recipe.json")
@@ -9,7 +9,12 @@ Traceback (most recent call last):
 ...
 surgery.errors.SurgeryError: recipe.json: a 'pieces' recipe needs 'cuts' and a non-empty 'pieces' list; ...
 
-Version 1 (``"format": "surgery/1"``, no ``format_version``) is read too.
+Older versions are read too: version 1 (``"format": "surgery/1"``, no ``format_version``)
+and version 2, which recorded no train/eval mode (such files load in eval mode):
+
+>>> old = {k: v for k, v in data.items() if k != "training"} | {"format_version": 2}
+>>> RecipeFile.read(old, "recipe.json").training
+False
 """
 
 from __future__ import annotations
@@ -84,17 +89,24 @@ def _from_version_1(data: dict[str, Any]) -> dict[str, Any]:
     return data
 
 
+def _from_version_2(data: dict[str, Any]) -> dict[str, Any]:
+    """Version 2 recorded no mode: such a file loads in eval mode (what a saved model is used for)."""
+    return {**data, "training": False, "mode_exceptions": []}
+
+
 class RecipeFile(FileModel):
     """``recipe.json``: a whole model (``kind="model"``) or a sequence of pieces (``kind="pieces"``)."""
 
-    upgrades = {1: _from_version_1}
+    upgrades = {1: _from_version_1, 2: _from_version_2}
 
     format: Literal["surgery-recipe"]
-    format_version: Literal[2] = 2
+    format_version: Literal[3] = 3
     kind: Literal["model", "pieces"]
     model: Recipe | None = None
     cuts: list[str] | None = None
     pieces: list[Annotated[CutEntry | ModuleEntry, Field(discriminator="kind")]] | None = None
+    training: bool  # the saved object's mode: load() gives it back in this mode
+    mode_exceptions: list[str] = Field(default_factory=list)  # submodules saved in the other mode
     versions: dict[str, str] = Field(default_factory=dict)
     weights: WeightsEntry
 
