@@ -46,7 +46,7 @@ def test_options_given_on_the_command_line_reach_the_config(cli, tmp_path) -> No
         ({"epochs": "3"}, "field 'epochs' should be a valid integer, found str '3'"),
         ({"epochs": 0}, "field 'epochs' should be greater than 0"),
         ({"nets": "resnet18"}, "field 'nets' should be a valid list"),
-        ({"nets": ["resnet18"]}, "mode xml trains a cohort; give at least two nets"),
+        ({"nets": ["resnet18"]}, "mode xml learns from peers: give at least two nets in --nets"),
         ({"mode": "xmll"}, "field 'mode' should be 'independent', 'kd', 'dml', 'xml' or 'mutualnet'"),
         ({"colour": 1}, "field 'colour' is not a known field"),
         ({"mode": "kd"}, "mode kd needs a teacher"),

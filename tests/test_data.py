@@ -23,7 +23,16 @@ from safetensors.torch import save_file
 from torchvision.transforms.v2 import functional as TF
 
 import xross.data.sources
-from xross.data import CIFAR_MEAN, CIFAR_STD, Augment, BatchLoader, ImageTensors, load_split, loader_throughput
+from xross.data import (
+    CIFAR_MEAN,
+    CIFAR_STD,
+    EVAL_SPLITS,
+    Augment,
+    BatchLoader,
+    ImageTensors,
+    load_split,
+    loader_throughput,
+)
 from xross.data.synthetic import pack_archive, write_synthetic
 from xross.errors import XrossError
 
@@ -222,6 +231,25 @@ def test_archive_under_a_top_folder_matches_the_folder(tmp_path: Path) -> None:
         load_split(archive, "val", cache_dir=tmp_path / "cache", progress=False)
     with pytest.raises(XrossError, match=r"no 'val/' folder \(it has 'test', 'train'\)"):
         load_split(folder, "val", cache_dir=tmp_path / "cache", progress=False)
+
+
+@pytest.mark.parametrize("suffix", ["", ".tar", ".tar.gz", ".tar.xz"])
+def test_evaluation_split_is_test_else_val(tmp_path: Path, suffix: str) -> None:
+    """ImageNet's layout (train/ and val/) evaluates val/; with test/ as well, test/ (folders and archives alike)."""
+    imagenet = make_folder(make_folder(tmp_path / "imagenet", {"a": 2, "b": 1}), {"a": 1, "b": 2}, split="val")
+    both = make_folder(make_folder(tmp_path / "both", {"a": 1}, split="val"), {"a": 3}, split="test")
+    neither = make_folder(tmp_path / "neither", {"a": 1})
+    if suffix:
+        imagenet, both, neither = (make_archive(f, tmp_path / f"{f.name}{suffix}") for f in (imagenet, both, neither))
+    kw = {"cache_dir": tmp_path / "cache", "progress": False}
+    for _ in range(2):  # decoded, then from the cache
+        val = load_split(imagenet, EVAL_SPLITS, **kw)
+        assert val.split == "val" and val.labels.tolist() == [0, 1, 1]
+        assert torch.equal(val.images, load_split(imagenet, "val", **kw).images)
+        test = load_split(both, EVAL_SPLITS, **kw)
+        assert test.split == "test" and len(test) == 3
+    with pytest.raises(XrossError, match=r"has no 'test/' or 'val/' folder \(it has 'train'\); pass one"):
+        load_split(neither, EVAL_SPLITS, **kw)
 
 
 def test_images_pair_with_their_labels_and_subset_is_balanced(tmp_path: Path) -> None:

@@ -149,3 +149,50 @@ def test_corrupt_archive_and_existing_run_dir(cli, tmp_path, cifar10_archive, da
     (run / "config.yaml").write_text(TrainConfig(out=str(run)).to_yaml())
     r = cli("xross", "train", "--resume", "--out", run, "--mode", "dml", "--no-progress")
     assert r.code == 2 and "drop --mode" in r.err
+
+
+def imagenet_layout(root, per_class: tuple[int, int] = (8, 2)):
+    """A tiny generated dataset in ImageNet's own layout: ``train/`` and ``val/`` (no ``test/``), 3 classes."""
+    from xross.data.synthetic import write_synthetic
+
+    write_synthetic(root, train_per_class=per_class[0], test_per_class=per_class[1], classes=("a", "b", "c"))
+    (root / "test").rename(root / "val")
+    return root
+
+
+def test_one_net_trains_resumes_and_evaluates_on_val(cli, tmp_path, data_cache) -> None:
+    """`xross train --nets resnet18 --mode independent` on train/ + val/: trains, resumes bit for bit after
+    SIGINT mid-epoch, says it evaluated val/, and `eval`, `best`, `export` take the one-net run."""
+    from helpers import assert_same_tensors, final_state, interrupt_after_steps, xross
+
+    data = imagenet_layout(tmp_path / "imagenet")
+    args = "train --nets resnet18 --mode independent --batch-size 4 --epochs 1 --log-every 1 --no-progress".split()
+    args += ["--threads", "1", "--data", str(data), "--cache-dir", str(data_cache)]
+    straight, interrupted = tmp_path / "straight", tmp_path / "interrupted"
+    r = cli("xross", *args, "--out", straight)
+    assert r.code == 0, r
+    out = " ".join(r.out.split())  # as one line: the table title may wrap
+    assert f"paths of {straight} (6 images of the val split)" in out and "resnet18 > resnet18" in out
+    assert "ensembles" not in out  # one net: no ensemble to show
+    result = EvalResult.load(straight / "eval.json")
+    assert result.split == "val" and [p.path for p in result.paths] == [(0, 0)]
+
+    code, _, err = interrupt_after_steps(xross(*args, "--out", str(interrupted)), interrupted, steps=2)
+    assert code == 130 and "--resume" in err, err
+    assert final_state(interrupted)["position"]["step"] < 6  # stopped mid-epoch (6 steps)
+    r = cli("xross", "train", "--resume", "--out", interrupted, "--no-progress")
+    assert r.code == 0, r
+    assert_same_tensors(final_state(straight)["cohort"], final_state(interrupted)["cohort"])
+    assert (straight / "eval.json").read_text() == (interrupted / "eval.json").read_text()
+
+    r = cli("xross", "eval", interrupted)
+    assert r.code == 0 and "6 images of the val split" in " ".join(r.out.split()), r
+    r = cli("xross", "best", interrupted, "--max-params", "12M")
+    assert r.code == 0 and "best path 0,0 " in r.out, r
+    r = cli("xross", "export", interrupted, "--path", "0,0", "--out", tmp_path / "alone")
+    assert r.code == 0, r
+    assert surgery.load(tmp_path / "alone").eval()(torch.randn(2, 3, 32, 32)).shape == (2, 3)
+
+    r = cli("xross", *args[:4], "dml", *args[5:], "--out", tmp_path / "dml")
+    assert r.code == 2 and "mode dml learns from peers: give at least two nets in --nets" in r.err, r
+    assert "file" not in r.err and "see `xross train --help`" in r.err

@@ -34,7 +34,16 @@ from xross.evaluate import EvalResult, best_path, distillation_gap, evaluate, ev
 from xross.latency import LATENCY_FILE, batch1_ms, latency_table, profile_run
 from xross.mutualnet import calibration_images, evaluate_settings, standalone_setting
 from xross.query import COLUMNS, parse_ms, query_rows, row_values, write_query_files
-from xross.run import DTYPES, evaluation_batches, is_mutualnet_run, load_run, load_slim, load_student, run_config
+from xross.run import (
+    DTYPES,
+    as_batches,
+    evaluation_split,
+    is_mutualnet_run,
+    load_run,
+    load_slim,
+    load_student,
+    run_config,
+)
 from xross.teachers import load_teachers
 
 app = typer.Typer(
@@ -142,7 +151,8 @@ def eval_run(
         )
     else:
         _, cohort = load_run(run, trust_code=trust_code, verify=verify)
-    batches = evaluation_batches(cfg, eval_subset, batch_size)
+    test = evaluation_split(cfg, eval_subset)
+    batches, split = as_batches(test, cfg, batch_size), {"split": test.split}
     dtype = DTYPES[cfg.dtype]
     if isinstance(cfg, TrainConfig) and cfg.mode == "mutualnet":
         result = evaluate_settings(
@@ -151,18 +161,18 @@ def eval_run(
             batches,
             *cfg.grid(),
             progress=lambda name: console.print(f"width-resolution {name}: recalibrating BatchNorm, evaluating"),
-        )
+        ).model_copy(update=split)
         result.save(run / "eval.json")
         _print_settings(result, run)
         return
     if isinstance(cfg, DistillConfig):
         result = evaluate_distillation(
             student, teachers, weights, batches, cfg.image_size or 0, student_name=cfg.student
-        )
+        ).model_copy(update=split)
         result.save(run / "eval.json")
         _print_distill_eval(result, run)
         return
-    result = evaluate(cohort, batches, cfg.image_size)
+    result = evaluate(cohort, batches, cfg.image_size).model_copy(update=split)
     result.save(run / "eval.json")
     print_eval(cohort, result, run)
 
@@ -182,7 +192,7 @@ def _print_distill_eval(result: EvalResult, run: Path) -> None:
         )
     console.print(
         table(
-            f"distillation {run} ({result.samples} images)",
+            f"distillation {run} ({result.counted_on()})",
             ["role", "network", "top-1", "top-5", "params", "FLOPs"],
             rows,
         )
@@ -311,7 +321,7 @@ def _export_setting(
 def _print_settings(result: EvalResult, run: Path) -> None:
     latency = batch1_ms(run)
     rows = [row_values(r, latency) for r in sorted(result.paths, key=lambda r: -r.flops)]
-    console.print(table(f"{run}: every width and resolution ({result.samples} images)", COLUMNS, rows))
+    console.print(table(f"{run}: every width and resolution ({result.counted_on()})", COLUMNS, rows))
 
 
 @app.command("table")
@@ -321,7 +331,7 @@ def query_table(run: RunArg) -> None:
     result = _results(run)
     latency = batch1_ms(run)
     rows = [row_values(r, latency) for r in query_rows(result.paths)]
-    console.print(table(f"{run}: query table ({result.samples} images)", COLUMNS, rows))
+    console.print(table(f"{run}: query table ({result.counted_on()})", COLUMNS, rows))
     written = write_query_files(run, result.paths, latency)
     console.print(f"wrote {', '.join(str(p) for p in written)}", highlight=False)
 

@@ -46,13 +46,14 @@ def print_eval(cohort: Cohort, result: EvalResult, run: Path) -> None:
     ]
     console.print(
         table(
-            f"paths of {run} ({result.samples} images)",
+            f"paths of {run} ({result.counted_on()})",
             ["path", "parts", "top-1", "top-5", "params", "FLOPs", "pareto"],
             rows,
         )
     )
     ens = [(k, f"{v.top1:.2f}", f"{v.top5:.2f}") for k, v in result.ensembles.items()]
-    console.print(table("ensembles (mean softmax)", ["members", "top-1", "top-5"], ens))
+    if len(result.paths) > 1:  # one net alone: its ensembles are itself
+        console.print(table("ensembles (mean softmax)", ["members", "top-1", "top-5"], ens))
     if result.exits:
         rows = [
             ("-".join(map(str, e.prefix)), e.name, f"{e.top1:.2f}", f"{e.top5:.2f}", human(e.params), human(e.flops))

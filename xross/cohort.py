@@ -90,8 +90,8 @@ class Cohort(nn.Module):
     ):
         super().__init__()
         parts = {len(n) for n in nets}
-        if len(nets) < 2 or len(parts) != 1 or parts.pop() < 2:
-            raise XrossError("a cohort needs K >= 2 networks cut into the same number P >= 2 of parts")
+        if not nets or len(parts) != 1 or parts.pop() < 2:
+            raise XrossError("a cohort needs at least one network, every one cut into the same number P >= 2 of parts")
         self.nets = nn.ModuleList(nets)
         self.adapters = nn.ModuleDict(adapters)
         self.names = list(names)

@@ -29,7 +29,7 @@ from pydantic import Field, NonNegativeFloat, NonNegativeInt, PositiveInt, field
 
 from surgery._util import atomic_write_text, first_line
 from surgery.errors import SurgeryError
-from surgery.schema import FileModel, Float, parse
+from surgery.schema import DEFAULT_FIX, FileModel, Float, parse
 from xross.errors import XrossError
 from xross.losses import MODES
 
@@ -132,10 +132,10 @@ class RunConfig(FileModel):
         atomic_write_text(path, self.to_yaml())
 
     @classmethod
-    def from_dict(cls, data: Any, where: str = "the configuration") -> Self:
-        """Validate a mapping of options; one-line :class:`XrossError` naming the field otherwise."""
+    def from_dict(cls, data: Any, where: str = "the configuration", fix: str = DEFAULT_FIX) -> Self:
+        """Validate a mapping of options; one-line :class:`XrossError` naming the field (then ``fix``) otherwise."""
         try:
-            return parse(cls, data, where)
+            return parse(cls, data, where, fix)
         except SurgeryError as e:
             raise XrossError(str(e)) from None
 
@@ -296,8 +296,11 @@ class TrainConfig(TeacherOptions, RunConfig):
             if self.eval_widths and not all(0 < w <= 1 for w in self.eval_widths):
                 raise ValueError("eval_widths should be fractions in (0, 1]")
             return self
-        if len(self.nets) < 2:
-            raise ValueError(f"mode {self.mode} trains a cohort; give at least two nets (or --mode mutualnet)")
+        if len(self.nets) < 2 and self.mode in ("dml", "xml"):
+            raise ValueError(
+                f"mode {self.mode} learns from peers: give at least two nets in --nets (one net trains alone "
+                "with --mode independent, or kd with --teacher)"
+            )
         given = [name for name in mutual if getattr(self, name) is not None]
         if given:
             raise ValueError(f"{given[0]} applies to --mode mutualnet only; drop it or set --mode mutualnet")
@@ -427,7 +430,8 @@ def config_from_options(
     ``RESUME_MAY_CHANGE`` (which do not change the computation) may be given."""
     if not resume:
         saved = config_class.load(base).model_dump() if base else {}
-        return config_class.from_dict({**saved, **options}, "the options")
+        command = config_class.model_fields["kind"].default
+        return config_class.from_dict({**saved, **options}, "the options", f"see `xross {command} --help`")
     if "out" not in options:
         raise XrossError("--resume needs --out RUN_DIR (the run to continue)")
     path = Path(options["out"]) / "config.yaml"

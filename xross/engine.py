@@ -36,7 +36,7 @@ from surgery.errors import UserError
 from surgery.io import versions
 from xross.checkpoint import CheckpointDir
 from xross.config import DistillConfig, RunConfig, TrainConfig
-from xross.data import Augment, BatchLoader, ImageTensors, derive_seed, load_split, split_holdout
+from xross.data import EVAL_SPLITS, Augment, BatchLoader, ImageTensors, derive_seed, load_split, split_holdout
 from xross.distributed import DistInfo, any_rank, average_gradients, init_distributed
 from xross.errors import Interrupted, TrainingDiverged, XrossError
 from xross.evaluate import EvalResult
@@ -111,6 +111,7 @@ class RunEngine:
         torch.use_deterministic_algorithms(True, warn_only=True)
         self._check_options(config)
         train, test = self._load_data(config)
+        self.eval_split = test.split  # test/, else val/: named in eval.json and the result tables
         config.num_classes = config.num_classes or len(train.classes)
         config.image_size = config.image_size or int(train.images.shape[-1])
         if config.holdout is None:
@@ -260,7 +261,7 @@ class RunEngine:
                 "progress": self.progress,
             }
             return load_split(config.data, "train", subset=config.subset, **kw), load_split(
-                config.data, "test", subset=config.eval_subset, **kw
+                config.data, EVAL_SPLITS, subset=config.eval_subset, **kw
             )
 
         if not self.dist.enabled:
@@ -286,7 +287,7 @@ class RunEngine:
                 self._train_epoch(bar)
                 self.position = Position(self.position.epoch + 1, 0, self.position.global_step)
                 self._end_of_epoch()
-        result = self.evaluate()
+        result = self.evaluate().model_copy(update={"split": self.eval_split})
         if self.dist.is_main:
             result.save(self.run_dir / "eval.json")
             if self.metrics:

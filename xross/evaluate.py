@@ -67,14 +67,23 @@ class ExitResult(FileModel):
 
 
 class EvalResult(FileModel):
-    """``eval.json``: every evaluated path, the ensembles (mean softmax), the number of images and, in a run
-    with exit heads, every exit along the evaluated paths."""
+    """``eval.json``: every evaluated path, the ensembles (mean softmax), the number of images, the split
+    they came from and, in a run with exit heads, every exit along the evaluated paths."""
 
     format_version: Literal[1] = 1
     paths: list[PathResult]
     ensembles: dict[str, Accuracy]
     samples: PositiveInt
     exits: list[ExitResult] = Field(default_factory=list)
+    split: str | None = None  # the split folder evaluated (test/, else val/); absent in files before it was recorded
+
+    def counted_on(self) -> str:
+        """The images scored, for a table's title: ``'64 images of the val split'``.
+
+        >>> EvalResult(paths=[], ensembles={}, samples=64, split="val").counted_on()
+        '64 images of the val split'
+        """
+        return f"{self.samples} images" + (f" of the {self.split} split" if self.split else "")
 
     def own(self, net: int, num_parts: int) -> PathResult:
         return next(r for r in self.paths if r.path == (net,) * num_parts)

@@ -27,7 +27,7 @@ from surgery.trust import Kind, resolve
 from xross.checkpoint import CheckpointDir
 from xross.cohort import Cohort, build_net
 from xross.config import DistillConfig, RunConfig, TrainConfig, load_config
-from xross.data import BatchLoader, ImageTensors, load_split
+from xross.data import EVAL_SPLITS, BatchLoader, ImageTensors, load_split
 from xross.distributed import globalise_batchnorm
 from xross.errors import XrossError
 
@@ -227,14 +227,18 @@ def exit_heads_config(run: Path, **options: Any) -> TrainConfig:
     return TrainConfig.from_dict({**base, **options}, "the options")
 
 
+def evaluation_split(cfg: RunConfig, eval_subset: int | None = None) -> ImageTensors:
+    """A run's evaluation images (``test/``, else ``val/``; ``eval_subset``: a stratified subset, default the
+    run's own)."""
+    return load_split(cfg.data, EVAL_SPLITS, subset=eval_subset or cfg.eval_subset, image_size=cfg.image_size,
+                      cache_dir=cfg.cache_dir, seed=cfg.seed)  # fmt: skip
+
+
 def evaluation_batches(
     cfg: RunConfig, eval_subset: int | None = None, batch_size: int = 256
 ) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """A run's evaluation images as batches in its dtype (``eval_subset``: a stratified subset, default the
-    run's own)."""
-    test = load_split(cfg.data, "test", subset=eval_subset or cfg.eval_subset, image_size=cfg.image_size,
-                      cache_dir=cfg.cache_dir, seed=cfg.seed)  # fmt: skip
-    return as_batches(test, cfg, batch_size)
+    """A run's evaluation images as batches in its dtype (see :func:`evaluation_split`)."""
+    return as_batches(evaluation_split(cfg, eval_subset), cfg, batch_size)
 
 
 def as_batches(data: ImageTensors, cfg: RunConfig, batch_size: int = 256) -> list[tuple[torch.Tensor, torch.Tensor]]:

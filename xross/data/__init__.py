@@ -48,7 +48,7 @@ from xross.data.cache import (
 )
 from xross.data.decode import ImageTensors, decode_all, resize, stack
 from xross.data.loader import BatchLoader, loader_throughput
-from xross.data.sources import ARCHIVE_SUFFIXES, DATASETS
+from xross.data.sources import ARCHIVE_SUFFIXES, DATASETS, EVAL_SPLITS, Split
 from xross.data.subset import stratified
 from xross.errors import XrossError
 
@@ -60,6 +60,7 @@ __all__ = [
     "CIFAR_STD",
     "DATASETS",
     "DEFAULT_CACHE_MAX_GB",
+    "EVAL_SPLITS",
     "Augment",
     "BatchLoader",
     "CachedSplit",
@@ -76,7 +77,7 @@ __all__ = [
 
 def load_split(
     source: str | os.PathLike,
-    split: str = "train",
+    split: Split = "train",
     *,
     subset: int | None = None,
     image_size: int | None = None,
@@ -93,7 +94,8 @@ def load_split(
             or a ``.tar``/``.tar.gz``/``.tgz``/``.tar.xz`` archive of such a directory (its
             members may sit under one top-level folder). Images must sit directly in their
             class folder; classes are the class folders that hold images, sorted by name.
-        split: the split folder to read (``"train"``, ``"test"``, ...).
+        split: the split folder to read (``"train"``, ``"test"``, ...), or candidates of which the first the
+            source has is read (:data:`EVAL_SPLITS`: ``test/``, else ``val/``); the result's ``split`` names it.
         subset: keep only this many images, stratified: as equal per class as possible,
             chosen at random (deterministic in ``seed``), kept in dataset order.
         image_size: resize every image to ``image_size x image_size`` (antialiased) when
@@ -121,6 +123,9 @@ def load_split(
     >>> Image.fromarray(np.zeros((5, 7), np.uint8)).save(root / "test" / "cat" / "a.png")
     >>> load_split(root, "test", image_size=4, cache_dir=root / "cache", progress=False).images.shape
     torch.Size([1, 3, 4, 4])
+    >>> _ = (root / "test").rename(root / "val")  # ImageNet's layout: train/ and val/
+    >>> load_split(root, EVAL_SPLITS, cache_dir=root / "cache", progress=False).split
+    'val'
     """
     if subset is not None and subset <= 0:
         raise XrossError(f"subset={subset} is not a positive number of images; pass subset>=1 or None for all")
@@ -128,6 +133,7 @@ def load_split(
         raise XrossError(f"image_size={image_size} is not a positive size; pass image_size>=1 or None")
     max_bytes = max_cache_bytes(cache_max_gb)
     origin = sources.resolve_source(source)
+    split = sources.resolve_split(origin, split)
     cache_root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     entry = CacheEntry.of(cache_root, origin, split, subset, image_size, seed)
     data = entry.read()
@@ -139,7 +145,7 @@ def load_split(
 
 def _build(
     origin: str | Path,
-    split: str,
+    split: Split,
     subset: int | None,
     image_size: int | None,
     seed: int,
@@ -147,17 +153,19 @@ def _build(
     progress: bool,
 ) -> ImageTensors:
     """Read, select and decode a split (the work a cache hit saves)."""
-    where = f"the '{split}' split of {origin}"
     if isinstance(origin, str):
+        assert isinstance(split, str)  # resolved: a dataset name's splits are known
         images, labels, classes = sources.torchvision_split(origin, split, cache_root)
-        keep = stratified(labels, subset, seed, where)
-        return ImageTensors(resize(images[keep], image_size).contiguous(), labels[keep], classes)
+        keep = stratified(labels, subset, seed, f"the '{split}' split of {origin}")
+        return ImageTensors(resize(images[keep], image_size).contiguous(), labels[keep], classes, split)
     if origin.is_file():
         listing = sources.scan_archive(origin, split, progress)
     else:
+        assert isinstance(split, str)  # resolved: a directory's folders are known
         listing = sources.scan_folder(origin, split)
-    keep = stratified(listing.labels, subset, seed, where)
-    return ImageTensors(stack(decode_all(listing, keep, progress), image_size), listing.labels[keep], listing.classes)
+    keep = stratified(listing.labels, subset, seed, f"the '{listing.split}' split of {origin}")
+    images = stack(decode_all(listing, keep, progress), image_size)
+    return ImageTensors(images, listing.labels[keep], listing.classes, listing.split)
 
 
 def split_holdout(data: ImageTensors, holdout: int, seed: int = 0) -> tuple[ImageTensors, ImageTensors]:
@@ -170,13 +178,13 @@ def split_holdout(data: ImageTensors, holdout: int, seed: int = 0) -> tuple[Imag
     (4, [0, 1])
     """
     if holdout <= 0:
-        return data, ImageTensors(data.images[:0], data.labels[:0], data.classes)
+        return data, ImageTensors(data.images[:0], data.labels[:0], data.classes, data.split)
     if holdout >= len(data):
         raise XrossError(f"holdout={holdout} leaves nothing of the {len(data)} training images; give a smaller one")
     held = stratified(data.labels, holdout, derive_seed("holdout", seed), "the training split")
     keep = torch.ones(len(data), dtype=torch.bool)
     keep[held] = False
     return (
-        ImageTensors(data.images[keep], data.labels[keep], data.classes),
-        ImageTensors(data.images[held], data.labels[held], data.classes),
+        ImageTensors(data.images[keep], data.labels[keep], data.classes, data.split),
+        ImageTensors(data.images[held], data.labels[held], data.classes, data.split),
     )

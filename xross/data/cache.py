@@ -39,6 +39,7 @@ from safetensors.torch import load_file, save_file
 
 from surgery._util import TMP_MARK, atomic_write, atomic_write_text
 from xross.data.decode import ImageTensors
+from xross.data.sources import Split, split_names
 from xross.errors import XrossError
 
 __all__ = [
@@ -107,20 +108,21 @@ class CacheEntry:
 
     @classmethod
     def of(
-        cls, root: Path, origin: str | Path, split: str, subset: int | None, image_size: int | None, seed: int
+        cls, root: Path, origin: str | Path, split: Split, subset: int | None, image_size: int | None, seed: int
     ) -> CacheEntry:
-        """The entry of a split: its key hashes the source (path, size, mtime), the options and the format."""
+        """The entry of a split (or of the first of candidate splits an archive has): its key hashes the source
+        (path, size, mtime), the options and the format."""
         key = {
             "format": CACHE_FORMAT,
             "source": str(origin),
             "stamp": _stamp(origin, split),
-            "split": split,
+            "split": split if isinstance(split, str) else list(split),
             "subset": subset,
             "image_size": image_size,
             "seed": seed if subset is not None else None,  # the seed only picks the subset
         }
         digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20]
-        stem = f"{Path(origin).name if isinstance(origin, Path) else origin}-{split}-{digest}"
+        stem = f"{Path(origin).name if isinstance(origin, Path) else origin}-{'-'.join(split_names(split))}-{digest}"
         return cls(root / f"{stem}{_TENSORS}", root / f"{stem}{_META}", key)
 
     def read(self) -> ImageTensors | None:
@@ -130,7 +132,8 @@ class CacheEntry:
         try:
             meta = json.loads(self.meta.read_text())
             tensors = load_file(self.tensors)
-            data = ImageTensors(tensors["images"], tensors["labels"], list(meta["classes"]))
+            split = meta.get("split", self.key["split"])  # entries before the split was recorded name one
+            data = ImageTensors(tensors["images"], tensors["labels"], list(meta["classes"]), str(split))
             _check_cached(data, meta, self.key)
         except (OSError, ValueError, KeyError, TypeError, SafetensorError) as e:
             warnings.warn(f"decoded-data cache {self.tensors} is unreadable ({e}); rebuilding it", stacklevel=3)
@@ -144,7 +147,7 @@ class CacheEntry:
 
     def write(self, data: ImageTensors, max_bytes: int) -> None:
         """Store ``data`` atomically, then prune the cache to ``max_bytes``; a failure only warns."""
-        meta = {"key": self.key, "classes": data.classes, "count": len(data)}
+        meta = {"key": self.key, "classes": data.classes, "count": len(data), "split": data.split}
         try:
             self.tensors.parent.mkdir(parents=True, exist_ok=True)
             atomic_write(self.tensors, lambda tmp: save_file({"images": data.images, "labels": data.labels}, str(tmp)))
@@ -162,14 +165,14 @@ class CacheEntry:
             warnings.warn(f"cannot prune the decoded-data cache in {self.tensors.parent} ({e})", stacklevel=3)
 
 
-def _stamp(origin: str | Path, split: str) -> list[int]:
+def _stamp(origin: str | Path, split: Split) -> list[int]:
     """What changes when the source changes: size and mtime of a file, newest folder mtime of a directory."""
     if isinstance(origin, str):
         return []
     if origin.is_file():
         stat = origin.stat()
         return [stat.st_size, stat.st_mtime_ns]
-    split_dir = origin / split
+    split_dir = origin / split_names(split)[0]  # a directory's split is resolved before its entry
     folders = [origin, split_dir, *(p for p in split_dir.iterdir() if p.is_dir())] if split_dir.is_dir() else [origin]
     return [max(folder.stat().st_mtime_ns for folder in folders)]
 

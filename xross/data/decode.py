@@ -50,6 +50,7 @@ class ImageTensors:
     images: torch.Tensor
     labels: torch.Tensor
     classes: list[str]
+    split: str | None = None  # the split folder they were read from, when known
 
     def __len__(self) -> int:
         return self.labels.shape[0]

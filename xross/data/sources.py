@@ -38,9 +38,12 @@ from xross.errors import XrossError
 __all__ = [
     "ARCHIVE_SUFFIXES",
     "DATASETS",
+    "EVAL_SPLITS",
     "Listing",
+    "Split",
     "is_image",
     "resolve_source",
+    "resolve_split",
     "scan_archive",
     "scan_folder",
     "torchvision_split",
@@ -48,6 +51,11 @@ __all__ = [
 
 DATASETS = {"cifar10": "CIFAR10", "cifar100": "CIFAR100"}  # name -> torchvision.datasets class
 ARCHIVE_SUFFIXES = (".tar", ".tar.gz", ".tgz", ".tar.xz")
+EVAL_SPLITS = ("test", "val")
+"""The split a run evaluates on, by preference: ``test/`` when the source has one (then ``val/`` is left to
+the user), else ``val/`` (ImageNet's own layout: ``train/`` and ``val/``)."""
+
+Split = str | tuple[str, ...]  # a split folder, or candidates of which the first the source has is read
 
 _GZIP_MAGIC = b"\x1f\x8b"
 _XZ_MAGIC = b"\xfd7zXZ\x00"
@@ -74,6 +82,37 @@ def resolve_source(source: str | os.PathLike) -> str | Path:
     if path.is_file() and not path.name.lower().endswith(ARCHIVE_SUFFIXES):
         raise XrossError(f"'{path}' is neither a directory nor a {'/'.join(ARCHIVE_SUFFIXES)} archive; {_SOURCES_HINT}")
     return path
+
+
+def split_names(split: Split) -> tuple[str, ...]:
+    """The candidate split names of ``split``, by preference."""
+    return (split,) if isinstance(split, str) else tuple(split)
+
+
+def resolve_split(origin: str | Path, split: Split) -> Split:
+    """The split folder to read, where finding it is cheap (a dataset name, a directory); for an archive
+    with several candidates, the candidates (:func:`scan_archive` picks one in its single pass).
+
+    >>> import pathlib, tempfile
+    >>> root = pathlib.Path(tempfile.mkdtemp())
+    >>> for name in ("train", "val"):
+    ...     (root / name).mkdir()
+    >>> resolve_split(root, EVAL_SPLITS), resolve_split("cifar10", EVAL_SPLITS)
+    ('val', 'test')
+    >>> resolve_split(root, ("test",))  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    ...
+    xross.errors.XrossError: folder ... has no 'test/' folder (it has 'train', 'val'); pass one of those ...
+    """
+    names = split_names(split)
+    if isinstance(origin, str):  # torchvision's datasets have train and test
+        return next((name for name in names if name in ("train", "test")), names[0])
+    if origin.is_dir():
+        found = next((name for name in names if (origin / name).is_dir()), None)
+        if found is None:
+            raise _missing_split(f"folder {origin}", names, sorted(p.name for p in origin.iterdir() if p.is_dir()))
+        return found
+    return names[0] if len(names) == 1 else names
 
 
 def torchvision_split(name: str, split: str, cache_root: Path) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
@@ -104,6 +143,7 @@ class Listing:
     payloads: list[bytearray | Path]  # the encoded bytes, or the file holding them
     labels: torch.Tensor
     classes: list[str]
+    split: str  # the split folder they were read from
 
 
 def is_image(name: str) -> bool:
@@ -122,13 +162,14 @@ def _listing(items: list[tuple[str, str, bytearray | Path]], where: str, split: 
     classes = sorted({cls for cls, _, _ in items})
     index = {cls: i for i, cls in enumerate(classes)}
     labels = torch.tensor([index[cls] for cls, _, _ in items], dtype=torch.int64)
-    return Listing([name for _, name, _ in items], [payload for _, _, payload in items], labels, classes)
+    return Listing([name for _, name, _ in items], [payload for _, _, payload in items], labels, classes, split)
 
 
-def _missing_split(where: str, split: str, found: Sequence[str]) -> XrossError:
+def _missing_split(where: str, split: Split, found: Sequence[str]) -> XrossError:
     have = f"it has {', '.join(repr(s) for s in found)}" if found else "it has no split folders"
+    wanted = " or ".join(f"'{name}/'" for name in split_names(split))
     return XrossError(
-        f"{where} has no '{split}/' folder ({have}); pass one of those splits or use the layout <split>/<class>/<image>"
+        f"{where} has no {wanted} folder ({have}); pass one of those splits or use the layout <split>/<class>/<image>"
     )
 
 
@@ -147,12 +188,14 @@ def scan_folder(root: Path, split: str) -> Listing:
 # --------------------------------------------------------------------------- archives
 
 
-def scan_archive(path: Path, split: str, progress: bool) -> Listing:
-    """One streaming pass over a tar archive, keeping the bytes of the images of ``split``.
+def scan_archive(path: Path, split: Split, progress: bool) -> Listing:
+    """One streaming pass over a tar archive, keeping the bytes of the images of ``split`` (of each candidate
+    split, then those of the first the archive has).
 
     Members are ``<split>/<class>/<image>``, or all under one top-level folder
     ``<top>/<split>/<class>/<image>``.
     """
+    wanted = split_names(split)
     image_paths: list[tuple[str, ...]] = []  # parts of every image member, to find the layout
     kept: list[tuple[tuple[str, ...], bytearray]] = []
     try:
@@ -164,7 +207,7 @@ def scan_archive(path: Path, split: str, progress: bool) -> Listing:
                     parts = PurePosixPath(member.name).parts
                     if member.isfile() and is_image(member.name) and len(parts) in (3, 4):
                         image_paths.append(parts)
-                        if parts[-3] == split:
+                        if parts[-3] in wanted:
                             kept.append((parts, _read_member(tar, member)))
                     bar.update(raw.tell())
                 _require_end(tar, stream)
@@ -173,13 +216,15 @@ def scan_archive(path: Path, split: str, progress: bool) -> Listing:
             f"archive {path} is corrupt or truncated: {str(e) or type(e).__name__}; download or copy it again"
         ) from None
     root = _archive_root(image_paths)
+    kept = [(parts, data) for parts, data in kept if parts[:-3] == root]
+    found = next((name for name in wanted if any(parts[-3] == name for parts, _ in kept)), None)
+    if image_paths and found is None:
+        have = sorted({p[len(root)] for p in image_paths if len(p) == len(root) + 3})
+        raise _missing_split(f"archive {path}", split, have)
     items: list[tuple[str, str, bytearray | Path]] = [
-        (parts[-2], "/".join(parts), data) for parts, data in kept if parts[:-3] == root
+        (parts[-2], "/".join(parts), data) for parts, data in kept if parts[-3] == found
     ]
-    if image_paths and not items:
-        found = sorted({p[len(root)] for p in image_paths if len(p) == len(root) + 3})
-        raise _missing_split(f"archive {path}", split, found)
-    return _listing(items, f"archive {path}", split)
+    return _listing(items, f"archive {path}", found or wanted[0])
 
 
 def _decompressed(raw: BinaryIO) -> BinaryIO:
