@@ -23,14 +23,14 @@ from surgery._util import max_difference
 from surgery.adapters import INITS
 from surgery.adapters import stitch as stitch_pieces
 from surgery.capture import TRACERS
-from surgery.clikit import console, example_for, load_model_arg, run_app, table
+from surgery.clikit import console, example_for, load_model_arg, print_table, run_app, table
 from surgery.cut import Pieces, piece_info
 from surgery.cut import cut as cut_model
 from surgery.cutpoints import cut_points
 from surgery.errors import SurgeryError, running_on
 from surgery.export import describe_values, read_manifest
 from surgery.export import export as export_pieces
-from surgery.flops import human
+from surgery.flops import FLOPS_COLUMN, human, per_sample
 from surgery.inputs import Example
 from surgery.io import load, prepare_output_dir, save
 from surgery.render import render
@@ -77,8 +77,11 @@ TrustOpt = Annotated[
 ]
 
 
+FLOPS_SO_FAR = f"{FLOPS_COLUMN} so far"
+
+
 def _right(col: str) -> str:
-    numeric = ("params", "FLOPs", "#", "crossing", "crossing bytes", "params so far", "FLOPs so far", "sent")
+    numeric = ("params", FLOPS_COLUMN, "#", "crossing", "crossing bytes", "params so far", FLOPS_SO_FAR, "sent")
     return "right" if col in numeric or col.endswith((" ms", "|diff|")) else "left"
 
 
@@ -94,21 +97,32 @@ def nodes(
     tracer: TracerOpt = "auto",
     trust_code: TrustOpt = False,
 ) -> None:
-    """Table of the places MODEL can be cut, with shapes, bytes crossing, parameters and FLOPs so far."""
+    """Table of the places MODEL can be cut, with shapes, bytes crossing, parameters and FLOPs per sample so far."""
     net = load_model_arg(model, num_classes=num_classes, weights=weights, trust_code=trust_code)
     example = example_for(net, input)
     points = cut_points(net, example, depth=depth, include_nodes=all_nodes, leaf_modules=leaf or [], tracer=tracer)
     rows = [
-        (p.name, p.kind, p.shape, p.crossing, human(p.bytes or 0, "B"), human(p.params), human(p.flops or 0))
+        (
+            p.name,
+            p.kind,
+            p.shape,
+            p.crossing,
+            human(p.bytes or 0, "B"),
+            human(p.params),
+            human(per_sample(p.flops or 0, example)),
+        )
         for p in points
     ]
-    columns = ["name", "kind", "output", "crossing", "crossing bytes", "params so far", "FLOPs so far"]
-    console.print(table(f"cut points of {model}", columns, rows, _right))
+    columns = ["name", "kind", "output", "crossing", "crossing bytes", "params so far", FLOPS_SO_FAR]
+    print_table(table(f"cut points of {model}", columns, rows, _right), flops_on=example)
 
 
 def _pieces_table(title: str, pieces: Pieces, example: Example) -> None:
-    rows = [(s.index, s.inputs, s.outputs, human(s.params), human(s.flops)) for s in pieces.summary(example)]
-    console.print(table(title, ["#", "input", "output", "params", "FLOPs"], rows, _right))
+    rows = [
+        (s.index, s.inputs, s.outputs, human(s.params), human(per_sample(s.flops, example)))
+        for s in pieces.summary(example)
+    ]
+    print_table(table(title, ["#", "input", "output", "params", FLOPS_COLUMN], rows, _right), flops_on=example)
 
 
 SUGGEST_HELP = "rank where to split MODEL between a device and a server by latency (Neurosurgeon); cuts nothing"

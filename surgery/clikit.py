@@ -26,6 +26,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from surgery.errors import SurgeryError, UserError
+from surgery.flops import CountedOn, flops_note
 
 console = Console()
 err_console = Console(stderr=True)
@@ -35,6 +36,21 @@ def _one_line_warning(
     message: Any, category: type[Warning], filename: str, lineno: int, file: Any = None, line: Any = None
 ) -> None:
     err_console.print(f"[yellow]warning:[/] {escape(str(message))}", highlight=False, soft_wrap=True)
+
+
+# the library's errors name Python parameters; on the command line the same input is an option
+_SHELL_NAMES = (("example_input=...", "--input"), ("example_input=", "--input"))
+
+
+def shell_wording(message: str) -> str:
+    """A library error as a shell user should read it: the Python parameter's name becomes the option's.
+
+    >>> shell_wording("cannot run Bert on an image; pass example_input= an input the model accepts")
+    'cannot run Bert on an image; pass --input an input the model accepts'
+    """
+    for python, option in _SHELL_NAMES:
+        message = message.replace(python, option)
+    return message
 
 
 def run_app(app: typer.Typer, argv: Sequence[str] | None = None) -> None:
@@ -47,7 +63,7 @@ def run_app(app: typer.Typer, argv: Sequence[str] | None = None) -> None:
     try:
         code = app(args=list(argv) if argv is not None else None, prog_name=app.info.name, standalone_mode=False)
     except UserError as e:
-        err_console.print(f"[bold red]error:[/] {escape(str(e))}", highlight=False, soft_wrap=True)
+        err_console.print(f"[bold red]error:[/] {escape(shell_wording(str(e)))}", highlight=False, soft_wrap=True)
         sys.exit(e.exit_code)
     except click_exceptions.UsageError as e:
         where = f"; see '{e.ctx.command_path} --help'" if e.ctx is not None else ""
@@ -110,6 +126,18 @@ def table(
     for r in rows:
         t.add_row(*[str(v) for v in r])
     return t
+
+
+def print_table(t: Table, flops_on: CountedOn | None = None) -> None:
+    """Print ``t``; with ``flops_on``, then the line naming the input its FLOPs were counted on.
+
+    A table with FLOPs shows them per sample (:func:`surgery.flops.per_sample`) in a
+    column headed ``FLOPs/sample`` and passes the input they were counted on here, so
+    every command says the same thing the same way (:func:`surgery.flops.flops_note`).
+    """
+    console.print(t)
+    if flops_on is not None:
+        console.print(flops_note(flops_on), highlight=False, soft_wrap=True)
 
 
 # --- command-line options generated from a declared model (one source for defaults, types, choices, help)

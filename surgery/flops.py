@@ -1,14 +1,35 @@
-"""Parameter and FLOP counts (FLOPs from ``torch.utils.flop_counter``: a multiply-add is 2 FLOPs)."""
+"""Parameter and FLOP counts (FLOPs from ``torch.utils.flop_counter``: a multiply-add is 2 FLOPs).
+
+Every table of the command-line tools shows FLOPs the same way: **per sample** (the
+count on an input divided by its batch size), in a column headed :data:`FLOPS_COLUMN`,
+followed by the line :func:`flops_note` that names the input they were counted on:
+
+>>> from surgery.inputs import Example
+>>> on = Example.parse(["2,3,64,64"])
+>>> FLOPS_COLUMN, per_sample(1.19e9, on)
+('FLOPs/sample', 595000000.0)
+>>> flops_note(on)
+'FLOPs/sample: forward FLOPs per sample, counted on float32:2x3x64x64 and divided by its batch of 2'
+>>> flops_note(Example.parse(["input_ids=int64:1,16", "attention_mask=int64:1,16"]))
+'FLOPs/sample: forward FLOPs per sample, counted on input_ids=int64:1x16, attention_mask=int64:1x16'
+"""
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from surgery._util import evaluating
+from surgery.inputs import Example, InputSpec
+
+FLOPS_COLUMN = "FLOPs/sample"
+"""The header of every FLOPs column of the command-line tools' tables."""
+
+CountedOn = Example | Sequence[InputSpec]
+"""The input FLOPs were counted on: the example itself, or its specs (as a log or recipe records them)."""
 
 
 def count_params(modules: nn.Module | Iterable[nn.Module]) -> int:
@@ -44,3 +65,27 @@ def parse_human(text: str) -> float:
     if text and text[-1] in scale:
         return float(text[:-1]) * scale[text[-1]]
     return float(text)
+
+
+def _specs(on: CountedOn) -> list[InputSpec]:
+    return on.specs() if isinstance(on, Example) else list(on)
+
+
+def batch_size(on: CountedOn) -> int:
+    """The batch size of an input: the leading dimension of its first tensor (1 when it has none)."""
+    specs = _specs(on)
+    return specs[0].shape[0] if specs and len(specs[0].shape) > 1 else 1
+
+
+def per_sample(flops: float, on: CountedOn) -> float:
+    """FLOPs counted on the input ``on``, per sample of its batch."""
+    return flops / batch_size(on)
+
+
+def flops_note(on: CountedOn) -> str:
+    """The line printed under a table whose :data:`FLOPS_COLUMN` was counted on ``on`` (see the module doc)."""
+    specs = _specs(on)
+    batch = batch_size(specs)
+    described = ", ".join(map(str, specs)) or "no tensor input"
+    divided = f" and divided by its batch of {batch}" if batch > 1 else ""
+    return f"{FLOPS_COLUMN}: forward FLOPs per sample, counted on {described}{divided}"
