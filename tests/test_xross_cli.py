@@ -193,6 +193,20 @@ def test_one_net_trains_resumes_and_evaluates_on_val(cli, tmp_path, data_cache) 
     assert r.code == 0, r
     assert surgery.load(tmp_path / "alone").eval()(torch.randn(2, 3, 32, 32)).shape == (2, 3)
 
+    r = cli("xross", "profile", interrupted, "--repeats", "3", "--batch", "2")
+    assert r.code == 0 and "spread" in r.out and "interquartile range" in " ".join(r.out.split()), r
+    latency = json.loads((interrupted / "latency.json").read_text())
+    assert "cpu_load" in latency and set(latency["entries"]) == {"resnet18 > resnet18", "part_n0_p0", "part_n0_p1"}
+    for entry in latency["entries"].values():  # steady figures, but one image 6x slower than 32 (the issue's)
+        entry.update(ms_batch1=2.0, ms_batch=20.0, batch=32, iqr_batch1=0.0, iqr_batch=0.0)
+    latency["entries"]["resnet18 > resnet18"].update(ms_batch1=528.0, ms_batch=87.0)
+    latency["cpu_load"] = 0.0
+    (interrupted / "latency.json").write_text(json.dumps(latency))
+    r = cli("xross", "best", interrupted, "--max-latency", "1s")
+    assert r.code == 0 and "best path 0,0 " in r.out, r
+    assert "1 of 3 entries are unsteady (e.g. resnet18 > resnet18: batch 1 slower than batch 32)" in r.err, r
+    assert len(r.err.strip().splitlines()) == 1 and r.err.startswith("warning: latency figures of")
+
     r = cli("xross", *args[:4], "dml", *args[5:], "--out", tmp_path / "dml")
     assert r.code == 2 and "mode dml learns from peers: give at least two nets in --nets" in r.err, r
     assert "file" not in r.err and "see `xross train --help`" in r.err

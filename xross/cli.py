@@ -31,7 +31,15 @@ from xross.cohort import parse_path
 from xross.config import DistillConfig, RunConfig, TrainConfig, config_from_options
 from xross.errors import XrossError
 from xross.evaluate import EvalResult, best_path, distillation_gap, evaluate, evaluate_distillation
-from xross.latency import LATENCY_FILE, batch1_ms, latency_table, profile_run
+from xross.latency import (
+    LATENCY_FILE,
+    SPREAD_NOTE,
+    batch1_ms,
+    latency_table,
+    profile_run,
+    spread_text,
+    warn_if_unreliable,
+)
 from xross.mutualnet import calibration_images, evaluate_settings, standalone_setting
 from xross.query import COLUMNS, parse_ms, query_rows, row_values, write_query_files
 from xross.run import (
@@ -340,7 +348,7 @@ def query_table(run: RunArg) -> None:
 def profile(
     run: RunArg,
     batch: Annotated[int, typer.Option(help="the larger batch size timed besides batch 1")] = 32,
-    repeats: Annotated[int, typer.Option(help="timed calls per entry (the median is kept)")] = 10,
+    repeats: Annotated[int, typer.Option(help="timed calls per entry (the median and the spread are kept)")] = 10,
     trust_code: TrustOpt = False,
     no_verify: NoVerifyOpt = False,
 ) -> None:
@@ -350,14 +358,13 @@ def profile(
     latency.save(run)
     device = latency.device
     rows = [
-        (n, f"{e.ms_batch1:.2f}", f"{e.ms_batch:.1f}", human(e.flops), human(e.params))
+        (n, f"{e.ms_batch1:.2f}", f"{e.ms_batch:.1f}", spread_text(e), human(e.flops), human(e.params))
         for n, e in latency.entries.items()
     ]
-    console.print(
-        table(
-            f"{run}: latency on {device}", ["network", "ms (batch 1)", f"ms (batch {batch})", "FLOPs", "params"], rows
-        )
-    )
+    columns = ["network", "ms (batch 1)", f"ms (batch {batch})", "spread", "FLOPs", "params"]
+    console.print(table(f"{run}: latency on {device}", columns, rows))
+    console.print(SPREAD_NOTE.format(repeats=repeats), highlight=False)
+    warn_if_unreliable(latency, run)
 
 
 @app.command()

@@ -1,19 +1,30 @@
 """The latency table of a run: every network piece (or width-resolution setting) timed on this machine.
 
 ``xross profile RUN`` measures each entry (median of ``repeats`` timed calls after warm-up, at
-batch 1 and at a larger batch), with its FLOPs and parameters, and saves ``RUN/latency.json``.
-The table records the device it was measured on; a table from another device is measured again.
-Each path of a cohort, a distillation's student and each width-resolution setting of a mutualnet
-run is one entry, named as in the run's ``eval.json``.
+batch 1 and at a larger batch, and the interquartile range of those calls), with its FLOPs and
+parameters, and saves ``RUN/latency.json``. The table records the device it was measured on (a
+table from another device is measured again) and the CPU load when it was measured. Each path of
+a cohort, a distillation's student and each width-resolution setting of a mutualnet run is one
+entry, named as in the run's ``eval.json``.
+
+Figures from a busy machine mislead whoever acts on them (``xross best --max-latency``, the
+any-time runner): an entry is *unsteady* when its spread exceeds :data:`SPREAD_LIMIT` of its
+median or when one image takes longer than a batch of them; the table is *busy* when the load
+average per core exceeded :data:`BUSY_LOAD` as timing began. Reading such a table prints one
+warning line; ``xross profile`` marks the entries. Files written before the spread was recorded
+(no ``iqr_*``, no ``cpu_load``) load as before and raise no warning.
 
 >>> import torch
 >>> entry = measure(torch.nn.Conv2d(3, 8, 3), torch.zeros(1, 3, 32, 32), batch=4, repeats=3)
->>> entry.ms_batch1 > 0 and entry.flops == 2 * 8 * 3 * 9 * 30 * 30
+>>> entry.ms_batch1 > 0 and entry.iqr_batch1 >= 0 and entry.flops == 2 * 8 * 3 * 9 * 30 * 30
 True
+>>> LatencyEntry(ms_batch1=9.0, ms_batch=2.0, batch=32, flops=1, params=1).unsteady()
+'batch 1 slower than batch 32'
 """
 
 from __future__ import annotations
 
+import os
 import platform
 import statistics
 import sys
@@ -36,16 +47,36 @@ from xross.mutualnet import setting_name
 from xross.run import DTYPES, is_distill_run, is_mutualnet_run, load_run, load_slim, load_student, run_config
 
 LATENCY_FILE = "latency.json"
+SPREAD_LIMIT = 0.25  # an entry whose interquartile range exceeds this share of its median is unsteady
+BUSY_LOAD = 0.5  # a 1-minute load average per core above this as timing begins: the machine was busy
 
 
 class LatencyEntry(FileModel):
-    """One timed module: milliseconds per call at batch 1 and at ``batch``, FLOPs per image, parameters."""
+    """One timed module: milliseconds per call at batch 1 and at ``batch`` (median of the repeats) with the
+    interquartile range of the repeats, FLOPs per image, parameters."""
 
     ms_batch1: Float = Field(ge=0)
     ms_batch: Float = Field(ge=0)
     batch: PositiveInt
     flops: NonNegativeFloat
     params: NonNegativeInt
+    iqr_batch1: Float | None = Field(None, ge=0)  # None in files written before the spread was recorded
+    iqr_batch: Float | None = Field(None, ge=0)
+
+    def spread(self) -> float | None:
+        """The larger interquartile range of the two batch sizes, as a share of its median."""
+        if self.iqr_batch1 is None or self.iqr_batch is None:
+            return None
+        return max(self.iqr_batch1 / max(self.ms_batch1, 1e-9), self.iqr_batch / max(self.ms_batch, 1e-9))
+
+    def unsteady(self) -> str | None:
+        """Why these figures should not be trusted (None when they look sound)."""
+        spread = self.spread()
+        if spread is not None and spread > SPREAD_LIMIT:
+            return f"spread {spread:.0%} of the median"
+        if self.batch > 1 and self.ms_batch1 > (1 + SPREAD_LIMIT) * self.ms_batch:  # one image, slower than many
+            return f"batch 1 slower than batch {self.batch}"
+        return None
 
 
 class LatencyTable(FileModel):
@@ -54,6 +85,25 @@ class LatencyTable(FileModel):
     format_version: Literal[1] = 1
     device: str
     entries: dict[str, LatencyEntry]
+    cpu_load: Float | None = Field(None, ge=0)  # 1-minute load average per core as timing began, if known
+
+    def caveat(self, run: Path | str = "RUN") -> str | None:
+        """One line saying why the table's figures should not be trusted, or None when they look sound."""
+        unsteady = [name for name, entry in self.entries.items() if entry.unsteady()]
+        reasons = []
+        if self.cpu_load is not None and self.cpu_load > BUSY_LOAD:
+            reasons.append(f"the machine was busy (load {self.cpu_load:.2f} per core as timing began)")
+        if unsteady:
+            reasons.append(
+                f"{len(unsteady)} of {len(self.entries)} entries are unsteady (e.g. {unsteady[0]}: "
+                f"{self.entries[unsteady[0]].unsteady()})"
+            )
+        if not reasons:
+            return None
+        return (
+            f"latency figures of {run} are unreliable: {'; '.join(reasons)}; measure again on an idle machine "
+            f"with `xross profile {run}`"
+        )
 
     def save(self, run: Path) -> None:
         atomic_write_text(run / LATENCY_FILE, self.model_dump_json(indent=1) + "\n")
@@ -83,7 +133,27 @@ def device_name(device: torch.device) -> str:
     return f"cpu:{platform.processor() or platform.machine()}:{torch.get_num_threads()} threads"
 
 
-def _time_ms(module: nn.Module, args: tuple[Any, ...], repeats: int) -> float:
+def cpu_load() -> float | None:
+    """The 1-minute load average per core, where the system tells it."""
+    try:
+        return os.getloadavg()[0] / (os.cpu_count() or 1)
+    except (AttributeError, OSError):  # not on Windows
+        return None
+
+
+def median_iqr(times: list[float]) -> tuple[float, float]:
+    """The median of the timed calls and their interquartile range.
+
+    >>> median_iqr([1.0, 2.0, 3.0, 4.0, 100.0])
+    (3.0, 2.0)
+    """
+    if len(times) < 2:
+        return times[0], 0.0
+    q1, _, q3 = statistics.quantiles(times, n=4, method="inclusive")
+    return statistics.median(times), q3 - q1
+
+
+def _time_ms(module: nn.Module, args: tuple[Any, ...], repeats: int) -> tuple[float, float]:
     cuda = any(isinstance(a, torch.Tensor) and a.is_cuda for a in args)
 
     def call() -> None:
@@ -97,7 +167,7 @@ def _time_ms(module: nn.Module, args: tuple[Any, ...], repeats: int) -> float:
         start = time.perf_counter()
         call()
         times.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(times)
+    return median_iqr(times)
 
 
 def _batched(example: Any, batch: int) -> tuple[Any, ...]:
@@ -119,20 +189,52 @@ def measure(module: nn.Module, example: Any, batch: int = 32, repeats: int = 10)
     ``batch`` copies of it."""
     one, many = _batched(example, 1), _batched(example, batch)
     with evaluating(module):
-        return LatencyEntry(
-            ms_batch1=_time_ms(module, one, repeats),
-            ms_batch=_time_ms(module, many, repeats),
-            batch=batch,
-            flops=count_flops(module, *one),
-            params=count_params(module),
-        )
+        return _entry(module, _time_ms(module, one, repeats), _time_ms(module, many, repeats), batch, one)
+
+
+def _entry(
+    module: nn.Module, one: tuple[float, float], many: tuple[float, float], batch: int, args: tuple[Any, ...]
+) -> LatencyEntry:
+    """The entry of ``module`` timed at (median, IQR) ``one`` (batch 1) and ``many`` (``batch``), called on ``args``."""
+    return LatencyEntry(
+        ms_batch1=one[0],
+        iqr_batch1=one[1],
+        ms_batch=many[0],
+        iqr_batch=many[1],
+        batch=batch,
+        flops=count_flops(module, *args),
+        params=count_params(module),
+    )
+
+
+SPREAD_NOTE = (
+    "median of {repeats} timed calls; spread: their interquartile range over the median, the larger of the two "
+    f"batch sizes; ! marks an unsteady entry (spread over {SPREAD_LIMIT:.0%}, or batch 1 slower than the batch)"
+)
+
+
+def spread_text(entry: LatencyEntry) -> str:
+    """An entry's spread for a table: ``'4%'``, ``'38% !'`` when unsteady, ``'-'`` when not recorded."""
+    spread = entry.spread()
+    text = "-" if spread is None else f"{spread:.0%}"
+    return f"{text} !" if entry.unsteady() else text
+
+
+def warn_if_unreliable(table: LatencyTable, run: Path | str) -> None:
+    """One warning line on stderr when the table's figures should not be trusted (see :meth:`LatencyTable.caveat`)."""
+    caveat = table.caveat(run)
+    if caveat:
+        print(f"warning: {caveat}", file=sys.stderr)
 
 
 def batch1_ms(run: Path) -> dict[str, float] | None:
-    """Batch-1 milliseconds per network name from the run's latency table; None if it has none."""
+    """Batch-1 milliseconds per network name from the run's latency table (warning when it is unreliable);
+    None if it has none."""
     if not (run / LATENCY_FILE).is_file():
         return None
-    return {name: e.ms_batch1 for name, e in LatencyTable.load(run).entries.items()}
+    table = LatencyTable.load(run)
+    warn_if_unreliable(table, run)
+    return {name: e.ms_batch1 for name, e in table.entries.items()}
 
 
 def profile_run(
@@ -146,7 +248,7 @@ def profile_run(
     def image(size: int) -> torch.Tensor:
         return torch.zeros(1, 3, size, size, dtype=dtype)
 
-    entries = {}
+    entries, load = {}, cpu_load()
     if is_mutualnet_run(run):
         _, slim = load_slim(run, trust_code=trust_code, verify=verify)
         widths, resolutions = cfg.grid()  # type: ignore[union-attr]
@@ -163,7 +265,7 @@ def profile_run(
         for p in cohort.paths():
             entries[cohort.path_name(p)] = measure(cohort.export_path(p), x, batch, repeats)
         entries.update(piece_entries(cohort, x, batch, repeats))
-    return LatencyTable(device=device_name(torch.device("cpu")), entries=entries)
+    return LatencyTable(device=device_name(torch.device("cpu")), entries=entries, cpu_load=load)
 
 
 def part_entry(net: int, part: int) -> str:
@@ -178,10 +280,11 @@ def exit_entry(net: int, boundary: int) -> str:
     return f"exit_{head_key(net, boundary)}"
 
 
-def _chain_ms(cohort: Cohort, net: int, x: Any, repeats: int) -> dict[str, float]:
-    """Median ms of each part of net ``net``, and of the adapters and exit head after each, timed *in a run of
-    the net*: every repeat runs the whole chain, so each piece meets the caches the pieces before it left
-    (timing one piece alone, over and over, finds it faster than it is in a route)."""
+def _chain_ms(cohort: Cohort, net: int, x: Any, repeats: int) -> dict[str, tuple[float, float]]:
+    """Median ms (and interquartile range) of each part of net ``net``, and of the adapters and exit head
+    after each, timed *in a run of the net*: every repeat runs the whole chain, so each piece meets the
+    caches the pieces before it left (timing one piece alone, over and over, finds it faster than it is
+    in a route)."""
     cuda = isinstance(x, torch.Tensor) and x.is_cuda
     times: dict[str, list[float]] = {}
 
@@ -205,7 +308,7 @@ def _chain_ms(cohort: Cohort, net: int, x: Any, repeats: int) -> dict[str, float
                     timed(adapter_entry(p, net, j), ad, value)
             if cohort.exits is not None:
                 timed(exit_entry(net, p), cohort.exits.head(net, p), feature(value))
-    return {name: statistics.median(t[1:]) for name, t in times.items()}
+    return {name: median_iqr(t[1:]) for name, t in times.items()}
 
 
 @torch.no_grad()
@@ -228,13 +331,8 @@ def piece_entries(cohort: Cohort, x: torch.Tensor, batch: int, repeats: int) -> 
                     if cohort.exits is not None:
                         modules[exit_entry(i, p)] = (cohort.exits.head(i, p), feature(value))
                 for name, (module, arg) in modules.items():
-                    args = arg if isinstance(arg, tuple) else (arg,)
-                    entries[name] = LatencyEntry(
-                        ms_batch1=one[name],
-                        ms_batch=many[name],
-                        batch=batch,
-                        flops=count_flops(module, *args),
-                        params=count_params(module),
+                    entries[name] = _entry(
+                        module, one[name], many[name], batch, arg if isinstance(arg, tuple) else (arg,)
                     )
     return entries
 
@@ -247,8 +345,10 @@ def latency_table(
     if (run / LATENCY_FILE).is_file():
         table = LatencyTable.load(run)
         if table.device == device_name(torch.device("cpu")):
+            warn_if_unreliable(table, run)
             return table
         print(f"note: {run}/{LATENCY_FILE} was measured on {table.device}; measuring again here", file=sys.stderr)
     table = profile_run(run, batch, repeats, trust_code=trust_code, verify=verify)
     table.save(run)
+    warn_if_unreliable(table, run)
     return table
