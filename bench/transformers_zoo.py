@@ -9,10 +9,24 @@ first site found, factor 2) and net2deeper (a zero-branch copy of a middle layer
 check the output stays within 1e-5 x max |output|. Weights that start constant (unit
 norms, zero heads) are first given random values so no layer hides.
 
+Two columns check the pieces the way users get and call them. "called like the model": cut
+at the same points with no example (the library guesses one), then call the pieces on the
+family's own input at batch 1 the model's minimal way, ``pieces(x)`` with the main input
+alone (positional), and with every input by keyword (``input_ids=, attention_mask=``, a padded
+end) where the model takes several; each must equal the model called the same way. "other
+length": those pieces, called both ways, at another batch size and sequence length (image
+size, audio length); a size the model itself refuses is noted and skipped. "yes" is bit for
+bit (``torch.equal``), "close" within the tolerance above, "NO" a miss; every miss is
+named with its reason under the table.
+
     python bench/transformers_zoo.py                 # every family below
     python bench/transformers_zoo.py --models gpt2,bert
+    python bench/transformers_zoo.py --real-size     # GPT-2 124M, a 1.1B LLaMA, ViT-B/16 (see zoo_real_size.py)
 
-Last line: {"models": N, "exact": E, "median_cut_over_capture": r, "wider_preserves": w, "deeper_preserves": d}
+Last line: {"models": N, "exact": E, "median_cut_over_capture": r, "wider_preserves": w, "deeper_preserves": d,
+"called_like_model": c, "called_like_model_close": cc, "other_length": o, "other_length_close": oc}
+(--real-size: {"real_size": true, "models": {...}, "median_cut_over_export": r, "max_grow_s": s,
+"max_peak_over_params": m, ...}).
 """
 
 from __future__ import annotations
@@ -28,8 +42,10 @@ from typing import Any
 
 import torch
 import transformers
+import zoo_real_size as real
 from rich.console import Console
 from rich.table import Table
+from zoo_calls import TOLERANCE, called_like_the_model, error_line, first_tensor
 
 import growth
 import surgery
@@ -40,7 +56,6 @@ from surgery.names import GraphIndex
 
 warnings.filterwarnings("ignore")
 transformers.logging.set_verbosity_error()
-TOLERANCE = 1e-5
 TEXT = {
     "num_hidden_layers": 4,
     "hidden_size": 64,
@@ -57,11 +72,27 @@ def _text(batch: int, length: int) -> Example:
 
 
 def _pixels(side: int) -> Callable[[int, int], Example]:
-    return lambda batch, _: Example((), {"pixel_values": torch.randn(batch, 3, side, side)})
+    return lambda batch, _: _hf_pixels(batch, side)
+
+
+def _hf_pixels(batch: int, side: int) -> Example:
+    return Example((), {"pixel_values": torch.randn(batch, 3, side, side)})
 
 
 def _timm_pixels(side: int) -> Callable[[int, int], Example]:
-    return lambda batch, _: Example((torch.randn(batch, 3, side, side),), {})
+    return lambda batch, _: _positional_pixels(batch, side)
+
+
+def _positional_pixels(batch: int, side: int) -> Example:
+    return Example((torch.randn(batch, 3, side, side),), {})
+
+
+def _samples(batch: int, length: int) -> Example:
+    return Example((), {"input_values": torch.randn(batch, length)})
+
+
+def _mels(batch: int, frames: int) -> Example:
+    return Example((), {"input_features": torch.randn(batch, 16, frames)})
 
 
 @dataclass
@@ -72,6 +103,8 @@ class Family:
     layers: str  # the container of the layer stack
     example: Callable[[int, int], Example]
     lengths: tuple[int, int] = (12, 9)
+    sized: Callable[[int, int], Example] = _text  # the inputs at (batch, length or side), for the two call columns
+    other_sizes: tuple[tuple[int, int], ...] = ((3, 9), (2, 23))  # (batch, length or side) of "other length"
 
 
 def _hf(cls: str, **config: Any) -> tuple[str, dict[str, Any]]:
@@ -113,6 +146,14 @@ FAMILIES = [
         "bloom", *_hf("BloomForCausalLM", n_layer=4, hidden_size=64, n_head=4, vocab_size=256), "transformer.h", _text
     ),
     Family("starcoder2", *_hf("Starcoder2ForCausalLM", **TEXT, num_key_value_heads=2), "model.layers", _text),
+    Family(
+        "mamba",  # a state-space model: no attention, a scan over the sequence
+        *_hf(
+            "MambaForCausalLM", num_hidden_layers=4, hidden_size=64, intermediate_size=128, state_size=8, vocab_size=256
+        ),
+        "backbone.layers",
+        _text,
+    ),
     Family("bert", *_hf("BertForSequenceClassification", **TEXT, num_labels=3), "bert.encoder.layer", _text),
     Family(
         "roberta",
@@ -131,6 +172,8 @@ FAMILIES = [
         ),
         "vit.layers",
         _pixels(32),
+        sized=_hf_pixels,
+        other_sizes=((3, 32), (2, 48)),
     ),
     Family(
         "wav2vec2",
@@ -147,7 +190,9 @@ FAMILIES = [
             num_conv_pos_embedding_groups=4,
         ),
         "wav2vec2.encoder.layers",
-        lambda batch, _: Example((), {"input_values": torch.randn(batch, 1600)}),
+        lambda batch, _: _samples(batch, 1600),
+        sized=_samples,
+        other_sizes=((3, 8000), (2, 24000)),
     ),
     Family(
         "whisper",
@@ -162,7 +207,9 @@ FAMILIES = [
             num_labels=3,
         ),
         "encoder.layers",
-        lambda batch, _: Example((), {"input_features": torch.randn(batch, 16, 64)}),
+        lambda batch, _: _mels(batch, 64),
+        sized=_mels,
+        other_sizes=((3, 64), (2, 96)),
     ),
     Family(
         "t5 encoder",
@@ -176,6 +223,8 @@ FAMILIES = [
         {"img_size": 32, "patch_size": 8, "depth": 4},
         "blocks",
         _timm_pixels(32),
+        sized=_positional_pixels,
+        other_sizes=((3, 32), (2, 48)),
     ),
     Family(
         "deit (timm)",
@@ -183,6 +232,8 @@ FAMILIES = [
         {"img_size": 32, "patch_size": 8, "depth": 4},
         "blocks",
         _timm_pixels(32),
+        sized=_positional_pixels,
+        other_sizes=((3, 32), (2, 48)),
     ),
     Family(
         "swin (timm)",
@@ -190,6 +241,8 @@ FAMILIES = [
         {"img_size": 56, "window_size": 7, "depths": (2, 2), "num_heads": (2, 4), "embed_dim": 32},
         "layers",
         _timm_pixels(56),
+        sized=_positional_pixels,
+        other_sizes=((3, 56), (2, 84)),
     ),
 ]
 
@@ -201,18 +254,11 @@ class Result:
     cut_s: float = 0.0
     export_s: float = 0.0
     tracer: str = ""
+    called: str = "-"
+    other: str = "-"
     wider: str = "-"
     deeper: str = "-"
     notes: list[str] = field(default_factory=list)
-
-
-def _first(value: Any) -> torch.Tensor:
-    if isinstance(value, torch.Tensor):
-        return value
-    for key in ("logits", "last_hidden_state"):
-        if getattr(value, key, None) is not None:
-            return getattr(value, key)
-    return value[0]
 
 
 def _median_time(fn: Callable[[], Any], runs: int = 3) -> float:
@@ -270,8 +316,15 @@ def bench(family: Family) -> Result:
     cuts = layers[:-1] or layers
     result.layers, result.tracer = len(layers), capture.tracer
     pieces = surgery.cut(model, cuts, example)
-    with torch.no_grad():
-        result.exact = torch.equal(_first(other(pieces)), _first(other(model)))
+    try:
+        with torch.no_grad():
+            result.exact = torch.equal(first_tensor(other(pieces)), first_tensor(other(model)))
+    except Exception as e:  # noqa: BLE001 - a bench records failures instead of stopping
+        result.notes.append(f"exact: on {other.describe()}: {error_line(e)}")
+    own = family.example(1, family.lengths[0])
+    calls = called_like_the_model(model, cuts, own, [family.sized(*size) for size in family.other_sizes], pieces)
+    result.called, result.other = calls.called, calls.other
+    result.notes += calls.notes
     result.cut_s = _median_time(lambda: surgery.cut(model, cuts, example))
     dynamic = dynamic_shapes(example)
     result.export_s = _median_time(
@@ -285,9 +338,19 @@ def bench(family: Family) -> Result:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", help="comma-separated family names (default: all)")
+    parser.add_argument(
+        "--real-size", action="store_true", help="GPT-2 124M, a 1.1B LLaMA, ViT-B/16 instead (zoo_real_size.py)"
+    )
     args = parser.parse_args()
+    if args.real_size:
+        names = args.models.split(",") if args.models else list(real.MODELS)
+        unknown = sorted(set(names) - set(real.MODELS))
+        if unknown:
+            parser.error(f"--real-size knows {', '.join(real.MODELS)}; not {', '.join(unknown)}")
+        print(json.dumps(real.run_all(names, print)))
+        return
     chosen = [f for f in FAMILIES if not args.models or f.name.split(" ")[0] in args.models.split(",")]
-    console = Console(width=160)
+    console = Console(width=200)
     results: dict[str, Result] = {}
     for family in chosen:
         start = time.perf_counter()
@@ -297,7 +360,8 @@ def main() -> None:
             results[family.name] = Result(notes=[f"{type(e).__name__}: {str(e)[:300]}"])
         console.print(f"{family.name}: {time.perf_counter() - start:.1f} s", highlight=False)
     table = Table(title="transformer families: cut at every layer, grow (float32, eval)", header_style="bold")
-    for column in ("model", "tracer", "layers", "exact", "cut s", "export s", "cut/export", "net2wider", "net2deeper"):
+    columns = ("model", "tracer", "layers", "exact", "called like the model", "other length", "cut s", "export s")
+    for column in (*columns, "cut/export", "net2wider", "net2deeper"):
         table.add_column(column, justify="right" if column in ("layers", "cut s", "export s", "cut/export") else "left")
     for name, r in results.items():
         ratio = r.cut_s / r.export_s if r.export_s else float("nan")
@@ -306,6 +370,8 @@ def main() -> None:
             r.tracer,
             str(r.layers),
             "yes" if r.exact else "NO",
+            r.called,
+            r.other,
             f"{r.cut_s:.2f}",
             f"{r.export_s:.2f}",
             f"{ratio:.2f}",
@@ -325,6 +391,10 @@ def main() -> None:
                 "median_cut_over_capture": round(statistics.median(ratios), 3) if ratios else None,
                 "wider_preserves": sum(r.wider.startswith("ok") for r in results.values()),
                 "deeper_preserves": sum(r.deeper.startswith("ok") for r in results.values()),
+                "called_like_model": sum(r.called.startswith("yes") for r in results.values()),
+                "called_like_model_close": sum(r.called.startswith("close") for r in results.values()),
+                "other_length": sum(r.other.startswith("yes") for r in results.values()),
+                "other_length_close": sum(r.other.startswith("close") for r in results.values()),
             }
         )
     )
