@@ -5,8 +5,9 @@
     growth random resnet18 --steps 20 --seed 0 --log mutations.jsonl --out DIR
     growth replay resnet18 mutations.jsonl --out DIR
 
-Every command that grows prints, per step, the parameter and FLOP change and the
-measured max |change of the output|; ``--out`` saves the result with ``surgery.save``.
+Every command that grows prints, per step, the parameter and FLOP change (FLOPs per
+sample, on the input named under the table: ``--input``, else the one growth guesses)
+and the measured max |change of the output|; ``--out`` saves the result with ``surgery.save``.
 """
 
 from __future__ import annotations
@@ -20,14 +21,14 @@ import typer
 from torch import nn
 
 from growth.errors import GrowthError
-from growth.graphedit import input_record
+from growth.graphedit import default_inputs, input_record
 from growth.mutation import MutationRecord, apply_step, mutate, read_log
 from growth.mutation import replay as replay_log
 from growth.registry import OPS, SITE_JOIN, get_op
 from growth.registry import sites as op_sites
-from surgery.clikit import console, load_model_arg, run_app, table
-from surgery.flops import human
-from surgery.inputs import Example, vocab_size
+from surgery.clikit import console, load_model_arg, print_table, run_app, table
+from surgery.flops import FLOPS_COLUMN, flops_note, human, per_sample
+from surgery.inputs import Example, InputSpec, vocab_size
 from surgery.io import prepare_output_dir, save
 
 app = typer.Typer(
@@ -60,34 +61,59 @@ def _example(net: nn.Module, inputs: list[str] | None) -> Example | None:
     return Example.parse(inputs, vocab_size(net)) if inputs else None
 
 
-def _change(before: int, after: int) -> str:
+def _step_input(net: nn.Module, inputs: list[str] | None) -> Example:
+    """The input the steps run, are checked and their FLOPs counted on: ``--input``, else growth's guess for ``net``.
+
+    Resolved once and passed to every step, so the log records it and the table can name it.
+    """
+    return _example(net, inputs) or default_inputs(net)
+
+
+def _counted_on(record: MutationRecord) -> list[InputSpec] | None:
+    """The input a step's FLOPs were counted on, as its record names it (None: the record does not say)."""
+    if record.inputs:
+        return list(record.inputs)
+    return [InputSpec(shape=record.input_shape)] if record.input_shape else None
+
+
+def _change(before: float, after: float) -> str:
     sign = "+" if after >= before else "-"
     return f"{human(before)} -> {human(after)} ({sign}{human(abs(after - before))})"
 
 
-def _print_steps(title: str, records: Sequence[MutationRecord]) -> None:
+def _flops_change(before: int, after: int, on: list[InputSpec]) -> str:
+    return _change(per_sample(before, on), per_sample(after, on))
+
+
+def _print_steps(title: str, records: Sequence[MutationRecord], on: list[InputSpec]) -> None:
+    """The table of growth steps: FLOPs per sample of the input each record names (else ``on``), named below it."""
+    inputs = [_counted_on(r) or on for r in records]
     rows = [
         (
             r.step,
             r.op,
             r.site,
             _change(r.params_before, r.params_after),
-            _change(r.flops_before, r.flops_after),
+            _flops_change(r.flops_before, r.flops_after, counted),
             f"{r.max_abs_change:.3g}",
         )
-        for r in records
+        for r, counted in zip(records, inputs)
     ]
-    steps = table(title, ["step", "op", "site", "params", "FLOPs", "max |Δ output|"], rows)
+    steps = table(title, ["step", "op", "site", "params", FLOPS_COLUMN, "max |Δ output|"], rows)
     for column in steps.columns[1:3]:
         column.overflow = "fold"  # names are the point: wrap them rather than cut them
-    console.print(steps)
+    named = list({str(specs): specs for specs in inputs}.values()) or [on]
+    print_table(steps, flops_on=named[0])
+    for other in named[1:]:  # a log whose steps ran on different inputs
+        console.print(flops_note(other), highlight=False, soft_wrap=True)
     if records:
         first, last = records[0], records[-1]
         worst = max(r.max_abs_change for r in records)
         console.print(
-            f"params {_change(first.params_before, last.params_after)}, FLOPs "
-            f"{_change(first.flops_before, last.flops_after)}, "
-            f"max |Δ output| {worst:.3g} (eval mode)"
+            f"params {_change(first.params_before, last.params_after)}, {FLOPS_COLUMN} "
+            f"{_change(per_sample(first.flops_before, inputs[0]), per_sample(last.flops_after, inputs[-1]))}, "
+            f"max |Δ output| {worst:.3g} (eval mode)",
+            soft_wrap=True,
         )
 
 
@@ -98,9 +124,16 @@ def _start(model: str, out: Path | None, force: bool, num_classes: int | None, t
     return load_model_arg(model, num_classes=num_classes, trust_code=trust_code)
 
 
-def _finish(title: str, records: Sequence[MutationRecord], grown: nn.Module, out: Path | None, force: bool) -> None:
-    """Print the steps and save the grown model to --out."""
-    _print_steps(title, records)
+def _finish(
+    title: str,
+    records: Sequence[MutationRecord],
+    on: list[InputSpec],
+    grown: nn.Module,
+    out: Path | None,
+    force: bool,
+) -> None:
+    """Print the steps (FLOPs counted on ``on`` where a record names no input) and save the grown model to --out."""
+    _print_steps(title, records, on)
     if out is not None:
         save(grown, out, force=force)
         console.print(f"saved to {out}/")
@@ -189,9 +222,9 @@ def mutate_command(
     }
     site, args = _op_args(op, given)
     net = _start(model, out, force, num_classes, trust_code)
-    example = _example(net, input)
+    example = _step_input(net, input)
     grown, record = apply_step(net, MutationRecord(op=op, site=site, args=args, **input_record(example)), example)
-    _finish(f"{op} on {model}", [record], grown, out, force)
+    _finish(f"{op} on {model}", [record], example.specs(), grown, out, force)
 
 
 @app.command(name="random")
@@ -212,10 +245,11 @@ def random_command(
     """Grow MODEL by STEPS random feasible ops, logging each step."""
     net = _start(model, out, force, num_classes, trust_code)
     names = [o.strip() for o in ops.split(",") if o.strip()] if ops else None
-    grown, records = mutate(net, steps, seed, log=log, example_input=_example(net, input), ops=names)
+    example = _step_input(net, input)
+    grown, records = mutate(net, steps, seed, log=log, example_input=example, ops=names)
     if log is not None:
         console.print(f"logged to {log}")
-    _finish(f"{steps} random growth steps of {model} (seed {seed})", records, grown, out, force)
+    _finish(f"{steps} random growth steps of {model} (seed {seed})", records, example.specs(), grown, out, force)
 
 
 @app.command(name="replay")
@@ -231,7 +265,8 @@ def replay_command(
     steps = read_log(log)
     net = _start(model, out, force, num_classes, trust_code)
     grown, records = replay_log(net, steps)
-    _finish(f"replay of {log} on {model}", records, grown, out, force)
+    on = next((c for c in map(_counted_on, steps) if c), None)  # a log of steps that name no input: growth's guess
+    _finish(f"replay of {log} on {model}", records, on or default_inputs(net).specs(), grown, out, force)
 
 
 def main() -> None:

@@ -8,6 +8,13 @@ import pytest
 import torch
 
 import surgery
+from growth.graphedit import default_inputs
+from surgery.flops import human
+from surgery.inputs import Example
+
+
+def _per_sample(model: torch.nn.Module, example: Example) -> float:
+    return surgery.count_flops(model, *example.args, **example.kwargs) / example.args[0].shape[0]
 
 
 def test_sites_lists_where_an_op_applies(cli) -> None:
@@ -34,7 +41,10 @@ def test_mutate_prints_the_change_and_saves(cli, tmp_path) -> None:
         out,
     )
     assert r.code == 0, r
-    assert "params 11.7M -> 11.8M (+111k)" in r.out and "FLOPs" in r.out and "max |Δ output|" in r.out
+    assert "params 11.7M -> 11.8M (+111k)" in r.out and "max |Δ output|" in r.out
+    guess = default_inputs(surgery.build_model("resnet18"))  # no --input: FLOPs per sample of growth's guess, named
+    assert f"FLOPs/sample {human(_per_sample(surgery.build_model('resnet18'), guess))} -> " in r.out
+    assert f"FLOPs/sample: forward FLOPs per sample, counted on {guess.describe()}" in r.out
     grown = surgery.load(out)
     assert grown.get_submodule("layer2.0.conv1").out_channels == 192
     r = cli("growth", "mutate", out, "--op", "add_skip", "--src", "layer1", "--dst", "layer2", "--out", out)
@@ -52,11 +62,16 @@ def test_mutate_prints_the_change_and_saves(cli, tmp_path) -> None:
         "--no-batchnorm",
         "--activation",
         "none",
+        "--input",
+        "4,3,32,32",
         "--out",
         out,
         "--force",
     )
     assert r.code == 0, r
+    four = Example.parse(["4,3,32,32"])
+    assert f"FLOPs/sample {human(_per_sample(grown, four))} -> " in r.out
+    assert "counted on float32:4x3x32x32 and divided by its batch of 4" in r.out
     assert surgery.load(out).get_submodule("layer1.net2deeper0.0").kernel_size == (1, 1)
 
 
@@ -73,6 +88,7 @@ def test_random_then_replay_gives_the_same_network(cli, tmp_path) -> None:
     a, b = surgery.load(tmp_path / "a"), surgery.load(tmp_path / "b")
     assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
     assert "replay of" in r.out and "max |Δ output|" in r.out
+    assert f"FLOPs/sample: forward FLOPs per sample, counted on {default_inputs(a).describe()}" in r.out  # as logged
     steps = [json.loads(line) for line in log.read_text().splitlines()]
     assert surgery.count_params(a) == steps[-1]["params_after"]
 
