@@ -120,6 +120,8 @@ def _hf_from_directory(directory: Path, kwargs: dict[str, Any]) -> tuple[nn.Modu
 
 
 def _hf_load(transformers: ModuleType, directory: Path, kwargs: dict[str, Any]) -> tuple[nn.Module, Recipe]:
+    kwargs = dict(kwargs)
+    num_classes = kwargs.pop("num_classes", None)  # a classifier's own count (num_labels) is accepted
     if kwargs:
         raise SurgeryError(
             f"hf:{directory} takes no arguments ({', '.join(kwargs)}); its config.json says how to build it"
@@ -134,6 +136,11 @@ def _hf_load(transformers: ModuleType, directory: Path, kwargs: dict[str, Any]) 
         config = transformers.AutoConfig.from_pretrained(directory, local_files_only=True, trust_remote_code=False)
     except Exception as e:  # noqa: BLE001 - a damaged config.json fails in many ways
         raise SurgeryError(f"cannot read {directory / 'config.json'}: {first_line(e)}") from None
+    if num_classes is not None and getattr(config, "num_labels", None) != num_classes:
+        raise SurgeryError(
+            f"hf:{directory} has {getattr(config, 'num_labels', 'no')} labels (num_labels in its config.json), not "
+            f"the {num_classes} classes asked for; save a classifier with num_labels={num_classes}"
+        )
     architectures = getattr(config, "architectures", None) or []
     if not architectures:
         raise SurgeryError(

@@ -33,6 +33,7 @@ from surgery.cut import piece_info
 from surgery.errors import SurgeryError
 from xross.errors import XrossError
 from xross.exits import ExitHeads, head_factory
+from xross.logits import as_logits
 
 Path = tuple[int, ...]
 
@@ -261,7 +262,7 @@ class Cohort(nn.Module):
                 memo[key] = self.step(key, x if p == 0 else memo[key[:-1]])
                 if prefixes is not None:
                     prefixes[key] = memo[key]
-            results[path] = memo[path]
+            results[path] = as_logits(memo[path], "a path of the cohort")
         return results
 
     def step(self, prefix: Path, value: Any) -> Any:

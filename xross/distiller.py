@@ -35,6 +35,7 @@ from xross.distributed import globalise_batchnorm, sum_over_ranks
 from xross.engine import RunEngine
 from xross.errors import XrossError
 from xross.evaluate import EvalResult, evaluate_distillation
+from xross.logits import as_logits
 from xross.losses import DistillLoss
 from xross.optim import ParamGroup
 from xross.run import STUDENT_INIT, check_sources, initial_student
@@ -108,7 +109,7 @@ class Distiller(RunEngine):
         x = torch.zeros(2, 3, cfg.image_size, cfg.image_size, device=self.device, dtype=self.dtype)
         try:
             with torch.no_grad(), evaluating(self.student):
-                out = self.student(x)
+                out = as_logits(self.student(x), f"student '{cfg.student}'")
         except (RuntimeError, ValueError, TypeError) as e:
             raise XrossError(
                 f"student '{cfg.student}' fails on {cfg.image_size}x{cfg.image_size} images: {first_line(e, 200)}"
@@ -153,7 +154,7 @@ class Distiller(RunEngine):
                 target = ensemble_probs(teacher_logits, self.config.temperature, self.teacher_weights)
             else:  # labels alone (soft_weight 0, no discriminator): the teachers are only evaluated
                 teacher_logits, target = [], images.new_zeros(())
-            logits = self.student(images)
+            logits = as_logits(self.student(images), "the student")
             loss = self.loss(logits, target, labels)
             terms, total = dict(loss.terms), loss.total
             if self.discriminator is not None:

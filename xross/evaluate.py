@@ -25,6 +25,7 @@ from surgery.schema import FileModel, Float, parse
 from xross.cohort import Cohort, Path, call_part
 from xross.errors import XrossError
 from xross.exits import exit_prefixes, feature
+from xross.logits import as_logits
 from xross.teachers import Teachers, ensemble_probs
 
 
@@ -238,7 +239,7 @@ def evaluate_distillation(
         for images, labels in batches:
             if len(labels) == 0:
                 continue
-            hits[0] += topk_correct(student(images).float(), labels)
+            hits[0] += topk_correct(as_logits(student(images), "the student").float(), labels)
             if teachers is not None:
                 outputs = teachers(images)
                 for row, logits in enumerate(outputs, start=1):

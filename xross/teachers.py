@@ -37,6 +37,7 @@ from surgery.refs import parse as parse_reference
 from xross.cohort import Cohort
 from xross.cohort import Path as NetPath
 from xross.errors import XrossError
+from xross.logits import as_logits
 from xross.run import DTYPES, is_distill_run, load_run, load_student
 
 
@@ -91,7 +92,7 @@ class Teachers(nn.Module):
         out: list[torch.Tensor] = []
         for source, paths in zip(self.sources, self.paths):
             if paths is None:
-                out.append(source(images))
+                out.append(as_logits(source(images), "a teacher"))
             else:
                 logits = source.forward_paths(images, paths)
                 out += [logits[p] for p in paths]
