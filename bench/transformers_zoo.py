@@ -4,7 +4,8 @@ For each model: capture it (the library picks fx or torch.export), cut it at eve
 boundary at once (N layers -> N+1 pieces) and check the pieces reproduce the model bit for
 bit on inputs of another batch size and length than captured; time the cut against the
 capture it rests on, ``torch.export.export(model, args, kwargs, strict=False)`` with every
-input dimension dynamic (``Dim.AUTO``, as the library exports), median of 3; grow it with net2wider (at the
+input dimension dynamic (``Dim.AUTO``, as the library exports), median of 3 (in brackets the same
+ratio of the process's CPU seconds, steadier on a shared machine); grow it with net2wider (at the
 first site found, factor 2) and net2deeper (a zero-branch copy of a middle layer) and
 check the output stays within 1e-5 x max |output|. Weights that start constant (unit
 norms, zero heads) are first given random values so no layer hides.
@@ -24,7 +25,8 @@ named with its reason under the table.
     python bench/transformers_zoo.py --real-size     # GPT-2 124M, a 1.1B LLaMA, ViT-B/16 (see zoo_real_size.py)
 
 Last line: {"models": N, "exact": E, "median_cut_over_capture": r, "wider_preserves": w, "deeper_preserves": d,
-"called_like_model": c, "called_like_model_close": cc, "other_length": o, "other_length_close": oc}
+"median_cut_over_capture_cpu": rc, "called_like_model": c, "called_like_model_close": cc, "other_length": o,
+"other_length_close": oc}
 (--real-size: {"real_size": true, "models": {...}, "median_cut_over_export": r, "max_grow_s": s,
 "max_peak_over_params": m, ...}).
 """
@@ -253,6 +255,8 @@ class Result:
     exact: bool = False
     cut_s: float = 0.0
     export_s: float = 0.0
+    cut_cpu: float = 0.0
+    export_cpu: float = 0.0
     tracer: str = ""
     called: str = "-"
     other: str = "-"
@@ -261,13 +265,9 @@ class Result:
     notes: list[str] = field(default_factory=list)
 
 
-def _median_time(fn: Callable[[], Any], runs: int = 3) -> float:
-    times = []
-    for _ in range(runs):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+def _median_time(fn: Callable[[], Any], runs: int = 3) -> tuple[float, float]:
+    """Median wall-clock and CPU seconds of ``runs`` calls of ``fn``."""
+    return real.median_times([real.timed(fn) for _ in range(runs)])
 
 
 def _grow(name: str, model: torch.nn.Module, example: Example, op: str, result: Result) -> str:
@@ -325,9 +325,9 @@ def bench(family: Family) -> Result:
     calls = called_like_the_model(model, cuts, own, [family.sized(*size) for size in family.other_sizes], pieces)
     result.called, result.other = calls.called, calls.other
     result.notes += calls.notes
-    result.cut_s = _median_time(lambda: surgery.cut(model, cuts, example))
+    result.cut_s, result.cut_cpu = _median_time(lambda: surgery.cut(model, cuts, example))
     dynamic = dynamic_shapes(example)
-    result.export_s = _median_time(
+    result.export_s, result.export_cpu = _median_time(
         lambda: torch.export.export(model, example.args, example.kwargs, dynamic_shapes=dynamic, strict=False)
     )
     result.wider = _grow(family.name, model, example, "net2wider", result)
@@ -361,8 +361,10 @@ def main() -> None:
         console.print(f"{family.name}: {time.perf_counter() - start:.1f} s", highlight=False)
     table = Table(title="transformer families: cut at every layer, grow (float32, eval)", header_style="bold")
     columns = ("model", "tracer", "layers", "exact", "called like the model", "other length", "cut s", "export s")
-    for column in (*columns, "cut/export", "net2wider", "net2deeper"):
-        table.add_column(column, justify="right" if column in ("layers", "cut s", "export s", "cut/export") else "left")
+    for column in (*columns, "cut/export (cpu)", "net2wider", "net2deeper"):
+        table.add_column(
+            column, justify="right" if column in ("layers", "cut s", "export s", "cut/export (cpu)") else "left"
+        )
     for name, r in results.items():
         ratio = r.cut_s / r.export_s if r.export_s else float("nan")
         table.add_row(
@@ -374,7 +376,7 @@ def main() -> None:
             r.other,
             f"{r.cut_s:.2f}",
             f"{r.export_s:.2f}",
-            f"{ratio:.2f}",
+            f"{ratio:.2f} ({r.cut_cpu / r.export_cpu if r.export_cpu else float('nan'):.2f})",
             r.wider,
             r.deeper,
         )
@@ -383,12 +385,14 @@ def main() -> None:
         for note in r.notes:
             console.print(f"[yellow]{name}[/] {note}", highlight=False)
     ratios = [r.cut_s / r.export_s for r in results.values() if r.export_s]
+    cpu_ratios = [r.cut_cpu / r.export_cpu for r in results.values() if r.export_cpu]
     print(
         json.dumps(
             {
                 "models": len(results),
                 "exact": sum(r.exact for r in results.values()),
                 "median_cut_over_capture": round(statistics.median(ratios), 3) if ratios else None,
+                "median_cut_over_capture_cpu": round(statistics.median(cpu_ratios), 3) if cpu_ratios else None,
                 "wider_preserves": sum(r.wider.startswith("ok") for r in results.values()),
                 "deeper_preserves": sum(r.deeper.startswith("ok") for r in results.values()),
                 "called_like_model": sum(r.called.startswith("yes") for r in results.values()),

@@ -15,6 +15,9 @@ JSON line) so one model's memory does not count for another's. Per model:
   ``grow_peak_over_params`` the same during growth alone (the peak is reset through
   ``/proc/self/clear_refs`` first; growth edits a copy, so it holds two models at once).
 
+Every time is wall-clock with the process's CPU seconds beside it (``*_cpu_s``, all threads),
+and the load average is recorded: on a shared machine the wall clock counts others' work too.
+
 The example is 2 sequences of 12 tokens (with a padded end) or 2 images.
 """
 
@@ -22,6 +25,7 @@ from __future__ import annotations
 
 import gc
 import json
+import os
 import re
 import statistics
 import subprocess
@@ -79,14 +83,15 @@ def _example(kind: str) -> Example:
     return Example((), {"input_ids": torch.randint(1, 256, (2, 12), generator=generator), "attention_mask": mask})
 
 
-def _timed(fn: Callable[[], Any]) -> float:
-    start = time.perf_counter()
+def timed(fn: Callable[[], Any]) -> tuple[float, float]:
+    """Wall-clock and CPU seconds (this process, all threads) of one call of ``fn``."""
+    wall, cpu = time.perf_counter(), time.process_time()
     fn()
-    return time.perf_counter() - start
+    return time.perf_counter() - wall, time.process_time() - cpu
 
 
-def _median(fn: Callable[[], Any], runs: int) -> float:
-    return statistics.median(_timed(fn) for _ in range(runs))
+def median_times(times: list[tuple[float, float]]) -> tuple[float, float]:
+    return statistics.median(t[0] for t in times), statistics.median(t[1] for t in times)
 
 
 def _first(value: Any) -> torch.Tensor:
@@ -95,16 +100,15 @@ def _first(value: Any) -> torch.Tensor:
 
 def _grow(model: torch.nn.Module, example: Example, op: Callable[[], torch.nn.Module]) -> dict[str, Any]:
     """Time ``op`` (a growth of ``model``), then check the grown model keeps the output."""
-    start = time.perf_counter()
+    grown: list[torch.nn.Module] = []
     try:
-        grown = op()
+        wall, cpu = timed(lambda: grown.append(op()))
     except Exception as e:  # noqa: BLE001 - a bench records failures instead of stopping
-        return {"s": round(time.perf_counter() - start, 2), "error": f"{type(e).__name__}: {str(e)[:200]}"}
-    seconds = time.perf_counter() - start
-    change = output_change(model, grown, example)
-    del grown
+        return {"s": None, "error": f"{type(e).__name__}: {str(e)[:200]}"}
+    change = output_change(model, grown[0], example)
+    grown.clear()
     gc.collect()
-    return {"s": round(seconds, 2), "preserves": change.max_abs <= TOLERANCE * change.scale}
+    return {"s": round(wall, 2), "cpu_s": round(cpu, 2), "preserves": change.max_abs <= TOLERANCE * change.scale}
 
 
 def measure(name: str) -> dict[str, Any]:
@@ -118,12 +122,18 @@ def measure(name: str) -> dict[str, Any]:
     example = _example(kind)
     depth = model.config.num_hidden_layers
     cuts = [f"{layers}.{i}" for i in range(depth - 1)]
-    first = _timed(lambda: surgery.cut(model, cuts, example))
-    runs = 1 if first > SLOW_S else 3
-    cut_s = statistics.median([first] + [_timed(lambda: surgery.cut(model, cuts, example)) for _ in range(runs - 1)])
+    load = os.getloadavg()[0]
+    first = timed(lambda: surgery.cut(model, cuts, example))
+    runs = 1 if first[0] > SLOW_S else 3
+    cut_s, cut_cpu = median_times([first] + [timed(lambda: surgery.cut(model, cuts, example)) for _ in range(runs - 1)])
     dynamic = dynamic_shapes(example)
-    export_s = _median(
-        lambda: torch.export.export(model, example.args, example.kwargs, dynamic_shapes=dynamic, strict=False), runs
+    export_s, export_cpu = median_times(
+        [
+            timed(
+                lambda: torch.export.export(model, example.args, example.kwargs, dynamic_shapes=dynamic, strict=False)
+            )
+            for _ in range(runs)
+        ]
     )
     gc.collect()
     peak_kib = _resident_kib("VmHWM")
@@ -141,12 +151,16 @@ def measure(name: str) -> dict[str, Any]:
         "cut_s": round(cut_s, 2),
         "export_s": round(export_s, 2),
         "cut_over_export": round(cut_s / export_s, 3),
+        "cut_cpu_s": round(cut_cpu, 2),
+        "export_cpu_s": round(export_cpu, 2),
+        "cut_over_export_cpu": round(cut_cpu / export_cpu, 3),
         "net2wider": {"at": mlp, **wider},
         "net2deeper": {"at": middle, **deeper},
         "peak_mib": round((peak_kib - base_kib) / 1024),
         "peak_over_params": round((peak_kib - base_kib) * 1024 / params, 3),
         "grow_peak_over_params": round((grow_peak_kib - base_kib) * 1024 / params, 3),
         "base_rss_mib": round(base_kib / 1024),
+        "load_average": [round(load, 2), round(os.getloadavg()[0], 2)],  # at the first cut, at the end
     }
 
 
@@ -171,7 +185,7 @@ def _line(name: str, m: dict[str, Any]) -> str:
         return f"{name}: FAILED {m['error']} ({m['wall_s']} s)"
     t = TARGETS
     grown = ", ".join(
-        f"{op} {m[op]['s']} s (target <= {t['grow_s']:g}; "
+        f"{op} {m[op]['s']} s, cpu {m[op].get('cpu_s')} s (target <= {t['grow_s']:g}; "
         + (m[op]["error"] if "error" in m[op] else "preserves" if m[op]["preserves"] else "OUTPUT MOVED")
         + ")"
         for op in ("net2wider", "net2deeper")
@@ -179,15 +193,17 @@ def _line(name: str, m: dict[str, Any]) -> str:
     return (
         f"{name} ({m['params'] / 1e6:.0f}M params, {m['param_bytes'] / 2**30:.2f} GiB, on {m['input']}): "
         f"cut at {m['cuts']} boundaries {m['cut_s']} s / export {m['export_s']} s = {m['cut_over_export']} "
-        f"(target <= {t['cut_over_export']}; median of {m['runs']}); {grown}; "
+        f"(target <= {t['cut_over_export']}; median of {m['runs']}; cpu {m['cut_cpu_s']} / {m['export_cpu_s']} s "
+        f"= {m['cut_over_export_cpu']}); {grown}; "
         f"peak {m['peak_mib']} MiB above imports = {m['peak_over_params']}x params (target <= "
-        f"{t['peak_over_params']}), during growth {m['grow_peak_over_params']}x; {m['wall_s']} s in all"
+        f"{t['peak_over_params']}), during growth {m['grow_peak_over_params']}x; {m['wall_s']} s in all, "
+        f"load average {m['load_average'][0]} -> {m['load_average'][1]} on {os.cpu_count()} cores"
     )
 
 
 def _summary(models: dict[str, Any]) -> dict[str, Any]:
     ok = [m for m in models.values() if "error" not in m]
-    grow = [m[op]["s"] for m in ok for op in ("net2wider", "net2deeper")]
+    grow = [m[op]["s"] for m in ok for op in ("net2wider", "net2deeper") if m[op]["s"] is not None]
     return {
         "real_size": True,
         "models": models,
