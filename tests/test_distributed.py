@@ -163,3 +163,45 @@ def test_torchrun_mutualnet_matches_one_process(tmp_path, synthetic_archive, dat
     # every setting recalibrated on the same images: global BatchNorm statistics over the ranks' halves
     e1, e2 = EvalResult.load(tmp_path / "one" / "eval.json"), EvalResult.load(tmp_path / "two" / "eval.json")
     assert [(r.name, r.top1) for r in e1.paths] == [(r.name, r.top1) for r in e2.paths]
+
+
+RECALIBRATE = """
+import sys, torch, torch.distributed as dist, torchvision
+from safetensors.torch import save_file
+import surgery
+dist.init_process_group("gloo")
+rank, world = dist.get_rank(), dist.get_world_size()
+torch.manual_seed(0)
+net = torchvision.models.resnet18(num_classes=10).double()
+batches = [torch.randn(8, 3, 16, 16, dtype=torch.float64) for _ in range(3)]
+halves = [b[rank * 8 // world : (rank + 1) * 8 // world] for b in batches]  # this rank's slice of each batch
+surgery.recalibrate_bn(net, halves)
+save_file({k: v for k, v in net.state_dict().items() if "running" in k}, f"{sys.argv[1]}/rank{rank}.safetensors")
+"""
+
+
+def test_recalibrate_bn_under_torchrun_equals_one_process_on_the_whole_batches(tmp_path) -> None:
+    """surgery.recalibrate_bn, each of 2 gloo ranks given its half of every batch: every rank ends with the
+    statistics one process computes on the whole batches (and not those of its own half)."""
+    import torchvision
+    from safetensors.torch import load_file
+
+    import surgery
+
+    (tmp_path / "recalibrate.py").write_text(RECALIBRATE)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    done = subprocess.run([*command, str(tmp_path / "recalibrate.py"), str(tmp_path)], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    torch.manual_seed(0)
+    net = torchvision.models.resnet18(num_classes=10).double()
+    batches = [torch.randn(8, 3, 16, 16, dtype=torch.float64) for _ in range(3)]
+    one = {k: v.clone() for k, v in surgery.recalibrate_bn(net, batches).state_dict().items() if "running" in k}
+    ranks = [load_file(tmp_path / f"rank{r}.safetensors") for r in (0, 1)]
+    assert_same_tensors(ranks[0], ranks[1])  # every rank holds the same statistics
+    assert ranks[0].keys() == one.keys() and len(one) == 2 * 20
+    for k in one:
+        assert torch.allclose(ranks[0][k], one[k], rtol=1e-12, atol=1e-12), k
+    half = surgery.recalibrate_bn(net, [b[:4] for b in batches]).state_dict()  # what a rank alone would find
+    assert not torch.allclose(half["layer4.1.bn2.running_var"], one["layer4.1.bn2.running_var"], rtol=0.1)

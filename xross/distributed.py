@@ -13,12 +13,13 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import warnings
 from collections.abc import Iterable
 
 import torch
 import torch.distributed as dist
 from torch import nn
+
+from surgery.batchnorm import distributed, global_batch_norm
 
 
 @dataclasses.dataclass
@@ -100,36 +101,16 @@ def sum_over_ranks(counts: torch.Tensor, info: DistInfo) -> torch.Tensor:
 class GlobalBatchNorm2d(nn.BatchNorm2d):
     """BatchNorm2d whose training statistics span every rank (works on CPU with gloo).
 
-    Two differentiable all-reduces per call: the sums (for the mean), then the squared
-    deviations (for the variance). Outside distributed training it is a plain BatchNorm2d.
+    Two differentiable all-reduces per call (:func:`surgery.batchnorm.global_batch_norm`). Outside
+    distributed training it is a plain BatchNorm2d.
     """
 
     surgery_leaf = True  # traced as one call, like the BatchNorm2d it replaces
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not (self.training and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        if not (self.training and distributed()):
             return super().forward(x)
-        with warnings.catch_warnings():  # deprecated in favour of functional collectives, which lack autograd here
-            warnings.simplefilter("ignore", FutureWarning)
-            from torch.distributed.nn.functional import all_reduce
-
-        c = x.shape[1]
-        count = torch.tensor([x.numel() / c], device=x.device, dtype=x.dtype)
-        total = all_reduce(torch.cat([x.sum(dim=(0, 2, 3)), count]))
-        n = total[-1]
-        mean = total[:c] / n
-        centred = x - mean.view(1, c, 1, 1)
-        var = all_reduce(centred.pow(2).sum(dim=(0, 2, 3))) / n
-        if self.track_running_stats and self.running_mean is not None and self.running_var is not None:
-            with torch.no_grad():
-                self.num_batches_tracked += 1
-                m = self.momentum if self.momentum is not None else 1.0 / float(self.num_batches_tracked)
-                self.running_mean.mul_(1 - m).add_(mean.detach(), alpha=m)
-                self.running_var.mul_(1 - m).add_(var.detach() * n / (n - 1), alpha=m)
-        y = centred * torch.rsqrt(var + self.eps).view(1, c, 1, 1)
-        if self.affine:
-            y = y * self.weight.view(1, c, 1, 1) + self.bias.view(1, c, 1, 1)
-        return y
+        return global_batch_norm(self, x)
 
 
 def globalise_batchnorm(model: nn.Module, device: torch.device) -> nn.Module:
