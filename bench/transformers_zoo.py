@@ -358,7 +358,12 @@ def main() -> None:
             results[family.name] = bench(family)
         except Exception as e:  # noqa: BLE001
             results[family.name] = Result(notes=[f"{type(e).__name__}: {str(e)[:300]}"])
-        console.print(f"{family.name}: {time.perf_counter() - start:.1f} s", highlight=False)
+        r = results[family.name]
+        console.print(
+            f"{family.name}: {time.perf_counter() - start:.1f} s; exact {'yes' if r.exact else 'NO'}, "
+            f"called like the model {r.called}, other length {r.other}, {len(r.notes)} notes",
+            highlight=False,
+        )
     table = Table(title="transformer families: cut at every layer, grow (float32, eval)", header_style="bold")
     columns = ("model", "tracer", "layers", "exact", "called like the model", "other length", "cut s", "export s")
     for column in (*columns, "cut/export (cpu)", "net2wider", "net2deeper"):
