@@ -147,3 +147,25 @@ def test_add_exits_trains_heads_on_a_frozen_cohort(tmp_path, cifar10_archive, da
     assert code == 2 and "already has exit heads" in err and len(err.strip().splitlines()) == 1
     code, _, err = finish(xross("anytime", str(base)))
     assert code == 2 and "retrain with --exits or run `xross add-exits" in err and len(err.strip().splitlines()) == 1
+
+
+def test_epochs_csv_has_every_exits_accuracy_per_evaluated_epoch(tmp_path, data_cache) -> None:
+    """One net in three parts with exits, evaluated every second epoch: epochs.csv gains a column per exit
+    (the first, unevaluated epoch's cells empty), equal to the final evaluation of the same weights."""
+    from xross.data.synthetic import write_synthetic
+    from xross.metrics import read_metrics
+    from xross.trainer import train
+
+    data = write_synthetic(tmp_path / "data", train_per_class=8, test_per_class=2, classes=("a", "b", "c"))
+    result = train(
+        nets=["growth.models:small_vgg(widths=[8, 16], image_size=32)"], cuts=["features.0", "features.1"],
+        mode="independent", exits=True, data=str(data),
+        batch_size=8, epochs=2, eval_every=2, cache_dir=str(data_cache), out=str(tmp_path / "run"), progress=False,
+    )  # fmt: skip
+    header = (tmp_path / "run" / "epochs.csv").read_text().splitlines()[0].split(",")
+    assert header == ["epoch", "global_step", "top1_net0", "top1_ensemble", "top1_exit_0", "top1_exit_0-0"]
+    first, second = read_metrics(tmp_path / "run", "epochs")
+    assert set(first) == {"epoch", "global_step"}  # not evaluated: empty cells
+    final = {f"top1_exit_{'-'.join(map(str, e.prefix))}": e.top1 for e in result.exits}
+    assert final.keys() == {"top1_exit_0", "top1_exit_0-0"}
+    assert {k: second[k] for k in final} == {k: float(f"{v:.6g}") for k, v in final.items()}

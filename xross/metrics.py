@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 import csv
+import io
 from pathlib import Path
 from typing import Any
 
+from surgery._util import atomic_write_text
+
 
 class MetricsLog:
-    """Appends rows to ``<name>.csv``; the header is the keys of the first row written.
+    """Appends rows to ``<name>.csv``; the header is the keys of the rows written, in order of first appearance
+    (a row with a new key, e.g. the first evaluated epoch after ``eval_every`` skipped some, widens the file;
+    a row without a key leaves its cell empty).
 
     On resume the existing files are cut back to the checkpoint's global step, so a
     resumed run's CSVs equal an uninterrupted run's.
@@ -30,10 +35,13 @@ class MetricsLog:
 
     def write(self, name: str, row: dict[str, Any], step: int) -> None:
         path = self._path(name)
-        new = not path.exists()
+        header = _header(path)
+        if header is not None and not set(row) <= set(header):
+            _widen(path, [*header, *(k for k in row if k not in header)])
+            header = _header(path)
         with open(path, "a", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=list(row))
-            if new:
+            w = csv.DictWriter(f, fieldnames=header or list(row), restval="")
+            if header is None:
                 w.writeheader()
             w.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()})
         if self.writer is not None:
@@ -58,6 +66,25 @@ class MetricsLog:
     def close(self) -> None:
         if self.writer is not None:
             self.writer.close()
+
+
+def _header(path: Path) -> list[str] | None:
+    """The column names of a CSV file; None when it does not exist or is empty."""
+    if not path.is_file():
+        return None
+    with open(path, newline="") as f:
+        return next(csv.reader(f), None)
+
+
+def _widen(path: Path, header: list[str]) -> None:
+    """Rewrite a CSV file under a wider ``header`` (the new columns empty in the rows already there)."""
+    with open(path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    text = io.StringIO(newline="")
+    w = csv.DictWriter(text, fieldnames=header, restval="")
+    w.writeheader()
+    w.writerows(rows)
+    atomic_write_text(path, text.getvalue())
 
 
 def read_metrics(run_dir: Path, name: str) -> list[dict[str, float]]:

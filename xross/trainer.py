@@ -208,6 +208,7 @@ class Trainer(RunEngine):
         result = self.evaluate(own)
         row = {f"top1_net{i}": result.own(i, self.cohort.num_parts).top1 for i in range(self.cohort.num_nets)}
         row["top1_ensemble"] = result.ensembles["nets"].top1
+        row.update({f"top1_exit_{'-'.join(map(str, e.prefix))}": e.top1 for e in result.exits})  # with --exits
         if self.config.cka_images:
             row.update(self.cka())
         return row
