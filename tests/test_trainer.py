@@ -136,6 +136,23 @@ def test_kd_from_a_saved_teacher_ensemble(tmp_path, cifar10_archive, data_cache)
         small_config(tmp_path / "b", cifar10_archive, data_cache, mode="kd")
 
 
+def test_one_net_learns_from_a_teacher_alone(tmp_path, cifar10_archive, data_cache) -> None:
+    """kd with a single student net: its own path learns from the teacher; nothing else is trained."""
+    vgg = "growth.models:small_vgg(widths=[8, 16], image_size=32)"
+    torch.manual_seed(0)
+    teacher = str(surgery.save(surgery.refs.load(vgg, num_classes=10), tmp_path / "teacher"))
+    cfg = small_config(tmp_path, cifar10_archive, data_cache, nets=[vgg], cuts=["features.0"], mode="kd",
+                       teacher=[teacher], subset=32, eval_subset=20, optimizer="sgd", lr=0.1)  # fmt: skip
+    trainer = Trainer(cfg, progress=False)
+    assert trainer.cohort.num_nets == 1 and trainer.cohort.paths() == [(0, 0)]
+    before = snapshot(trainer.cohort)
+    losses = trainer.train_step(*first_batch(trainer))
+    assert list(losses) == [0] and set(losses[0].terms) == {"ce", "kd"}
+    assert not params_equal(trainer.cohort, before)
+    result = trainer.fit()
+    assert [p.path for p in result.paths] == [(0, 0)] and result.split == "test"
+
+
 # --- long runs: interrupt and resume, damaged checkpoints, NaN stops, determinism -------------------------------------
 
 
