@@ -63,7 +63,8 @@ class RunConfig(FileModel):
     )
     # data
     data: str = Field(
-        "cifar10", description="cifar10 | cifar100 | ImageFolder directory | .tar/.tar.gz/.tar.xz archive of one"
+        "cifar10",
+        description="cifar10 | cifar100 | ImageFolder dir (train/; test/, else val/) | .tar/.tar.gz/.tar.xz of one",
     )
     subset: PositiveInt | None = Field(None, description="stratified subset of the training split")
     eval_subset: PositiveInt | None = Field(None, description="stratified subset of the evaluation split")
@@ -297,10 +298,8 @@ class TrainConfig(TeacherOptions, RunConfig):
                 raise ValueError("eval_widths should be fractions in (0, 1]")
             return self
         if len(self.nets) < 2 and self.mode in ("dml", "xml"):
-            raise ValueError(
-                f"mode {self.mode} learns from peers: give at least two nets in --nets (one net trains alone "
-                "with --mode independent, or kd with --teacher)"
-            )
+            alone = "one net trains alone with --mode independent, or kd with --teacher"
+            raise ValueError(f"mode {self.mode} learns from peers: give at least two nets in --nets ({alone})")
         given = [name for name in mutual if getattr(self, name) is not None]
         if given:
             raise ValueError(f"{given[0]} applies to --mode mutualnet only; drop it or set --mode mutualnet")
