@@ -203,12 +203,13 @@ def _line(name: str, m: dict[str, Any]) -> str:
 
 def _summary(models: dict[str, Any]) -> dict[str, Any]:
     ok = [m for m in models.values() if "error" not in m]
-    grow = [m[op]["s"] for m in ok for op in ("net2wider", "net2deeper") if m[op]["s"] is not None]
+    grown = [m[op] for m in ok for op in ("net2wider", "net2deeper") if m[op]["s"] is not None]
     return {
         "real_size": True,
         "models": models,
         "median_cut_over_export": round(statistics.median(m["cut_over_export"] for m in ok), 3) if ok else None,
-        "max_grow_s": max(grow) if grow else None,
+        "max_grow_s": max(g["s"] for g in grown) if grown else None,
+        "max_grow_cpu_s": max(g["cpu_s"] for g in grown) if grown else None,
         "max_peak_over_params": max(m["peak_over_params"] for m in ok) if ok else None,
         "max_grow_peak_over_params": max(m["grow_peak_over_params"] for m in ok) if ok else None,
         "targets": TARGETS,
