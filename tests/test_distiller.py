@@ -22,6 +22,7 @@ from xross.cli import app
 from xross.config import DistillConfig, load_config
 from xross.distiller import Distiller
 from xross.errors import XrossError
+from xross.evaluate import EvalResult
 from xross.run import load_student
 
 VGG = "growth.models:small_vgg"
@@ -138,7 +139,10 @@ def test_eval_best_export_of_a_distillation_run(xml_run, synthetic_archive, tmp_
 
     result = cli("xross", "eval", str(out))
     assert result.code == 0, result
-    assert "student - ensemble" in result.out and "mean softmax of the 4 teachers" in result.out
+    evaluated = EvalResult.load(out / "eval.json")  # (the table's cells wrap on a narrow terminal)
+    assert "student - ensemble" in result.out
+    assert [p.role for p in evaluated.paths] == ["student"] + ["teacher"] * 4
+    assert set(evaluated.ensembles) == {"teachers"}
     result = cli("xross", "best", str(out))
     assert result.code == 0 and result.out.startswith("the student"), result
     result = cli("xross", "export", str(out), "--out", str(tmp_path / "student"))
