@@ -172,10 +172,10 @@ def test_one_net_trains_resumes_and_evaluates_on_val(cli, tmp_path, data_cache) 
     r = cli("xross", *args, "--out", straight)
     assert r.code == 0, r
     out = " ".join(r.out.split())  # as one line: the table title may wrap
-    assert f"paths of {straight} (6 images of the val split)" in out and "resnet18 > resnet18" in out
+    assert f"paths of {straight} (6 images of the val split)" in out  # (the parts' names: in eval.json below)
     assert "ensembles" not in out  # one net: no ensemble to show
     result = EvalResult.load(straight / "eval.json")
-    assert result.split == "val" and [p.path for p in result.paths] == [(0, 0)]
+    assert result.split == "val" and [(p.path, p.name) for p in result.paths] == [((0, 0), "resnet18 > resnet18")]
 
     code, _, err = interrupt_after_steps(xross(*args, "--out", str(interrupted)), interrupted, steps=2)
     assert code == 130 and "--resume" in err, err
