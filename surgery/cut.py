@@ -11,7 +11,10 @@ True
 
 Every value still needed after a cut crosses it: a cut inside a residual block hands
 both the branch and the block input to the next piece (as a tuple, the cut node's
-value first), so nothing is recomputed and the result is bit-identical. The graph comes
+value first; after a module that returns several values, those values first, in its
+order), so nothing is recomputed and the result is bit-identical. Constants (an
+optional input left at its default) and sizes a crossing tensor holds stay inside
+the pieces (:mod:`surgery.boundary`): pieces hand over tensors. The graph comes
 from :func:`surgery.capture.capture` (torch.fx, or torch.export for models fx cannot
 trace): the first piece takes the same call as the model (keyword inputs such as
 ``input_ids=...`` included) and the last returns what the model returns (a Hugging Face
@@ -32,13 +35,14 @@ from torch.fx._lazy_graph_module import _LazyGraphModule
 from torch.fx.graph import CodeGen, _PyTreeCodeGen, _PyTreeInfo
 
 from surgery._util import evaluating
+from surgery.boundary import boundary, guard_defaults, receive, returned_order
 from surgery.capture import Capture, capture
 from surgery.errors import SurgeryError, running_on
 from surgery.flops import count_flops, count_params
 from surgery.inputs import Example, InputSpec
 from surgery.names import GraphIndex
 from surgery.recipe import Recipe, recipe_of
-from surgery.specs import ValueSpec, format_specs, specs_of
+from surgery.specs import ValueSpec, format_specs, graph_specs, specs_of
 from surgery.tracing import LeafSpec
 
 META_KEY = "surgery"
@@ -121,7 +125,8 @@ class Pieces(nn.Module):
 
     ``pieces[i]`` is the i-th piece (an ``nn.Module``), ``pieces[i:j]`` a ``Pieces``
     of the range. A boundary that holds several values is passed on as a tuple and
-    received as positional arguments.
+    received as positional arguments. ``pieces.export(directory, format, ...)`` writes
+    them as ONNX or ``.pt2`` files (the method is :func:`surgery.export`, bound there).
     """
 
     def __init__(self, pieces: Sequence[nn.Module], cuts: Sequence[str] | None = None):
@@ -187,6 +192,23 @@ class Pieces(nn.Module):
                 info.out_specs = specs_of(out, info.out_arity)
         return self
 
+    def specs_from_graphs(self) -> bool:
+        """Record every boundary's specs from the values the graphs recorded (torch.export's), without a run.
+
+        Returns False, recording nothing, when some piece's graph does not carry them (fx
+        graphs carry no shapes; :meth:`infer_specs` runs an example through instead).
+        """
+        found = [
+            graph_specs(p.graph, piece_info(p).out_arity) if META_KEY in getattr(p, "meta", {}) else None
+            for p in self.pieces
+        ]
+        if any(f is None for f in found):
+            return False
+        for piece, (ins, outs) in zip(self.pieces, found):  # type: ignore[misc]
+            info = piece_info(piece)
+            info.in_specs, info.out_specs = ins, outs
+        return True
+
     def summary(self, *example: Any) -> list[PieceSummary]:
         """Per piece: input/output specs, parameters and forward FLOPs on ``example``."""
         ex = _as_example(example)
@@ -227,8 +249,9 @@ def cut(
         at: module paths (``"layer2"``, ``"features.7"``, a container such as
             ``"blocks"``) or node names (``"add_3"``), in graph order.
         example_input: optional input (a tensor, a tuple of positional inputs, a dict of
-            keyword inputs, or an :class:`~surgery.inputs.Example`) used to record the
-            shape of every boundary (``pieces.infos()[k].out_specs``); torch.export
+            keyword inputs, or an :class:`~surgery.inputs.Example`) whose boundary shapes
+            are recorded (``pieces.infos()[k].out_specs``: from the values a torch.export
+            graph records, else by running it through the pieces); torch.export
             captures on it.
         leaf_modules, concrete_args: passed to the fx front-end.
         tracer: ``"auto"`` (fx, fx with automatic leaves, torch.export), ``"fx"`` or ``"export"``.
@@ -258,7 +281,7 @@ def cut(
     pieces = _pieces(model, cap, index, positions, names, leaf_modules)
     result = Pieces(pieces, names)
     example = example if example is not None else cap.example
-    if example is not None:
+    if example is not None and not result.specs_from_graphs():
         result.infer_specs(example)
     return result
 
@@ -277,7 +300,8 @@ def _pieces(
     inputs = tuple(cap.example.specs()) if cap.tracer == "export" and cap.example is not None else ()
     origin_recipe = recipe_of(model)
     pieces = []
-    for k, (g, ins, outs) in enumerate(split_graph(index, positions)):
+    firsts = [returned_order(model, cap.example, index, name) or [index.nodes[p]] for name, p in zip(names, positions)]
+    for k, (g, ins, outs) in enumerate(split_graph(index, positions, firsts)):
         gm = _LazyGraphModule(cap.root, g, class_name="Piece")  # its code is generated when first run
         gm.train(model.training)
         gm.meta[META_KEY] = PieceInfo(
@@ -314,39 +338,41 @@ class _OutputsOnly(_PyTreeCodeGen):
 
 
 def split_graph(
-    index: GraphIndex, positions: Sequence[int]
+    index: GraphIndex, positions: Sequence[int], firsts: Sequence[Sequence[fx.Node]] | None = None
 ) -> list[tuple[fx.Graph, list[fx.Node] | None, list[fx.Node] | None]]:
     """Split the indexed graph after each position: ``(graph, crossing-in, crossing-out)`` per piece.
 
     Piece k holds the nodes in ``(positions[k-1], positions[k]]`` in their original
     order (so in-place ops keep their order); ``get_attr`` nodes are re-created in
     every piece that reads them. The first piece keeps the graph's way of taking its
-    inputs and the last its way of returning outputs.
+    inputs and the last its way of returning outputs. What crosses each cut is its
+    :func:`~surgery.boundary.boundary` (``firsts[k]`` leading; default: the cut node):
+    constants and sizes a crossing tensor holds stay inside the pieces.
     """
     nodes = index.nodes
     bounds = [-1, *positions, index.output_position]
-    crossing = [index.live_after(p, first=nodes[p]) for p in positions]
+    cuts = [boundary(index, p, firsts[i] if firsts else (nodes[p],)) for i, p in enumerate(positions)]
+    fixed = {n: v for b in cuts for n, v in b.constants.items() if n.op == "placeholder"}
     out: list[tuple[fx.Graph, list[fx.Node] | None, list[fx.Node] | None]] = []
     for k in range(len(bounds) - 1):
-        ins = crossing[k - 1] if k > 0 else None
-        outs = crossing[k] if k < len(positions) else None
+        ins = cuts[k - 1].values if k > 0 else None
+        outs = cuts[k].values if k < len(positions) else None
         g = fx.Graph()
         g._codegen = _codegen(index.graph._codegen, k == 0, k == len(bounds) - 2)
-        env: dict[fx.Node, fx.Node] = {}
-        for v in ins or ():
-            env[v] = g.placeholder(v.name)
+        env: dict[fx.Node, Any] = receive(g, cuts[k - 1]) if k > 0 else {}
 
-        def arg(a: fx.Node, g: fx.Graph = g, env: dict[fx.Node, fx.Node] = env) -> fx.Node:
-            got = env.get(a)
-            if got is None:  # a parameter or constant read in this piece
-                got = env[a] = g.get_attr(a.target)
-            return got
+        def arg(a: fx.Node, g: fx.Graph = g, env: dict[fx.Node, Any] = env) -> Any:
+            if a not in env:  # a parameter or constant read in this piece
+                env[a] = g.get_attr(a.target)
+            return env[a]
 
         for n in nodes[bounds[k] + 1 : bounds[k + 1] + 1]:
             if n.op != "get_attr":
                 new = g.create_node(n.op, n.target, fx.map_arg(n.args, arg), fx.map_arg(n.kwargs, arg), n.name, n.type)
                 new.meta = dict(n.meta)
                 env[n] = new
+        if k == 0:
+            guard_defaults(g, {env[n]: v for n, v in fixed.items()})
         if outs is not None:
             g.output(env[outs[0]] if len(outs) == 1 else tuple(env[v] for v in outs))
         out.append((g, ins, outs))

@@ -19,6 +19,7 @@ from torch.utils import _pytree as pytree
 from torch.utils.flop_counter import FlopCounterMode
 
 from surgery._util import evaluating
+from surgery.boundary import boundary
 from surgery.capture import capture
 from surgery.errors import running_on
 from surgery.inputs import Example
@@ -176,7 +177,7 @@ def cut_points(
         if p >= last_compute:
             continue
         n = index.nodes[p]
-        live = index.live_after(p)
+        live = boundary(index, p).values  # what crosses: constants and sizes a crossing tensor holds stay inside
         points.append(
             CutPoint(
                 name=name,

@@ -14,12 +14,27 @@ from __future__ import annotations
 from collections import defaultdict
 from dataclasses import dataclass, field
 from functools import cached_property
+from typing import Any
 
+import torch.utils._pytree as pytree
 from torch import fx
 
 from surgery.errors import SurgeryError, did_you_mean
 
 _SKIP_OPS = ("placeholder", "output", "get_attr")
+RETURNED = "surgery_returned"  # node.meta key: {module path: index of this node's value in what that module returned}
+
+
+def mark_returned(value: Any, path: str) -> None:
+    """Record, on each traced value in ``value`` (what the module at ``path`` returned), its place in it.
+
+    The fx front-end calls it after each module call, so a cut after a module that
+    returns several values hands them over in the module's own order.
+    """
+    leaves = pytree.tree_leaves(value)
+    for i, leaf in enumerate(leaves):
+        if isinstance(leaf, fx.Proxy):
+            leaf.node.meta.setdefault(RETURNED, {}).setdefault(path, i)
 
 
 @dataclass
@@ -103,6 +118,11 @@ class GraphIndex:
         """For each position, the position of its last user (or itself when unused)."""
         pos = self.position
         return [max((pos[u] for u in n.users), default=i) for i, n in enumerate(self.nodes)]
+
+    def returned(self, name: str) -> list[fx.Node]:
+        """The values the module ``name`` returned, in its order, where the front-end recorded them (fx); else []."""
+        marked = [n for n in self.nodes if name in n.meta.get(RETURNED, {})]
+        return sorted(marked, key=lambda n: n.meta[RETURNED][name])
 
     def live_after(self, p: int, first: fx.Node | None = None) -> list[fx.Node]:
         """Values computed at or before ``p`` and still used after it (``first`` leads; then graph order).

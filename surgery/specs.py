@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from torch import fx
 
 
 @dataclass(frozen=True)
@@ -26,6 +27,28 @@ class ValueSpec:
             return cls("tensor", tuple(value.shape[1:]), str(value.dtype).removeprefix("torch."))
         return cls(type(value).__name__)
 
+    @classmethod
+    def of_meta(cls, val: Any) -> ValueSpec | None:
+        """The spec of a value a graph recorded (torch.export's ``meta['val']``: fake tensors, SymInts), if known.
+
+        Symbolic sizes read as the sizes of the input the graph was captured on.
+
+        >>> ValueSpec.of_meta(torch.empty(2, 3, 4, device="meta"))
+        ValueSpec(kind='tensor', shape=(3, 4), dtype='float32')
+        >>> ValueSpec.of_meta(object()) is None
+        True
+        """
+        if isinstance(val, torch.Tensor):
+            shape = tuple(_hint(d) for d in val.shape[1:])
+            if any(d is None for d in shape):
+                return None
+            return cls("tensor", shape, str(val.dtype).removeprefix("torch."))  # type: ignore[arg-type]
+        if isinstance(val, (torch.SymInt, torch.SymFloat, torch.SymBool)):
+            return cls(type(val).__name__.removeprefix("Sym").lower())
+        if val is None or isinstance(val, (bool, int, float, str)):
+            return cls.of(val)
+        return None
+
     @property
     def is_tensor(self) -> bool:
         return self.kind == "tensor"
@@ -44,6 +67,14 @@ class ValueSpec:
         return cls(d["kind"], tuple(shape) if shape is not None else None, d.get("dtype"))
 
 
+def _hint(size: Any) -> int | None:
+    """A (symbolic) size as the int it had on the captured input (None when it has no such value)."""
+    if isinstance(size, torch.SymInt):
+        hint = size.node.hint
+        return int(hint) if hint is not None else None
+    return int(size)
+
+
 def specs_of(value: Any, arity: int) -> tuple[ValueSpec, ...]:
     """Specs of a boundary value that holds ``arity`` values (a tuple when arity > 1)."""
     values = value if arity > 1 else (value,)
@@ -54,3 +85,29 @@ def format_specs(specs: tuple[ValueSpec, ...] | None) -> str:
     if specs is None:
         return "?"
     return ", ".join(map(str, specs))
+
+
+def _recorded(node: Any) -> ValueSpec | None:
+    """The spec of what ``node`` (an fx node, or a constant in its place) holds, from its recorded value."""
+    if not isinstance(node, fx.Node):
+        return ValueSpec.of(node)
+    return ValueSpec.of_meta(node.meta["val"]) if "val" in node.meta else None
+
+
+def graph_specs(graph: fx.Graph, out_arity: int) -> tuple[tuple[ValueSpec, ...], tuple[ValueSpec, ...]] | None:
+    """A piece's input and output specs from the values its graph's nodes recorded (None where one is missing).
+
+    Output specs: one per value a piece returns (``out_arity`` of them); the model's own
+    output structure (a ``ModelOutput``, say) is one value named by its type.
+    """
+    nodes = list(graph.nodes)
+    ins = [_recorded(n) for n in nodes if n.op == "placeholder"]
+    tree = getattr(getattr(graph._codegen, "pytree_info", None), "out_spec", None)
+    if tree is not None and not tree.is_leaf():
+        outs = [ValueSpec(tree.type.__name__)]
+    else:
+        returned = nodes[-1].args[0]
+        outs = [_recorded(v) for v in (returned if isinstance(returned, (tuple, list)) else [returned])]
+    if any(s is None for s in (*ins, *outs)) or len(outs) != out_arity:
+        return None
+    return tuple(ins), tuple(outs)  # type: ignore[arg-type]

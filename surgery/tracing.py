@@ -27,6 +27,7 @@ from torch import fx, nn
 
 from surgery._util import evaluating, first_line
 from surgery.errors import SurgeryError
+from surgery.names import mark_returned
 
 LeafSpec = str | type
 
@@ -57,11 +58,13 @@ class ScopedTracer(fx.Tracer):
 
     def call_module(self, m: nn.Module, forward: Any, args: Any, kwargs: Any) -> Any:
         try:
-            return super().call_module(m, forward, args, kwargs)
+            out = super().call_module(m, forward, args, kwargs)
         except Exception:
             if self.failed_in is None:  # the innermost module sees the error first
                 self.failed_in = (self.path_of_module(m), type(m).__name__)
             raise
+        mark_returned(out, self.path_of_module(m))
+        return out
 
 
 def _user_frame(tb: Any) -> str:

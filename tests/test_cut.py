@@ -161,3 +161,103 @@ def test_cut_order_and_repeats(r18: torch.nn.Module) -> None:
         surgery.cut(r18, ["layer2", "layer2"])
     with pytest.raises(surgery.SurgeryError, match="last piece empty"):
         surgery.cut(r18, ["fc"])
+
+
+# --- boundaries: what crosses a cut -----------------------------------------------------------------
+
+
+def _bert() -> torch.nn.Module:
+    import transformers
+
+    config = transformers.BertConfig(
+        vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64
+    )
+    return transformers.BertModel(config).eval()
+
+
+def _handed_over(pieces: surgery.Pieces, *args: object, **kwargs: object) -> list[tuple]:
+    """What each piece but the last returns, as a tuple of values, chaining the pieces on the given call."""
+    out, values = pieces[0](*args, **kwargs), []
+    for k in range(1, len(pieces)):
+        values.append(out if isinstance(out, tuple) else (out,))
+        out = pieces[k](*values[-1])
+    return values
+
+
+def test_constants_stay_inside_pieces_only_tensors_cross() -> None:
+    import timm
+
+    vit = timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=8, depth=4, num_classes=10).eval()
+    x = torch.randn(3, 3, 32, 32)
+    pieces = surgery.cut(vit, ["blocks.0", "blocks.2"])  # timm's blocks once handed over (x, None, False)
+    with torch.no_grad():
+        assert torch.equal(pieces(x), vit(x))
+        assert all(isinstance(v, torch.Tensor) for b in _handed_over(pieces, x) for v in b)
+    bert = _bert()
+    pieces = surgery.cut(bert, ["encoder.layer.0", "encoder.layer.1.attention"], torch.randint(1, 64, (2, 16)))
+    assert all(len(i.in_names) == len(i.in_specs) for i in pieces.infos())
+    for batch, length in [(2, 16), (3, 7)]:  # the batch size and length are read from the tensors that cross
+        ids = torch.randint(1, 64, (batch, length))
+        with torch.no_grad():
+            assert torch.equal(pieces(ids).last_hidden_state, bert(ids).last_hidden_state)
+            assert all(
+                isinstance(v, torch.Tensor) and v.shape[0] == batch for b in _handed_over(pieces, ids) for v in b
+            )
+
+
+def test_boundary_specs_come_from_the_graph_without_a_run(monkeypatch: pytest.MonkeyPatch) -> None:
+    bert = _bert()
+    ids = torch.randint(1, 64, (2, 10))
+    ran = surgery.cut(bert, "encoder.layer.0", ids).infer_specs(ids)
+    monkeypatch.setattr(surgery.Pieces, "infer_specs", lambda *a: pytest.fail("cut ran the example through"))
+    pieces = surgery.cut(bert, "encoder.layer.0", ids)
+    assert [(i.in_specs, i.out_specs) for i in pieces.infos()] == [(i.in_specs, i.out_specs) for i in ran.infos()]
+    assert [s.shape for s in pieces.infos()[0].out_specs] == [(10, 32), (1, 10, 10)]
+    assert pieces.infos()[1].out_specs[0].kind == "BaseModelOutputWithPoolingAndCrossAttentions"
+
+
+def _tuple_models() -> dict[str, tuple[torch.nn.Module, str, int]]:
+    """Small timm models whose blocks return several tensors: (model, block, image size)."""
+    from timm.models.crossvit import CrossVit
+    from timm.models.pit import PoolingVisionTransformer
+    from timm.models.tnt import TNT
+
+    return {
+        "crossvit": (  # blocks.0 returns [small, large]; captured by torch.export
+            CrossVit(img_size=48, patch_size=(8, 16), embed_dim=(16, 32), depth=((1, 1, 0), (1, 1, 0)),
+                     num_heads=(2, 2), mlp_ratio=(2, 2, 1), num_classes=10),
+            "blocks.0",
+            48,
+        ),
+        "tnt": (  # blocks.0 returns (pixel_embed, patch_embed); captured by fx
+            TNT(img_size=32, patch_size=8, embed_dim=32, inner_dim=8, depth=2, num_heads_outer=2,
+                num_heads_inner=2, num_classes=10),
+            "blocks.0",
+            32,
+        ),
+        "pit": (  # transformers.0 returns (x, cls_tokens)
+            PoolingVisionTransformer(img_size=32, patch_size=8, stride=4, base_dims=[8, 8], depth=[1, 1],
+                                     heads=[2, 2], mlp_ratio=2, num_classes=10),
+            "transformers.0",
+            32,
+        ),
+    }  # fmt: skip
+
+
+@pytest.mark.parametrize("name", ["crossvit", "tnt", "pit"])
+def test_a_module_returning_several_values_hands_them_over_in_its_order(name: str) -> None:
+    torch.manual_seed(0)
+    model, at, size = _tuple_models()[name]
+    model.eval()
+    x = torch.randn(2, 3, size, size)
+    returned: list = []
+    hook = model.get_submodule(at).register_forward_hook(lambda m, args, out: returned.append(out))
+    with torch.no_grad():
+        want = model(x)
+    hook.remove()
+    pieces = surgery.cut(model, at, x)
+    with torch.no_grad():
+        got = pieces[0](x)
+        assert isinstance(got, tuple) and len(got) >= len(returned[0]) >= 2
+        assert all(torch.equal(g, r) for g, r in zip(got, returned[0]))  # the module's values first, in its order
+        assert torch.equal(pieces(x), want) and pieces(torch.randn(3, 3, size, size)).shape == (3, 10)

@@ -196,3 +196,54 @@ def test_cli_export_end_to_end(cli, tmp_path: Path) -> None:
         assert r.code == 2 and message in r.err and len(r.err.strip().splitlines()) == 1, r
     r = cli("surgery", "export", tmp_path / "nowhere", "--out", tmp_path / "z")
     assert r.code == 2 and len(r.err.strip().splitlines()) == 1, r
+
+
+def _text_model(name: str) -> torch.nn.Module:
+    import transformers
+
+    if name == "bert":
+        config = transformers.BertConfig(
+            vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64
+        )
+        return transformers.BertModel(config).eval()
+    config = transformers.GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=64, n_positions=32)
+    return transformers.GPT2LMHeadModel(config).eval()
+
+
+@pytest.mark.parametrize("name,at,outputs", [("bert", "encoder.layer.0", ["last_hidden_state", "pooler_output"]),
+                                             ("gpt2", "transformer.h.0", ["logits"])])  # fmt: skip
+def test_keyword_input_pieces_export_to_onnx_named_after_their_inputs(
+    tmp_path: Path, name: str, at: str, outputs: list[str]
+) -> None:
+    model = _text_model(name)
+    ids, mask = torch.randint(1, 64, (2, 12)), torch.ones(2, 12, dtype=torch.int64)
+    mask[1, 8:] = 0
+    pieces = surgery.cut(model, at, {"input_ids": ids, "attention_mask": mask})
+    out = pieces.export(tmp_path / name, "onnx", example={"input_ids": ids, "attention_mask": mask})  # the method
+    entries = read_manifest(out)["pieces"]
+    assert [v["name"] for v in entries[0]["inputs"]] == ["input_ids", "attention_mask"]
+    assert [v["name"] for v in entries[-1]["outputs"]] == outputs  # the ModelOutput's keys, as tensors
+    assert all(e["exporter"] == "dynamo" for e in entries)  # its sizes stay dynamic (TorchScript would fix them)
+    ids, mask = torch.randint(1, 64, (3, 12)), torch.ones(3, 12, dtype=torch.int64)  # another batch size
+    mask[0, 5:] = 0
+    values = [ids.numpy(), mask.numpy()]
+    for entry in entries:
+        session = ort.InferenceSession(str(out / entry["file"]), providers=["CPUExecutionProvider"])
+        values = session.run(None, dict(zip([v["name"] for v in entry["inputs"]], values)))
+    with torch.no_grad():
+        want = model(input_ids=ids, attention_mask=mask)
+    for key, got in zip(outputs, values):
+        assert (torch.from_numpy(got) - want[key]).abs().max().item() <= 1e-4 * max(1.0, want[key].abs().max().item())
+
+
+def test_cut_timm_vit_and_bert_export_with_only_tensors_crossing(tmp_path: Path) -> None:
+    import timm
+
+    vit = timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=8, depth=2, num_classes=10).eval()
+    x = torch.randn(2, 3, 32, 32)
+    out = surgery.export(surgery.cut(vit, "blocks.0", x), tmp_path / "vit", "onnx")  # once: (x, None, False) crossed
+    assert [v["name"] for v in read_manifest(out)["pieces"][1]["inputs"]] == ["add_2"]
+    bert = _text_model("bert")
+    ids = torch.randint(1, 64, (2, 16))
+    out = surgery.cut(bert, "encoder.layer.0", ids).export(tmp_path / "bert", "pt2")  # the sizes stay inside
+    assert [v["shape"] for v in read_manifest(out)["pieces"][1]["inputs"]] == [[16, 32], [1, 16, 16]]

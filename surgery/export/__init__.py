@@ -40,7 +40,7 @@ from torch import nn
 from surgery._util import atomic_directory, evaluating
 from surgery.cut import Pieces
 from surgery.errors import SurgeryError
-from surgery.export.checks import CheckFailed, example_args, run_pieces, without_fused_attention
+from surgery.export.checks import CheckFailed, example_args, flat_outputs, run_pieces, without_fused_attention
 from surgery.export.manifest import FORMATS, describe_values, io_names, piece_entry, read_manifest, write_manifest
 from surgery.export.onnx import EXPORTERS, TOLERANCE, onnx_chain, onnx_opset, onnx_piece, require_onnx
 from surgery.export.pt2 import pt2_chain, pt2_piece
@@ -79,6 +79,14 @@ def export(
         ``directory`` as a :class:`~pathlib.Path`. Raises :class:`SurgeryError` (one
         line) on an unknown format, a non-empty directory, a piece that cannot be
         exported, or a check that fails; nothing is written then.
+
+    It is also a method of :class:`surgery.Pieces`, with the same arguments:
+
+    >>> import tempfile, torch, torchvision, surgery
+    >>> pieces = surgery.cut(torchvision.models.resnet18(num_classes=10).eval(), "layer2")
+    >>> out = pieces.export(tempfile.mkdtemp() + "/r18", "pt2", example=torch.randn(2, 3, 32, 32))
+    >>> sorted(p.name for p in out.iterdir())
+    ['piece0.pt2', 'piece1.pt2', 'pieces.json']
     """
     if format not in FORMATS:
         raise SurgeryError(f"unknown export format '{format}'; choose one of {', '.join(FORMATS)}")
@@ -87,7 +95,7 @@ def export(
     if format == "onnx":
         require_onnx()
     target = prepare_output_dir(directory, force)
-    seq = pieces if isinstance(pieces, Pieces) else Pieces([pieces])
+    seq = flat_outputs(pieces if isinstance(pieces, Pieces) else Pieces([pieces]))
     with evaluating(seq):
         args = example_args(seq, example)
         runs = [run_pieces(seq, args), run_pieces(seq, tuple(a[:1] for a in args))]  # the example, and one sample
@@ -125,6 +133,9 @@ def export(
         atomic_directory(target, fill)
     return target
 
+
+# ``pieces.export(directory, ...)``: bound here, where export lives (surgery.cut cannot import this package back)
+Pieces.export = export  # type: ignore[attr-defined]
 
 __all__ = [
     "CheckFailed",

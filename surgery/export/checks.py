@@ -12,8 +12,12 @@ from collections.abc import Iterator, Sequence
 from typing import Any
 
 import torch
+import torch.utils._pytree as pytree
+from torch import fx
+from torch.fx.graph import CodeGen
 
-from surgery.cut import Pieces, piece_info
+from surgery.capture import copy_graph
+from surgery.cut import META_KEY, Pieces, piece_info
 from surgery.errors import SurgeryError, running_on
 from surgery.inputs import Example
 
@@ -49,15 +53,35 @@ def batched(values: Sequence[Any], what: str) -> Values:
     return tuple(values)
 
 
+def _positional(pieces: Pieces, example: Example) -> tuple[Any, ...]:
+    """An example's inputs in the order the first piece takes them (keyword inputs by their names)."""
+    names = piece_info(pieces[0]).in_names
+    given = dict(zip(names, example.args))
+    unknown = [k for k in example.kwargs if k not in names[len(example.args) :]]
+    if unknown:
+        raise SurgeryError(
+            f"the first piece takes no input '{unknown[0]}' (it takes {', '.join(names)}); name its inputs"
+        )
+    given.update(example.kwargs)
+    missing = [n for n in names[: len(given)] if n not in given]
+    if missing:
+        raise SurgeryError(
+            f"the example gives {', '.join(example.kwargs)} but not '{missing[0]}' before them; "
+            f"exported pieces take their inputs in the order {', '.join(names)}: give '{missing[0]}' too"
+        )
+    return tuple(given[n] for n in names[: len(given)])
+
+
 def example_args(pieces: Pieces, example: Any) -> Values:
-    """The tracing example: the given one (or random, from the recorded input specs), at batch size >= 2."""
+    """The tracing example: the given one (or random, from the recorded input specs), at batch size >= 2.
+
+    Keyword inputs (an :class:`~surgery.inputs.Example` or a dict) are put in the order
+    the first piece takes them, so an exported piece's inputs are named after them.
+    """
+    if isinstance(example, dict):
+        example = Example((), dict(example))
     if isinstance(example, Example):
-        if example.kwargs:
-            raise SurgeryError(
-                "export takes pieces called with positional inputs; these take keyword inputs "
-                f"({', '.join(example.kwargs)})"
-            )
-        example = example.args
+        example = _positional(pieces, example)
     if example is None:
         specs = piece_info(pieces[0]).in_specs
         if not specs or not all(s.is_tensor and s.shape is not None for s in specs):
@@ -90,6 +114,53 @@ def without_fused_attention() -> Iterator[None]:
         yield
     finally:
         torch.backends.mha.set_fastpath_enabled(enabled)
+
+
+def _flat_piece(piece: fx.GraphModule, names: Sequence[str]) -> fx.GraphModule:
+    """A copy of the last piece returning its outputs as a flat tuple, named by where they sat (a ModelOutput's keys).
+
+    Exported files return tensors, not a ``ModelOutput`` or a dict: ``logits`` stays the
+    name of the logits. The copy shares the piece's parameters.
+    """
+    graph = copy_graph(piece.graph)
+    graph._codegen = CodeGen()
+    output = next(n for n in reversed(graph.nodes) if n.op == "output")
+    leaves = pytree.tree_leaves(output.args[0])
+    output.args = (tuple(leaves) if len(leaves) > 1 else leaves[0],)
+    flat = fx.GraphModule(piece, graph, class_name="Piece")
+    flat.train(piece.training)
+    flat.meta[META_KEY] = dataclasses.replace(piece_info(piece), out_names=tuple(names), out_specs=None)
+    return flat
+
+
+def _key_name(path: tuple[Any, ...]) -> str:
+    """``['logits']`` -> ``logits``, ``[0][1]`` -> ``output.0.1``: an ONNX-safe name of a place in an output."""
+    parts = [str(getattr(k, "key", getattr(k, "idx", getattr(k, "name", k)))) for k in path]
+    name = ".".join(parts)
+    return f"output.{name}" if not parts or parts[0].isdigit() else name
+
+
+def output_names(piece: Any) -> list[str] | None:
+    """Names of the values a cut piece's graph returns inside a structure (a ModelOutput, a dict); None otherwise."""
+    graph = getattr(piece, "graph", None)
+    if not isinstance(graph, fx.Graph) or piece_info(piece).out_arity != 1:
+        return None
+    output = next(n for n in reversed(graph.nodes) if n.op == "output")
+    codegen = graph._codegen
+    tree = getattr(getattr(codegen, "pytree_info", None), "out_spec", None)
+    structure = pytree.tree_unflatten(list(range(tree.num_leaves)), tree) if tree is not None else output.args[0]
+    paths = [path for path, _ in pytree.tree_flatten_with_path(structure)[0]]
+    if not paths or paths == [()]:
+        return None
+    return [_key_name(path) for path in paths]
+
+
+def flat_outputs(pieces: Pieces) -> Pieces:
+    """``pieces`` with the last one returning a flat tuple when its graph returns a structure (else as they are)."""
+    names = output_names(pieces[-1])
+    if names is None:
+        return pieces
+    return Pieces([*pieces.pieces[:-1], _flat_piece(pieces[-1], names)], pieces.cuts)
 
 
 def copies(values: Values) -> Values:

@@ -80,6 +80,7 @@ def _name_boundary(model: Any, ins: Sequence[str], outs: Sequence[str]) -> None:
 
 def _export_onnx(piece: nn.Module, args: Values, path: Path, exporter: str, verbose: bool) -> None:
     ins, outs = io_names(piece)
+    ins = ins[: len(args)]  # the first piece may take optional inputs the example does not give
     large = _state_bytes(piece) > PROTOBUF_LIMIT
     if exporter == "dynamo":
         batch = torch.export.Dim("batch")
@@ -102,12 +103,25 @@ def _export_onnx(piece: nn.Module, args: Values, path: Path, exporter: str, verb
         )
 
 
+def _exporters(piece: nn.Module) -> tuple[str, ...]:
+    """The exporters ``"auto"`` tries on ``piece``: dynamo alone for a torch.export graph that reads sizes as ints.
+
+    The TorchScript exporter traces such sizes (``aten.sym_size.int``) as the example's
+    numbers, so its file would refuse any other batch size or length.
+    """
+    graph = getattr(piece, "graph", None)
+    reads_sizes = isinstance(graph, torch.fx.Graph) and any(
+        n.target is torch.ops.aten.sym_size.int for n in graph.nodes
+    )
+    return ("dynamo",) if reads_sizes else PREFERRED
+
+
 def onnx_piece(
     k: int, piece: nn.Module, runs: Sequence[Run], path: Path, exporter: str, check: bool, verbose: bool
 ) -> tuple[str, float | None, Any]:
     """Export piece ``k`` to ``path`` (trying each exporter in turn); return (exporter, max diff, session)."""
     tried, loadable = [], False
-    for how in PREFERRED if exporter == "auto" else (exporter,):
+    for how in _exporters(piece) if exporter == "auto" else (exporter,):
         try:
             with quiet(verbose), without_fused_attention():
                 _export_onnx(piece, copies(runs[0].args[k]), path, how, verbose)
@@ -119,7 +133,11 @@ def onnx_piece(
         if not check:
             return how, None, session
         names = io_names(piece)[0]
-        diffs = [max_diff(_onnx_run(session, names, r.args[k]), r.outs[k]) for r in runs]
+        try:
+            diffs = [max_diff(_onnx_run(session, names, r.args[k]), r.outs[k]) for r in runs]
+        except Exception as e:  # the file loads but onnxruntime cannot run it (a size fixed at export, say)
+            tried.append(f"{how}: onnxruntime cannot run it ({reason(e)})")
+            continue
         worst = max(d for d, _ in diffs)
         if all(d <= TOLERANCE * s for d, s in diffs):
             return how, worst, session
