@@ -132,7 +132,7 @@ def print_table(t: Table, flops_on: CountedOn | None = None) -> None:
     """Print ``t``; with ``flops_on``, then the line naming the input its FLOPs were counted on.
 
     A table with FLOPs shows them per sample (:func:`surgery.flops.per_sample`) in a
-    column headed ``FLOPs/sample`` and passes the input they were counted on here, so
+    column headed ``FLOPs per sample`` and passes the input they were counted on here, so
     every command says the same thing the same way (:func:`surgery.flops.flops_note`).
     """
     console.print(t)

@@ -7,11 +7,14 @@ followed by the line :func:`flops_note` that names the input they were counted o
 >>> from surgery.inputs import Example
 >>> on = Example.parse(["2,3,64,64"])
 >>> FLOPS_COLUMN, per_sample(1.19e9, on)
-('FLOPs/sample', 595000000.0)
+('FLOPs per sample', 595000000.0)
 >>> flops_note(on)
-'FLOPs/sample: forward FLOPs per sample, counted on float32:2x3x64x64 and divided by its batch of 2'
+'FLOPs per sample: forward FLOPs counted on float32:2x3x64x64, divided by its batch of 2'
 >>> flops_note(Example.parse(["input_ids=int64:1,16", "attention_mask=int64:1,16"]))
-'FLOPs/sample: forward FLOPs per sample, counted on input_ids=int64:1x16, attention_mask=int64:1x16'
+'FLOPs per sample: forward FLOPs counted on input_ids=int64:1x16, attention_mask=int64:1x16'
+
+A sentence names its input the same way: ``74M FLOPs per sample on float32:1x3x32x32``
+(:func:`input_text`).
 """
 
 from __future__ import annotations
@@ -25,11 +28,12 @@ from torch.utils.flop_counter import FlopCounterMode
 from surgery._util import evaluating
 from surgery.inputs import Example, InputSpec
 
-FLOPS_COLUMN = "FLOPs/sample"
+FLOPS_COLUMN = "FLOPs per sample"
 """The header of every FLOPs column of the command-line tools' tables."""
 
-CountedOn = Example | Sequence[InputSpec]
-"""The input FLOPs were counted on: the example itself, or its specs (as a log or recipe records them)."""
+CountedOn = Example | Sequence[InputSpec] | str
+"""The input FLOPs were counted on: the example itself, or its specs (as a log or recipe records them), or
+the description of a batch-1 input whose shape varies by row (``"float32:1x3xRxR, R the row's resolution"``)."""
 
 
 def count_params(modules: nn.Module | Iterable[nn.Module]) -> int:
@@ -67,14 +71,19 @@ def parse_human(text: str) -> float:
     return float(text)
 
 
-def _specs(on: CountedOn) -> list[InputSpec]:
+def _specs(on: Example | Sequence[InputSpec]) -> list[InputSpec]:
     return on.specs() if isinstance(on, Example) else list(on)
 
 
 def batch_size(on: CountedOn) -> int:
-    """The batch size of an input: the leading dimension of its first tensor (1 when it has none)."""
-    specs = _specs(on)
+    """The batch size of an input: the leading dimension of its first tensor (1 when it has none, or for a text)."""
+    specs = [] if isinstance(on, str) else _specs(on)
     return specs[0].shape[0] if specs and len(specs[0].shape) > 1 else 1
+
+
+def input_text(on: CountedOn) -> str:
+    """The input FLOPs were counted on, shortly: ``float32:1x3x32x32``."""
+    return on if isinstance(on, str) else ", ".join(map(str, _specs(on))) or "no tensor input"
 
 
 def per_sample(flops: float, on: CountedOn) -> float:
@@ -84,8 +93,6 @@ def per_sample(flops: float, on: CountedOn) -> float:
 
 def flops_note(on: CountedOn) -> str:
     """The line printed under a table whose :data:`FLOPS_COLUMN` was counted on ``on`` (see the module doc)."""
-    specs = _specs(on)
-    batch = batch_size(specs)
-    described = ", ".join(map(str, specs)) or "no tensor input"
-    divided = f" and divided by its batch of {batch}" if batch > 1 else ""
-    return f"{FLOPS_COLUMN}: forward FLOPs per sample, counted on {described}{divided}"
+    batch = batch_size(on)
+    divided = f", divided by its batch of {batch}" if batch > 1 else ""
+    return f"{FLOPS_COLUMN}: forward FLOPs counted on {input_text(on)}{divided}"

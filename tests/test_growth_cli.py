@@ -43,8 +43,8 @@ def test_mutate_prints_the_change_and_saves(cli, tmp_path) -> None:
     assert r.code == 0, r
     assert "params 11.7M -> 11.8M (+111k)" in r.out and "max |Δ output|" in r.out
     guess = default_inputs(surgery.build_model("resnet18"))  # no --input: FLOPs per sample of growth's guess, named
-    assert f"FLOPs/sample {human(_per_sample(surgery.build_model('resnet18'), guess))} -> " in r.out
-    assert f"FLOPs/sample: forward FLOPs per sample, counted on {guess.describe()}" in r.out
+    assert f"FLOPs per sample {human(_per_sample(surgery.build_model('resnet18'), guess))} -> " in r.out
+    assert f"FLOPs per sample: forward FLOPs counted on {guess.describe()}" in r.out
     grown = surgery.load(out)
     assert grown.get_submodule("layer2.0.conv1").out_channels == 192
     r = cli("growth", "mutate", out, "--op", "add_skip", "--src", "layer1", "--dst", "layer2", "--out", out)
@@ -70,8 +70,8 @@ def test_mutate_prints_the_change_and_saves(cli, tmp_path) -> None:
     )
     assert r.code == 0, r
     four = Example.parse(["4,3,32,32"])
-    assert f"FLOPs/sample {human(_per_sample(grown, four))} -> " in r.out
-    assert "counted on float32:4x3x32x32 and divided by its batch of 4" in r.out
+    assert f"FLOPs per sample {human(_per_sample(grown, four))} -> " in r.out
+    assert "counted on float32:4x3x32x32, divided by its batch of 4" in r.out
     assert surgery.load(out).get_submodule("layer1.net2deeper0.0").kernel_size == (1, 1)
 
 
@@ -88,7 +88,7 @@ def test_random_then_replay_gives_the_same_network(cli, tmp_path) -> None:
     a, b = surgery.load(tmp_path / "a"), surgery.load(tmp_path / "b")
     assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
     assert "replay of" in r.out and "max |Δ output|" in r.out
-    assert f"FLOPs/sample: forward FLOPs per sample, counted on {default_inputs(a).describe()}" in r.out  # as logged
+    assert f"FLOPs per sample: forward FLOPs counted on {default_inputs(a).describe()}" in r.out  # as logged
     steps = [json.loads(line) for line in log.read_text().splitlines()]
     assert surgery.count_params(a) == steps[-1]["params_after"]
 

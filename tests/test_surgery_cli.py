@@ -12,9 +12,9 @@ from surgery.flops import human
 
 
 def _flops_per_sample(out: str, index: int) -> str:
-    """The FLOPs/sample cell of piece ``index`` in a printed pieces table."""
-    header = next(line for line in out.splitlines() if "FLOPs/sample" in line and "┃" in line)
-    column = [c.strip() for c in header.split("┃")].index("FLOPs/sample")
+    """The FLOPs per sample cell of piece ``index`` in a printed pieces table."""
+    header = next(line for line in out.splitlines() if "FLOPs per sample" in line and "┃" in line)
+    column = [c.strip() for c in header.split("┃")].index("FLOPs per sample")
     row = next(line for line in out.splitlines() if line.startswith(f"│ {index} "))
     return [c.strip() for c in row.split("│")][column]
 
@@ -37,7 +37,7 @@ def test_cli_cut_stitch_show(cli, tmp_path: Path) -> None:
     assert "max |pieces(x) - model(x)| = 0" in r.out and (tmp_path / "a" / "recipe.json").is_file()
     cut_flops = _flops_per_sample(r.out, 0)
     pieces_a, x = surgery.load(tmp_path / "a"), torch.randn(1, 3, 32, 32)
-    assert "FLOPs/sample: forward FLOPs per sample, counted on float32:1x3x32x32\n" in r.out
+    assert "FLOPs per sample: forward FLOPs counted on float32:1x3x32x32\n" in r.out
     r = cli(
         "surgery",
         "cut",
@@ -56,7 +56,7 @@ def test_cli_cut_stitch_show(cli, tmp_path: Path) -> None:
     assert r.code == 0, r
     # the same piece, counted on a batch of 2 here: the same FLOPs per sample, and the input named
     assert _flops_per_sample(r.out, 0) == cut_flops == human(surgery.count_flops(pieces_a[0], x))
-    assert "counted on float32:2x3x32x32 and divided by its batch of 2" in r.out
+    assert "counted on float32:2x3x32x32, divided by its batch of 2" in r.out
     hybrid = surgery.load(tmp_path / "h").eval()
     assert isinstance(hybrid[1], surgery.Adapter) and hybrid(torch.randn(1, 3, 32, 32)).shape == (1, 10)
     r = cli("surgery", "show", tmp_path / "h", "--out", tmp_path / "h.dot")

@@ -8,8 +8,11 @@ import pytest
 import torch
 
 import surgery
+from surgery.flops import human
 from xross.config import TrainConfig
 from xross.evaluate import EvalResult
+
+FLOPS_NOTE = "FLOPs per sample: forward FLOPs counted on float32:1x3x32x32"
 
 
 def test_train_eval_best_export_cli(cli, tmp_path, cifar10_archive, data_cache) -> None:
@@ -53,6 +56,7 @@ def test_train_eval_best_export_cli(cli, tmp_path, cifar10_archive, data_cache) 
 
     r = cli("xross", "eval", run)
     assert r.code == 0, r
+    assert f"{FLOPS_NOTE}\n" in r.out  # FLOPs per sample, on the input they were counted on, as every table says
     result = EvalResult.load(run / "eval.json")
     assert len(result.paths) == 4 and result.samples == 128
     assert set(result.ensembles) == {"nets", "all_paths"}
@@ -64,11 +68,12 @@ def test_train_eval_best_export_cli(cli, tmp_path, cifar10_archive, data_cache) 
     assert {p.path for p in fits} == {(1, 1), (0, 1)}  # resnet18's down half is the small one
     chosen = max(fits, key=lambda p: (p.top1, -p.params))
     assert r.code == 0 and f"best path {chosen.path[0]},{chosen.path[1]} " in r.out, r
+    assert f"{human(chosen.flops)} FLOPs per sample on float32:1x3x32x32" in r.out
     r = cli("xross", "best", run, "--max-params", "1M")
     assert r.code == 2 and "nothing fits the budget" in r.err
 
     r = cli("xross", "profile", run, "--repeats", "2", "--batch", "2")  # every path and piece timed
-    assert r.code == 0, r
+    assert r.code == 0 and FLOPS_NOTE in r.out, r
     latency = json.loads((run / "latency.json").read_text())["entries"]
     pieces = {f"part_n{i}_p{k}" for i in (0, 1) for k in (0, 1)}  # no adapters: 128 channels on both sides
     assert set(latency) == {p.name for p in result.paths} | pieces

@@ -21,11 +21,12 @@ from typing import Annotated, Any, Optional
 import typer
 
 import surgery
-from surgery.clikit import console, model_values, options_from_model, run_app, table, with_signature
-from surgery.flops import human, parse_human
+from surgery.clikit import console, model_values, options_from_model, print_table, run_app, table, with_signature
+from surgery.flops import FLOPS_COLUMN, CountedOn, human, input_text, parse_human
+from surgery.inputs import InputSpec
 from xross.anytime_report import AnytimeReport, best_point, deadline_choice
 from xross.cli_anytime import add_exits, anytime
-from xross.cli_common import NoVerifyOpt, RunArg, TrustOpt, opt, print_eval
+from xross.cli_common import NoVerifyOpt, RunArg, TrustOpt, flops_input, opt, print_eval
 from xross.cli_diagnose import diagnose_command, similarity_command
 from xross.cohort import parse_path
 from xross.config import DistillConfig, RunConfig, TrainConfig, config_from_options
@@ -198,16 +199,22 @@ def _print_distill_eval(result: EvalResult, run: Path) -> None:
                 "",
             )
         )
-    console.print(
+    print_table(
         table(
             f"distillation {run} ({result.counted_on()})",
-            ["role", "network", "top-1", "top-5", "params", "FLOPs"],
+            ["role", "network", "top-1", "top-5", "params", FLOPS_COLUMN],
             rows,
-        )
+        ),
+        flops_on=flops_input(run),
     )
     gap = distillation_gap(result)
     if gap is not None:
         console.print(f"student - ensemble: {gap:+.2f} top-1 points", highlight=False)
+
+
+def _flops_text(flops: float, on: CountedOn) -> str:
+    """``'1.82G FLOPs per sample on float32:1x3x224x224'``: a figure of a sentence, with its input (batch 1)."""
+    return f"{human(flops)} {FLOPS_COLUMN} on {input_text(on)}"
 
 
 def _results(run: Path) -> EvalResult:
@@ -247,9 +254,10 @@ def best(
         thresholds = ", ".join(f"{t:.3f}" if t <= 1 else "never" for t in point.thresholds)
         console.print(
             f"route {','.join(map(str, point.path))} with exit thresholds {thresholds}: top-1 {point.top1:.2f}% at "
-            f"{human(point.flops)} FLOPs per image on the test split (calibration: {point.calibration_top1:.2f}% at "
-            f"{human(point.calibration_flops)})",
+            f"a mean of {_flops_text(point.flops, flops_input(run))}, on the test split (calibration: "
+            f"{point.calibration_top1:.2f}% at {human(point.calibration_flops)})",
             highlight=False,
+            soft_wrap=True,
         )
         return
     results = _results(run)
@@ -260,8 +268,9 @@ def best(
         stop = "its end" if len(chosen.prefix) == len(chosen.path) else f"the exit after part {chosen.stage}"
         console.print(
             f"route {','.join(map(str, chosen.path))}, answering from {stop}: top-1 {chosen.accuracy:.2f}%, "
-            f"{chosen.ms:.2f} ms, {human(chosen.flops)} FLOPs",
+            f"{chosen.ms:.2f} ms, {_flops_text(chosen.flops, flops_input(run))}",
             highlight=False,
+            soft_wrap=True,
         )
         return
     latency = batch1_ms(run) if ml is not None else None
@@ -270,7 +279,12 @@ def best(
     r = best_path(results.paths, max_params=mp, max_flops=mf, max_latency=ml, latency=latency)
     what = {"student": "the student", "setting": "best setting"}.get(r.role, f"best path {','.join(map(str, r.path))}")
     ms = f", {latency[r.name]:.2f} ms" if latency else ""
-    console.print(f"{what} ({r.name}): top-1 {r.top1:.2f}%, {human(r.params)} params, {human(r.flops)} FLOPs{ms}")
+    on = [InputSpec(shape=[1, 3, r.resolution, r.resolution])] if r.resolution else flops_input(run)
+    console.print(
+        f"{what} ({r.name}): top-1 {r.top1:.2f}%, {human(r.params)} params, {_flops_text(r.flops, on)}{ms}",
+        highlight=False,
+        soft_wrap=True,
+    )
 
 
 @app.command()
@@ -329,7 +343,9 @@ def _export_setting(
 def _print_settings(result: EvalResult, run: Path) -> None:
     latency = batch1_ms(run)
     rows = [row_values(r, latency) for r in sorted(result.paths, key=lambda r: -r.flops)]
-    console.print(table(f"{run}: every width and resolution ({result.counted_on()})", COLUMNS, rows))
+    print_table(
+        table(f"{run}: every width and resolution ({result.counted_on()})", COLUMNS, rows), flops_on=flops_input(run)
+    )
 
 
 @app.command("table")
@@ -339,7 +355,7 @@ def query_table(run: RunArg) -> None:
     result = _results(run)
     latency = batch1_ms(run)
     rows = [row_values(r, latency) for r in query_rows(result.paths)]
-    console.print(table(f"{run}: query table ({result.counted_on()})", COLUMNS, rows))
+    print_table(table(f"{run}: query table ({result.counted_on()})", COLUMNS, rows), flops_on=flops_input(run))
     written = write_query_files(run, result.paths, latency)
     console.print(f"wrote {', '.join(str(p) for p in written)}", highlight=False)
 
@@ -361,8 +377,8 @@ def profile(
         (n, f"{e.ms_batch1:.2f}", f"{e.ms_batch:.1f}", spread_text(e), human(e.flops), human(e.params))
         for n, e in latency.entries.items()
     ]
-    columns = ["network", "ms (batch 1)", f"ms (batch {batch})", "spread", "FLOPs", "params"]
-    console.print(table(f"{run}: latency on {device}", columns, rows))
+    columns = ["network", "ms (batch 1)", f"ms (batch {batch})", "spread", FLOPS_COLUMN, "params"]
+    print_table(table(f"{run}: latency on {device}", columns, rows), flops_on=flops_input(run))
     console.print(SPREAD_NOTE.format(repeats=repeats), highlight=False)
     warn_if_unreliable(latency, run)
 

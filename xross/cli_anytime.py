@@ -10,10 +10,10 @@ from typing import Annotated, Optional
 
 import typer
 
-from surgery.clikit import console, table
-from surgery.flops import human
+from surgery.clikit import console, print_table, table
+from surgery.flops import FLOPS_COLUMN, human
 from xross.anytime_report import AnytimeReport, anytime_report, write_anytime_files
-from xross.cli_common import NoVerifyOpt, RunArg, TrustOpt, opt, print_eval
+from xross.cli_common import NoVerifyOpt, RunArg, TrustOpt, flops_input, opt, print_eval
 from xross.errors import XrossError
 from xross.latency import latency_table
 from xross.run import exit_heads_config, load_run
@@ -67,9 +67,9 @@ def _print_anytime(run: Path, report: AnytimeReport) -> None:
          human(b.mean_flops) if b.mean_flops is not None else "-", route(b.full_path), pct(b.full_path_top1))
         for b in report.budgets
     ]  # fmt: skip
-    columns = ["budget", "mean FLOPs", "route", "top-1", "spent (test)", "best full path", "its top-1"]
+    columns = ["budget", f"mean {FLOPS_COLUMN}", "route", "top-1", "spent (test)", "best full path", "its top-1"]
     title = f"budgeted batch classification (thresholds on {report.calibration_images} held-out images)"
-    console.print(table(title, columns, rows))
+    print_table(table(title, columns, rows), flops_on=flops_input(run))
     if report.wall_clock_answers:
         console.print(
             f"wall clock: {report.deadline_violations} of {report.wall_clock_answers} answers later than their "

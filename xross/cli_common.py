@@ -7,10 +7,12 @@ from typing import Annotated, Any
 
 import typer
 
-from surgery.clikit import console, table
-from surgery.flops import human
+from surgery.clikit import console, print_table, table
+from surgery.flops import FLOPS_COLUMN, CountedOn, human, per_sample
+from surgery.inputs import InputSpec
 from xross.cohort import Cohort
 from xross.evaluate import EvalResult, pareto_front
+from xross.run import is_mutualnet_run, run_config
 
 RunArg = Annotated[Path, typer.Argument(help="run directory written by `xross train` or `xross distill`")]
 
@@ -30,7 +32,16 @@ NoVerifyOpt = Annotated[
 ]
 
 
+def flops_input(run: Path) -> CountedOn:
+    """The input a run's FLOPs are counted on: one image of the run's size (a mutualnet run: of each row's)."""
+    if is_mutualnet_run(run):
+        return "float32:1x3xRxR, R the row's resolution"
+    side = run_config(run).image_size
+    return [InputSpec(shape=[1, 3, side, side])] if side else "float32:1x3xSxS, S the side of the run's images"
+
+
 def print_eval(cohort: Cohort, result: EvalResult, run: Path) -> None:
+    on = flops_input(run)
     front = {r.path for r in pareto_front(result.paths)}
     rows = [
         (
@@ -39,25 +50,33 @@ def print_eval(cohort: Cohort, result: EvalResult, run: Path) -> None:
             f"{r.top1:.2f}",
             f"{r.top5:.2f}",
             human(r.params),
-            human(r.flops),
+            human(per_sample(r.flops, on)),
             "*" if r.path in front else "",
         )
         for r in sorted(result.paths, key=lambda r: r.params)
     ]
-    console.print(
+    print_table(
         table(
             f"paths of {run} ({result.counted_on()})",
-            ["path", "parts", "top-1", "top-5", "params", "FLOPs", "pareto"],
+            ["path", "parts", "top-1", "top-5", "params", FLOPS_COLUMN, "pareto"],
             rows,
-        )
+        ),
+        flops_on=on,
     )
     ens = [(k, f"{v.top1:.2f}", f"{v.top5:.2f}") for k, v in result.ensembles.items()]
     if len(result.paths) > 1:  # one net alone: its ensembles are itself
         console.print(table("ensembles (mean softmax)", ["members", "top-1", "top-5"], ens))
     if result.exits:
         rows = [
-            ("-".join(map(str, e.prefix)), e.name, f"{e.top1:.2f}", f"{e.top5:.2f}", human(e.params), human(e.flops))
+            (
+                "-".join(map(str, e.prefix)),
+                e.name,
+                f"{e.top1:.2f}",
+                f"{e.top5:.2f}",
+                human(e.params),
+                human(per_sample(e.flops, on)),
+            )
             for e in result.exits
         ]
-        columns = ["after parts", "nets", "top-1", "top-5", "params", "FLOPs"]
-        console.print(table("exits (the head after the parts run so far)", columns, rows))
+        columns = ["after parts", "nets", "top-1", "top-5", "params", FLOPS_COLUMN]
+        print_table(table("exits (the head after the parts run so far)", columns, rows), flops_on=on)

@@ -25,14 +25,14 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from surgery._util import atomic_write_text
-from surgery.flops import human
+from surgery.flops import FLOPS_COLUMN, human
 from xross.errors import XrossError
 from xross.evaluate import PathResult, pareto_front
 from xross.plots import pyplot, save_png
 
 QUERY_CSV = "query.csv"
 QUERY_PNG = "query.png"
-COLUMNS = ["FLOPs", "network", "width", "resolution", "top-1", "top-5", "params", "latency ms"]
+COLUMNS = [FLOPS_COLUMN, "network", "width", "resolution", "top-1", "top-5", "params", "latency ms"]
 
 
 def query_rows(results: Sequence[PathResult]) -> list[PathResult]:
