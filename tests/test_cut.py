@@ -261,3 +261,18 @@ def test_a_module_returning_several_values_hands_them_over_in_its_order(name: st
         assert isinstance(got, tuple) and len(got) >= len(returned[0]) >= 2
         assert all(torch.equal(g, r) for g, r in zip(got, returned[0]))  # the module's values first, in its order
         assert torch.equal(pieces(x), want) and pieces(torch.randn(3, 3, size, size)).shape == (3, 10)
+
+
+def test_an_optional_input_fixed_at_its_default_stays_inside_and_other_values_are_refused() -> None:
+    import timm
+
+    vit = timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=8, depth=2, num_classes=10).eval()
+    gm = torch.fx.symbolic_trace(vit)  # a graph of the user's own: attn_mask=None, is_causal=False are inputs
+    pieces = surgery.cut(gm, "blocks.0")
+    x = torch.randn(2, 3, 32, 32)
+    assert piece_info(pieces[0]).out_names == ("add_2",)  # no longer (add_2, attn_mask, is_causal)
+    with torch.no_grad():
+        assert torch.equal(pieces(x), vit(x)) and torch.equal(pieces[1](pieces[0](x, None, False)), vit(x))
+        with pytest.raises(surgery.SurgeryError, match=r"take 'attn_mask' only at its default \(None\)") as e:
+            pieces[0](x, attn_mask=torch.zeros(2, 1, 17, 17, dtype=torch.bool))  # piece 1 could not see it
+    assert "\n" not in str(e.value)

@@ -20,7 +20,10 @@ dtype; the first dimension of every one is the batch, dynamic). Piece k+1 takes 
 k's outputs in order. Values are named after the fx values that cross the cut
 (:class:`surgery.cut.PieceInfo`), so a cut inside a residual block shows both the
 branch and the block input; a value a piece passes on untouched gets the suffix
-``.out`` on its way out (ONNX names a value once).
+``.out`` on its way out (ONNX names a value once). The first piece's inputs keep the
+model's names (``input_ids``, ``attention_mask``: give a keyword example as a dict); the
+last piece returns the tensors of the model's output structure, each named by its place
+(a ``ModelOutput``'s ``logits``).
 
 Before the directory appears, every piece is checked against PyTorch on the example
 and on a single sample (so the batch dimension is really dynamic): ONNX pieces in
@@ -64,7 +67,8 @@ def export(
         pieces: a :class:`surgery.Pieces` (cut pieces and adapters alike) or one module.
         directory: created atomically; a non-empty one is refused unless ``force``.
         format: ``"onnx"`` (needs ``pip install 'xross-surgery[onnx]'``) or ``"pt2"``.
-        example: an input of the first piece (tensor or tuple); default: random, from
+        example: an input of the first piece (tensor, tuple, or a dict or
+            :class:`~surgery.inputs.Example` of keyword inputs); default: random, from
             the input shape recorded when the pieces were cut. Any batch size; the
             exported batch dimension is dynamic.
         check: compare every piece, and the chain, with PyTorch before writing
