@@ -143,7 +143,7 @@ class Listing:
     payloads: list[bytearray | Path]  # the encoded bytes, or the file holding them
     labels: torch.Tensor
     classes: list[str]
-    split: str  # the split folder they were read from
+    split: str | None = None  # the split folder they were read from (None: a folder of images, no split)
 
 
 def is_image(name: str) -> bool:
