@@ -24,7 +24,7 @@ def test_two_vits_of_different_widths_build_with_token_adapters() -> None:
     cohort = Cohort.build([VIT.format(48), VIT.format(96)], cuts=["blocks.1"], num_classes=10, image_size=32)
     adapter = cohort.adapter(0, 0, 1)
     assert adapter is not None and isinstance(adapter.map, torch.nn.Linear) and adapter.map.weight.shape == (96, 48)
-    assert adapter.side_values == 2  # the blocks' attn_mask and is_causal pass through the stitch
+    assert adapter.side_values == 0  # the blocks' attn_mask (None) and is_causal stay inside the pieces: constants
     out = cohort.forward_paths(torch.randn(3, 3, 32, 32), cohort.paths())
     assert {p: tuple(v.shape) for p, v in out.items()} == {p: (3, 10) for p in cohort.paths()}
 
