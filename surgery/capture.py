@@ -52,7 +52,7 @@ class Capture:
     tracer: str  # "fx", "export", or "graph" for a GraphModule used as it is
     leaves: tuple[str, ...] = ()  # modules made leaves automatically
     notes: tuple[str, ...] = ()
-    example: Example | None = None  # the input export ran on (None under fx)
+    example: Example | None = None  # the input export ran on (a batch of 1 made 2; None under fx)
 
     def graph_module(self, class_name: str = "GraphModule") -> fx.GraphModule:
         """A GraphModule of a copy of the graph (the calling convention kept) over ``root``."""
@@ -76,6 +76,7 @@ def capture(
     leaf_modules: Sequence[LeafSpec] = (),
     concrete_args: dict[str, Any] | None = None,
     quiet: bool = False,
+    dynamic: bool = True,
 ) -> Capture:
     """Capture ``model``'s graph with the front-end ``tracer`` chooses (see the module doc).
 
@@ -87,6 +88,7 @@ def capture(
         tracer: ``"auto"``, ``"fx"`` or ``"export"``.
         leaf_modules, concrete_args: for fx (module paths or classes kept as one call).
         quiet: do not warn about automatic leaves and notes (they are in the result).
+        dynamic: torch.export leaves dimensions free (default) or fixes them at the example's sizes.
 
     Raises a one-line :class:`SurgeryError` when no front-end captures the model.
     """
@@ -96,7 +98,7 @@ def capture(
         raise SurgeryError(f"expected an nn.Module, got {type(model).__name__}")
     if isinstance(model, fx.GraphModule) and not leaf_modules and not concrete_args:
         return Capture(model, model.graph, "graph")
-    result = _capture(model, Example.of(example_input), tracer, leaf_modules, concrete_args)
+    result = _capture(model, Example.of(example_input), tracer, leaf_modules, concrete_args, dynamic)
     if not quiet:
         for message in result.notes:
             warnings.warn(message, stacklevel=3)
@@ -109,6 +111,7 @@ def _capture(
     tracer: str,
     leaf_modules: Sequence[LeafSpec],
     concrete_args: dict[str, Any] | None,
+    dynamic: bool = True,
 ) -> Capture:
     fx_error: SurgeryError | None = None
     if tracer in ("auto", "fx"):
@@ -127,7 +130,7 @@ def _capture(
             return Capture(model, graph, "fx", tuple(leaves), notes)
     example = example if example is not None else default_example(model)
     try:
-        gm, notes = export_graph(model, example)
+        gm, notes, example = export_graph(model, example, dynamic)
     except SurgeryError as e:
         if fx_error is None:
             raise

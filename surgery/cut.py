@@ -42,6 +42,7 @@ from surgery.flops import count_flops, count_params
 from surgery.inputs import Example, InputSpec
 from surgery.names import GraphIndex
 from surgery.recipe import Recipe, recipe_of
+from surgery.recut import RECUT_KEY, Recut, recut_of
 from surgery.specs import ValueSpec, format_specs, graph_specs, specs_of
 from surgery.tracing import LeafSpec
 
@@ -136,8 +137,16 @@ class Pieces(nn.Module):
         self.pieces = nn.ModuleList(pieces)
         self.training = all(p.training for p in pieces)
         self.cuts = list(cuts) if cuts is not None else [f"boundary{i}" for i in range(len(pieces) - 1)]
+        self._recut = recut_of(pieces)  # cuts the model again for calls the first piece's graph does not take
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
+        """The model's own call: the inputs the first piece takes, or others (see :mod:`surgery.recut`)."""
+        if self._recut is not None:
+            return self._recut.run(self, args, kwargs)
+        return self.run(*args, **kwargs)
+
+    def run(self, *args: Any, **kwargs: Any) -> Any:
+        """Run the pieces on their own graphs: the call must be one the first piece takes."""
         out = self.pieces[0](*args, **kwargs)
         for k in range(1, len(self.pieces)):
             out = self.pieces[k](*self._boundary_args(k, out))
@@ -241,6 +250,7 @@ def cut(
     leaf_modules: Sequence[LeafSpec] = (),
     concrete_args: dict[str, Any] | None = None,
     tracer: str = "auto",
+    dynamic: bool = True,
 ) -> Pieces:
     """Cut ``model`` after each named point: N names give N+1 pieces.
 
@@ -255,6 +265,8 @@ def cut(
             captures on it.
         leaf_modules, concrete_args: passed to the fx front-end.
         tracer: ``"auto"`` (fx, fx with automatic leaves, torch.export), ``"fx"`` or ``"export"``.
+        dynamic: torch.export leaves every dimension free where the model allows it; False
+            fixes them at the example's sizes (other sizes are then cut again when called).
 
     Returns:
         :class:`Pieces`; ``torch.equal(pieces(x), model(x))`` holds in eval mode.
@@ -264,7 +276,9 @@ def cut(
     if not names:
         raise SurgeryError("give at least one cut name (e.g. at='layer2')")
     example = Example.of(example_input)
-    cap = capture(model, example, tracer=tracer, leaf_modules=leaf_modules, concrete_args=concrete_args)
+    cap = capture(
+        model, example, tracer=tracer, leaf_modules=leaf_modules, concrete_args=concrete_args, dynamic=dynamic
+    )
     index = GraphIndex(cap.graph)
     positions = [index.resolve(name) for name in names]
     for (a, pa), (b, pb) in zip(zip(names, positions), zip(names[1:], positions[1:])):
@@ -279,6 +293,9 @@ def cut(
     if positions[-1] >= last_compute:
         raise SurgeryError(f"cutting at '{names[-1]}' leaves the last piece empty; cut earlier in the graph")
     pieces = _pieces(model, cap, index, positions, names, leaf_modules)
+    recut = None if concrete_args else Recut.of(model, cap, tracer, names, (*leaf_modules, *cap.leaves), cut)
+    for k, piece in enumerate(pieces if recut is not None else ()):
+        piece.meta[RECUT_KEY] = (recut, k)
     result = Pieces(pieces, names)
     example = example if example is not None else cap.example
     if example is not None and not result.specs_from_graphs():

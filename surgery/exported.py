@@ -2,7 +2,9 @@
 
 ``torch.export.export(model, args, kwargs, strict=False)`` records the model's aten ops
 on an example input, with every dimension free to vary where the model allows it
-(``Dim.AUTO``), so the graph accepts other batch sizes and sequence lengths. Each node
+(``Dim.AUTO``; of an image, its batch), so the graph accepts other batch sizes and
+sequence lengths; a note names each dimension export had to fix, and pieces called
+on sizes their graph does not take capture again for them (:mod:`surgery.recut`). Each node
 keeps the module path it was computed in (``meta['nn_module_stack']``), so module-path
 cut names mean what they mean under fx. Two adjustments make the graph behave like the
 model it came from:
@@ -27,6 +29,7 @@ from typing import Any
 import torch
 from torch import fx, nn
 from torch.export import Dim
+from torch.fx.experimental.symbolic_shapes import is_concrete_int
 
 from surgery._util import evaluating, first_line
 from surgery.errors import SurgeryError
@@ -52,11 +55,21 @@ def _cache_off(model: nn.Module, notes: list[str]) -> Iterator[None]:
             config.use_cache = had
 
 
+def free_dims(value: torch.Tensor) -> range:
+    """The dimensions of an input captured free: all of them, but only the batch of an image or feature map.
+
+    Free image sides cost torch.export minutes of symbolic reasoning on windowed models
+    (HF Swin: 140 s against 4 s with only the batch free); pieces called on another
+    image size capture again for it (:mod:`surgery.recut`).
+    """
+    return range(1) if value.is_floating_point() and value.dim() >= 3 else range(value.dim())
+
+
 def dynamic_shapes(example: Example) -> tuple[Any, ...] | dict[str, Any] | None:
-    """Every dimension of every tensor input free (``Dim.AUTO``); export keeps fixed what the model fixes."""
+    """The dimensions :func:`free_dims` names free (``Dim.AUTO``); export keeps fixed what the model fixes."""
 
     def dims(value: Any) -> Any:
-        return {i: Dim.AUTO for i in range(value.dim())} if isinstance(value, torch.Tensor) else None
+        return {i: Dim.AUTO for i in free_dims(value)} if isinstance(value, torch.Tensor) else None
 
     if example.kwargs and not example.args:
         return {k: dims(v) for k, v in example.kwargs.items()}
@@ -93,23 +106,44 @@ def _batch_of_two(example: Example) -> Example:
     return Example(tuple(two(a) for a in example.args), {k: two(v) for k, v in example.kwargs.items()})
 
 
-def export_graph(model: nn.Module, example: Example) -> tuple[fx.GraphModule, list[str]]:
-    """``model`` captured by torch.export on ``example``: a GraphModule sharing its parameters, and notes.
+def export_graph(model: nn.Module, example: Example, dynamic: bool = True) -> tuple[fx.GraphModule, list[str], Example]:
+    """``model`` captured by torch.export on ``example``: a GraphModule sharing its parameters, notes, the input.
 
-    Raises a one-line :class:`SurgeryError` when torch.export cannot capture it either.
+    ``dynamic``: every dimension free where the model allows it (a batch of 1 is made 2
+    first, the input returned), else every size fixed at the example's. A note names
+    each dimension export had to fix (:func:`fixed_dims`). Raises a one-line
+    :class:`SurgeryError` when torch.export cannot capture it either.
     """
     notes: list[str] = []
-    example = _batch_of_two(example)
-    dynamic = dynamic_shapes(example)
+    example = _batch_of_two(example) if dynamic else example
+    shapes = dynamic_shapes(example) if dynamic else None
     try:
         with _cache_off(model, notes), evaluating(model, grad=True), warnings.catch_warnings(), _quiet_torch():
             warnings.simplefilter("ignore")
-            program = torch.export.export(model, example.args, example.kwargs, dynamic_shapes=dynamic, strict=False)
+            program = torch.export.export(model, example.args, example.kwargs, dynamic_shapes=shapes, strict=False)
             gm = program.module()
     except Exception as e:  # noqa: BLE001 - export raises whatever the model's code raises
         raise SurgeryError(f"torch.export cannot capture {type(model).__name__} either: {first_line(e)}") from None
+    fixed = fixed_dims(gm) if shapes is not None else []
+    if fixed:
+        notes.append(
+            f"{type(model).__name__}: torch.export fixed {', '.join(fixed)} (the model's code needs it there); "
+            "the pieces capture again for each other size they are called with"
+        )
     _dropout_as_modules(gm)
-    return gm, notes
+    return gm, notes, example
+
+
+def fixed_dims(gm: fx.GraphModule) -> list[str]:
+    """``"input_ids dim 1 = 12"`` for each dimension captured free (:func:`free_dims`) that the graph holds fixed."""
+    out = []
+    for node in (n for n in gm.graph.nodes if n.op == "placeholder"):
+        value = node.meta.get("val")
+        if isinstance(value, torch.Tensor):
+            out += [
+                f"{node.name} dim {d} = {value.shape[d]}" for d in free_dims(value) if is_concrete_int(value.shape[d])
+            ]
+    return out
 
 
 def _dropout_as_modules(gm: fx.GraphModule) -> None:

@@ -180,25 +180,71 @@ def vocab_size(model: nn.Module) -> int | None:
 def default_example(model: nn.Module, batch: int = 1) -> Example:
     """An input ``model`` accepts, guessed from what it is: Hugging Face (by its main input), timm, or an image net.
 
-    Text models get ``input_ids`` and ``attention_mask`` of 16 tokens; vision models
+    Text models get ``input_ids`` of 16 tokens (and ``decoder_input_ids`` for
+    encoder-decoders), as they are called at their simplest; vision models
     ``pixel_values`` of their configured image size; speech models a second of audio
     (``input_values``) or log-mel features (``input_features``); everything else a
     224x224 image (299 for Inception v3), or the size timm's config names.
+    """
+    declared = declared_example(model, batch)
+    if declared is not None:
+        return declared
+    size = _image_size(model)
+    return Example((torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(0)),), {})
+
+
+def declared_example(model: nn.Module, batch: int = 1) -> Example | None:
+    """The input a model declares by its main input (Hugging Face's ``main_input_name``), else None.
+
+    >>> import torchvision
+    >>> declared_example(torchvision.models.resnet18()) is None
+    True
     """
     config = getattr(model, "config", None)
     main = getattr(model, "main_input_name", None)
     if config is not None and isinstance(main, str):
         return Example.from_specs(_hf_specs(model, config, main, batch), vocab_size(model))
-    size = _image_size(model)
-    return Example((torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(0)),), {})
+    return None
+
+
+def model_dtype(model: nn.Module) -> torch.dtype:
+    """The dtype of ``model``'s first floating-point parameter (float32 when it has none)."""
+    return next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+
+
+CANDIDATE_SIZES = (64, 32, 96, 224, 299)  # image sides tried for a net that declares no input, smallest cost first
+
+
+def candidate_examples(model: nn.Module, first_layer: nn.Module | None = None, batch: int = 2) -> list[Example]:
+    """Inputs to try, in order, when none is given: the declared one, else images (a Linear first layer: vectors).
+
+    ``first_layer`` is the layer the input goes to first (its channels or features set
+    the input's); the images are seeded random ``batch x C x S x S`` for S in
+    :data:`CANDIDATE_SIZES`, in the model's dtype.
+
+    >>> import torchvision
+    >>> [ex.describe() for ex in candidate_examples(torchvision.models.resnet18())][:2]
+    ['float32:2x3x64x64', 'float32:2x3x32x32']
+    """
+    declared = declared_example(model, batch)
+    if declared is not None:
+        return [declared]
+    dtype = model_dtype(model)
+    generator = torch.Generator().manual_seed(0)
+    if isinstance(first_layer, nn.Linear):
+        shapes = [(batch, first_layer.in_features)]
+    else:
+        channels = first_layer.in_channels if isinstance(first_layer, nn.Conv2d) else 3
+        shapes = [(batch, channels, s, s) for s in CANDIDATE_SIZES]
+    return [Example((torch.randn(s, generator=generator, dtype=dtype),), {}) for s in shapes]
 
 
 def _hf_specs(model: nn.Module, config: Any, main: str, batch: int) -> list[InputSpec]:
-    if main == "input_ids":
-        return [
-            InputSpec(name="input_ids", shape=[batch, 16], dtype="int64"),
-            InputSpec(name="attention_mask", shape=[batch, 16], dtype="int64"),
-        ]
+    if main == "input_ids":  # the model's minimal call: optional inputs (a mask) keep their defaults
+        specs = [InputSpec(name="input_ids", shape=[batch, 16], dtype="int64")]
+        if getattr(config, "is_encoder_decoder", False):
+            specs.append(InputSpec(name="decoder_input_ids", shape=[batch, 16], dtype="int64"))
+        return specs
     if main == "pixel_values":
         side = getattr(config, "image_size", 224)
         side = side if isinstance(side, int) else int(side[0])

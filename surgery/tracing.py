@@ -17,6 +17,7 @@ the problem.
 
 from __future__ import annotations
 
+import inspect
 import os
 import traceback
 from collections.abc import Sequence
@@ -110,6 +111,7 @@ def fx_graph(
     if not isinstance(model, nn.Module):
         raise SurgeryError(f"expected an nn.Module, got {type(model).__name__}")
     leaves: list[LeafSpec] = list(leaf_modules)
+    concrete_args = {**optional_defaults(model), **(concrete_args or {})} or None
     added: list[str] = []
     failed_classes: set[type] = set()
     while True:
@@ -128,6 +130,31 @@ def fx_graph(
             failed_classes.add(cls)
             leaves += new
             added += new
+
+
+_CONSTANT_TYPES = (type(None), bool, int, float, str)
+
+
+def optional_defaults(model: nn.Module) -> dict[str, Any]:
+    """The optional arguments of ``model.forward`` whose default is a constant (None, a bool, a number, a string).
+
+    fx traces them at their default, as the model runs when called without them: traced as
+    inputs instead, ``if mask is not None:`` would take the branch of a given mask (an
+    optional argument captured as given, then used as None). fx guards each fixed value.
+
+    >>> import timm
+    >>> optional_defaults(timm.create_model("hiera_tiny_224", embed_dim=8, stages=(1, 1, 1, 1), img_size=64))
+    {'mask': None}
+    """
+    try:
+        params = inspect.signature(model.forward).parameters.values()
+    except (TypeError, ValueError):
+        return {}
+    return {
+        p.name: p.default
+        for p in params
+        if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) and type(p.default) in _CONSTANT_TYPES
+    }
 
 
 def trace_graph(
