@@ -37,7 +37,7 @@ from surgery._util import first_line
 from surgery.capture import trace, traced_copy
 from surgery.channels import ChannelAnalysis, Shapes, analyze_channels, infer_shapes
 from surgery.errors import SurgeryError
-from surgery.inputs import Example, InputSpec, check_example_size
+from surgery.inputs import Example, InputSpec, check_example_size, declared_example
 from surgery.names import GraphIndex
 from surgery.recipe import extend_recipe
 
@@ -55,6 +55,8 @@ class Workbench:
             raise GrowthError(f"expected an nn.Module, got {type(model).__name__}")
         self.source = model
         self.example_input = Example.of(example_input)
+        # no example: the input the model declares (a text model's tokens), else image sizes are tried
+        self.guess = declared_example(model, batch=2) if self.example_input is None else None
         self.gm = (
             trace(model, example_input=self.example_input) if read_only else traced_copy(model, self.example_input)
         )
@@ -62,7 +64,7 @@ class Workbench:
     @cached_property
     def analysis(self) -> ChannelAnalysis:
         """Channel coupling of the graph as it was before this op's edits."""
-        return analyze_channels(self.gm, self.example_input)
+        return analyze_channels(self.gm, self.example_input if self.example_input is not None else self.guess)
 
     @property
     def shapes(self) -> Shapes:
@@ -198,7 +200,7 @@ def seeded(seed: int) -> Iterator[None]:
 
 def default_inputs(model: nn.Module, example_input: Any = None) -> Example:
     """What the ops check and measure on: ``example_input``, else a seeded random input of a size ``model`` runs on."""
-    given = Example.of(example_input)
+    given = Example.of(example_input) or declared_example(model, batch=2)
     return given if given is not None else infer_shapes(trace(model)).example
 
 

@@ -1,7 +1,7 @@
 """Shape inference for the channel analysis: a meta-device run gives every node's output shape.
 
 :func:`infer_shapes` runs a traced graph on meta tensors (shapes only, no arithmetic,
-parameters never copied), trying a few image sizes when no example input is given, and
+parameters never copied), trying the inputs :mod:`surgery.inputs` guesses when no example is given, and
 returns a :class:`Shapes`; :func:`describe_node` names a node the way error messages do.
 """
 
@@ -17,7 +17,7 @@ from torchvision.ops import StochasticDepth
 
 from surgery._util import evaluating, first_line
 from surgery.errors import SurgeryError
-from surgery.inputs import Example
+from surgery.inputs import Example, candidate_examples, model_dtype
 
 # modules that act on each value alone: the channels pass through them unchanged
 ELEMENTWISE_MODULES: tuple[type, ...] = (
@@ -46,7 +46,6 @@ _SHAPE_KEEPING_MODULES: tuple[type, ...] = (
     nn.GroupNorm,
     nn.PReLU,
 )
-_CANDIDATE_SIZES = (64, 32, 96, 224, 299)
 
 
 @dataclass(frozen=True)
@@ -97,22 +96,11 @@ class _MetaRun(fx.Interpreter):
         return out
 
 
-def _model_dtype(gm: nn.Module) -> torch.dtype:
-    return next((p.dtype for p in gm.parameters() if p.is_floating_point()), torch.float32)
-
-
-def _candidate_inputs(gm: fx.GraphModule, dtype: torch.dtype) -> list[Example]:
-    """Inputs to try for the first placeholder (the rest keep their defaults): images of a few sizes, or vectors."""
+def _first_layer(gm: fx.GraphModule) -> nn.Module | None:
+    """The layer the first input goes to first (its channels or features set the input's), if a module."""
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     first = next((u for p in placeholders[:1] for u in p.users if u.op == "call_module"), None)
-    layer = gm.get_submodule(str(first.target)) if first is not None else None
-    generator = torch.Generator().manual_seed(0)
-    if isinstance(layer, nn.Linear):
-        shapes = [(2, layer.in_features)]
-    else:
-        channels = layer.in_channels if isinstance(layer, nn.Conv2d) else 3
-        shapes = [(2, channels, s, s) for s in _CANDIDATE_SIZES]
-    return [Example((torch.randn(s, generator=generator, dtype=dtype),), {}) for s in shapes]
+    return gm.get_submodule(str(first.target)) if first is not None else None
 
 
 def _meta(value: Any, dtype: torch.dtype) -> Any:
@@ -125,12 +113,14 @@ def _meta(value: Any, dtype: torch.dtype) -> Any:
 def infer_shapes(gm: fx.GraphModule, example_input: Any = None) -> Shapes:
     """Shapes of every node from a meta-device run on ``example_input`` (shapes only are used).
 
-    Without an example, tries 2x3xSxS images for S in 64, 32, 96, 224, 299 (a Linear
-    first layer gets a 2xF vector) and keeps the first that runs.
+    Without an example, tries :func:`surgery.inputs.candidate_examples` (the model's
+    declared input, else 2x3xSxS images for S in 64, 32, 96, 224, 299, or a 2xF vector
+    for a Linear first layer) and keeps the first that runs; growth passes the declared
+    input of the model it traced (:class:`growth.graphedit.Workbench`).
     """
-    dtype = _model_dtype(gm)
+    dtype = model_dtype(gm)
     given = Example.of(example_input)
-    candidates = [given] if given is not None else _candidate_inputs(gm, dtype)
+    candidates = [given] if given is not None else candidate_examples(gm, _first_layer(gm))
     failure = ""
     for example in candidates:
         for real in (False, True):  # meta tensors first; real ones where an op reads values
