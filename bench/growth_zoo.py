@@ -103,9 +103,9 @@ RETRY: dict[str, tuple[str, dict[str, Any]]] = {"net2wider": ("give an integer f
 # Argument variants tried in order; a site joins with the first variant that applies there.
 VARIANTS: dict[str, list[dict[str, Any]]] = {
     "net2wider": [{}],
-    "net2deeper": [
-        {},
-        {"activation": None},
+    "net2deeper": [  # the identity layers (the kinds net2deeper lists with no kind given also include blocks)
+        {"kind": "conv"},
+        {"kind": "conv", "activation": None},
         {"kind": "linear"},
         {"kind": "linear", "activation": None, "batchnorm": False},
     ],

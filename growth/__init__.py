@@ -18,8 +18,8 @@ True
 from growth.branch import net2branch
 from growth.deeper import net2deeper
 from growth.kernel import widen_kernel
-from growth.mutation import MutationRecord, mutate, random_mutation, read_log, replay
-from growth.registry import OPS, GrowthOp, sites
+from growth.mutation import MutationRecord, mutate, random_mutation, read_log, replay, weights_digest
+from growth.registry import OPS, GrowthOp, Site, sites
 from growth.skip import add_skip
 from growth.wider import net2wider
 
@@ -35,6 +35,8 @@ __all__ = [
     "random_mutation",
     "read_log",
     "replay",
+    "Site",
     "sites",
+    "weights_digest",
     "widen_kernel",
 ]

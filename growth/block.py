@@ -103,7 +103,27 @@ _TRANSPARENT = {
     "flatten",
     "unflatten",
 }
-_RELUS = {F.relu, torch.relu, torch.ops.aten.relu.default, "relu", "relu_"}
+# the identity on non-negative values: after the sum they keep the copy the identity when the block's input is >= 0
+_RELUS = {
+    F.relu,
+    F.leaky_relu,
+    torch.relu,
+    torch.ops.aten.relu.default,
+    torch.ops.aten.leaky_relu.default,
+    "relu",
+    "relu_",
+}
+_RELU_MODULES = (nn.ReLU, nn.LeakyReLU)
+# norms called as functions (timm's BatchNormAct2d, LayerNorm2d), by the positions of their scale and shift
+_NORM_FUNCTIONS = {
+    F.batch_norm: (3, 4),
+    F.layer_norm: (2, 3),
+    F.group_norm: (2, 3),
+    torch.ops.aten.batch_norm.default: (1, 2),
+    torch.ops.aten.layer_norm.default: (2, 3),
+    torch.ops.aten.group_norm.default: (2, 3),
+    torch.ops.aten._native_batch_norm_legit_no_training.default: (1, 2),
+}
 _MULS = {operator.mul, operator.imul, torch.mul, torch.ops.aten.mul.Tensor, "mul", "mul_"}
 _AFFINE_FUNCTIONS = {
     torch.ops.aten.linear.default,
@@ -132,22 +152,27 @@ class _Block:
     def external(self, node: fx.Node) -> bool:
         return node not in self.inside
 
+    def through(self, value: object) -> object:
+        return _through(value, self.work, self.inside)
+
     def spine(self) -> tuple[fx.Node, list[fx.Node]]:
         """The block's input on the residual path and the branch values added to it (last first)."""
-        node, relu = _through(self.output), None
-        if _is(node, _RELUS) or (node.op == "call_module" and isinstance(self.work.module(node), nn.ReLU)):
-            node, relu = _through(node.args[0]), node
+        node, relu = self.through(self.output), None
+        if _is(node, _RELUS) or isinstance(self.work.module(node), _RELU_MODULES):
+            node, relu = self.through(node.args[0]), node
+        if isinstance(node, fx.Node) and self.external(node):
+            raise ValueError("its output is its input (it computes nothing to copy)")
         if not isinstance(node, fx.Node) or not _is(node, _ADDS):
             source = node.args[0] if isinstance(node, fx.Node) and node.args else None
-            if isinstance(source, fx.Node) and _is(_through(source), _ADDS):  # type: ignore[arg-type]
+            if isinstance(source, fx.Node) and _is(self.through(source), _ADDS):  # type: ignore[arg-type]
                 raise ValueError(
-                    f"{self.work.site_name(node)} follows its residual sum (post-norm): with zero branches the copy "
-                    "would re-normalise its input instead of passing it on"
+                    f"{self.work.site_name(node)} follows its residual sum ({_after_sum(self.work, node)}): with zero "
+                    "branches the copy would apply it to its input again instead of passing it on"
                 )
             raise ValueError(f"its output is not a residual sum but {self.work.site_name(node)}")
         branches = []
         while _is(node, _ADDS):
-            left, right = _through(node.args[0]), _through(node.args[1])
+            left, right = self.through(node.args[0]), self.through(node.args[1])
             spine_side = next((a for a in (left, right) if isinstance(a, fx.Node) and self._on_spine(a)), None)
             if spine_side is None:
                 raise ValueError("neither operand of its residual sum is its input")
@@ -161,7 +186,7 @@ class _Block:
     def _on_spine(self, node: fx.Node) -> bool:
         """Reaches the block input through residual sums (and value-preserving casts) only, or is it."""
         while True:
-            node = _through(node)
+            node = self.through(node)
             if self.external(node):
                 return True
             if not _is(node, _ADDS):
@@ -171,11 +196,29 @@ class _Block:
                 return False
 
 
-def _through(value: object) -> object:
-    """``value`` with value-preserving steps (casts, aliases, copies) stepped over backwards."""
-    while isinstance(value, fx.Node) and _is(value, _TRANSPARENT) and value.args and isinstance(value.args[0], fx.Node):
+def _through(value: object, work: Workbench, inside: set[fx.Node]) -> object:
+    """``value`` with value-preserving steps (casts, aliases, copies, ``nn.Identity``) of the block stepped over.
+
+    It stops at the first value computed outside the block (``inside``): the block's input.
+    """
+    while (
+        isinstance(value, fx.Node)
+        and value in inside
+        and (_is(value, _TRANSPARENT) or isinstance(work.module(value), nn.Identity))
+        and value.args
+        and isinstance(value.args[0], fx.Node)
+    ):
         value = value.args[0]
     return value
+
+
+def _after_sum(work: Workbench, node: fx.Node) -> str:
+    """What kind of step follows a residual sum that is not the block's output: a norm (post-norm) or another op."""
+    module = work.module(node)
+    norm = isinstance(module, (nn.modules.batchnorm._BatchNorm, nn.LayerNorm, nn.GroupNorm)) or (
+        node.op == "call_function" and node.target in _NORM_FUNCTIONS
+    )
+    return "post-norm" if norm else "not the identity on its input"
 
 
 def _is(node: fx.Node, table: set) -> bool:
@@ -220,6 +263,8 @@ def _zero_point(work: Workbench, branch: fx.Node) -> tuple[str, list[str]] | Non
                 return "parameters", [str(params[0].target)]
             node = next(a for a in node.args[:2] if isinstance(a, fx.Node))
             continue
+        if node.op == "call_function" and node.target in _NORM_FUNCTIONS:
+            return _norm_parameters(node)
         if node.op == "call_function" and node.target in _AFFINE_FUNCTIONS:
             params = [str(a.target) for a in node.args if isinstance(a, fx.Node) and a.op == "get_attr"]
             return ("parameters", params) if params else None
@@ -232,6 +277,21 @@ def _zero_point(work: Workbench, branch: fx.Node) -> tuple[str, list[str]] | Non
             continue
         return None
     return None
+
+
+def _norm_parameters(node: fx.Node) -> tuple[str, list[str]] | None:
+    """The scale and shift of a norm called as a function, to zero (its statistics stay); None if it has no scale."""
+    positions = _NORM_FUNCTIONS[node.target]  # type: ignore[index]
+    found = [
+        node.args[i] if len(node.args) > i else node.kwargs.get(name) for i, name in zip(positions, ("weight", "bias"))
+    ]
+    if not isinstance(found[0], fx.Node) or any(a is not None and not _is_attr(a) for a in found):
+        return None
+    return "parameters", [str(a.target) for a in found if isinstance(a, fx.Node)]
+
+
+def _is_attr(value: object) -> bool:
+    return isinstance(value, fx.Node) and value.op == "get_attr"
 
 
 def block_obstacle(work: Workbench, path: str) -> str | None:
@@ -250,7 +310,10 @@ def block_obstacle(work: Workbench, path: str) -> str | None:
                 "or scale to start at zero"
             )
     if block.relu_after is not None and negative_reasons(work.gm)[start] is not None:
-        return f"a ReLU follows its residual sum and its input can be negative ({negative_reasons(work.gm)[start]})"
+        return (
+            f"{work.site_name(block.relu_after)} (the identity only on values >= 0) follows its residual sum and "
+            f"its input can be negative ({negative_reasons(work.gm)[start]})"
+        )
     return None
 
 

@@ -12,6 +12,7 @@ and the measured max |change of the output|; ``--out`` saves the result with ``s
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 from collections.abc import Sequence
 from pathlib import Path
@@ -21,7 +22,7 @@ import typer
 from torch import nn
 
 from growth.errors import GrowthError
-from growth.graphedit import default_inputs, input_record
+from growth.graphedit import default_inputs, input_record, seeded
 from growth.mutation import MutationRecord, apply_step, mutate, read_log
 from growth.mutation import replay as replay_log
 from growth.registry import OPS, SITE_JOIN, get_op
@@ -117,11 +118,14 @@ def _print_steps(title: str, records: Sequence[MutationRecord], on: list[InputSp
         )
 
 
-def _start(model: str, out: Path | None, force: bool, num_classes: int | None, trust_code: bool) -> nn.Module:
-    """Refuse a non-empty --out before any work, then load MODEL."""
+def _start(
+    model: str, out: Path | None, force: bool, num_classes: int | None, trust_code: bool, seed: int | None = None
+) -> nn.Module:
+    """Refuse a non-empty --out before any work, then load MODEL (a built one's weights drawn from ``seed``)."""
     if out is not None:
         prepare_output_dir(out, force)
-    return load_model_arg(model, num_classes=num_classes, trust_code=trust_code)
+    with seeded(seed) if seed is not None else contextlib.nullcontext():
+        return load_model_arg(model, num_classes=num_classes, trust_code=trust_code)
 
 
 def _finish(
@@ -150,7 +154,9 @@ def sites(
     """List where OP applies in MODEL (module paths or fx node names; src->dst pairs for add_skip)."""
     net = load_model_arg(model, num_classes=num_classes, trust_code=trust_code)
     found = op_sites(net, op, _example(net, input))
-    listing = table(f"where {op} applies in {model}", ["#", "site"], list(enumerate(found)))
+    marks = sorted({k for s in found for k in getattr(s, "args", {})})  # net2deeper: which kind each site is
+    rows = [(i, s, *(str(getattr(s, "args", {}).get(k, "")) for k in marks)) for i, s in enumerate(found)]
+    listing = table(f"where {op} applies in {model}", ["#", "site", *marks], rows)
     listing.columns[1].overflow = "fold"
     console.print(listing)
     console.print(f"{op} applies at {len(found)} sites")
@@ -231,7 +237,9 @@ def mutate_command(
 def random_command(
     model: ModelArg,
     steps: Annotated[int, typer.Option(help="number of growth steps")] = 20,
-    seed: Annotated[int, typer.Option(help="seed of every random choice")] = 0,
+    seed: Annotated[
+        int, typer.Option(help="seed of every random choice, and of MODEL's weights when it is built (logged)")
+    ] = 0,
     log: Annotated[Optional[Path], typer.Option(help="JSONL log of the steps (replay it with `growth replay`)")] = None,
     ops: Annotated[
         Optional[str], typer.Option(help=f"comma-separated ops to draw from (default: {','.join(OPS)})")
@@ -243,10 +251,10 @@ def random_command(
     trust_code: TrustOpt = False,
 ) -> None:
     """Grow MODEL by STEPS random feasible ops, logging each step."""
-    net = _start(model, out, force, num_classes, trust_code)
+    net = _start(model, out, force, num_classes, trust_code, seed=seed)
     names = [o.strip() for o in ops.split(",") if o.strip()] if ops else None
     example = _step_input(net, input)
-    grown, records = mutate(net, steps, seed, log=log, example_input=example, ops=names)
+    grown, records = mutate(net, steps, seed, log=log, example_input=example, ops=names, base_seed=seed)
     if log is not None:
         console.print(f"logged to {log}")
     _finish(f"{steps} random growth steps of {model} (seed {seed})", records, example.specs(), grown, out, force)
@@ -261,9 +269,9 @@ def replay_command(
     num_classes: ClassesOpt = None,
     trust_code: TrustOpt = False,
 ) -> None:
-    """Re-apply every step of LOG to MODEL (same seeds, same network)."""
+    """Re-apply every step of LOG to MODEL (same seeds, same network; a built MODEL gets the logged weights' seed)."""
     steps = read_log(log)
-    net = _start(model, out, force, num_classes, trust_code)
+    net = _start(model, out, force, num_classes, trust_code, seed=steps[0].base_seed if steps else None)
     grown, records = replay_log(net, steps)
     on = next((c for c in map(_counted_on, steps) if c), None)  # a log of steps that name no input: growth's guess
     _finish(f"replay of {log} on {model}", records, on or default_inputs(net).specs(), grown, out, force)

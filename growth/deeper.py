@@ -34,7 +34,7 @@ from growth.block import block_obstacle, block_sites, insert_block_copy
 from growth.check import evaluating
 from growth.errors import GrowthError
 from growth.graphedit import Workbench, replay_of
-from growth.registry import MAX_KERNEL, GrowthOp, Proposal, not_applicable, register_op
+from growth.registry import MAX_KERNEL, GrowthOp, Proposal, Site, not_applicable, register_op
 from growth.signs import negative_reasons
 from surgery.recipe import register_replay
 
@@ -154,19 +154,24 @@ def deeper_obstacle(
 
 def deeper_sites(
     work: Workbench,
-    kind: str = "conv",
+    kind: str | None = None,
     groups: int = 1,
     batchnorm: bool = True,
     activation: str | None = "relu",
     kernel_size: int = 3,
-) -> list[str]:
-    """Every node after which an identity layer of this kind keeps the function, in graph order."""
+) -> list[Site]:
+    """Every site where net2deeper of this kind (default: every kind, in the order of ``KINDS``) keeps the function.
+
+    Each site is a :class:`Site` whose ``args`` name its kind; within a kind, in graph order.
+    """
+    if kind is None:
+        return [s for k in KINDS for s in deeper_sites(work, k, groups, batchnorm, activation, kernel_size)]
     _check_arguments(kind, kernel_size, groups, activation)
     if kind == "block":
-        return block_sites(work)
+        return [Site(path, kind=kind) for path in block_sites(work)]
     negative = negative_reasons(work.gm)
     return [
-        work.site_name(n)
+        Site(work.site_name(n), kind=kind)
         for n in work.value_nodes()
         if deeper_obstacle(work, n, kind, groups, batchnorm, activation, negative) is None
     ]
@@ -230,11 +235,12 @@ def identity_batchnorm(kind: str, value: torch.Tensor) -> nn.Module:
 
 
 def _propose(rng: random.Random, work: Workbench) -> Proposal | None:
-    options = [(site, kind) for kind in KINDS for site in deeper_sites(work, kind)]
+    options = deeper_sites(work)  # residual blocks too
     if not options:
         return None
-    site, kind = rng.choice(options)
-    return site, {"kind": kind, "kernel_size": rng.choice([1, 3])} if kind == "conv" else {"kind": kind}
+    site = rng.choice(options)
+    kind = site.args["kind"]
+    return str(site), {"kind": kind, "kernel_size": rng.choice([1, 3])} if kind == "conv" else {"kind": kind}
 
 
 register_op(GrowthOp("net2deeper", net2deeper, ("after",), deeper_sites, _propose, probability=0.3))

@@ -15,9 +15,11 @@ True
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import random
+import warnings
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Annotated, Any
@@ -35,6 +37,24 @@ from surgery.errors import SurgeryError, UserError
 from surgery.inputs import Example, InputSpec, check_example_size
 from surgery.schema import FileModel, Float, parse
 
+Digest = Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]
+
+
+def weights_digest(model: nn.Module) -> str:
+    """SHA-256 of every parameter and buffer of ``model``: names, dtypes, shapes and bytes, in name order.
+
+    >>> import torch
+    >>> a, b = torch.nn.Linear(2, 2), torch.nn.Linear(2, 2)
+    >>> weights_digest(a) == weights_digest(a), weights_digest(a) == weights_digest(b)
+    (True, False)
+    """
+    h = hashlib.sha256()
+    for name, t in sorted(model.state_dict().items()):
+        t = t.detach().cpu().contiguous()
+        h.update(f"{name}:{t.dtype}:{tuple(t.shape)};".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
 
 class MutationRecord(FileModel):
     """One growth step as logged (a line of the JSONL log): what was done where, its cost, how far the output moved."""
@@ -50,6 +70,9 @@ class MutationRecord(FileModel):
     step: NonNegativeInt = 0
     input_shape: Annotated[list[PositiveInt], AfterValidator(check_example_size)] | None = None  # one float input
     inputs: list[InputSpec] | None = None  # or: the inputs by name, shape and dtype
+    base_seed: int | None = None  # the seed the starting model was built with (the command line's --seed)
+    weights_before: Digest | None = None  # weights_digest of the model the step was applied to
+    weights_after: Digest | None = None  # ... and of the model it made
 
     def to_json(self) -> dict[str, Any]:
         return self.model_dump(mode="json")
@@ -67,7 +90,11 @@ def probabilities(ops: Iterable[str] | None = None, probs: dict[str, float] | No
 
 
 def _measured(
-    record: MutationRecord, before: nn.Module, after: nn.Module, inputs: Sequence[torch.Tensor]
+    record: MutationRecord,
+    before: nn.Module,
+    after: nn.Module,
+    inputs: Sequence[torch.Tensor],
+    digest_before: str | None = None,
 ) -> MutationRecord:
     old, new = cost(before, inputs), cost(after, inputs)
     change = output_change(before, after, inputs)
@@ -78,14 +105,21 @@ def _measured(
             "flops_before": old.flops,
             "flops_after": new.flops,
             "max_abs_change": change.max_abs,
+            "weights_before": digest_before or weights_digest(before),
+            "weights_after": weights_digest(after),
         }
     )
 
 
-def apply_step(model: nn.Module, record: MutationRecord, example_input: Any = None) -> tuple[nn.Module, MutationRecord]:
-    """Apply the op ``record`` names at its site with its arguments; return the grown model and the measured record."""
+def apply_step(
+    model: nn.Module, record: MutationRecord, example_input: Any = None, digest_before: str | None = None
+) -> tuple[nn.Module, MutationRecord]:
+    """Apply the op ``record`` names at its site with its arguments; return the grown model and the measured record.
+
+    ``digest_before``: :func:`weights_digest` of ``model`` if the caller has it (it is recorded, else computed).
+    """
     grown = get_op(record.op).apply(model, record.site, record.args, example_input)
-    return grown, _measured(record, model, grown, default_inputs(model, example_input))
+    return grown, _measured(record, model, grown, default_inputs(model, example_input), digest_before)
 
 
 def random_mutation(
@@ -94,11 +128,13 @@ def random_mutation(
     ops: Iterable[str] | None = None,
     probs: dict[str, float] | None = None,
     example_input: Any = None,
+    digest_before: str | None = None,
 ) -> tuple[nn.Module, MutationRecord]:
     """One random feasible growth step: ``(grown model, record)``.
 
     The op is drawn with weights :func:`probabilities`; an op with no feasible site is
     dropped and another drawn. ``rng`` drives every choice (site, factor, seeds).
+    ``digest_before``: see :func:`apply_step`.
     """
     work = Workbench(model, example_input, read_only=True)
     weights = probabilities(ops, probs)
@@ -110,7 +146,7 @@ def random_mutation(
             continue
         site, args = proposal
         record = MutationRecord(op=name, site=site, args=args, **input_record(Example.of(example_input)))
-        return apply_step(model, record, example_input)
+        return apply_step(model, record, example_input, digest_before)
     raise GrowthError(
         f"no growth op among {', '.join(probabilities(ops, probs))} applies anywhere in {type(model).__name__}"
     )
@@ -124,11 +160,14 @@ def mutate(
     example_input: Any = None,
     ops: Iterable[str] | None = None,
     probs: dict[str, float] | None = None,
+    base_seed: int | None = None,
 ) -> tuple[nn.Module, list[MutationRecord]]:
     """``steps`` random growth steps drawn from ``seed``; each is appended to the JSONL ``log`` as it is done.
 
     The log starts empty. Returns the grown model and the records; :func:`replay` of the
-    log on the same starting model gives bit-identical weights.
+    log on the same starting model gives bit-identical weights. Each record holds the
+    :func:`weights_digest` of the model before and after its step (so a replay on other
+    weights is refused) and ``base_seed``, the seed the caller built ``model`` with, if given.
     """
     if steps < 0:
         raise GrowthError(f"steps={steps} must be >= 0")
@@ -139,9 +178,10 @@ def mutate(
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text("")
+    digest = weights_digest(model)
     for step in range(steps):
-        model, record = random_mutation(model, rng, op_names, probs, example_input)
-        record.step = step
+        model, record = random_mutation(model, rng, op_names, probs, example_input, digest)
+        record.step, record.base_seed, digest = step, base_seed, record.weights_after
         records.append(record)
         if path is not None:
             with path.open("a") as f:
@@ -194,13 +234,21 @@ def _recorded_example(record: MutationRecord) -> Example | None:
 def replay(
     model: nn.Module, log: str | os.PathLike[str] | Sequence[MutationRecord]
 ) -> tuple[nn.Module, list[MutationRecord]]:
-    """Re-apply every step of a growth log to ``model``; returns the grown model and freshly measured records."""
+    """Re-apply every step of a growth log to ``model``; returns the grown model and freshly measured records.
+
+    ``model`` must have the weights the log was grown from (its first step's ``weights_before``
+    digest, when logged): other weights are refused. A step that rebuilds other weights than
+    the logged ones (another torch version or machine) is warned about.
+    """
     records = read_log(log) if isinstance(log, (str, os.PathLike)) else list(log)
-    done = []
+    done: list[MutationRecord] = []
+    digest = weights_digest(model) if records else None
+    if records:
+        _check_base(records[0], str(digest))
     for record in records:
         example = _recorded_example(record)
         try:
-            model, measured = apply_step(model, record, example)
+            model, measured = apply_step(model, record, example, digest)
         except UserError:
             raise
         except Exception as e:  # noqa: BLE001 - logged arguments from a file may break an op anywhere
@@ -209,4 +257,27 @@ def replay(
                 "the log is corrupt or from another version"
             ) from None
         done.append(measured)
+        digest = measured.weights_after
+        if record.weights_after not in (None, digest):
+            warnings.warn(
+                f"step {record.step} ({record.op} at '{record.site}') rebuilt other weights than the logged run "
+                f"(SHA-256 {str(digest)[:12]}, logged {record.weights_after[:12]}): another torch version or machine "
+                "computes them to other last bits",
+                stacklevel=2,
+            )
     return model, done
+
+
+def _check_base(first: MutationRecord, digest: str) -> None:
+    """Refuse, in one line, a replay on other weights than those the log was grown from."""
+    if first.weights_before is None or first.weights_before == digest:
+        return
+    built = (
+        f"build it with torch.manual_seed({first.base_seed}) first, as `growth replay` does"
+        if first.base_seed is not None
+        else "replay on the very model the log was grown from"
+    )
+    raise GrowthError(
+        f"the model's weights are not those the log was grown from (SHA-256 {digest[:12]}, logged "
+        f"{first.weights_before[:12]}); {built}"
+    )

@@ -57,6 +57,25 @@ class GrowthOp:
         return self.fn(model, **self.site_args(site), **args, example_input=example_input, check=check)
 
 
+class Site(str):
+    """A site name that also carries the op arguments it was found with (``site.args``), for ops with several kinds.
+
+    It is the plain name everywhere a string is expected; ``op(model, site, **site.args)``
+    does what it was listed for.
+
+    >>> site = Site("layer1.1", kind="block")
+    >>> site, site.args, site == "layer1.1"
+    ('layer1.1', {'kind': 'block'}, True)
+    """
+
+    args: dict[str, Any]
+
+    def __new__(cls, name: str, **args: Any) -> Site:
+        site = super().__new__(cls, name)
+        site.args = args
+        return site
+
+
 SITE_JOIN = "->"
 MAX_GROWTH = 16  # one step makes a layer at most this many times wider (grow further in several steps)
 MAX_KERNEL = 31  # the largest kernel side a step creates
@@ -75,7 +94,16 @@ def get_op(name: str) -> GrowthOp:
 
 
 def sites(model: nn.Module, op: str, example_input: Any = None, **args: Any) -> list[str]:
-    """Where ``op`` applies in ``model`` (with ``args``, e.g. ``kind="linear"`` for net2deeper), in graph order."""
+    """Where ``op`` applies in ``model`` (with ``args``, e.g. ``kind="linear"`` for net2deeper), in graph order.
+
+    Without ``kind``, net2deeper lists the sites of every kind (conv, linear, then residual
+    blocks); each is a :class:`Site` whose ``args`` name its kind:
+
+    >>> import torchvision, growth
+    >>> found = growth.sites(torchvision.models.resnet18(), "net2deeper")
+    >>> [(s, s.args) for s in found if s.args["kind"] == "block"][:2]
+    [('layer1.0', {'kind': 'block'}), ('layer1.1', {'kind': 'block'})]
+    """
     return get_op(op).find_sites(Workbench(model, example_input, read_only=True), **args)
 
 

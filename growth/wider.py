@@ -157,16 +157,39 @@ def widenable_group(work: Workbench, name: str) -> ChannelGroup:
     return group
 
 
-def wider_sites(work: Workbench) -> list[str]:
-    """Every Conv2d/Linear whose output channels can be widened, in graph order."""
-    return [ep.target for ep, group in work.analysis.producer_groups() if group.obstacle(replicate=True) is None]
+def _widenable(work: Workbench) -> list[tuple[str, ChannelGroup]]:
+    return [(ep.target, g) for ep, g in work.analysis.producer_groups() if g.obstacle(replicate=True) is None]
+
+
+def _accepts(group: ChannelGroup, name: str, factor: float | None, new_width: int | None) -> bool:
+    """Does net2wider take this amount at ``name`` (the op's own check); any amount when none is given."""
+    if factor is None and new_width is None:
+        return True
+    try:
+        _new_width(group, name, factor, new_width)
+    except GrowthError:
+        return False
+    return True
+
+
+def wider_sites(work: Workbench, factor: float | None = None, new_width: int | None = None) -> list[str]:
+    """Every Conv2d/Linear whose output channels can be widened (by ``factor`` or to ``new_width``), in graph order.
+
+    With an amount, only the sites net2wider accepts it at: a stream normalised over its
+    channels (LayerNorm) widens by integer factors only.
+    """
+    if factor is not None or new_width is not None:
+        _check_amount(factor, new_width)
+    return [name for name, group in _widenable(work) if _accepts(group, name, factor, new_width)]
 
 
 def _propose(rng: random.Random, work: Workbench) -> Proposal | None:
-    found = wider_sites(work)
+    found = _widenable(work)
     if not found:
         return None
-    return rng.choice(found), {"factor": rng.choice([1.25, 1.5, 2.0]), "seed": rng.randrange(2**31)}
+    name, group = rng.choice(found)
+    factors = [f for f in (1.25, 1.5, 2.0) if _accepts(group, name, f, None)]  # 2.0 goes everywhere
+    return name, {"factor": rng.choice(factors), "seed": rng.randrange(2**31)}
 
 
 register_op(GrowthOp("net2wider", net2wider, ("at",), wider_sites, _propose, probability=0.3))

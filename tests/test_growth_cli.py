@@ -20,7 +20,8 @@ def _per_sample(model: torch.nn.Module, example: Example) -> float:
 def test_sites_lists_where_an_op_applies(cli) -> None:
     r = cli("growth", "sites", "resnet18", "--op", "net2deeper")
     assert r.code == 0, r
-    assert "net2deeper applies at 19 sites" in r.out and "layer1_0_relu" in r.out and "avgpool" in r.out
+    assert "net2deeper applies at 25 sites" in r.out and "layer1_0_relu" in r.out and "avgpool" in r.out
+    assert "│ layer4.1        │ block  │" in r.out  # 19 conv sites, flatten for a linear layer, 5 residual blocks
 
 
 def test_mutate_prints_the_change_and_saves(cli, tmp_path) -> None:
@@ -80,13 +81,16 @@ def test_random_then_replay_gives_the_same_network(cli, tmp_path) -> None:
     r = cli("growth", "random", "resnet18", "--steps", "3", "--seed", "0", "--log", log, "--out", tmp_path / "random")
     assert r.code == 0, r
     assert len(log.read_text().splitlines()) == 3 and "params" in r.out and "max |Δ output|" in r.out
-    start = tmp_path / "start"
-    surgery.save(surgery.build_model("resnet18"), start)
-    r = cli("growth", "replay", start, log, "--out", tmp_path / "a")
+    r = cli("growth", "replay", "resnet18", log, "--out", tmp_path / "a")  # built again, from the logged seed
     assert r.code == 0, r
-    r = cli("growth", "replay", start, log, "--out", tmp_path / "b")
-    a, b = surgery.load(tmp_path / "a"), surgery.load(tmp_path / "b")
-    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+    a, grown = surgery.load(tmp_path / "a"), surgery.load(tmp_path / "random")
+    assert a.state_dict().keys() == grown.state_dict().keys()
+    assert all(torch.equal(x, grown.state_dict()[k]) for k, x in a.state_dict().items())
+    start = tmp_path / "start"
+    surgery.save(surgery.build_model("resnet18"), start)  # other weights: refused, in one line
+    r = cli("growth", "replay", start, log)
+    assert r.code == 2 and "weights are not those the log was grown from" in r.err and r.err.count("\n") <= 1, r
+    r = cli("growth", "replay", "resnet18", log, "--out", tmp_path / "b")
     assert "replay of" in r.out and "max |Δ output|" in r.out
     assert f"FLOPs per sample: forward FLOPs counted on {default_inputs(a).describe()}" in r.out  # as logged
     steps = [json.loads(line) for line in log.read_text().splitlines()]

@@ -75,6 +75,18 @@ def test_the_log_replays_exactly(grown_run) -> None:
     state, expected = again.state_dict(), grown.state_dict()
     assert state.keys() == expected.keys()
     assert all(torch.equal(state[k], expected[k]) for k in expected)
+    assert lines[0]["weights_before"] == growth.weights_digest(start)  # what the log was grown from
+    after = [r.weights_after for r in records]
+    assert [r.weights_after for r in replayed] == [d["weights_after"] for d in lines] == after
+
+
+def test_a_replay_on_other_weights_is_refused(grown_run) -> None:
+    start, _, _, log = grown_run
+    other = copy.deepcopy(start)
+    with torch.no_grad():
+        other.fc.bias[0] += 1e-3
+    with pytest.raises(GrowthError, match=r"^the model's weights are not those the log was grown from \(SHA-256 "):
+        growth.replay(other, log)
 
 
 def test_the_grown_net_saves_and_loads(grown_run, tmp_path) -> None:

@@ -86,6 +86,24 @@ def test_a_stream_under_layer_norms_takes_integer_factors_only() -> None:
     assert wide.bert.embeddings.word_embeddings.embedding_dim == 96
 
 
+def test_sites_given_an_amount_list_only_where_the_op_takes_it() -> None:
+    model, example, _ = _model("timm vit")
+    graph = surgery.trace(model, example_input=example)
+    every, by_half = (growth.sites(graph, "net2wider", example_input=example, factor=f) for f in (2.0, 1.5))
+    assert every == growth.sites(graph, "net2wider", example_input=example)  # 2 goes everywhere
+    assert "patch_embed.proj" in every and "patch_embed.proj" not in by_half  # the stream under LayerNorms
+    assert "blocks.0.mlp.fc1" in by_half and set(by_half) < set(every)
+    for site in every:
+        if site not in by_half:
+            with pytest.raises(GrowthError, match="give an integer factor"):
+                growth.net2wider(graph, site, factor=1.5, example_input=example)
+    # random growth draws an amount the site takes: every step of a ViT's growth applies and keeps the function
+    grown, records = growth.mutate(graph, steps=4, seed=3, example_input=example, ops=["net2wider"])
+    assert any(r.site not in by_half for r in records), records  # a stream site was drawn (with factor 2)
+    change = output_change(model, grown, example)
+    assert change.max_abs <= 1e-5 * change.scale, change
+
+
 def test_widening_a_residual_writer_widens_the_whole_stream(resnet18: nn.Module) -> None:
     wide = growth.net2wider(resnet18, "layer2.0.conv2", factor=1.5, seed=0)
     for writer in ("layer2.0.conv2", "layer2.0.downsample.0", "layer2.1.conv2"):
