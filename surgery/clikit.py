@@ -26,7 +26,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from surgery.errors import SurgeryError, UserError
-from surgery.flops import CountedOn, flops_note
+from surgery.flops import FLOPS_COLUMN, CountedOn, flops_note
 
 console = Console()
 err_console = Console(stderr=True)
@@ -135,6 +135,10 @@ def print_table(t: Table, flops_on: CountedOn | None = None) -> None:
     column headed ``FLOPs per sample`` and passes the input they were counted on here, so
     every command says the same thing the same way (:func:`surgery.flops.flops_note`).
     """
+    for column in t.columns:  # the long header wraps ("FLOPs per" / "sample") rather than squeeze the names
+        if FLOPS_COLUMN in str(column.header):
+            widest = max((len(str(cell)) for cell in column.cells), default=0)
+            column.max_width = max(widest, len(FLOPS_COLUMN.rpartition(" ")[0]))
     console.print(t)
     if flops_on is not None:
         console.print(flops_note(flops_on), highlight=False, soft_wrap=True)

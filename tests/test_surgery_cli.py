@@ -13,8 +13,8 @@ from surgery.flops import human
 
 def _flops_per_sample(out: str, index: int) -> str:
     """The FLOPs per sample cell of piece ``index`` in a printed pieces table."""
-    header = next(line for line in out.splitlines() if "FLOPs per sample" in line and "┃" in line)
-    column = [c.strip() for c in header.split("┃")].index("FLOPs per sample")
+    header = next(line for line in out.splitlines() if "FLOPs per" in line and "┃" in line)  # it may wrap
+    column = [c.strip().startswith("FLOPs per") for c in header.split("┃")].index(True)
     row = next(line for line in out.splitlines() if line.startswith(f"│ {index} "))
     return [c.strip() for c in row.split("│")][column]
 
