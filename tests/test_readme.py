@@ -48,10 +48,11 @@ SMALLER: tuple[tuple[str, str], ...] = (
     (r"\bsteps=20\b", "steps=3"),
     (r"--wall-clock 100\b", "--wall-clock 5"),
     (r"xross profile (\S+)", r"xross profile \1 --repeats 2 --batch 4"),
+    (r"--images 200\b", "--images 20"),
 )
 """(pattern, replacement) applied to every example: 1 epoch; 8 training images per class (a full batch of 64
 after a tenth is held out) and 2 test images; 3 growth steps; 5 images timed one by one; latencies from 2
-repeats at batch 4."""
+repeats at batch 4; diagnostics on the 20 test images."""
 
 NOT_RUN = (
     "torchrun --nproc_per_node=2 -m xross train",
