@@ -135,7 +135,7 @@ class Pieces(nn.Module):
         if not pieces:
             raise SurgeryError("a Pieces needs at least one piece")
         self.pieces = nn.ModuleList(pieces)
-        self.training = all(p.training for p in pieces)
+        self.training = self.pieces.training = all(p.training for p in pieces)
         self.cuts = list(cuts) if cuts is not None else [f"boundary{i}" for i in range(len(pieces) - 1)]
         self._recut = recut_of(pieces)  # cuts the model again for calls the first piece's graph does not take
 

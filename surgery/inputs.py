@@ -262,6 +262,10 @@ def _hf_specs(model: nn.Module, config: Any, main: str, batch: int) -> list[Inpu
 
 
 def _image_size(model: nn.Module) -> int:
+    """The image side ``model`` was built for: its patch embedding's (timm with ``img_size=``), else its config's."""
+    built = getattr(getattr(model, "patch_embed", None), "img_size", None)
+    if isinstance(built, int) or (isinstance(built, (tuple, list)) and built and isinstance(built[-1], int)):
+        return int(built if isinstance(built, int) else built[-1])
     cfg = getattr(model, "pretrained_cfg", None) or getattr(model, "default_cfg", None)
     if isinstance(cfg, dict) and isinstance(cfg.get("input_size"), (tuple, list)):
         return int(cfg["input_size"][-1])

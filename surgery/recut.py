@@ -45,6 +45,7 @@ Pieces = Any  # a surgery.cut.Pieces: that module imports this one
 
 
 RECUT_KEY = "surgery_recut"
+MAX_CUTS = 16  # cuts kept per Pieces (one per call signature or shape); the least recently used goes first
 CallKey = tuple[tuple[str, str], ...]
 
 
@@ -159,6 +160,9 @@ class Recut:
                     f"the pieces take ({_describe(self.taken)}); called with ({_describe(call)}), cutting again "
                     f"for that call failed: {first_line(e)}"
                 ) from None
+        self.cache[key] = self.cache.pop(key)  # most recently used last
+        while len(self.cache) > MAX_CUTS:
+            del self.cache[next(iter(self.cache))]
         return self.cache[key]
 
 

@@ -13,6 +13,7 @@ import torchvision
 from test_optional_inputs import TEXT, VOCAB, _value, text_model
 
 import growth
+import surgery
 from growth.errors import GrowthError
 from surgery.inputs import CANDIDATE_SIZES, candidate_examples, declared_example, default_example
 
@@ -51,3 +52,14 @@ def test_the_guesses_come_from_one_place() -> None:
     assert default_example(net).describe() == "float32:1x3x224x224"
     first = torch.nn.Linear(7, 3)
     assert candidate_examples(torch.nn.Sequential(first), first)[0].describe() == "float32:2x7"
+
+
+def test_a_timm_vit_built_for_small_images_is_guessed_at_its_own_size() -> None:
+    import timm
+
+    vit = timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=8, depth=2).eval()
+    assert vit.pretrained_cfg["input_size"][-1] == 224  # what timm's config still says
+    assert default_example(vit).describe() == "float32:1x3x32x32"
+    pieces = surgery.cut(vit, "blocks.0")  # no example: the guess must run
+    x = torch.randn(3, 3, 32, 32)
+    assert torch.equal(pieces(x), vit(x))
