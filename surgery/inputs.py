@@ -22,7 +22,7 @@ from typing import Annotated, Any
 
 import torch
 from pydantic import AfterValidator, Field, PositiveInt
-from torch import nn
+from torch import fx, nn
 
 from surgery.errors import SurgeryError
 from surgery.schema import FileModel
@@ -204,7 +204,28 @@ def declared_example(model: nn.Module, batch: int = 1) -> Example | None:
     main = getattr(model, "main_input_name", None)
     if config is not None and isinstance(main, str):
         return Example.from_specs(_hf_specs(model, config, main, batch), vocab_size(model))
-    return None
+    return recorded_example(model, batch)
+
+
+def recorded_example(model: nn.Module, batch: int = 1) -> Example | None:
+    """The input a graph captured by torch.export records (its placeholders' values), by name; else None.
+
+    A grown or edited Hugging Face model is such a graph: it no longer has a config to
+    declare its input, but each placeholder keeps the dtype and shape export saw (a
+    symbolic size takes the size export ran on; the batch is ``batch``). Token ids are
+    drawn below the smallest embedding table of the graph.
+    """
+    if not isinstance(model, fx.GraphModule):
+        return None
+    specs = []
+    for node in (n for n in model.graph.nodes if n.op == "placeholder"):
+        value = node.meta.get("val")
+        if not isinstance(value, torch.Tensor) or not value.dim():
+            return None
+        shape = [batch] + [d if isinstance(d, int) else int(d.node.hint or 2) for d in value.shape[1:]]
+        specs.append(InputSpec(name=str(node.target), shape=shape, dtype=str(value.dtype).removeprefix("torch.")))
+    tables = [m.num_embeddings for m in model.modules() if isinstance(m, nn.Embedding)]
+    return Example.from_specs(specs, min(tables, default=2)) if specs else None
 
 
 def model_dtype(model: nn.Module) -> torch.dtype:

@@ -63,3 +63,14 @@ def test_a_timm_vit_built_for_small_images_is_guessed_at_its_own_size() -> None:
     pieces = surgery.cut(vit, "blocks.0")  # no example: the guess must run
     x = torch.randn(3, 3, 32, 32)
     assert torch.equal(pieces(x), vit(x))
+
+
+def test_a_grown_text_model_is_guessed_from_the_inputs_its_graph_records() -> None:
+    from surgery.inputs import recorded_example
+
+    gpt2 = text_model("gpt2")
+    deeper = growth.net2deeper(gpt2, "transformer.h.0", kind="block")  # a GraphModule: no config, no main input
+    assert recorded_example(deeper).describe() == "input_ids=int64:1x16"
+    wider = growth.net2wider(deeper, "transformer.h.1.mlp.c_fc", factor=2, seed=0)  # no example: tokens guessed
+    ids = torch.randint(1, VOCAB, (3, 7))
+    assert (wider(ids).logits - gpt2(ids).logits).abs().max() <= 1e-5 * gpt2(ids).logits.abs().max()
