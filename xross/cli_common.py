@@ -40,19 +40,17 @@ def flops_input(run: Path) -> CountedOn:
     return [InputSpec(shape=[1, 3, side, side])] if side else "float32:1x3xSxS, S the side of the run's images"
 
 
+def _scores(entry: Any, on: Any) -> tuple[str, ...]:
+    """A path's or an exit's cells: name, top-1, top-5, params, FLOPs per sample (counted on ``on``)."""
+    flops = human(per_sample(entry.flops, on))
+    return entry.name, f"{entry.top1:.2f}", f"{entry.top5:.2f}", human(entry.params), flops
+
+
 def print_eval(cohort: Cohort, result: EvalResult, run: Path) -> None:
     on = flops_input(run)
     front = {r.path for r in pareto_front(result.paths)}
     rows = [
-        (
-            ",".join(map(str, r.path)),
-            r.name,
-            f"{r.top1:.2f}",
-            f"{r.top5:.2f}",
-            human(r.params),
-            human(per_sample(r.flops, on)),
-            "*" if r.path in front else "",
-        )
+        (",".join(map(str, r.path)), *_scores(r, on), "*" if r.path in front else "")
         for r in sorted(result.paths, key=lambda r: r.params)
     ]
     print_table(
@@ -67,16 +65,6 @@ def print_eval(cohort: Cohort, result: EvalResult, run: Path) -> None:
     if len(result.paths) > 1:  # one net alone: its ensembles are itself
         console.print(table("ensembles (mean softmax)", ["members", "top-1", "top-5"], ens))
     if result.exits:
-        rows = [
-            (
-                "-".join(map(str, e.prefix)),
-                e.name,
-                f"{e.top1:.2f}",
-                f"{e.top5:.2f}",
-                human(e.params),
-                human(per_sample(e.flops, on)),
-            )
-            for e in result.exits
-        ]
+        rows = [("-".join(map(str, e.prefix)), *_scores(e, on)) for e in result.exits]
         columns = ["after parts", "nets", "top-1", "top-5", "params", FLOPS_COLUMN]
         print_table(table("exits (the head after the parts run so far)", columns, rows), flops_on=on)

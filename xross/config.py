@@ -63,8 +63,7 @@ class RunConfig(FileModel):
     )
     # data
     data: str = Field(
-        "cifar10",
-        description="cifar10 | cifar100 | ImageFolder dir (train/; test/, else val/) | .tar/.tar.gz/.tar.xz of one",
+        "cifar10", description="cifar10 | cifar100 | ImageFolder (train/; test/ or val/) | a .tar(.gz/.xz)"
     )
     subset: PositiveInt | None = Field(None, description="stratified subset of the training split")
     eval_subset: PositiveInt | None = Field(None, description="stratified subset of the evaluation split")
@@ -298,8 +297,7 @@ class TrainConfig(TeacherOptions, RunConfig):
                 raise ValueError("eval_widths should be fractions in (0, 1]")
             return self
         if len(self.nets) < 2 and self.mode in ("dml", "xml"):
-            alone = "one net trains alone with --mode independent, or kd with --teacher"
-            raise ValueError(f"mode {self.mode} learns from peers: give at least two nets in --nets ({alone})")
+            raise ValueError(f"mode {self.mode} learns from peers: give at least two nets in --nets (else independent)")
         given = [name for name in mutual if getattr(self, name) is not None]
         if given:
             raise ValueError(f"{given[0]} applies to --mode mutualnet only; drop it or set --mode mutualnet")
