@@ -40,9 +40,9 @@ from rich.console import Console
 from rich.table import Table
 
 import xross
-from xross.anytime_report import AnytimeReport, anytime_report, write_anytime_files
-from xross.latency import latency_table
-from xross.run import load_run
+from xross.anytime.latency import latency_table
+from xross.anytime.report import AnytimeReport, anytime_report, write_anytime_files
+from xross.run.directory import load_run
 
 ROOT = Path(__file__).resolve().parent.parent
 NETS = ["resnet18", "mobilenet_v2"]

@@ -35,10 +35,10 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from xross.config import DistillConfig, TrainConfig
-from xross.distiller import Distiller
-from xross.evaluate import EvalResult
-from xross.trainer import Trainer
+from xross.methods.distiller import Distiller
+from xross.methods.trainer import Trainer
+from xross.run.config import DistillConfig, TrainConfig
+from xross.run.evaluate import EvalResult
 
 ROOT = Path(__file__).resolve().parents[1]
 METHODS: dict[str, dict[str, Any]] = {

@@ -30,9 +30,9 @@ from rich.console import Console
 from rich.table import Table
 
 import xross
-from surgery.flops import human
-from xross.evaluate import EvalResult, PathResult
-from xross.query import query_rows, write_query_files
+from surgery.graph.flops import human
+from xross.anytime.query import query_rows, write_query_files
+from xross.run.evaluate import EvalResult, PathResult
 
 ROOT = Path(__file__).resolve().parent.parent
 SETTINGS = {

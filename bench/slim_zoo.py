@@ -31,7 +31,7 @@ from surgery_zoo import build  # the same models and small inputs as the surgery
 
 import surgery
 from growth.check import vary_constant_weights
-from surgery._util import first_line
+from surgery.core.util import first_line
 
 warnings.filterwarnings("ignore", category=FutureWarning)
 SLIMMED = 0.35

@@ -36,11 +36,11 @@ from rich.progress import track
 from rich.table import Table
 
 import surgery
-from surgery._util import first_line
-from surgery.errors import SurgeryError
-from surgery.export import EXPORTERS, CheckFailed, read_manifest
-from surgery.names import GraphIndex
-from surgery.tracing import trace_graph
+from surgery.core.errors import SurgeryError
+from surgery.core.util import first_line
+from surgery.exporters import EXPORTERS, CheckFailed, read_manifest
+from surgery.graph.fx import trace_graph
+from surgery.graph.names import GraphIndex
 
 warnings.filterwarnings("ignore", category=FutureWarning)
 

@@ -52,9 +52,9 @@ from zoo_calls import TOLERANCE, called_like_the_model, error_line, first_tensor
 import growth
 import surgery
 from growth.check import output_change, vary_constant_weights
-from surgery.exported import dynamic_shapes
-from surgery.inputs import Example
-from surgery.names import GraphIndex
+from surgery.graph.inputs import Example
+from surgery.graph.names import GraphIndex
+from surgery.graph.torch_export import dynamic_shapes
 
 warnings.filterwarnings("ignore")
 transformers.logging.set_verbosity_error()

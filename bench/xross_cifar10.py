@@ -45,12 +45,12 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from xross.config import TrainConfig
-from xross.diagnose import NOISE_SCALES, diagnose
-from xross.plots import pyplot, save_png
-from xross.run import evaluation_batches
-from xross.similarity import cohort_cka
-from xross.trainer import Trainer
+from xross.analysis.diagnose import NOISE_SCALES, diagnose
+from xross.analysis.plots import pyplot, save_png
+from xross.analysis.similarity import cohort_cka
+from xross.methods.trainer import Trainer
+from xross.run.config import TrainConfig
+from xross.run.directory import evaluation_batches
 
 ROOT = Path(__file__).resolve().parents[1]
 NETS = ["resnet34", "resnet18"]

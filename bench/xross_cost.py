@@ -26,9 +26,9 @@ from rich.console import Console
 from rich.table import Table
 from torch.utils.flop_counter import FlopCounterMode
 
-from xross.config import TrainConfig
 from xross.data import load_split, loader_throughput
-from xross.trainer import Trainer
+from xross.methods.trainer import Trainer
+from xross.run.config import TrainConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 VARIANTS = {  # name -> config overrides

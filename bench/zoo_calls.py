@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 import surgery
-from surgery.inputs import Example, default_example
+from surgery.graph.inputs import Example, default_example
 
 TOLERANCE = 1e-5
 Call = tuple[str, tuple[Any, ...], dict[str, Any]]

@@ -42,8 +42,8 @@ import transformers
 import growth
 import surgery
 from growth.check import output_change
-from surgery.exported import dynamic_shapes
-from surgery.inputs import Example
+from surgery.graph.inputs import Example
+from surgery.graph.torch_export import dynamic_shapes
 
 warnings.filterwarnings("ignore")
 transformers.logging.set_verbosity_error()

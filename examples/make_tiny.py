@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from surgery._util import atomic_directory
+from surgery.core.util import atomic_directory
 from xross.data.synthetic import pack_archive, write_synthetic
 
 ARCHIVES = (".tar", ".tar.gz", ".tgz", ".tar.xz")

@@ -33,8 +33,8 @@ from torch import fx, nn
 from growth.errors import GrowthError
 from growth.graphedit import Workbench, replay_of, seeded
 from growth.registry import MAX_GROWTH, MAX_KERNEL, GrowthOp, Proposal, not_applicable, register_op
-from surgery.recipe import register_replay
-from surgery.remap import ChannelMap, remap_channels
+from surgery.channels.remap import ChannelMap, remap_channels
+from surgery.core.recipe import register_replay
 
 MERGES = ("add", "concat")
 

@@ -19,10 +19,10 @@ import torch.utils._pytree as pytree
 from torch import nn
 
 from growth.errors import GrowthError
-from surgery._util import evaluating
-from surgery.errors import running_on
-from surgery.flops import count_flops, count_params
-from surgery.inputs import Example
+from surgery.core.errors import running_on
+from surgery.core.util import evaluating
+from surgery.graph.flops import count_flops, count_params
+from surgery.graph.inputs import Example
 
 RELATIVE_TOLERANCE = 1e-4
 

@@ -27,10 +27,10 @@ from growth.mutation import MutationRecord, apply_step, mutate, read_log
 from growth.mutation import replay as replay_log
 from growth.registry import OPS, SITE_JOIN, get_op
 from growth.registry import sites as op_sites
-from surgery.clikit import console, load_model_arg, print_table, run_app, table
-from surgery.flops import FLOPS_COLUMN, flops_note, human, per_sample
-from surgery.inputs import Example, InputSpec, vocab_size
-from surgery.io import prepare_output_dir, save
+from surgery.cli.kit import console, load_model_arg, print_table, run_app, table
+from surgery.files.io import prepare_output_dir, save
+from surgery.graph.flops import FLOPS_COLUMN, flops_note, human, per_sample
+from surgery.graph.inputs import Example, InputSpec, vocab_size
 
 app = typer.Typer(
     name="growth",

@@ -36,7 +36,7 @@ from growth.errors import GrowthError
 from growth.graphedit import Workbench, replay_of
 from growth.registry import MAX_KERNEL, GrowthOp, Proposal, Site, not_applicable, register_op
 from growth.signs import negative_reasons
-from surgery.recipe import register_replay
+from surgery.core.recipe import register_replay
 
 KINDS = ("conv", "linear", "block")
 ACTIVATIONS = ("relu", None)

@@ -33,13 +33,13 @@ from torch import fx, nn
 
 from growth.check import check_preserved
 from growth.errors import GrowthError
-from surgery._util import first_line
-from surgery.capture import trace, traced_copy
 from surgery.channels import ChannelAnalysis, Shapes, analyze_channels, infer_shapes
-from surgery.errors import SurgeryError
-from surgery.inputs import Example, InputSpec, check_example_size, declared_example
-from surgery.names import GraphIndex
-from surgery.recipe import extend_recipe
+from surgery.core.errors import SurgeryError
+from surgery.core.recipe import extend_recipe
+from surgery.core.util import first_line
+from surgery.graph.capture import trace, traced_copy
+from surgery.graph.inputs import Example, InputSpec, check_example_size, declared_example
+from surgery.graph.names import GraphIndex
 
 STACK = "nn_module_stack"
 

@@ -26,7 +26,7 @@ from torch import fx, nn
 from growth.errors import GrowthError
 from growth.graphedit import Workbench, replay_of
 from growth.registry import MAX_KERNEL, GrowthOp, Proposal, not_applicable, register_op
-from surgery.recipe import register_replay
+from surgery.core.recipe import register_replay
 
 
 def widen_kernel(

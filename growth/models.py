@@ -15,7 +15,7 @@ from collections.abc import Sequence
 
 from torch import nn
 
-from surgery.trust import model_builder
+from surgery.core.trust import model_builder
 
 
 def conv_bn_relu(in_channels: int, out_channels: int) -> nn.Sequential:

@@ -32,10 +32,10 @@ from growth.check import cost, output_change
 from growth.errors import GrowthError
 from growth.graphedit import Workbench, default_inputs, input_record
 from growth.registry import OPS, get_op
-from surgery._util import first_line
-from surgery.errors import SurgeryError, UserError
-from surgery.inputs import Example, InputSpec, check_example_size
-from surgery.schema import FileModel, Float, parse
+from surgery.core.errors import SurgeryError, UserError
+from surgery.core.schema import FileModel, Float, parse
+from surgery.core.util import first_line
+from surgery.graph.inputs import Example, InputSpec, check_example_size
 
 Digest = Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]
 

@@ -21,7 +21,7 @@ from torch import fx, nn
 
 from growth.errors import GrowthError
 from growth.graphedit import Workbench
-from surgery.errors import did_you_mean
+from surgery.core.errors import did_you_mean
 
 SiteFinder = Callable[..., list[str]]
 Proposal = tuple[str, dict[str, Any]]

@@ -1,7 +1,7 @@
 """Which values of a graph are never negative (so a ReLU after an identity layer keeps them as they are).
 
 >>> import torchvision
->>> from surgery.capture import trace
+>>> from surgery.graph.capture import trace
 >>> from growth.signs import negative_reasons
 >>> gm = trace(torchvision.models.resnet18())
 >>> reasons = {n.name: r for n, r in negative_reasons(gm).items()}

@@ -27,7 +27,7 @@ from torch import fx, nn
 
 from growth.graphedit import Workbench, replay_of
 from growth.registry import SITE_JOIN, GrowthOp, Proposal, not_applicable, register_op
-from surgery.recipe import register_replay
+from surgery.core.recipe import register_replay
 
 
 def add_skip(model: nn.Module, src: str, dst: str, *, example_input: Any = None, check: bool = False) -> fx.GraphModule:

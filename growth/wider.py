@@ -29,8 +29,8 @@ from growth.errors import GrowthError
 from growth.graphedit import Workbench, replay_of
 from growth.registry import MAX_GROWTH, GrowthOp, Proposal, not_applicable, register_op
 from surgery.channels import ChannelGroup
-from surgery.recipe import register_replay
-from surgery.remap import ChannelMap, remap_channels
+from surgery.channels.remap import ChannelMap, remap_channels
+from surgery.core.recipe import register_replay
 
 
 def net2wider(

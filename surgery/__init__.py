@@ -8,25 +8,25 @@
 True
 """
 
-from surgery import refs
-from surgery.adapters import Adapter, adapter, stitch
-from surgery.batchnorm import recalibrate_bn
-from surgery.capture import Capture, capture, trace
-from surgery.cut import Pieces, cut
-from surgery.cutpoints import CutPoint, cut_points
-from surgery.errors import SurgeryError, UserError
-from surgery.export import export
-from surgery.flops import count_flops, count_params
-from surgery.inputs import Example
-from surgery.io import load, save
-from surgery.matching import match_channels
-from surgery.models import build_model, list_models, load_weights
-from surgery.recipe import Recipe, recipe_of
-from surgery.remap import permute_channels
-from surgery.render import render
-from surgery.replace import replace
-from surgery.slim import SlimNet, slim
-from surgery.specs import ValueSpec
+from surgery.channels.batchnorm import recalibrate_bn
+from surgery.channels.remap import permute_channels
+from surgery.channels.slim import SlimNet, slim
+from surgery.core.errors import SurgeryError, UserError
+from surgery.core.recipe import Recipe, recipe_of
+from surgery.core.specs import ValueSpec
+from surgery.exporters import export
+from surgery.files import refs
+from surgery.files.io import load, save
+from surgery.graph.capture import Capture, capture, trace
+from surgery.graph.flops import count_flops, count_params
+from surgery.graph.inputs import Example
+from surgery.models.build import build_model, list_models, load_weights
+from surgery.pieces.adapters import Adapter, adapter, stitch
+from surgery.pieces.cut import Pieces, cut
+from surgery.pieces.cutpoints import CutPoint, cut_points
+from surgery.pieces.matching import match_channels
+from surgery.pieces.render import render
+from surgery.pieces.replace import replace
 
 __all__ = [
     "Adapter",

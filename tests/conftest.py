@@ -24,7 +24,7 @@ from helpers import tiny
 
 import surgery
 from growth.check import vary_constant_weights
-from xross.cohort import Cohort
+from xross.cohort.grid import Cohort
 
 ROOT = Path(__file__).resolve().parents[1]
 REAL_ARCHIVE = Path(os.environ["CIFAR10_ARCHIVE"]).expanduser() if os.environ.get("CIFAR10_ARCHIVE") else None
@@ -107,12 +107,12 @@ class CliResult:
 @pytest.fixture
 def cli(capsys: pytest.CaptureFixture[str]):
     """Run a command-line tool in-process: ``cli("surgery", "cut", ...) -> CliResult``."""
-    import importlib
+    from helpers import cli_app
 
-    from surgery.clikit import run_app
+    from surgery.cli.kit import run_app
 
     def run(tool: str, *args: str) -> CliResult:
-        app = importlib.import_module(f"{tool}.cli").app
+        app = cli_app(tool)
         capsys.readouterr()
         try:
             run_app(app, [str(a) for a in args])

@@ -14,12 +14,13 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
 
 import surgery
-from xross.checkpoint import CheckpointDir, read_checkpoint
+from xross.run.checkpoint import CheckpointDir, read_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -88,3 +89,12 @@ def assert_same_tensors(a: dict, b: dict) -> None:
     assert a.keys() == b.keys()
     for k in a:
         assert torch.equal(a[k], b[k]), k
+
+
+def cli_app(tool: str) -> Any:
+    """The typer app of a command-line tool, found from its installed console script (``surgery``, ``growth``...)."""
+    import importlib
+    from importlib.metadata import entry_points
+
+    (script,) = entry_points(group="console_scripts", name=tool)
+    return importlib.import_module(script.module).app

@@ -1,4 +1,4 @@
-"""surgery.adapters: adapters between values of different shapes, and stitching pieces of different networks."""
+"""surgery.pieces.adapters: adapters between values of different shapes, and stitching pieces of different networks."""
 
 from __future__ import annotations
 

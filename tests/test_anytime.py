@@ -13,11 +13,7 @@ import torch
 from helpers import tiny
 
 import xross
-from xross.anytime import AnytimeRunner, RouteCosts
-from xross.anytime_report import AnytimeReport
-from xross.cohort import Cohort
-from xross.errors import XrossError
-from xross.latency import (
+from xross.anytime.latency import (
     LatencyEntry,
     LatencyTable,
     adapter_entry,
@@ -27,6 +23,10 @@ from xross.latency import (
     part_entry,
     spread_text,
 )
+from xross.anytime.report import AnytimeReport
+from xross.anytime.runner import AnytimeRunner, RouteCosts
+from xross.cohort.grid import Cohort
+from xross.errors import XrossError
 
 PART_MS = {0: [2.0, 3.0, 4.0], 1: [1.0, 1.5, 2.0]}  # net -> ms of each part (net 1 is the cheap one)
 
@@ -115,7 +115,7 @@ def test_a_deadline_below_every_first_exit_names_the_minimum() -> None:
 
 @pytest.fixture(scope="module")
 def exits_run(tmp_path_factory, cifar10_archive: Path, data_cache: Path) -> Path:
-    from xross.trainer import train
+    from xross.methods.trainer import train
 
     out = tmp_path_factory.mktemp("anytime") / "run"
     train(

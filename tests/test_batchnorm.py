@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 import surgery
-from surgery.errors import SurgeryError
+from surgery.core.errors import SurgeryError
 
 
 def test_statistics_are_the_cumulative_average_of_the_batches() -> None:

@@ -1,4 +1,4 @@
-"""surgery.capture: every family captures and cuts exactly (fx, fx with automatic leaves, torch.export).
+"""surgery.graph.capture: every family captures and cuts exactly (fx, fx with automatic leaves, torch.export).
 
 Transformers and timm models are built from small configs with random weights (no downloads).
 """
@@ -13,8 +13,8 @@ import torch
 import transformers
 
 import surgery
-from surgery.capture import capture
-from surgery.inputs import Example
+from surgery.graph.capture import capture
+from surgery.graph.inputs import Example
 
 transformers.logging.set_verbosity_error()
 

@@ -25,7 +25,7 @@ from growth.check import vary_constant_weights
 from growth.graphedit import Workbench
 from growth.wider import replication_map
 from surgery.channels import ChannelAnalysis, ChannelGroup
-from surgery.remap import remap_channels
+from surgery.channels.remap import remap_channels
 
 timm = pytest.importorskip("timm")
 X = torch.randn(1, 3, 32, 32)

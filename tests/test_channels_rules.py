@@ -22,8 +22,8 @@ from growth.errors import GrowthError
 from growth.graphedit import Workbench
 from growth.wider import replication_map
 from surgery.channels import ChannelAnalysis, analyze_channels
-from surgery.errors import SurgeryError
-from surgery.remap import remap_channels
+from surgery.channels.remap import remap_channels
+from surgery.core.errors import SurgeryError
 
 X = torch.randn(2, 3, 16, 16)
 

@@ -1,4 +1,4 @@
-"""xross.checkpoint: digests catch altered tensors wherever a checkpoint is read; killed writes leave nothing."""
+"""xross.run.checkpoint: digests catch altered tensors wherever a checkpoint is read; killed writes leave nothing."""
 
 from __future__ import annotations
 
@@ -13,8 +13,8 @@ import pytest
 import torch
 from PIL import Image
 
-from xross.checkpoint import CheckpointDir, read_checkpoint, state_digest
 from xross.errors import XrossError
+from xross.run.checkpoint import CheckpointDir, read_checkpoint, state_digest
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -32,8 +32,8 @@ def _image_folder(root: Path) -> Path:
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A finished 2-epoch run of two small VGGs (two checkpoints kept)."""
-    from surgery.clikit import run_app
-    from xross.cli import app
+    from surgery.cli.kit import run_app
+    from xross.cli.main import app
 
     tmp = tmp_path_factory.mktemp("ckpt")
     run = tmp / "run"
@@ -145,7 +145,7 @@ def test_killed_write_leaves_a_temporary_file_that_the_next_run_removes(cli, tin
     target = run / "checkpoints" / "step-000000099.pt"
     code = (
         "import os, pathlib, sys\n"
-        "from surgery._util import atomic_write\n"
+        "from surgery.core.util import atomic_write\n"
         "def partial(tmp):\n"
         "    tmp.write_bytes(b'half a checkpoint')\n"
         "    os.kill(os.getpid(), 9)\n"

@@ -1,4 +1,4 @@
-"""xross.cohort: cohorts of transformers (token boundaries, side values) train and stitch like CNN cohorts.
+"""xross.cohort.grid: cohorts of transformers (token boundaries, side values) train and stitch like CNN cohorts.
 
 And on small CNN cohorts: the paths and adapters of 2 or 3 parts and nets, shared computation of the
 paths equals per-path computation, a path exports as a stitched model, bad cohorts are refused.
@@ -14,8 +14,8 @@ import torch
 from helpers import tiny
 
 import surgery
-from xross.cohort import Cohort
-from xross.losses import XML
+from xross.cohort.grid import Cohort
+from xross.methods.objectives import XML
 
 VIT = "timm:vit_tiny_patch16_224(img_size=32, patch_size=8, depth=4, embed_dim={}, num_heads=3)"
 
@@ -56,7 +56,7 @@ def test_xross_trains_a_two_vit_cohort_for_an_epoch(cli, synthetic_folder: Path,
         "--no-progress",
     )
     assert r.code == 0, r
-    from xross.evaluate import EvalResult
+    from xross.run.evaluate import EvalResult
 
     result = EvalResult.load(tmp_path / "run" / "eval.json")
     assert len(result.paths) == 4 and result.samples == 40
@@ -154,8 +154,8 @@ def test_bad_cohorts() -> None:
 @pytest.mark.parametrize("net", ["resnet18", "resnet34"])
 def test_research_geometry_hands_over_128x8x8_at_layer2(net: str) -> None:
     """64x64 images through the ImageNet stem (stride 2 + max-pool) and layer2 (stride 2): 128 x 8 x 8."""
-    from xross.config import TrainConfig
-    from xross.run import build_cohort
+    from xross.run.config import TrainConfig
+    from xross.run.directory import build_cohort
 
     cfg = TrainConfig(nets=[net, "resnet18"], cuts=["layer2"], image_size=64, num_classes=10, stem="imagenet")
     cohort = build_cohort(cfg, torch.device("cpu"), False)

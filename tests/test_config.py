@@ -1,4 +1,4 @@
-"""xross.config: TrainConfig and DistillConfig are the single source of the run options, the file schema and the CLI."""
+"""xross.run.config: TrainConfig and DistillConfig are the single source of the run options, file schema and CLI."""
 
 from __future__ import annotations
 
@@ -7,10 +7,10 @@ import typing
 import pytest
 import yaml
 
-from surgery.clikit import option_name
-from xross.cli import app
-from xross.config import DistillConfig, RunConfig, TrainConfig, load_config
+from surgery.cli.kit import option_name
+from xross.cli.main import app
 from xross.errors import XrossError
+from xross.run.config import DistillConfig, RunConfig, TrainConfig, load_config
 
 
 def _params(command: str) -> dict[str, typing.Any]:

@@ -1,4 +1,4 @@
-"""surgery.cut: cutting real torchvision models, the pieces compose to the model bit for bit.
+"""surgery.pieces.cut: cutting real torchvision models, the pieces compose to the model bit for bit.
 
 Bad cut points (unknown names, out of graph order, repeated, leaving a piece empty) are refused in one line.
 """
@@ -12,7 +12,7 @@ import torch
 import torchvision
 
 import surgery
-from surgery.cut import piece_info
+from surgery.pieces.cut import piece_info
 
 # model -> (constructor kwargs, input size, hand-picked cuts: stage ends and mid-block points)
 MODELS = {
@@ -142,7 +142,7 @@ def test_replace_gives_cifar_stem_and_records_it() -> None:
     assert model.conv1.kernel_size == (7, 7)  # the input model is untouched
     assert new(torch.randn(2, 3, 32, 32)).shape == (2, 10)
     assert [t.op for t in surgery.recipe_of(new).transforms] == ["replace", "replace"]
-    rebuilt = surgery.models.rebuild(surgery.recipe_of(new))
+    rebuilt = surgery.models.build.rebuild(surgery.recipe_of(new))
     assert repr(rebuilt) == repr(new)
 
 

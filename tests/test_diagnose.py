@@ -1,4 +1,4 @@
-"""xross.diagnose: flatness under weight noise, prediction entropy, PCA embeddings, and `xross diagnose`."""
+"""xross.analysis.diagnose: flatness under weight noise, prediction entropy, PCA embeddings, and `xross diagnose`."""
 
 from __future__ import annotations
 
@@ -9,9 +9,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from xross.cohort import Cohort
-from xross.diagnose import diagnose, flatness, mean_entropy, net_entropies, perturbed, principal_components
-from xross.evaluate import evaluate
+from xross.analysis.diagnose import diagnose, flatness, mean_entropy, net_entropies, perturbed, principal_components
+from xross.cohort.grid import Cohort
+from xross.run.evaluate import evaluate
 
 
 @pytest.fixture

@@ -1,4 +1,4 @@
-"""xross.discriminator: MEAL V2's shape, its targets, and the sign of its gradient in the student."""
+"""xross.methods.discriminator: MEAL V2's shape, its targets, and the sign of its gradient in the student."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from xross.discriminator import Discriminator, default_hidden, reverse_gradient
 from xross.errors import XrossError
+from xross.methods.discriminator import Discriminator, default_hidden, reverse_gradient
 
 
 def test_shape_is_meal_v2s_linear_relu_stack() -> None:

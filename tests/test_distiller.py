@@ -17,13 +17,13 @@ from helpers import xross as xross_process
 
 import surgery
 import xross
-from surgery.clikit import run_app
-from xross.cli import app
-from xross.config import DistillConfig, load_config
-from xross.distiller import Distiller
+from surgery.cli.kit import run_app
+from xross.cli.main import app
 from xross.errors import XrossError
-from xross.evaluate import EvalResult
-from xross.run import load_student
+from xross.methods.distiller import Distiller
+from xross.run.config import DistillConfig, load_config
+from xross.run.directory import load_student
+from xross.run.evaluate import EvalResult
 
 VGG = "growth.models:small_vgg"
 

@@ -1,4 +1,4 @@
-"""xross.distributed: torchrun with two CPU processes (gloo) matches one process, and resumes bit for bit."""
+"""xross.run.distributed: torchrun with two CPU processes (gloo) matches one process, and resumes bit for bit."""
 
 from __future__ import annotations
 
@@ -11,9 +11,9 @@ import pytest
 import torch
 from helpers import ROOT, assert_same_tensors, final_state, finish, xross
 
-from xross.config import TrainConfig
-from xross.evaluate import EvalResult
-from xross.run import build_cohort
+from xross.run.config import TrainConfig
+from xross.run.directory import build_cohort
+from xross.run.evaluate import EvalResult
 
 
 def ddp_args(archive: Path, cache: Path, *extra: str) -> list[str]:
@@ -105,8 +105,8 @@ def test_torchrun_resume_is_bit_identical(tmp_path, cifar10_archive, data_cache)
 
 @pytest.mark.slow
 def test_torchrun_distillation_matches_one_process(tmp_path, synthetic_archive, data_cache) -> None:
-    from surgery.clikit import run_app
-    from xross.cli import app
+    from surgery.cli.kit import run_app
+    from xross.cli.main import app
 
     vgg = "growth.models:small_vgg"
     data = ["--data", str(synthetic_archive), "--image-size", "32", "--cache-dir", str(data_cache), "--epochs", "1"]

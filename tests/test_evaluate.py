@@ -1,4 +1,4 @@
-"""xross.evaluate: sharded evaluation sums to the whole; results round-trip through JSON; Pareto front, best path."""
+"""xross.run.evaluate: sharded evaluation sums to the whole; results round-trip through JSON; Pareto front, best."""
 
 from __future__ import annotations
 
@@ -6,12 +6,12 @@ import json
 
 import torch
 
-from xross.cohort import Cohort
-from xross.evaluate import EvalResult
+from xross.cohort.grid import Cohort
+from xross.run.evaluate import EvalResult
 
 
 def test_sharded_evaluation_with_summed_counts_equals_whole(cohort: Cohort) -> None:
-    from xross.evaluate import evaluate
+    from xross.run.evaluate import evaluate
 
     g = torch.Generator().manual_seed(2)
     batches = [(torch.randn(5, 3, 16, 16, generator=g), torch.randint(0, 10, (5,), generator=g)) for _ in range(5)]
@@ -27,7 +27,7 @@ def test_sharded_evaluation_with_summed_counts_equals_whole(cohort: Cohort) -> N
 
 
 def test_eval_json_round_trip(tmp_path) -> None:
-    from xross.evaluate import PathResult, best_path, pareto_front
+    from xross.run.evaluate import PathResult, best_path, pareto_front
 
     rows = [
         ((0, 0), "a>a", 70, 90, 21e6, 3e9),

@@ -1,4 +1,4 @@
-"""xross.exits: heads after every part leave the paths as they were, learn with their nets, and save, load,
+"""xross.cohort.exits: heads after every part leave the paths as they were, learn with their nets, and save, load,
 resume and attach (``xross add-exits``) bit for bit."""
 
 from __future__ import annotations
@@ -11,11 +11,11 @@ import torch
 from helpers import assert_same_tensors, final_state, finish, interrupt_after_steps, tiny, xross
 from torch.nn import functional as F
 
-from xross.cohort import Cohort
-from xross.config import TrainConfig
+from xross.cohort.exits import PoolLinear, exit_loss, exit_prefixes, head_factory
+from xross.cohort.grid import Cohort
 from xross.errors import XrossError
-from xross.exits import PoolLinear, exit_loss, exit_prefixes, head_factory
-from xross.run import load_run
+from xross.run.config import TrainConfig
+from xross.run.directory import load_run
 
 VIT = "timm:vit_tiny_patch16_224(img_size=32, patch_size=8, depth=3, embed_dim={}, num_heads=3)"
 
@@ -153,8 +153,8 @@ def test_epochs_csv_has_every_exits_accuracy_per_evaluated_epoch(tmp_path, data_
     """One net in three parts with exits, evaluated every second epoch: epochs.csv gains a column per exit
     (the first, unevaluated epoch's cells empty), equal to the final evaluation of the same weights."""
     from xross.data.synthetic import write_synthetic
-    from xross.metrics import read_metrics
-    from xross.trainer import train
+    from xross.methods.trainer import train
+    from xross.run.metrics import read_metrics
 
     data = write_synthetic(tmp_path / "data", train_per_class=8, test_per_class=2, classes=("a", "b", "c"))
     result = train(

@@ -1,4 +1,4 @@
-"""surgery.export: pieces as ONNX (chained in onnxruntime) and .pt2 (torch.export) files, and `surgery export`."""
+"""surgery.exporters: pieces as ONNX (chained in onnxruntime) and .pt2 (torch.export) files, and `surgery export`."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ import torch
 import torchvision
 
 import surgery
-from surgery.cut import piece_info
-from surgery.export import io_names, read_manifest, without_fused_attention
+from surgery.exporters import io_names, read_manifest, without_fused_attention
+from surgery.pieces.cut import piece_info
 
 ort = pytest.importorskip("onnxruntime")
 

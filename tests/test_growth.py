@@ -21,8 +21,8 @@ import surgery
 from growth.check import vary_constant_weights
 from growth.errors import GrowthError
 from surgery.channels import infer_shapes
-from surgery.errors import SurgeryError
-from surgery.names import GraphIndex
+from surgery.core.errors import SurgeryError
+from surgery.graph.names import GraphIndex
 
 MODELS = ["resnet18", "resnet50", "mobilenet_v2", "densenet121", "efficientnet_b0", "convnext_tiny", "vgg11_bn"]
 NONE = {"activation": None}
@@ -246,7 +246,7 @@ def test_grown_models_are_normal_modules_that_cut_at_module_paths(resnet18: nn.M
         pieces = surgery.cut(grown.eval(), at)
         with torch.no_grad():
             assert torch.equal(pieces(x), grown(x)), at
-    index = surgery.names.GraphIndex(grown.graph)
+    index = surgery.graph.names.GraphIndex(grown.graph)
     assert index.node("layer2.0.net2deeper0").target == "layer2.0.net2deeper0.2"
     end = index.node("layer2")  # the skip joins at the end of layer2
     assert end.args[1].target == "layer2.skip0.0"

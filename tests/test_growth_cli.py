@@ -9,8 +9,8 @@ import torch
 
 import surgery
 from growth.graphedit import default_inputs
-from surgery.flops import human
-from surgery.inputs import Example
+from surgery.graph.flops import human
+from surgery.graph.inputs import Example
 
 
 def _per_sample(model: torch.nn.Module, example: Example) -> float:

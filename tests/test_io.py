@@ -1,4 +1,4 @@
-"""surgery.io: save/load round trips are exact; tampered or truncated files and non-empty directories are refused."""
+"""surgery.files.io: save/load round trips are exact; tampered or truncated files, non-empty directories refused."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import surgery
-from surgery.cut import piece_info
+from surgery.pieces.cut import piece_info
 
 
 def test_save_load_round_trip_is_exact(tmp_path: Path, r18: torch.nn.Module) -> None:

@@ -10,12 +10,12 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from xross.config import TrainConfig
 from xross.data.decode import ImageTensors
+from xross.data.labels import UNLABELED, hard_label_ce, labeled_accuracy, per_image_ce
 from xross.data.semi import keep_labels, load_unlabeled
 from xross.errors import XrossError
-from xross.labels import UNLABELED, hard_label_ce, labeled_accuracy, per_image_ce
-from xross.trainer import Trainer
+from xross.methods.trainer import Trainer
+from xross.run.config import TrainConfig
 
 
 def test_unlabelled_rows_get_zero_loss_and_zero_gradient() -> None:

@@ -1,4 +1,4 @@
-"""xross.losses: the XML, DML, KD, independent and distillation terms against hand-written references."""
+"""xross.methods.objectives: the XML, DML, KD, independent and distillation terms against hand-written references."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ import torch
 import torch.nn.functional as F
 from helpers import tiny
 
-from xross.cohort import Cohort
-from xross.losses import DML, KD, XML, DistillLoss, Independent, kl, peer_kl, soft_cross_entropy
+from xross.cohort.grid import Cohort
+from xross.methods.objectives import DML, KD, XML, DistillLoss, Independent, kl, peer_kl, soft_cross_entropy
 
 
 @pytest.fixture

@@ -1,4 +1,4 @@
-"""surgery.matching: matching the channels of two networks recovers a shuffle, also between unequal counts."""
+"""surgery.pieces.matching: matching the channels of two networks recovers a shuffle, also between unequal counts."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""surgery.models: an unknown model name is refused in one line that lists the closest known names."""
+"""surgery.models.build: an unknown model name is refused in one line that lists the closest known names."""
 
 from __future__ import annotations
 

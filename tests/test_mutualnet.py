@@ -1,4 +1,4 @@
-"""xross.mutualnet: the sandwich rule, a run that resumes bit for bit, the query table, best and export.
+"""xross.methods.mutualnet: the sandwich rule, a run that resumes bit for bit, the query table, best and export.
 
 Small runs on the generated CIFAR-10 stand-in (CPU, one thread).
 """
@@ -13,10 +13,10 @@ import torch
 from helpers import assert_same_tensors, final_state, finish, interrupt_after_steps, xross
 
 import surgery
-from xross.config import TrainConfig
 from xross.errors import XrossError
-from xross.mutualnet import calibrate, calibration_images, resize, sample_settings
-from xross.run import load_slim
+from xross.methods.mutualnet import calibrate, calibration_images, resize, sample_settings
+from xross.run.config import TrainConfig
+from xross.run.directory import load_slim
 
 
 def mutualnet_args(archive: Path, cache: Path, out: Path, *extra: str) -> list[str]:

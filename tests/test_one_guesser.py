@@ -15,7 +15,7 @@ from test_optional_inputs import TEXT, VOCAB, _value, text_model
 import growth
 import surgery
 from growth.errors import GrowthError
-from surgery.inputs import CANDIDATE_SIZES, candidate_examples, declared_example, default_example
+from surgery.graph.inputs import CANDIDATE_SIZES, candidate_examples, declared_example, default_example
 
 POST_NORM = {"bert", "distilbert"}  # a zero-branch block copy would normalise twice: no block site
 
@@ -66,7 +66,7 @@ def test_a_timm_vit_built_for_small_images_is_guessed_at_its_own_size() -> None:
 
 
 def test_a_grown_text_model_is_guessed_from_the_inputs_its_graph_records() -> None:
-    from surgery.inputs import recorded_example
+    from surgery.graph.inputs import recorded_example
 
     gpt2 = text_model("gpt2")
     deeper = growth.net2deeper(gpt2, "transformer.h.0", kind="block")  # a GraphModule: no config, no main input

@@ -100,7 +100,7 @@ def test_a_hierarchical_vit_cuts_exactly_at_each_stage_end() -> None:
 
 def test_an_optional_argument_is_traced_at_its_default_and_cut_again_when_given() -> None:
     net = hiera()
-    assert surgery.tracing.optional_defaults(net) == {"mask": None}
+    assert surgery.graph.fx.optional_defaults(net) == {"mask": None}
     x = torch.randn(2, 3, 64, 64)
     keep = torch.tensor([[1, 0, 1, 1], [1, 1, 0, 1]], dtype=torch.bool)  # 2x2 mask units, 3 kept in each
     pieces = surgery.cut(net, "blocks.1")

@@ -201,7 +201,7 @@ def workdir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("XROSS_CACHE", str(tmp_path / ".cache"))
     monkeypatch.setenv("MPLBACKEND", "Agg")
-    from surgery import clikit
+    from surgery.cli import kit as clikit
 
     for console in (clikit.console, clikit.err_console):  # a terminal of 120 columns, not a pipe's 80
         monkeypatch.setattr(console, "width", 120)

@@ -1,4 +1,4 @@
-"""surgery.render: pieces drawn as graphviz DOT, and as SVG where graphviz's ``dot`` binary is installed."""
+"""surgery.pieces.render: pieces drawn as graphviz DOT, and as SVG where graphviz's ``dot`` binary is installed."""
 
 from __future__ import annotations
 

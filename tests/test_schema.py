@@ -22,17 +22,18 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from helpers import cli_app
 from hypothesis import HealthCheck, given, seed, settings
 from hypothesis import strategies as st
 from PIL import Image
 
 import growth
 import surgery
-from surgery.clikit import run_app
-from surgery.errors import UserError
-from xross.checkpoint import CheckpointDir
-from xross.config import TrainConfig
-from xross.run import build_cohort
+from surgery.cli.kit import run_app
+from surgery.core.errors import UserError
+from xross.run.checkpoint import CheckpointDir
+from xross.run.config import TrainConfig
+from xross.run.directory import build_cohort
 
 MUTANTS = 200  # distinct mutated files per file type, at least
 EXAMPLES = 240  # hypothesis examples drawn to get them (a few draws repeat)
@@ -118,9 +119,7 @@ def mutated(draw: st.DrawFn, doc: Any, dump: Any) -> bytes:
 
 def _run(tool: str, *args: Any) -> tuple[int, str]:
     """Run a CLI in-process: (exit status, stderr). Anything but a clean exit 0/2 fails the test with its traceback."""
-    import importlib
-
-    app = importlib.import_module(f"{tool}.cli").app
+    app = cli_app(tool)
     err = io.StringIO()
     with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
         try:

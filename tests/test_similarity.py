@@ -1,12 +1,12 @@
-"""xross.similarity: linear CKA against a hand-written reference, and per cut of a cohort."""
+"""xross.analysis.similarity: linear CKA against a hand-written reference, and per cut of a cohort."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from xross.cohort import Cohort
-from xross.similarity import boundary_features, cohort_cka, linear_cka, loss_term_curves
+from xross.analysis.similarity import boundary_features, cohort_cka, linear_cka, loss_term_curves
+from xross.cohort.grid import Cohort
 
 
 def reference_cka(x: torch.Tensor, y: torch.Tensor) -> float:

@@ -1,4 +1,4 @@
-"""surgery.slim: one set of weights at any width, exact against the extracted network, on real model families."""
+"""surgery.channels.slim: one set of weights at any width, exact against the extracted network, on real families."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ import torch
 import torchvision
 
 import surgery
-from surgery.errors import SurgeryError
-from surgery.slim import kept_channels, make_divisible
+from surgery.channels.slim import kept_channels, make_divisible
+from surgery.core.errors import SurgeryError
 
 FAMILIES = {
     "resnet18": lambda: torchvision.models.resnet18(num_classes=10),

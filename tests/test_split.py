@@ -10,8 +10,8 @@ import torch
 import torchvision
 
 import surgery
-from surgery.cutpoints import CutPoint
-from surgery.split import ALL_ON_DEVICE, ALL_ON_SERVER, rank_splits
+from surgery.pieces.cutpoints import CutPoint
+from surgery.pieces.split import ALL_ON_DEVICE, ALL_ON_SERVER, rank_splits
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import surgery
-from surgery.flops import human
+from surgery.graph.flops import human
 
 
 def _flops_per_sample(out: str, index: int) -> str:

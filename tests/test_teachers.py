@@ -1,4 +1,4 @@
-"""xross.teachers: references to teachers, a cohort's paths through shared prefixes, ensemble targets."""
+"""xross.run.teachers: references to teachers, a cohort's paths through shared prefixes, ensemble targets."""
 
 from __future__ import annotations
 
@@ -6,10 +6,10 @@ import pytest
 import torch
 
 import surgery
-from xross.checkpoint import CheckpointDir, read_checkpoint
-from xross.cohort import Cohort
+from xross.cohort.grid import Cohort
 from xross.errors import XrossError
-from xross.teachers import Teachers, check_classes, ensemble_logits, ensemble_probs, load_teachers
+from xross.run.checkpoint import CheckpointDir, read_checkpoint
+from xross.run.teachers import Teachers, check_classes, ensemble_logits, ensemble_probs, load_teachers
 
 
 def test_a_cohorts_paths_match_each_path_run_alone(cohort: Cohort) -> None:
@@ -63,7 +63,7 @@ def test_a_hugging_face_classifier_distils_as_teacher_and_as_student(tmp_path, c
     from transformers import ViTConfig, ViTForImageClassification
 
     from xross.data.synthetic import write_synthetic
-    from xross.evaluate import EvalResult
+    from xross.run.evaluate import EvalResult
 
     torch.manual_seed(0)
     config = ViTConfig(image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,

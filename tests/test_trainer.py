@@ -15,12 +15,12 @@ import torch
 from helpers import assert_same_tensors, final_state, finish, interrupt_after_steps, xross
 
 import surgery
-from xross.checkpoint import CheckpointDir, read_checkpoint
-from xross.config import TrainConfig
 from xross.data import Augment
 from xross.errors import TrainingDiverged, XrossError
-from xross.metrics import read_metrics
-from xross.trainer import Trainer, term_groups
+from xross.methods.trainer import Trainer, term_groups
+from xross.run.checkpoint import CheckpointDir, read_checkpoint
+from xross.run.config import TrainConfig
+from xross.run.metrics import read_metrics
 
 
 def small_config(tmp_path: Path, cifar10_archive: Path, data_cache: Path, **over) -> TrainConfig:

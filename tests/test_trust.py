@@ -1,4 +1,4 @@
-"""surgery.trust: no name read from a file runs code outside the trusted packages unless the user says so.
+"""surgery.core.trust: no name read from a file runs code outside the trusted packages unless the user says so.
 
 Every route by which a file can name code is tried with a name that would leave a
 marker file behind if it were imported or called; the marker must not appear, and the
@@ -18,11 +18,11 @@ import torch
 import yaml
 
 import surgery
-from surgery.errors import SurgeryError
-from surgery.trust import Kind, in_trusted_package, resolve
-from xross.checkpoint import CheckpointDir
-from xross.config import DistillConfig, TrainConfig
-from xross.run import build_cohort
+from surgery.core.errors import SurgeryError
+from surgery.core.trust import Kind, in_trusted_package, resolve
+from xross.run.checkpoint import CheckpointDir
+from xross.run.config import DistillConfig, TrainConfig
+from xross.run.directory import build_cohort
 
 SMALL = {
     "source": "growth.models:small_vgg",
@@ -62,7 +62,7 @@ def evil(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 
 
 def _saved_pieces(tmp_path: Path) -> Path:
-    net = surgery.models.rebuild(surgery.Recipe.model_validate(SMALL))
+    net = surgery.models.build.rebuild(surgery.Recipe.model_validate(SMALL))
     return surgery.save(surgery.cut(net.eval(), "features.0", torch.randn(1, 3, 8, 8)), tmp_path / "pieces")
 
 
@@ -90,10 +90,10 @@ def test_whole_package_names_are_compared() -> None:
 @pytest.mark.parametrize(
     ("spec", "kind", "message"),
     [
-        ("surgery.io:os.system", Kind.MODEL_SOURCE, "reaches 'os'"),
-        ("surgery.trust:importlib.import_module", Kind.MODEL_SOURCE, "reaches 'importlib'"),
-        ("surgery.recipe:importlib.import_module", Kind.MODEL_SOURCE, "has no attribute 'importlib'"),
-        ("surgery._util:shutil.copyfile", Kind.MODEL_SOURCE, "reaches 'shutil'"),
+        ("surgery.files.io:os.system", Kind.MODEL_SOURCE, "reaches 'os'"),
+        ("surgery.core.trust:importlib.import_module", Kind.MODEL_SOURCE, "reaches 'importlib'"),
+        ("surgery.core.recipe:importlib.import_module", Kind.MODEL_SOURCE, "has no attribute 'importlib'"),
+        ("surgery.core.util:shutil.copyfile", Kind.MODEL_SOURCE, "reaches 'shutil'"),
         ("torch.hub:load", Kind.MODEL_SOURCE, "not an nn.Module class or a known model builder"),
         ("torch.nn.functional:relu", Kind.MODULE_CLASS, "not an nn.Module class"),
         ("torchvision.models:resnet18", Kind.MODULE_CLASS, "not an nn.Module class"),
@@ -114,12 +114,14 @@ def test_allowed_kinds_resolve() -> None:
     assert resolve("torch.nn:Conv2d") is torch.nn.Conv2d
     assert resolve("torchvision.models:resnet18", kind=Kind.MODEL_SOURCE) is torchvision.models.resnet18
     assert resolve("growth.models:small_vgg", kind=Kind.MODEL_SOURCE).__name__ == "small_vgg"
-    assert resolve("surgery.io:os.system", trust_code=True) is __import__("os").system  # trusted: anything callable
+    assert (
+        resolve("surgery.files.io:os.system", trust_code=True) is __import__("os").system
+    )  # trusted: anything callable
 
 
 def test_builders_cannot_download() -> None:
     with pytest.raises(SurgeryError, match="'weights' would download weights"):
-        surgery.models.rebuild(
+        surgery.models.build.rebuild(
             surgery.Recipe(source="torchvision.models:resnet18", kwargs={"weights": "IMAGENET1K_V1"})
         )
     with pytest.raises(SurgeryError, match="'pretrained' would download weights"):
@@ -132,11 +134,11 @@ def test_builders_cannot_download() -> None:
 @pytest.mark.parametrize(
     ("source", "kwargs"),
     [
-        ("surgery.io:os.system", {"command": "touch {marker}"}),
-        ("surgery.recipe:importlib.import_module", {"name": "evilpkg"}),
-        ("surgery.trust:importlib.import_module", {"name": "evilpkg"}),
-        ("surgery.io:shutil.copyfile", {"src": "{recipe}", "dst": "{marker}"}),
-        ("surgery._util:shutil.copyfile", {"src": "{recipe}", "dst": "{marker}"}),
+        ("surgery.files.io:os.system", {"command": "touch {marker}"}),
+        ("surgery.core.recipe:importlib.import_module", {"name": "evilpkg"}),
+        ("surgery.core.trust:importlib.import_module", {"name": "evilpkg"}),
+        ("surgery.files.io:shutil.copyfile", {"src": "{recipe}", "dst": "{marker}"}),
+        ("surgery.core.util:shutil.copyfile", {"src": "{recipe}", "dst": "{marker}"}),
         ("evilpkg:build", {}),
     ],
 )
@@ -175,7 +177,9 @@ def test_leaf_module_classes(cli, tmp_path: Path, evil: Path) -> None:
     _one_line_refusal(cli("surgery", "show", d, "--out", tmp_path / "g.dot"), evil)
 
 
-@pytest.mark.parametrize("cls", ["surgery.io:os.system", "torch.nn:os.system", "evilpkg:Leaf", "torchrelevil:Leaf"])
+@pytest.mark.parametrize(
+    "cls", ["surgery.files.io:os.system", "torch.nn:os.system", "evilpkg:Leaf", "torchrelevil:Leaf"]
+)
 def test_module_specs_of_adapters_and_replacements(cli, tmp_path: Path, evil: Path, cls: str) -> None:
     a = surgery.cut(surgery.build_model("resnet18", num_classes=10).eval(), "layer2", torch.randn(1, 3, 32, 32))
     b = surgery.cut(surgery.build_model("resnet50", num_classes=10).eval(), "layer2", torch.randn(1, 3, 32, 32))

@@ -19,7 +19,7 @@ import growth
 import surgery
 from growth.check import output_change, vary_constant_weights
 from growth.errors import GrowthError
-from surgery.inputs import Example
+from surgery.graph.inputs import Example
 
 transformers.logging.set_verbosity_error()
 TEXT = {"num_hidden_layers": 2, "hidden_size": 32, "num_attention_heads": 4, "intermediate_size": 64, "vocab_size": 120}

@@ -8,9 +8,9 @@ import pytest
 import torch
 
 import surgery
-from surgery.flops import human
-from xross.config import TrainConfig
-from xross.evaluate import EvalResult
+from surgery.graph.flops import human
+from xross.run.config import TrainConfig
+from xross.run.evaluate import EvalResult
 
 FLOPS_NOTE = "FLOPs per sample: forward FLOPs counted on float32:1x3x32x32"
 

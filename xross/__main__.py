@@ -1,5 +1,5 @@
 """``python -m xross`` (and ``torchrun ... -m xross train``) runs the xross CLI."""
 
-from xross.cli import main
+from xross.cli.main import main
 
 main()

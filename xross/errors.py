@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from surgery.errors import UserError
+from surgery.core.errors import UserError
 
 
 class XrossError(UserError):

@@ -23,7 +23,7 @@ layers that read them (*consumers*), plus the reasons a change would not be exac
 "reaches the model output (node 'output')"
 
 The analysis only reads the graph and the shapes of a meta-device run (no
-arithmetic): the weight edits that use it live in :mod:`surgery.remap` and
+arithmetic): the weight edits that use it live in :mod:`surgery.channels.remap` and
 :mod:`growth`.
 
 The package holds shape inference (:mod:`~surgery.channels.shapes`), the result types
@@ -38,7 +38,6 @@ from typing import Any
 
 from torch import fx, nn
 
-from surgery.capture import trace
 from surgery.channels import rules  # noqa: F401 - importing the rule families registers them for the walk
 from surgery.channels.groups import (
     ChannelAnalysis,
@@ -50,6 +49,7 @@ from surgery.channels.groups import (
 from surgery.channels.registry import ModuleRule, NodeRule
 from surgery.channels.shapes import Shapes, describe_node, infer_shapes
 from surgery.channels.walk import _Walk
+from surgery.graph.capture import trace
 
 __all__ = [
     "ChannelAnalysis",

@@ -14,8 +14,8 @@ from dataclasses import dataclass, field
 from torch import fx
 
 from surgery.channels.shapes import Shapes
-from surgery.errors import SurgeryError
-from surgery.names import GraphIndex
+from surgery.core.errors import SurgeryError
+from surgery.graph.names import GraphIndex
 
 
 @dataclass(frozen=True)

@@ -8,7 +8,7 @@ class's MRO), per function (:data:`_FUNCTION_RULES`) or per tensor method name
 
 A rule that leaves a channel count written in the graph (a slice bound, split sizes)
 records it as a *literal* endpoint of kind ``k`` and registers in :data:`_LITERAL_EDITS`
-how to rewrite that node when the widths change (:func:`surgery.remap.remap_channels`
+how to rewrite that node when the widths change (:func:`surgery.channels.remap.remap_channels`
 calls it).
 """
 

@@ -1,7 +1,7 @@
 """Shape inference for the channel analysis: a meta-device run gives every node's output shape.
 
 :func:`infer_shapes` runs a traced graph on meta tensors (shapes only, no arithmetic,
-parameters never copied), trying the inputs :mod:`surgery.inputs` guesses when no example is given, and
+parameters never copied), trying the inputs :mod:`surgery.graph.inputs` guesses when no example is given, and
 returns a :class:`Shapes`; :func:`describe_node` names a node the way error messages do.
 """
 
@@ -15,9 +15,9 @@ from torch import fx, nn
 from torch.func import functional_call
 from torchvision.ops import StochasticDepth
 
-from surgery._util import evaluating, first_line
-from surgery.errors import SurgeryError
-from surgery.inputs import Example, candidate_examples, model_dtype
+from surgery.core.errors import SurgeryError
+from surgery.core.util import evaluating, first_line
+from surgery.graph.inputs import Example, candidate_examples, model_dtype
 
 # modules that act on each value alone: the channels pass through them unchanged
 ELEMENTWISE_MODULES: tuple[type, ...] = (
@@ -113,7 +113,7 @@ def _meta(value: Any, dtype: torch.dtype) -> Any:
 def infer_shapes(gm: fx.GraphModule, example_input: Any = None) -> Shapes:
     """Shapes of every node from a meta-device run on ``example_input`` (shapes only are used).
 
-    Without an example, tries :func:`surgery.inputs.candidate_examples` (the model's
+    Without an example, tries :func:`surgery.graph.inputs.candidate_examples` (the model's
     declared input, else 2x3xSxS images for S in 64, 32, 96, 224, 299, or a 2xF vector
     for a Linear first layer) and keeps the first that runs; growth passes the declared
     input of the model it traced (:class:`growth.graphedit.Workbench`).

@@ -37,7 +37,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from surgery._util import TMP_MARK, atomic_write, atomic_write_text
+from surgery.core.util import TMP_MARK, atomic_write, atomic_write_text
 from xross.data.decode import ImageTensors
 from xross.data.sources import Split, split_names
 from xross.errors import XrossError

@@ -1,7 +1,7 @@
 """Semi-supervised training data: a labelled fraction of a split, and folders of unlabelled images.
 
-An image without a label carries :data:`xross.labels.UNLABELED` (-1); the objectives give it no
-hard-label term (:func:`xross.labels.hard_label_ce`), only the mutual ones.
+An image without a label carries :data:`xross.data.labels.UNLABELED` (-1); the objectives give it no
+hard-label term (:func:`xross.data.labels.hard_label_ce`), only the mutual ones.
 
 >>> import torch
 >>> data = ImageTensors(torch.zeros(8, 3, 2, 2, dtype=torch.uint8), torch.tensor([0, 0, 0, 0, 1, 1, 1, 1]), ["a", "b"])
@@ -18,10 +18,10 @@ import torch
 
 from xross.data.augment import derive_seed
 from xross.data.decode import ImageTensors, decode_all, stack
+from xross.data.labels import UNLABELED
 from xross.data.sources import Listing, is_image
 from xross.data.subset import stratified
 from xross.errors import XrossError
-from xross.labels import UNLABELED
 
 
 def keep_labels(data: ImageTensors, fraction: float, seed: int = 0) -> ImageTensors:

@@ -31,7 +31,7 @@ import torch
 import torchvision
 from torchvision.datasets.folder import IMG_EXTENSIONS
 
-from surgery.errors import did_you_mean
+from surgery.core.errors import did_you_mean
 from xross.data.progress import DelayedProgress
 from xross.errors import XrossError
 

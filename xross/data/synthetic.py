@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from surgery._util import atomic_directory, atomic_write
+from surgery.core.util import atomic_directory, atomic_write
 from xross.errors import XrossError
 
 __all__ = ["CIFAR10_CLASSES", "pack_archive", "synthetic_image", "write_synthetic"]

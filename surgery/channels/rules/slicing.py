@@ -5,7 +5,7 @@ selects; where a bound falls inside a group, the group is split there (each piec
 own group: the input's producers then write several groups, and widening one piece
 widens only its part of them). The bounds and sizes are written in the graph, so each
 such node is a *literal* of the groups of its input: when their widths change,
-:func:`surgery.remap.remap_channels` rewrites it (:func:`_rewrite_slice`,
+:func:`surgery.channels.remap.remap_channels` rewrites it (:func:`_rewrite_slice`,
 :func:`_rewrite_split`) so that it still selects the same channels, which keeps a
 widening exact (GhostNet's ``cat([x1, x2])[:, :out_chs]``, MixNet's mixed convs, CSP's
 ``split``). Splits along another dim keep the channels whole in every piece; a strided

@@ -1,0 +1,270 @@
+"""The xross training loop: K networks, P parts, one objective, resumable and data-parallel.
+
+>>> from xross.run.config import TrainConfig
+>>> from xross.methods.trainer import Trainer
+>>> cfg = TrainConfig(nets=["resnet18", "resnet34"], cuts=["layer2"], mode="xml",
+...                   data="../shared/data/cifar10-jpeg.tar.xz", subset=512, epochs=1, out="runs/demo")
+>>> result = Trainer(cfg, force=True).fit()                            # doctest: +SKIP
+
+One step (``train_step``): every path the objective needs is computed once through a
+prefix tree; each student's loss is formed from its own path, its peers' detached
+predictions and its cross paths. With ``schedule="alternate"`` (the research's) each
+student's loss reaches only that student's parameters (and the adapters it owns):
+gradients flow *through* teacher parts, but teacher parameters receive nothing from
+it. With ``schedule="joint"`` the summed loss is back-propagated once into every
+part it passes through (cheaper, not the research's update). Then one optimizer step.
+"""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from xross.analysis.similarity import cohort_cka
+from xross.cohort.exits import exit_loss, exit_prefixes
+from xross.data import ImageTensors
+from xross.data.labels import labeled_accuracy
+from xross.data.semi import keep_labels, labeled_only, load_unlabeled, with_unlabeled
+from xross.methods.mutualnet import MutualNetTrainer
+from xross.methods.objectives import MODES, LossTerms, Mode, make_mode
+from xross.run.config import TrainConfig, config_from_options
+from xross.run.directory import build_cohort, check_sources, load_cohort_weights
+from xross.run.distributed import sum_over_ranks
+from xross.run.engine import RunEngine
+from xross.run.evaluate import EvalResult, evaluate
+from xross.run.optim import ParamGroup
+from xross.run.teachers import ensemble_probs
+
+ADAPTER_OWNERS = {"student": "any", "up": "src", "down": "dst"}
+
+
+class Trainer(RunEngine):
+    """Trains a cohort as ``config`` says; ``fit()`` runs to the end (or to a signal).
+
+    Options as :class:`xross.run.engine.RunEngine`; ``trust_typed`` covers ``config.nets``.
+    """
+
+    config: TrainConfig
+    command_name = "train"
+
+    # --- the engine's hooks ----------------------------------------------------------------------
+
+    def check_inputs(self, config: TrainConfig) -> None:  # type: ignore[override]
+        check_sources(config.nets, self.trust_typed, "the net")
+        if MODES[config.mode].needs_teacher:
+            self.load_teachers(config)
+
+    def training_images(self, train: ImageTensors, config: TrainConfig) -> ImageTensors:  # type: ignore[override]
+        """Semi-supervised data: only ``labeled_fraction`` of the images keep their label, the ``unlabeled``
+        folder is added; independent training, which learns nothing from an unlabelled image, drops them."""
+        train = keep_labels(train, config.labeled_fraction, config.seed)
+        if config.unlabeled:
+            extra = load_unlabeled(config.unlabeled, int(train.images.shape[-1]), self.progress)
+            train = with_unlabeled(train, extra)
+        return labeled_only(train) if config.mode == "independent" else train
+
+    def build(self, resume: bool) -> None:
+        config = self.config
+        self.train_logits: dict[int, torch.Tensor] = {}  # each student's own-path logits of the last step
+        self.cohort = build_cohort(config, self.device, self.dist.enabled, trust_code=self.trust_typed).to(self.dtype)
+        if config.channels_last:
+            self.cohort = self.cohort.to(memory_format=torch.channels_last)
+        self.mode: Mode = make_mode(
+            config.mode,
+            cross=config.cross,
+            cross_weight=config.cross_weight,
+            peer_target=config.peer_target,
+            temperature=config.temperature,
+            alpha=config.kd_alpha,
+            label_smoothing=config.label_smoothing,
+        )
+        self.paths = self.mode.paths(self.cohort)
+        self.exit_prefixes = exit_prefixes(self.paths, self.cohort.num_parts) if config.exits else []
+        if config.init_from and not resume:
+            load_cohort_weights(self.cohort, Path(config.init_from), verify=self.verify)
+        self.trainables = [self._trainables(i) for i in range(self.cohort.num_nets)]
+
+    def param_groups(self) -> list[ParamGroup]:
+        if self.config.frozen_cohort:
+            return [{"params": list(self.cohort.exits.parameters())}]  # type: ignore[union-attr]
+        return [{"params": list(self.cohort.parameters())}]
+
+    def model_state(self) -> dict[str, Any]:
+        return {"cohort": self.cohort.state_dict()}
+
+    def load_model_state(self, state: dict[str, Any]) -> None:
+        self.cohort.load_state_dict(state["cohort"])
+
+    def compile(self) -> None:
+        for net in self.cohort.nets:
+            for piece in net:
+                piece.compile()
+
+    def _trainables(self, i: int) -> list[nn.Parameter]:
+        """Parameters student i's loss updates: its net, the adapters it owns and its exit heads
+        (only the heads with ``frozen_cohort``)."""
+        heads = self.cohort.exits.parameters_of(i) if self.cohort.exits is not None else []
+        if self.config.frozen_cohort:
+            return heads
+        return (
+            self.cohort.net_parameters(i)
+            + self.cohort.adapter_parameters(i, ADAPTER_OWNERS[self.config.adapter_update])
+            + heads
+        )
+
+    # --- one step -----------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def teacher_logits(self, images: torch.Tensor) -> torch.Tensor | None:
+        """KD target as logits whose softmax at temperature T is the teachers' (weighted) mean softmax at T."""
+        if self.teachers is None:
+            return None
+        t = self.config.temperature
+        probs = ensemble_probs(self.teachers(images), t, self.teacher_weights)
+        return probs.clamp_min(1e-12).log() * t
+
+    def train_step(
+        self, images: torch.Tensor, labels: torch.Tensor, students: list[int] | None = None
+    ) -> dict[int, LossTerms]:
+        """One optimizer step on a batch; only ``students`` (default all) learn from it."""
+        students = list(range(self.cohort.num_nets)) if students is None else students
+        images = self.prepare_images(images)
+        if self.config.frozen_cohort:  # BatchNorm statistics stay as the trained cohort left them
+            self.cohort.nets.eval()
+            self.cohort.adapters.eval()
+        values: dict = {}
+        with self.autocast(), torch.set_grad_enabled(not self.config.frozen_cohort):
+            logits = self.cohort.forward_paths(images, self.paths, shared=self.config.shared_prefixes, prefixes=values)
+        with self.autocast():
+            target = self.teacher_logits(images)
+            losses = {i: self._loss(i, logits, values, labels, target) for i in students}
+        for i, loss in losses.items():
+            self.check_finite(loss.terms, f" of net {i} ({self.config.nets[i]})")
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.config.schedule == "joint":
+            self.scaler.scale(torch.stack([loss.total for loss in losses.values()]).sum()).backward()
+        else:
+            for n, (i, loss) in enumerate(losses.items()):
+                params = self.trainables[i]
+                grads = torch.autograd.grad(
+                    self.scaler.scale(loss.total), params, retain_graph=n < len(losses) - 1, allow_unused=True
+                )
+                for p, g in zip(params, grads):
+                    if g is not None:
+                        p.grad = g if p.grad is None else p.grad + g
+        self.optimizer_step()
+        self.train_logits = {i: logits[self.cohort.own_path(i)].detach() for i in students}
+        return losses
+
+    def _loss(
+        self,
+        i: int,
+        logits: dict[tuple[int, ...], torch.Tensor],
+        values: dict[tuple[int, ...], Any],
+        labels: torch.Tensor,
+        target: torch.Tensor | None,
+    ) -> LossTerms:
+        """Student i's loss: the mode's terms (none with ``frozen_cohort``) plus its exit terms."""
+        if self.config.frozen_cohort:
+            loss = LossTerms({}, torch.zeros((), device=labels.device))
+        else:
+            loss = self.mode.loss(i, logits, labels, self.cohort, target)
+        if self.exit_prefixes:
+            own = [p for p in self.exit_prefixes if p[-1] == i]
+            term = exit_loss(
+                self.cohort.exits,  # type: ignore[arg-type]
+                values,
+                own,
+                labels,
+                self.config.exit_weight_list(),
+                self.config.label_smoothing,
+            )
+            if i in term:
+                loss = LossTerms({**loss.terms, "exits": term[i]}, loss.total + term[i])
+        return loss
+
+    def step(self, images: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
+        losses = self.train_step(images, labels)
+        row: dict[str, float] = {}
+        for i, loss in losses.items():
+            row[f"loss{i}"] = float(loss.total.detach())
+            row[f"acc{i}"] = labeled_accuracy(self.train_logits[i], labels)
+            for group, value in term_groups(loss.terms).items():
+                row[f"{group}{i}"] = value
+        return row
+
+    def progress_text(self, row: dict[str, float]) -> str:
+        nets = sorted({k[4:] for k in row if k.startswith("loss")})
+        return "  ".join(f"loss{i} {row[f'loss{i}']:.3f} acc{i} {row[f'acc{i}']:.1f}%" for i in nets)
+
+    # --- evaluation -----------------------------------------------------------------------------
+
+    def epoch_metrics(self) -> dict[str, float]:
+        own = [self.cohort.own_path(i) for i in range(self.cohort.num_nets)]
+        result = self.evaluate(own)
+        row = {f"top1_net{i}": result.own(i, self.cohort.num_parts).top1 for i in range(self.cohort.num_nets)}
+        row["top1_ensemble"] = result.ensembles["nets"].top1
+        row.update({f"top1_exit_{'-'.join(map(str, e.prefix))}": e.top1 for e in result.exits})  # with --exits
+        if self.config.cka_images:
+            row.update(self.cka())
+        return row
+
+    def cka(self) -> dict[str, float]:
+        """Linear CKA of the nets' features at every cut on the first ``cka_images`` test images."""
+        images, left = [], self.config.cka_images
+        for x, _ in self.eval_batches():
+            images.append(x[:left])
+            left -= len(images[-1])
+            if left <= 0:
+                break
+        return {f"cka_{key}": value for key, value in cohort_cka(self.cohort, images).items()}
+
+    def evaluate(self, paths: list[tuple[int, ...]] | None = None) -> EvalResult:
+        """Top-1/top-5 of ``paths`` (default all) on the evaluation split; each rank scores its part of every batch."""
+        return evaluate(
+            self.cohort,
+            self.eval_batches(),
+            self.config.image_size,
+            paths,
+            reduce=functools.partial(sum_over_ranks, info=self.dist),
+        )
+
+
+def term_groups(terms: dict[str, torch.Tensor]) -> dict[str, float]:
+    """A student's loss terms for the metrics, unweighted: its own path's (``ce``, ``kl``, ``kd``, ``exits``) and,
+    for xml, the mean over its cross paths of their CE and KL terms (``cross_ce``, ``cross_kl``: on the own
+    path's scale, so the two can be compared)."""
+    groups = {k: float(v.detach()) for k, v in terms.items() if "@" not in k}
+    for kind in ("ce", "kl"):
+        cross = [float(v.detach()) for k, v in terms.items() if k.startswith(f"{kind}@")]
+        if cross:
+            groups[f"cross_{kind}"] = sum(cross) / len(cross)
+    return groups
+
+
+def trainer_class(config: TrainConfig) -> type[RunEngine]:
+    """The engine that trains ``config``: :class:`Trainer` for a cohort, MutualNet's for ``mode="mutualnet"``."""
+    return MutualNetTrainer if config.mode == "mutualnet" else Trainer
+
+
+def train(
+    *,
+    resume: bool = False,
+    force: bool = False,
+    progress: bool = True,
+    trust_code: bool = False,
+    **options: Any,
+) -> EvalResult:
+    """Train a cohort (or, with ``mode="mutualnet"``, one net at every width) from keyword options (the fields
+    of :class:`xross.run.config.TrainConfig`).
+
+    With ``resume=True`` the run in ``out`` continues with its own config (``options`` may
+    raise ``epochs``). Returns the evaluation of every path (also in ``out/eval.json``).
+    """
+    config = config_from_options(TrainConfig, options, resume=resume)
+    engine = trainer_class(config)
+    return engine(config, resume=resume, force=force, progress=progress, trust_code=trust_code).fit()
