@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Sequence
-from pathlib import Path as FsPath
+from pathlib import Path
 from typing import Literal
 
 import torch
@@ -27,7 +27,7 @@ from surgery.core.schema import FileModel, Float
 from surgery.core.util import atomic_write_text, evaluating
 from xross.analysis.plots import pyplot, save_png
 from xross.analysis.similarity import boundary_features
-from xross.cohort.grid import Cohort, Path
+from xross.cohort.grid import Cohort, Route
 from xross.data.augment import seeded_generator
 
 Batches = Sequence[tuple[torch.Tensor, torch.Tensor]]
@@ -36,7 +36,7 @@ DIAGNOSE_JSON, FLATNESS_PNG, EMBEDDING_PNG = "diagnose.json", "flatness.png", "e
 
 
 @torch.no_grad()
-def path_scores(cohort: Cohort, batches: Batches, paths: Sequence[Path]) -> dict[Path, tuple[float, float]]:
+def path_scores(cohort: Cohort, batches: Batches, paths: Sequence[Route]) -> dict[Route, tuple[float, float]]:
     """(top-1 %, mean cross-entropy) of each path on ``batches``, in eval mode."""
     correct = {p: 0 for p in paths}
     loss = {p: 0.0 for p in paths}
@@ -72,8 +72,8 @@ def flatness(
     scales: Sequence[float] = NOISE_SCALES,
     draws: int = 3,
     seed: int = 0,
-    paths: Sequence[Path] | None = None,
-) -> dict[float, dict[Path, tuple[float, float]]]:
+    paths: Sequence[Route] | None = None,
+) -> dict[float, dict[Route, tuple[float, float]]]:
     """``{scale: {path: (top-1, loss)}}``, each the mean over ``draws`` noisy copies (one at scale 0)."""
     paths = list(paths) if paths is not None else cohort.paths()
     out = {}
@@ -99,7 +99,7 @@ def mean_entropy(logits: torch.Tensor) -> float:
 def net_entropies(cohort: Cohort, batches: Batches) -> list[float]:
     """Mean prediction entropy of each net (its own path) on ``batches``."""
     own = [cohort.own_path(i) for i in range(cohort.num_nets)]
-    chunks: dict[Path, list[torch.Tensor]] = {p: [] for p in own}
+    chunks: dict[Route, list[torch.Tensor]] = {p: [] for p in own}
     with evaluating(cohort):
         for images, _ in batches:
             logits = cohort.forward_paths(images, own)
@@ -116,7 +116,7 @@ def principal_components(x: torch.Tensor, k: int = 2) -> torch.Tensor:
     return x @ v[:k].T
 
 
-def embedding_plot(cohort: Cohort, batches: Batches, path: FsPath, title: str = "") -> FsPath | None:
+def embedding_plot(cohort: Cohort, batches: Batches, path: Path, title: str = "") -> Path | None:
     """A grid of scatter plots (rows: nets, columns: cuts) of the features' first two principal components,
     coloured by class; None without matplotlib."""
     plt = pyplot()
@@ -155,7 +155,7 @@ class DiagnoseReport(FileModel):
     noise_drop: Float
     """Top-1 the nets lose, on average, at the middle noise scale."""
 
-    def save(self, run: FsPath) -> None:
+    def save(self, run: Path) -> None:
         atomic_write_text(run / DIAGNOSE_JSON, self.model_dump_json(indent=1) + "\n")
 
 
@@ -186,7 +186,7 @@ def diagnose(
     )
 
 
-def flatness_plot(report: DiagnoseReport, path: FsPath, title: str = "") -> FsPath | None:
+def flatness_plot(report: DiagnoseReport, path: Path, title: str = "") -> Path | None:
     """Top-1 and loss of every path against the noise scale (own paths solid, stitched dashed)."""
     plt = pyplot()
     if plt is None:

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Iterable
-from pathlib import Path as FsPath
+from pathlib import Path
 from typing import Literal
 
 import torch
@@ -82,7 +82,7 @@ class SimilarityReport(FileModel):
     names: list[str]
     cka: dict[str, Float]
 
-    def save(self, run: FsPath) -> None:
+    def save(self, run: Path) -> None:
         atomic_write_text(run / SIMILARITY_JSON, self.model_dump_json(indent=1) + "\n")
 
 
@@ -108,8 +108,8 @@ def loss_term_curves(steps: list[dict[str, float]], num_nets: int) -> dict[tuple
 
 
 def similarity_plot(
-    report: SimilarityReport, steps: list[dict[str, float]], epochs: list[dict[str, float]], path: FsPath
-) -> FsPath | None:
+    report: SimilarityReport, steps: list[dict[str, float]], epochs: list[dict[str, float]], path: Path
+) -> Path | None:
     """Left: each net's own-path and cross-path loss terms over training; right: CKA per epoch (when the run
     logged it, ``cka_images``) or at the end. None without matplotlib."""
     plt = pyplot()

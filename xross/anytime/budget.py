@@ -30,7 +30,7 @@ import torch
 
 from surgery.core.util import evaluating
 from xross.cohort.exits import exit_prefixes
-from xross.cohort.grid import Cohort, Path
+from xross.cohort.grid import Cohort, Route
 
 LOG_RATIO_RANGE = 12.0
 NEVER = 2.0  # a threshold no softmax probability reaches: nobody leaves at that exit
@@ -109,15 +109,15 @@ def stage_costs(step: Sequence[float], exit_cost: Sequence[float]) -> list[float
 
 
 @torch.no_grad()
-def collect(cohort: Cohort, batches: Iterable[tuple[torch.Tensor, torch.Tensor]]) -> dict[Path, StageRecords]:
+def collect(cohort: Cohort, batches: Iterable[tuple[torch.Tensor, torch.Tensor]]) -> dict[Route, StageRecords]:
     """Every route's :class:`StageRecords` on ``batches`` (each prefix computed once per batch)."""
     paths = cohort.paths()
     prefixes = exit_prefixes(paths, cohort.num_parts)
-    confidence: dict[Path, list[torch.Tensor]] = {p: [] for p in [*prefixes, *paths]}
-    correct: dict[Path, list[torch.Tensor]] = {p: [] for p in confidence}
+    confidence: dict[Route, list[torch.Tensor]] = {p: [] for p in [*prefixes, *paths]}
+    correct: dict[Route, list[torch.Tensor]] = {p: [] for p in confidence}
     with evaluating(cohort):
         for images, labels in batches:
-            values: dict[Path, object] = {}
+            values: dict[Route, object] = {}
             logits = cohort.forward_paths(images, paths, prefixes=values)
             outputs = {**{q: cohort.exits.logits(q, values[q]) for q in prefixes}, **logits}  # type: ignore[union-attr]
             for q, out in outputs.items():

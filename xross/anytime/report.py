@@ -23,7 +23,7 @@ import csv
 import io
 import time
 from collections.abc import Callable, Sequence
-from pathlib import Path as FsPath
+from pathlib import Path
 from typing import Annotated, Literal
 
 import torch
@@ -44,7 +44,7 @@ from xross.anytime.runner import (
     minimum_deadline,
     plan,
 )
-from xross.cohort.grid import Cohort, Path
+from xross.cohort.grid import Cohort, Route
 from xross.data import load_split, split_holdout
 from xross.errors import XrossError
 from xross.run.config import TrainConfig
@@ -111,11 +111,11 @@ class AnytimeReport(FileModel):
     wall_clock_top1: dict[str, Float] = Field(default_factory=dict)
     wall_clock_late: dict[str, NonNegativeInt] = Field(default_factory=dict)
 
-    def save(self, run: FsPath) -> None:
+    def save(self, run: Path) -> None:
         atomic_write_text(run / ANYTIME_JSON, self.model_dump_json(indent=1) + "\n")
 
     @classmethod
-    def load(cls, run: FsPath) -> AnytimeReport:
+    def load(cls, run: Path) -> AnytimeReport:
         fix = f"run `xross anytime {run}` again"
         try:
             data = read_json_file(
@@ -132,7 +132,7 @@ def _top1(records: StageRecords, stage: int) -> float:
     return 100.0 * float(records.correct[stage].float().mean())
 
 
-def prefix_accuracy(records: dict[Path, StageRecords]) -> dict[Path, float]:
+def prefix_accuracy(records: dict[Route, StageRecords]) -> dict[Route, float]:
     """Top-1 of every exit (by prefix) and every path's final output, from the routes' records."""
     return {p[: k + 1]: _top1(r, k) for p, r in records.items() for k in range(r.num_stages)}
 
@@ -155,11 +155,11 @@ def deadline_grid(routes: Sequence[RouteCosts], count: int) -> list[float]:
 
 def _best_full(
     routes: Sequence[RouteCosts],
-    cal: dict[Path, float],
-    test: dict[Path, float],
+    cal: dict[Route, float],
+    test: dict[Route, float],
     cost: Callable[[RouteCosts], float],
     limit: float,
-) -> tuple[Path | None, float | None]:
+) -> tuple[Route | None, float | None]:
     """The full path best on the calibration split among those whose ``cost`` fits ``limit``, and its test top-1."""
     full = [r for r in routes if cost(r) <= limit]
     if not full:
@@ -169,7 +169,7 @@ def _best_full(
 
 
 def deadline_rows(
-    routes: Sequence[RouteCosts], cal: dict[Path, float], test: dict[Path, float], deadlines: Sequence[float]
+    routes: Sequence[RouteCosts], cal: dict[Route, float], test: dict[Route, float], deadlines: Sequence[float]
 ) -> list[DeadlineRow]:
     rows = []
     for d in deadlines:
@@ -193,8 +193,8 @@ def deadline_rows(
 
 def budget_rows(
     routes: Sequence[RouteCosts],
-    cal_records: dict[Path, StageRecords],
-    test_records: dict[Path, StageRecords],
+    cal_records: dict[Route, StageRecords],
+    test_records: dict[Route, StageRecords],
     shares: Sequence[float],
 ) -> list[BudgetRow]:
     cal, test = prefix_accuracy(cal_records), prefix_accuracy(test_records)
@@ -202,7 +202,7 @@ def budget_rows(
     rows = []
     for share in shares:
         budget = share * costliest
-        best: tuple[float, Path, list[float]] | None = None
+        best: tuple[float, Route, list[float]] | None = None
         for r in routes:
             costs = stage_costs(r.step_flops, r.exit_flops)
             thresholds = calibrate(cal_records[r.path], costs, budget)
@@ -237,8 +237,8 @@ def budget_rows(
 
 def operating_points(
     routes: Sequence[RouteCosts],
-    cal_records: dict[Path, StageRecords],
-    test_records: dict[Path, StageRecords],
+    cal_records: dict[Route, StageRecords],
+    test_records: dict[Route, StageRecords],
     count: int = 25,
 ) -> list[OperatingPoint]:
     """``count`` threshold settings per route, from every image at the first exit to every image at the end."""
@@ -287,7 +287,7 @@ def deadline_choice(result: EvalResult, table: LatencyTable, deadline_ms: float,
 def wall_clock_check(
     cohort: Cohort,
     table: LatencyTable,
-    cal: dict[Path, float],
+    cal: dict[Route, float],
     images: torch.Tensor,
     labels: torch.Tensor,
     deadlines: Sequence[float],
@@ -362,7 +362,7 @@ def anytime_report(
     return report
 
 
-def write_anytime_files(run: FsPath, report: AnytimeReport) -> list[FsPath]:
+def write_anytime_files(run: Path, report: AnytimeReport) -> list[Path]:
     """``anytime.json``, ``anytime.csv`` (one row per deadline and per budget) and, with matplotlib, ``anytime.png``."""
     report.save(run)
     buffer = io.StringIO()

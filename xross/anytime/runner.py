@@ -23,13 +23,13 @@ import dataclasses
 import math
 import time
 from collections.abc import Callable, Mapping, Sequence
-from pathlib import Path as FsPath
+from pathlib import Path
 from typing import Any
 
 import torch
 
 from xross.anytime.latency import LatencyTable, adapter_entry, exit_entry, latency_table, part_entry
-from xross.cohort.grid import Cohort, Path
+from xross.cohort.grid import Cohort, Route
 from xross.errors import XrossError
 from xross.run.directory import load_run
 from xross.run.evaluate import EvalResult
@@ -40,14 +40,14 @@ class RouteCosts:
     """Per stage ``k`` of a route: what running it costs (the adapter into part ``k``, then the part) and what
     answering from its exit costs (0 after the last part, whose classifier is part of it); ms and FLOPs."""
 
-    path: Path
+    path: Route
     step_ms: list[float]
     exit_ms: list[float]
     step_flops: list[float]
     exit_flops: list[float]
 
     @classmethod
-    def of(cls, path: Path, table: LatencyTable) -> RouteCosts:
+    def of(cls, path: Route, table: LatencyTable) -> RouteCosts:
         """The costs of ``path`` from the latency table (``xross profile`` measures every piece)."""
         last = len(path) - 1
         step: list[list[str]] = []
@@ -104,20 +104,20 @@ class RouteCosts:
 class Plan:
     """A route chosen for a deadline/budget, the exit the table says it reaches, and that exit's accuracy."""
 
-    path: Path
+    path: Route
     stage: int
     accuracy: float
     ms: float
     flops: float
 
     @property
-    def prefix(self) -> Path:
+    def prefix(self) -> Route:
         return self.path[: self.stage + 1]
 
 
 def plan(
     routes: Sequence[RouteCosts],
-    accuracy: Mapping[Path, float],
+    accuracy: Mapping[Route, float],
     deadline_ms: float | None = None,
     flops: float | None = None,
 ) -> Plan | None:
@@ -152,7 +152,7 @@ def check_deadline(routes: Sequence[RouteCosts], deadline_ms: float | None, devi
         )
 
 
-def accuracy_by_prefix(result: EvalResult) -> dict[Path, float]:
+def accuracy_by_prefix(result: EvalResult) -> dict[Route, float]:
     """Top-1 by prefix from an evaluation: every exit's, and every path's final output."""
     return {**{e.prefix: e.top1 for e in result.exits}, **{r.path: r.top1 for r in result.paths}}
 
@@ -162,7 +162,7 @@ class Answer:
     """What an any-time call returns: logits, the exit answered from (its prefix), time spent, FLOPs run."""
 
     logits: torch.Tensor
-    prefix: Path
+    prefix: Route
     elapsed_ms: float
     flops: float
     final: bool
@@ -189,8 +189,8 @@ class AnytimeRunner:
         deadline_ms: float | None = None,
         flops: float | None = None,
         *,
-        path: Path | None = None,
-        accuracy: Mapping[Path, float] | None = None,
+        path: Route | None = None,
+        accuracy: Mapping[Route, float] | None = None,
         clock: Callable[[], float] = time.perf_counter,
     ) -> None:
         if cohort.exits is None:
@@ -220,14 +220,14 @@ class AnytimeRunner:
 
     @classmethod
     def from_run(
-        cls, run: str | FsPath, deadline_ms: float | None = None, flops: float | None = None, **options: Any
+        cls, run: str | Path, deadline_ms: float | None = None, flops: float | None = None, **options: Any
     ) -> AnytimeRunner:
         """A runner over a run directory's cohort (newest weights) and latency table (measured now if it has
         none for this device); without ``path`` the route is chosen by the accuracies in its ``eval.json``.
 
         ``options``: ``path``, ``clock``; ``trust_code`` and ``verify`` as for loading the run.
         """
-        run = FsPath(run)
+        run = Path(run)
         trust_code, verify = options.pop("trust_code", False), options.pop("verify", True)
         _, cohort = load_run(run, trust_code=trust_code, verify=verify)
         table = latency_table(run, trust_code=trust_code, verify=verify)

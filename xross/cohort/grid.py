@@ -35,7 +35,8 @@ from xross.cohort.exits import ExitHeads, head_factory
 from xross.cohort.logits import as_logits
 from xross.errors import XrossError
 
-Path = tuple[int, ...]
+Route = tuple[int, ...]
+"""A route through the cohort grid: the net each part is taken from, ``(0, 1, 1)`` = part 0 of net 0, then net 1's."""
 
 
 def build_net(
@@ -189,14 +190,14 @@ class Cohort(nn.Module):
             self.adapters[adapter_key(boundary, src, dst)] if adapter_key(boundary, src, dst) in self.adapters else None
         )
 
-    def paths(self) -> list[Path]:
+    def paths(self) -> list[Route]:
         """All K**P paths, in lexicographic order (own paths included)."""
         return list(itertools.product(range(self.num_nets), repeat=self.num_parts))
 
-    def own_path(self, net: int) -> Path:
+    def own_path(self, net: int) -> Route:
         return (net,) * self.num_parts
 
-    def cross_paths(self, student: int, teacher: int, single: bool = False) -> list[Path]:
+    def cross_paths(self, student: int, teacher: int, single: bool = False) -> list[Route]:
         """Paths using only parts of ``student`` and ``teacher``, at least one of each (2**P - 2).
 
         ``single=True`` keeps those that differ from the student's own path in exactly one part.
@@ -207,7 +208,7 @@ class Cohort(nn.Module):
             out = [p for p in out if sum(a != b for a, b in zip(p, own)) == 1]
         return out
 
-    def modules_of(self, path: Path) -> list[nn.Module]:
+    def modules_of(self, path: Route) -> list[nn.Module]:
         """Parts and adapters a path runs through, in order."""
         mods: list[nn.Module] = []
         for p, net in enumerate(path):
@@ -235,14 +236,14 @@ class Cohort(nn.Module):
                 out += list(ad.parameters())
         return out
 
-    def path_name(self, path: Path) -> str:
+    def path_name(self, path: Route) -> str:
         return " > ".join(self.names[n] for n in path)
 
     # --- computation ----------------------------------------------------------------------------
 
     def forward_paths(
-        self, x: torch.Tensor, paths: Iterable[Path], shared: bool = True, prefixes: dict[Path, Any] | None = None
-    ) -> dict[Path, torch.Tensor]:
+        self, x: torch.Tensor, paths: Iterable[Route], shared: bool = True, prefixes: dict[Route, Any] | None = None
+    ) -> dict[Route, torch.Tensor]:
         """Logits of each path on ``x``.
 
         With ``shared=True`` (default) every distinct prefix is computed once (a prefix
@@ -250,8 +251,8 @@ class Cohort(nn.Module):
         given as ``prefixes`` receives the value after every prefix computed (what exit
         heads read).
         """
-        results: dict[Path, torch.Tensor] = {}
-        memo: dict[Path, Any] = {}
+        results: dict[Route, torch.Tensor] = {}
+        memo: dict[Route, Any] = {}
         for path in paths:
             if not shared:
                 memo = {}
@@ -265,7 +266,7 @@ class Cohort(nn.Module):
             results[path] = as_logits(memo[path], "a path of the cohort")
         return results
 
-    def step(self, prefix: Path, value: Any) -> Any:
+    def step(self, prefix: Route, value: Any) -> Any:
         """The value after ``prefix`` from the value after ``prefix[:-1]`` (the input for a first part):
         the adapter between the two nets, if any, then the part."""
         p = len(prefix) - 1
@@ -275,12 +276,12 @@ class Cohort(nn.Module):
                 value = call_part(ad, value)
         return call_part(self.part(prefix[-1], p), value)
 
-    def forward(self, x: torch.Tensor, path: Path | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, path: Route | None = None) -> torch.Tensor:
         """Logits of one path (default: net 0 itself)."""
         path = path if path is not None else self.own_path(0)
         return self.forward_paths(x, [path])[path]
 
-    def export_path(self, path: Path) -> surgery.Pieces:
+    def export_path(self, path: Route) -> surgery.Pieces:
         """The path as a standalone :class:`surgery.Pieces` (shares parameters with the cohort)."""
         if len(path) != self.num_parts or not all(0 <= n < self.num_nets for n in path):
             raise XrossError(f"path {list(path)} needs {self.num_parts} net indices in 0..{self.num_nets - 1}")
@@ -302,7 +303,7 @@ def parse_adapter_key(key: str) -> tuple[int, int, int]:
     return int(b), int(src), int(dst)
 
 
-def parse_path(text: str, num_nets: int, num_parts: int) -> Path:
+def parse_path(text: str, num_nets: int, num_parts: int) -> Route:
     """``"0,1" -> (0, 1)`` with range checks."""
     try:
         path = tuple(int(t) for t in text.split(","))

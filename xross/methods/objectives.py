@@ -22,7 +22,7 @@ from typing import Any, ClassVar
 import torch
 import torch.nn.functional as F
 
-from xross.cohort.grid import Cohort, Path
+from xross.cohort.grid import Cohort, Route
 from xross.data.labels import hard_label_ce, upcast
 from xross.errors import XrossError
 
@@ -42,7 +42,7 @@ class LossTerms:
     total: torch.Tensor
 
 
-def _path_tag(path: Path) -> str:
+def _path_tag(path: Route) -> str:
     return "-".join(map(str, path))
 
 
@@ -56,13 +56,13 @@ class Mode:
     def ce(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         return hard_label_ce(logits, labels, self.label_smoothing)
 
-    def paths(self, cohort: Cohort) -> list[Path]:
+    def paths(self, cohort: Cohort) -> list[Route]:
         return [cohort.own_path(i) for i in range(cohort.num_nets)]
 
     def loss(
         self,
         i: int,
-        logits: dict[Path, torch.Tensor],
+        logits: dict[Route, torch.Tensor],
         labels: torch.Tensor,
         cohort: Cohort,
         teacher: torch.Tensor | None = None,
@@ -92,7 +92,7 @@ class KD(Mode):
         return LossTerms({"ce": ce, "kd": soft}, self.alpha * ce + (1 - self.alpha) * soft)
 
 
-def peer_kl(i: int, logits: dict[Path, torch.Tensor], cohort: Cohort, target: str = "mean") -> torch.Tensor:
+def peer_kl(i: int, logits: dict[Route, torch.Tensor], cohort: Cohort, target: str = "mean") -> torch.Tensor:
     """Student i's mutual term: the mean of its KL to each peer (``target="mean"``, DML), or its KL to the
     peers' ensemble, the mean of their softmax (``"ensemble"``, DML_e; lower entropy). The same for K = 2."""
     own = logits[cohort.own_path(i)]
@@ -128,10 +128,10 @@ class XML(Mode):
         if self.cross not in ("all", "single"):
             raise XrossError(f"unknown cross '{self.cross}'; choose all or single")
 
-    def cross_paths(self, cohort: Cohort, i: int, j: int) -> list[Path]:
+    def cross_paths(self, cohort: Cohort, i: int, j: int) -> list[Route]:
         return cohort.cross_paths(i, j, single=self.cross == "single")
 
-    def paths(self, cohort: Cohort) -> list[Path]:
+    def paths(self, cohort: Cohort) -> list[Route]:
         needed = dict.fromkeys(super().paths(cohort))
         for i in range(cohort.num_nets):
             for j in range(cohort.num_nets):

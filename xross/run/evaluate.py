@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from pathlib import Path as FsPath
+from pathlib import Path
 from typing import Annotated, Literal
 
 import torch
@@ -23,7 +23,7 @@ from surgery.core.schema import FileModel, Float, parse
 from surgery.core.util import atomic_write_text, evaluating, first_line
 from surgery.graph.flops import count_flops, count_params, human
 from xross.cohort.exits import exit_prefixes, feature
-from xross.cohort.grid import Cohort, Path, call_part
+from xross.cohort.grid import Cohort, Route, call_part
 from xross.cohort.logits import as_logits
 from xross.errors import XrossError
 from xross.run.teachers import Teachers, ensemble_probs
@@ -89,11 +89,11 @@ class EvalResult(FileModel):
     def own(self, net: int, num_parts: int) -> PathResult:
         return next(r for r in self.paths if r.path == (net,) * num_parts)
 
-    def save(self, path: FsPath) -> None:
+    def save(self, path: Path) -> None:
         atomic_write_text(path, self.model_dump_json(indent=1) + "\n")
 
     @classmethod
-    def load(cls, path: FsPath) -> EvalResult:
+    def load(cls, path: Path) -> EvalResult:
         try:
             data = json.loads(path.read_bytes())
         except (OSError, ValueError) as e:
@@ -124,15 +124,15 @@ def percentages(
 
 
 def path_costs(
-    cohort: Cohort, paths: Iterable[Path], image_size: int, device: torch.device | str = "cpu", exits: bool = False
-) -> dict[Path, tuple[int, float]]:
+    cohort: Cohort, paths: Iterable[Route], image_size: int, device: torch.device | str = "cpu", exits: bool = False
+) -> dict[Route, tuple[int, float]]:
     """(parameters, forward FLOPs per image) of each path (or prefix); FLOPs of each part counted once.
 
     With ``exits=True`` each ``path`` is an exit's prefix and the cost includes its exit head.
     """
     x = torch.zeros(1, 3, image_size, image_size, device=device, dtype=next(cohort.parameters()).dtype)
     flops: dict[int, float] = {}
-    out: dict[Path, tuple[int, float]] = {}
+    out: dict[Route, tuple[int, float]] = {}
     with torch.no_grad():
         for path in paths:
             h = x
@@ -158,7 +158,7 @@ def evaluate(
     cohort: Cohort,
     batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
     image_size: int,
-    paths: Sequence[Path] | None = None,
+    paths: Sequence[Route] | None = None,
     reduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> EvalResult:
     """Top-1/top-5 (%) of every path (default all K**P) plus ensembles, in eval mode.
@@ -180,7 +180,7 @@ def evaluate(
         for images, labels in batches:
             if len(labels) == 0:  # a rank's part of a short last batch
                 continue
-            values: dict[Path, object] = {}
+            values: dict[Route, object] = {}
             logits = cohort.forward_paths(images, list(dict.fromkeys([*paths, *own])), prefixes=values)
             for row, p in enumerate(paths):
                 hits[row] += topk_correct(logits[p].float(), labels)
@@ -208,7 +208,7 @@ def evaluate(
     return EvalResult(paths=results, ensembles=accuracy, samples=n, exits=exits)
 
 
-def _cost(module: nn.Module, path: Path | None, image_size: int) -> tuple[int, float]:
+def _cost(module: nn.Module, path: Route | None, image_size: int) -> tuple[int, float]:
     """(parameters, FLOPs per image) of a network, or of one path when ``module`` is a cohort."""
     if path is not None:
         return path_costs(module, [path], image_size, next(module.parameters()).device)[path]  # type: ignore[arg-type]

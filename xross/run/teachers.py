@@ -34,8 +34,7 @@ import surgery
 from surgery.core.errors import UserError
 from surgery.core.util import first_line
 from surgery.files.refs import parse as parse_reference
-from xross.cohort.grid import Cohort
-from xross.cohort.grid import Path as NetPath
+from xross.cohort.grid import Cohort, Route
 from xross.cohort.logits import as_logits
 from xross.errors import XrossError
 from xross.run.directory import DTYPES, is_distill_run, load_run, load_student
@@ -55,7 +54,7 @@ def ensemble_logits(logits: Sequence[torch.Tensor], weights: torch.Tensor) -> to
     return (stacked * w[:, None, None]).sum(0) / w.sum()
 
 
-def _select_paths(cohort: Cohort, which: str, run: str) -> list[NetPath]:
+def _select_paths(cohort: Cohort, which: str, run: str) -> list[Route]:
     if which == "full":
         return [cohort.own_path(i) for i in range(cohort.num_nets)]
     if which == "all":
@@ -74,7 +73,7 @@ def _select_paths(cohort: Cohort, which: str, run: str) -> list[NetPath]:
 class Teachers(nn.Module):
     """Frozen teacher networks and cohorts; calling it gives every teacher's logits, in order."""
 
-    def __init__(self, sources: Sequence[nn.Module], paths: Sequence[list[NetPath] | None], names: Sequence[str]):
+    def __init__(self, sources: Sequence[nn.Module], paths: Sequence[list[Route] | None], names: Sequence[str]):
         super().__init__()
         self.sources = nn.ModuleList(sources)
         self.paths = list(paths)  # per source: the cohort paths it contributes, None for a single network
@@ -98,9 +97,9 @@ class Teachers(nn.Module):
                 out += [logits[p] for p in paths]
         return out
 
-    def members(self) -> list[tuple[str, nn.Module, NetPath | None]]:
+    def members(self) -> list[tuple[str, nn.Module, Route | None]]:
         """Each teacher as (name, network or cohort, its cohort path or None)."""
-        rows: list[tuple[str, nn.Module, NetPath | None]] = []
+        rows: list[tuple[str, nn.Module, Route | None]] = []
         names = iter(self.names)
         for source, paths in zip(self.sources, self.paths):
             for path in paths if paths is not None else [None]:
@@ -110,7 +109,7 @@ class Teachers(nn.Module):
 
 def _load_one(
     text: str, which: str, *, trust_code: bool, verify: bool
-) -> tuple[nn.Module, list[NetPath] | None, list[str]]:
+) -> tuple[nn.Module, list[Route] | None, list[str]]:
     ref = parse_reference(text)
     if ref.kind == "run":
         run = Path(ref.target)
