@@ -25,16 +25,15 @@ from __future__ import annotations
 
 import operator
 import random
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import fx, nn
 
 from growth.errors import GrowthError
-from growth.graphedit import Workbench, replay_of, seeded
+from growth.graphedit import Workbench, seeded
 from growth.registry import MAX_GROWTH, MAX_KERNEL, GrowthOp, Proposal, not_applicable, register_op
 from surgery.channels.remap import ChannelMap, remap_channels
-from surgery.core.recipe import register_replay
 
 MERGES = ("add", "concat")
 
@@ -62,6 +61,13 @@ def net2branch(
         width: channels the branch appends with ``merge="concat"`` (default: half of ``at``'s outputs).
         seed: seeds the branch's first layer (default init); recorded for replay.
         example_input, check: see :func:`growth.net2wider`.
+
+    >>> import torch, torchvision, growth
+    >>> net = torchvision.models.resnet18(num_classes=10).eval()
+    >>> branched = growth.net2branch(net, "layer2.0.conv1", check=True).eval()
+    >>> x = torch.randn(2, 3, 32, 32)
+    >>> bool((branched(x) - net(x)).abs().max() < 1e-4)
+    True
     """
     if merge not in MERGES:
         raise GrowthError(f"merge='{merge}' is not one of {', '.join(MERGES)}")
@@ -78,6 +84,7 @@ def net2branch(
     if reason is not None:
         raise not_applicable("net2branch", at, reason, branch_sites(work, kernel_size, merge))
     layer = work.module(node)
+    assert isinstance(layer, (nn.Conv2d, nn.Linear)), "branch_obstacle has checked the layer"
     inputs, outputs = _widths(layer)
     if (hidden or 0) > MAX_GROWTH * inputs or (width or 0) > MAX_GROWTH * outputs:
         raise GrowthError(
@@ -86,12 +93,16 @@ def net2branch(
     out_width = outputs if merge == "add" else (width or max(1, outputs // 2))
     with seeded(seed):
         layers = _branch_layers(layer, hidden or max(1, inputs // 2), out_width, kernel_size, work.shapes.dtype)
-    dim = work.analysis.layout(node.name).dim if merge == "concat" else 0
+    layout, dim = work.analysis.layout(node.name), 0
     if merge == "concat":
-        group = work.analysis.groups[work.analysis.layout(node.name).segments[0].group]
+        assert layout is not None, "_concat_obstacle has checked that the output carries channels"
+        dim = layout.dim
+        group = work.analysis.groups[layout.segments[0].group]
         grown = ChannelMap(torch.cat([torch.arange(group.channels), torch.full((out_width,), -1)]), group.channels)
         remap_channels(work.gm, work.analysis, {group.id: grown}, keep_producers={node.name})
-    _, new_nodes = work.insert_chain(node, at, "net2branch", layers, source=node.args[0])
+    source = node.args[0]
+    assert isinstance(source, fx.Node), "a layer's input is a graph value"
+    _, new_nodes = work.insert_chain(node, at, "net2branch", layers, source=source)
     if merge == "add":
         merged = work.insert_function(new_nodes[-1], operator.add, (node, new_nodes[-1]), like=node)
     else:
@@ -104,17 +115,17 @@ def net2branch(
     )
 
 
-def _widths(layer: nn.Module) -> tuple[int, int]:
+def _widths(layer: nn.Conv2d | nn.Linear) -> tuple[int, int]:
     if isinstance(layer, nn.Conv2d):
         return layer.in_channels, layer.out_channels
     return layer.in_features, layer.out_features
 
 
-def branch_padding(conv: nn.Conv2d, kernel_size: int) -> tuple[tuple[int, ...] | str | None, str | None]:
+def branch_padding(conv: nn.Conv2d, kernel_size: int) -> tuple[tuple[int, int] | str | None, str | None]:
     """The padding that gives a stride-matched ``kernel_size`` conv ``conv``'s output size, or why none does."""
     if conv.padding == "same":
         return "same", None
-    padding = (0, 0) if conv.padding == "valid" else conv.padding
+    padding = (0, 0) if conv.padding == "valid" else cast("tuple[int, int]", conv.padding)  # a Conv2d's: two ints
     result = []
     for p, d, k in zip(padding, conv.dilation, conv.kernel_size):
         twice = 2 * p - d * (k - 1) + (kernel_size - 1)
@@ -124,7 +135,7 @@ def branch_padding(conv: nn.Conv2d, kernel_size: int) -> tuple[tuple[int, ...] |
                 f"(padding {p}, dilation {d}); try kernel_size={d * (k - 1) - 2 * p + 1}"
             )
         result.append(twice // 2)
-    return tuple(result), None
+    return (result[0], result[1]), None
 
 
 def branch_obstacle(work: Workbench, node: fx.Node, kernel_size: int, merge: str) -> str | None:
@@ -166,16 +177,20 @@ def _concat_obstacle(work: Workbench, node: fx.Node) -> str | None:
     return None
 
 
-def _branch_layers(layer: nn.Module, hidden: int, width: int, kernel_size: int, dtype: torch.dtype) -> list[nn.Module]:
+def _branch_layers(
+    layer: nn.Conv2d | nn.Linear, hidden: int, width: int, kernel_size: int, dtype: torch.dtype
+) -> list[nn.Module]:
     if isinstance(layer, nn.Conv2d):
         padding, _ = branch_padding(layer, kernel_size)
+        assert padding is not None, "branch_obstacle has checked that a padding matches"
+        stride = (layer.stride[0], layer.stride[1])
         first: nn.Module = nn.Conv2d(layer.in_channels, hidden, 1, dtype=dtype)
-        last: nn.Module = nn.Conv2d(hidden, width, kernel_size, stride=layer.stride, padding=padding, dtype=dtype)
+        last: nn.Module = nn.Conv2d(hidden, width, kernel_size, stride=stride, padding=padding, dtype=dtype)
     else:
         first, last = nn.Linear(layer.in_features, hidden, dtype=dtype), nn.Linear(hidden, width, dtype=dtype)
     with torch.no_grad():
-        last.weight.zero_()
-        last.bias.zero_()
+        for p in last.parameters():  # its weight and bias
+            p.zero_()
     return [first, nn.ReLU(), last]
 
 
@@ -199,4 +214,3 @@ def _propose(rng: random.Random, work: Workbench) -> Proposal | None:
 
 
 register_op(GrowthOp("net2branch", net2branch, ("at",), branch_sites, _propose, probability=0.15))
-register_replay("net2branch")(replay_of(net2branch))

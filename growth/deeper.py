@@ -33,10 +33,9 @@ from torch import fx, nn
 from growth.block import block_obstacle, block_sites, insert_block_copy
 from growth.check import evaluating
 from growth.errors import GrowthError
-from growth.graphedit import Workbench, replay_of
+from growth.graphedit import Workbench
 from growth.registry import MAX_KERNEL, GrowthOp, Proposal, Site, not_applicable, register_op
 from growth.signs import negative_reasons
-from surgery.core.recipe import register_replay
 
 KINDS = ("conv", "linear", "block")
 ACTIVATIONS = ("relu", None)
@@ -244,4 +243,3 @@ def _propose(rng: random.Random, work: Workbench) -> Proposal | None:
 
 
 register_op(GrowthOp("net2deeper", net2deeper, ("after",), deeper_sites, _propose, probability=0.3))
-register_replay("net2deeper")(replay_of(net2deeper))

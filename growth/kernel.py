@@ -18,15 +18,15 @@ True
 from __future__ import annotations
 
 import random
-from typing import Any
+from collections.abc import Sequence
+from typing import Any, cast
 
 import torch
 from torch import fx, nn
 
 from growth.errors import GrowthError
-from growth.graphedit import Workbench, replay_of
+from growth.graphedit import Workbench
 from growth.registry import MAX_KERNEL, GrowthOp, Proposal, not_applicable, register_op
-from surgery.core.recipe import register_replay
 
 
 def widen_kernel(
@@ -44,6 +44,15 @@ def widen_kernel(
         at: a Conv2d module path (or its fx node name).
         kernel_size: the new kernel; each side must grow by an even amount (or stay).
         example_input, check: see :func:`growth.net2wider`.
+
+    >>> import torch, torchvision, growth
+    >>> net = torchvision.models.resnet18(num_classes=10).eval()
+    >>> wide = growth.widen_kernel(net, "layer2.0.conv1", 5, check=True).eval()
+    >>> wide.layer2[0].conv1.kernel_size
+    (5, 5)
+    >>> x = torch.randn(2, 3, 32, 32)
+    >>> bool((wide(x) - net(x)).abs().max() < 1e-4)
+    True
     """
     size = _pair(kernel_size)
     if max(size) > MAX_KERNEL:
@@ -54,21 +63,22 @@ def widen_kernel(
     if reason is not None:
         raise not_applicable("widen_kernel", at, reason, kernel_sites(work, kernel_size))
     owner, _, attr = str(node.target).rpartition(".")
-    setattr(work.gm.get_submodule(owner) if owner else work.gm, attr, widened_conv(work.module(node), size))
+    setattr(work.gm.get_submodule(owner) if owner else work.gm, attr, widened_conv(work.layer(node, nn.Conv2d), size))
     return work.finish(
         "widen_kernel", check, at=at, kernel_size=list(size) if isinstance(kernel_size, (tuple, list)) else kernel_size
     )
 
 
-def _pair(size: int | tuple[int, int] | list[int]) -> tuple[int, int]:
+def _pair(size: int | Sequence[int]) -> tuple[int, int]:
     return (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
 
 
 def _new_padding(conv: nn.Conv2d, size: tuple[int, int]) -> tuple[int, int] | str:
     if conv.padding == "same":
         return "same"
-    old = (0, 0) if conv.padding == "valid" else conv.padding
-    return tuple(p + (new - k) // 2 * d for p, new, k, d in zip(old, size, conv.kernel_size, conv.dilation))
+    old = (0, 0) if conv.padding == "valid" else cast("tuple[int, int]", conv.padding)  # a Conv2d's: two ints
+    top, left = (p + (new - k) // 2 * d for p, new, k, d in zip(old, size, conv.kernel_size, conv.dilation))
+    return top, left
 
 
 def kernel_obstacle(work: Workbench, node: fx.Node, size: tuple[int, int]) -> str | None:
@@ -83,8 +93,8 @@ def kernel_obstacle(work: Workbench, node: fx.Node, size: tuple[int, int]) -> st
     if any((new - k) % 2 for new, k in zip(size, old)):
         return f"its {old[0]}x{old[1]} kernel can only grow by an even amount per side to keep its centre"
     padding = _new_padding(conv, size)
-    if conv.padding_mode in ("reflect", "circular") and padding != "same":
-        spatial = work.shape(node.args[0])[2:]
+    if conv.padding_mode in ("reflect", "circular") and isinstance(padding, tuple):  # not "same"
+        spatial = work.known_shape(node.args[0])[2:]
         if any(p >= s for p, s in zip(padding, spatial)):
             return f"{conv.padding_mode} padding of {padding} needs inputs larger than that (they are {spatial})"
     return None
@@ -96,9 +106,9 @@ def widened_conv(conv: nn.Conv2d, size: tuple[int, int]) -> nn.Conv2d:
         conv.in_channels,
         conv.out_channels,
         size,
-        stride=conv.stride,
+        stride=_pair(conv.stride),
         padding=_new_padding(conv, size),
-        dilation=conv.dilation,
+        dilation=_pair(conv.dilation),
         groups=conv.groups,
         bias=conv.bias is not None,
         padding_mode=conv.padding_mode,
@@ -108,7 +118,7 @@ def widened_conv(conv: nn.Conv2d, size: tuple[int, int]) -> nn.Conv2d:
     with torch.no_grad():
         wide.weight.zero_()
         wide.weight[:, :, top : top + conv.kernel_size[0], left : left + conv.kernel_size[1]] = conv.weight
-        if conv.bias is not None:
+        if conv.bias is not None and wide.bias is not None:
             wide.bias.copy_(conv.bias)
     wide.weight.requires_grad_(conv.weight.requires_grad)
     return wide.train(conv.training)
@@ -135,9 +145,8 @@ def _propose(rng: random.Random, work: Workbench) -> Proposal | None:
                 options.append((work.site_name(node), list(size)))
     if not options:
         return None
-    site, size = rng.choice(options)
-    return site, {"kernel_size": size}
+    site, kernel = rng.choice(options)
+    return site, {"kernel_size": kernel}
 
 
 register_op(GrowthOp("widen_kernel", widen_kernel, ("at",), kernel_sites, _propose, probability=0.1))
-register_replay("widen_kernel")(replay_of(widen_kernel))

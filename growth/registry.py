@@ -1,7 +1,8 @@
 """The growth ops by name: where each applies, how random growth draws it, how to run it from a record.
 
-Every op module registers a :class:`GrowthOp`; :func:`sites` and random growth
-(:mod:`growth.mutation`) only go through this table.
+Every op module registers a :class:`GrowthOp` with one call to :func:`register_op`,
+which also registers the op's recipe replay (so a saved grown model rebuilds);
+:func:`sites` and random growth (:mod:`growth.mutation`) only go through this table.
 
 >>> import torchvision, growth
 >>> growth.sites(torchvision.models.resnet18(), "net2wider")[:3]
@@ -20,8 +21,9 @@ from typing import Any
 from torch import fx, nn
 
 from growth.errors import GrowthError
-from growth.graphedit import Workbench
-from surgery.core.errors import did_you_mean
+from growth.graphedit import Workbench, replay_of
+from surgery.core.recipe import REPLAYS, register_replay
+from surgery.core.registry import Registry
 
 SiteFinder = Callable[..., list[str]]
 Proposal = tuple[str, dict[str, Any]]
@@ -35,6 +37,11 @@ class GrowthOp:
     ``find_sites(work, **args)`` lists the sites where the op applies with ``args``;
     ``propose(rng, work)`` draws a feasible ``(site, args)`` or None; ``probability`` is
     its default weight in random growth.
+
+    >>> import growth
+    >>> op = growth.OPS["add_skip"]
+    >>> op.site_params, op.site_args("layer1->layer2")
+    (('src', 'dst'), {'src': 'layer1', 'dst': 'layer2'})
     """
 
     name: str
@@ -79,18 +86,30 @@ class Site(str):
 SITE_JOIN = "->"
 MAX_GROWTH = 16  # one step makes a layer at most this many times wider (grow further in several steps)
 MAX_KERNEL = 31  # the largest kernel side a step creates
-OPS: dict[str, GrowthOp] = {}
+OPS: Registry[GrowthOp] = Registry("growth op", error=GrowthError)
 
 
-def register_op(op: GrowthOp) -> GrowthOp:
-    OPS[op.name] = op
+def register_op(op: GrowthOp, *, replace: bool = False) -> GrowthOp:
+    """Add ``op`` to :data:`OPS` and its recipe replay (:func:`growth.graphedit.replay_of`) under the same name.
+
+    ``replace=True`` replaces an op of that name (and its replay); :func:`unregister_op` removes both.
+    """
+    OPS.register(op.name, op, replace=replace)
+    if replace and op.name in REPLAYS:
+        REPLAYS.unregister(op.name)
+    register_replay(op.name)(replay_of(op.fn))
     return op
 
 
+def unregister_op(name: str) -> None:
+    """Remove the op ``name`` and its recipe replay (a test's toy op, say)."""
+    OPS.unregister(name)
+    REPLAYS.unregister(name)
+
+
 def get_op(name: str) -> GrowthOp:
-    if name not in OPS:
-        raise GrowthError(f"unknown growth op '{name}'; known: {', '.join(sorted(OPS))} ({did_you_mean(name, OPS)})")
-    return OPS[name]
+    """The op registered as ``name``, or a one-line :class:`~growth.errors.GrowthError` naming the closest ops."""
+    return OPS.get(name)
 
 
 def sites(model: nn.Module, op: str, example_input: Any = None, **args: Any) -> list[str]:

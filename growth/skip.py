@@ -25,9 +25,8 @@ from typing import Any
 import torch
 from torch import fx, nn
 
-from growth.graphedit import Workbench, replay_of
+from growth.graphedit import Workbench
 from growth.registry import SITE_JOIN, GrowthOp, Proposal, not_applicable, register_op
-from surgery.core.recipe import register_replay
 
 
 def add_skip(model: nn.Module, src: str, dst: str, *, example_input: Any = None, check: bool = False) -> fx.GraphModule:
@@ -39,13 +38,20 @@ def add_skip(model: nn.Module, src: str, dst: str, *, example_input: Any = None,
         dst: module path or fx node name of the later value of the same rank; ``src``'s
             spatial size must be an integer multiple of ``dst``'s.
         example_input, check: see :func:`growth.net2wider`.
+
+    >>> import torch, torchvision, growth
+    >>> net = torchvision.models.resnet18(num_classes=10).eval()
+    >>> skipped = growth.add_skip(net, "layer2", "layer3_0_relu_1", check=True).eval()
+    >>> x = torch.randn(2, 3, 32, 32)
+    >>> torch.equal(skipped(x), net(x))  # the new 1x1 conv starts at zero
+    True
     """
     work = Workbench(model, example_input)
     source, target = work.node(src), work.node(dst)
     reason = skip_obstacle(work, source, target, overwritten_in_place(work.gm))
     if reason is not None:
         raise not_applicable("add_skip", f"{src}{SITE_JOIN}{dst}", reason, skip_sites(work))
-    layer = _skip_layer(work.shape(source), work.shape(target), work.shapes.dtype)
+    layer = _skip_layer(work.known_shape(source), work.known_shape(target), work.shapes.dtype)
     _, new_nodes = work.insert_chain(target, dst, "skip", [layer], source=source)
     merged = work.insert_function(new_nodes[-1], operator.add, (target, new_nodes[-1]), like=target)
     work.reroute(target, merged, keep=[merged])
@@ -103,12 +109,14 @@ def skip_obstacle(work: Workbench, source: fx.Node, target: fx.Node, overwritten
 
 def _skip_layer(src: tuple[int, ...], dst: tuple[int, ...], dtype: torch.dtype) -> nn.Module:
     if len(src) == 4:
-        layer: nn.Module = nn.Conv2d(src[1], dst[1], 1, stride=_factor(src, dst), dtype=dtype)
+        stride = _factor(src, dst)
+        assert stride is not None, "skip_obstacle has checked that the source is a multiple of the destination"
+        layer: nn.Module = nn.Conv2d(src[1], dst[1], 1, stride=stride, dtype=dtype)
     else:
         layer = nn.Linear(src[1], dst[1], dtype=dtype)
     with torch.no_grad():
-        layer.weight.zero_()
-        layer.bias.zero_()
+        for p in layer.parameters():  # its weight and bias
+            p.zero_()
     return layer
 
 
@@ -140,4 +148,3 @@ def _propose(rng: random.Random, work: Workbench) -> Proposal | None:
 
 
 register_op(GrowthOp("add_skip", add_skip, ("src", "dst"), skip_sites, _propose, probability=0.15))
-register_replay("add_skip")(replay_of(add_skip))

@@ -26,11 +26,10 @@ import torch
 from torch import fx, nn
 
 from growth.errors import GrowthError
-from growth.graphedit import Workbench, replay_of
+from growth.graphedit import Workbench
 from growth.registry import MAX_GROWTH, GrowthOp, Proposal, not_applicable, register_op
 from surgery.channels import ChannelGroup
 from surgery.channels.remap import ChannelMap, remap_channels
-from surgery.core.recipe import register_replay
 
 
 def net2wider(
@@ -58,6 +57,15 @@ def net2wider(
         seed: seeds which channels are copied (and the noise); recorded for replay.
         example_input: an input fixing the shapes (default: a small image size that runs).
         check: run both models on an example input and raise if the output moved.
+
+    >>> import torch, torchvision, growth
+    >>> net = torchvision.models.resnet18(num_classes=10).eval()
+    >>> wide = growth.net2wider(net, "layer2.0.conv1", factor=1.5, seed=0, check=True).eval()
+    >>> wide.layer2[0].conv1.out_channels
+    192
+    >>> x = torch.randn(2, 3, 32, 32)
+    >>> bool((wide(x) - net(x)).abs().max() < 1e-4)
+    True
     """
     names = [at] if isinstance(at, str) else list(at)
     if not names:
@@ -97,6 +105,7 @@ def _new_width(group: ChannelGroup, name: str, factor: float | None, new_width: 
     channels, blocks = group.channels, group.blocks
     if group.uniform:
         width = round(channels * factor) if factor is not None else new_width
+        assert width is not None, "the caller has checked that factor or new_width is given"
         if width % channels or (factor is not None and abs(factor - round(factor)) > 1e-9):
             raise GrowthError(
                 f"{group.uniform[0]}: widening '{name}' keeps its statistics only when every "
@@ -104,6 +113,7 @@ def _new_width(group: ChannelGroup, name: str, factor: float | None, new_width: 
                 f"number of times; give an integer factor (2, 3, ...) or a multiple of {channels} channels"
             )
     if new_width is None:
+        assert factor is not None, "the caller has checked that factor or new_width is given"
         return max(channels + blocks, math.ceil(channels * factor / blocks - 1e-9) * blocks)
     if new_width > MAX_GROWTH * channels:
         raise GrowthError(
@@ -193,4 +203,3 @@ def _propose(rng: random.Random, work: Workbench) -> Proposal | None:
 
 
 register_op(GrowthOp("net2wider", net2wider, ("at",), wider_sites, _propose, probability=0.3))
-register_replay("net2wider")(replay_of(net2wider))

@@ -28,23 +28,27 @@ from torch import nn
 
 from surgery.core.errors import SurgeryError, UserError, did_you_mean
 from surgery.core.plugins import load_plugins
+from surgery.core.registry import Registry
 from surgery.core.schema import FileModel
 from surgery.core.util import first_line
 
 RECIPE_ATTR = "surgery_recipe"
 
 Replay = Callable[..., nn.Module]
-_REPLAYS: dict[str, Replay] = {}
+REPLAYS: Registry[Replay] = Registry("recipe transform")
 
 
 def register_replay(op: str) -> Callable[[Replay], Replay]:
-    """Register ``fn(model, **args) -> model`` that re-applies transform ``op`` from its JSON args."""
+    """Register ``fn(model, **args) -> model`` that re-applies transform ``op`` from its JSON args (a decorator).
 
-    def deco(fn: Replay) -> Replay:
-        _REPLAYS[op] = fn
-        return fn
-
-    return deco
+    >>> @register_replay("noop")
+    ... def _noop(model: nn.Module) -> nn.Module:
+    ...     return model
+    >>> "noop" in REPLAYS
+    True
+    >>> REPLAYS.unregister("noop")
+    """
+    return REPLAYS.register(op)
 
 
 class Transform(FileModel):
@@ -55,7 +59,13 @@ class Transform(FileModel):
 
 
 class Recipe(FileModel):
-    """Architecture source + constructor kwargs + the transforms applied since."""
+    """Architecture source + constructor kwargs + the transforms applied since.
+
+    >>> import surgery
+    >>> r = surgery.recipe_of(surgery.build_model("resnet18", num_classes=10))
+    >>> r.source, r.kwargs, r.then("replace", name="fc", module=None).transforms[0].op
+    ('resnet18', {'num_classes': 10}, 'replace')
+    """
 
     source: str
     kwargs: dict[str, Any] = Field(default_factory=dict)
@@ -75,10 +85,10 @@ def replay(model: nn.Module, k: int, t: Transform) -> nn.Module:
     """Apply transform ``t`` (the ``k``-th of a recipe) to ``model`` with its replay; one-line errors."""
     load_plugins()
     where = f"recipe transform {k} ('{t.op}')"
-    fn = _REPLAYS.get(t.op)
+    fn = REPLAYS.find(t.op)
     if fn is None:
         raise SurgeryError(
-            f"{where} is unknown here ({did_you_mean(t.op, _REPLAYS)}); install the package that provides it"
+            f"{where} is unknown here ({did_you_mean(t.op, REPLAYS.names())}); install the package that provides it"
         )
     try:
         inspect.signature(fn).bind(model, **t.args)
@@ -95,7 +105,14 @@ def replay(model: nn.Module, k: int, t: Transform) -> nn.Module:
 
 
 def recipe_of(module: nn.Module) -> Recipe | None:
-    """The recipe a module carries, or None for modules the library did not build."""
+    """The recipe a module carries, or None for modules the library did not build.
+
+    >>> import torch, surgery
+    >>> surgery.recipe_of(surgery.build_model("resnet18")).source
+    'resnet18'
+    >>> surgery.recipe_of(torch.nn.Linear(2, 2)) is None  # not built by the library
+    True
+    """
     r = getattr(module, RECIPE_ATTR, None)
     return r if isinstance(r, Recipe) else None
 
