@@ -35,6 +35,7 @@ from typing import Any
 from torch import nn
 
 from surgery.core.errors import SurgeryError
+from surgery.core.registry import Registry
 
 RECIPE_FILE = "recipe.json"
 RUN_CONFIG = "config.yaml"  # what marks an xross run directory
@@ -43,7 +44,7 @@ _PATH = re.compile(r"^(?P<run>.+)@(?P<path>\d+(?:-\d+)+)$")
 _PIECE = re.compile(r"^(?P<dir>.+):(?P<index>-?\d+)$")
 
 RunLoader = Callable[..., nn.Module]
-_RUN_LOADERS: list[RunLoader] = []
+RUN_LOADERS: Registry[RunLoader] = Registry("run loader")  # by "module:name"; the last registered answers
 
 
 @dataclasses.dataclass(frozen=True)
@@ -105,8 +106,7 @@ def split_references(text: str) -> list[str]:
 
 def register_run_loader(fn: RunLoader) -> RunLoader:
     """Register ``fn(run_dir, path, *, trust_code, verify) -> nn.Module`` for ``RUN@0-1`` references (xross does)."""
-    _RUN_LOADERS.append(fn)
-    return fn
+    return RUN_LOADERS.register(f"{fn.__module__}:{fn.__qualname__}", fn)
 
 
 def load(
@@ -147,18 +147,19 @@ def load(
         return build_model(ref.target, weights=weights, trust_code=trust_typed or trust_code, **kwargs)
     if ref.kind == "run-path":
         load_plugins()
-        if not _RUN_LOADERS:
+        if not RUN_LOADERS:
             raise SurgeryError(f"'{text}' names a path of an xross run, but xross is not installed")
-        return _RUN_LOADERS[-1](Path(ref.target), ref.path, trust_code=trust_code, verify=verify)
+        return RUN_LOADERS.values()[-1](Path(ref.target), ref.path, trust_code=trust_code, verify=verify)
     obj = load_dir(ref.target, trust_code=trust_code)
     if ref.kind == "piece":
         from surgery.pieces.cut import Pieces
 
         if not isinstance(obj, Pieces):
             raise SurgeryError(f"'{ref.target}' holds a whole model, not pieces; cut it first (surgery cut)")
-        if not -len(obj) <= ref.index < len(obj):  # type: ignore[operator]
-            raise SurgeryError(f"'{ref.target}' has {len(obj)} pieces; index {ref.index} is out of range")
-        return obj[ref.index]
+        index = int(ref.index or 0)  # a piece reference always parses with its index
+        if not -len(obj) <= index < len(obj):
+            raise SurgeryError(f"'{ref.target}' has {len(obj)} pieces; index {index} is out of range")
+        return obj[index]
     if weights is not None:
         load_weights(obj, weights)
     return obj

@@ -25,20 +25,20 @@ from torch import nn
 
 from surgery.core.errors import SurgeryError, did_you_mean
 from surgery.core.recipe import Recipe
+from surgery.core.registry import Registry
 from surgery.core.util import first_line
 
 Builder = Callable[[str, dict[str, Any]], tuple[nn.Module, Recipe]]
-SOURCES: dict[str, Builder] = {}
+SOURCES: Registry[Builder] = Registry("model source")
 
 
 def register_source(prefix: str) -> Callable[[Builder], Builder]:
-    """Register the builder of ``prefix:...`` model sources."""
+    """Register the builder of ``prefix:...`` model sources (a decorator).
 
-    def deco(fn: Builder) -> Builder:
-        SOURCES[prefix] = fn
-        return fn
-
-    return deco
+    >>> sorted(SOURCES)
+    ['hf', 'timm']
+    """
+    return SOURCES.register(prefix)
 
 
 def source_prefix(source: str) -> str | None:
@@ -63,7 +63,7 @@ def timm_model(name: str, kwargs: dict[str, Any]) -> tuple[nn.Module, Recipe]:
     return model, Recipe(source=f"timm:{name}", kwargs=kwargs)
 
 
-def _hf_class(name: str) -> type:
+def _hf_class(name: str) -> Any:  # a transformers model class (transformers has no type information here)
     transformers = _require("transformers", "hf")
     cls = getattr(transformers, name, None) if name.isidentifier() else None
     if not (isinstance(cls, type) and issubclass(cls, transformers.PreTrainedModel)):
