@@ -64,8 +64,10 @@ def global_batch_norm(bn: BatchNorm, x: torch.Tensor) -> torch.Tensor:
     var = all_reduce(centred.pow(2).sum(dim=dims)) / n
     if bn.track_running_stats and bn.running_mean is not None and bn.running_var is not None:
         with torch.no_grad():
-            bn.num_batches_tracked += 1  # type: ignore[operator]
-            m = bn.momentum if bn.momentum is not None else 1.0 / float(bn.num_batches_tracked)
+            tracked = bn.num_batches_tracked
+            assert tracked is not None, "a norm that tracks running statistics counts its batches"
+            tracked.add_(1)
+            m = bn.momentum if bn.momentum is not None else 1.0 / float(tracked)
             bn.running_mean.mul_(1 - m).add_(mean.detach(), alpha=m)
             bn.running_var.mul_(1 - m).add_(var.detach() * n / (n - 1), alpha=m)
     y = centred * torch.rsqrt(var + bn.eps).view(shape)

@@ -226,7 +226,7 @@ class SlimNet(nn.Module):
         with torch.no_grad():
             for owner, attr, _, t in list(_tensors(probe)):
                 positions = torch.arange(t.numel(), dtype=torch.float64).view(t.shape)  # exact below 2**53
-                table = owner._parameters if attr in owner._parameters else owner._buffers
+                table: dict[str, Any] = owner._parameters if attr in owner._parameters else owner._buffers
                 table[attr] = nn.Parameter(positions, requires_grad=False) if isinstance(t, nn.Parameter) else positions
         remap_channels(probe, self._analysis, maps)
         index, shapes = {}, {}

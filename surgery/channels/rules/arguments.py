@@ -2,12 +2,26 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any, cast
 
 from torch import fx, nn
 
 if TYPE_CHECKING:
     from surgery.channels.walk import _Walk
+
+
+def _node(value: Any) -> fx.Node:
+    """``value`` as the graph node it is by construction (an input the walk tracks a layout or shape for)."""
+    assert isinstance(value, fx.Node), f"expected a graph node, got {type(value).__name__}"
+    return value
+
+
+def _shape_of(w: _Walk, value: Any) -> tuple[int, ...]:
+    """The shape of ``value``, a tensor node by construction (one with a layout: every tensor node has a shape)."""
+    shape = w.shape(value)
+    assert shape is not None, f"no shape recorded for {value!r}"
+    return shape
 
 
 def _arg(node: fx.Node, pos: int, name: str, default: Any = None) -> Any:
@@ -24,7 +38,7 @@ def _dims_arg(node: fx.Node, start: int) -> list[Any]:
     if not rest:
         for key in ("dims", "shape", "size"):
             if key in node.kwargs:
-                return list(node.kwargs[key])
+                return list(cast(Sequence[Any], node.kwargs[key]))
     return rest
 
 

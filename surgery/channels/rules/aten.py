@@ -12,6 +12,7 @@ and the aten forms of slicing, selecting and expanding.
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import cast
 
 import torch
 import torch.nn.functional as F
@@ -19,7 +20,7 @@ from torch import fx, nn
 
 from surgery.channels.groups import Endpoint, Layout, Segment
 from surgery.channels.registry import _FUNCTION_RULES, _LITERAL_EDITS, _MODULE_RULES, _register
-from surgery.channels.rules.arguments import _arg, _norm, _parameter_owner
+from surgery.channels.rules.arguments import _arg, _node, _norm, _parameter_owner, _shape_of
 from surgery.channels.rules.elementwise import _binary, _unary
 from surgery.channels.rules.joins import _cat
 from surgery.channels.rules.layers import _conv_function, _linear_function
@@ -89,8 +90,11 @@ def _embedding(w: _Walk, node: fx.Node) -> Layout | None:
     """``aten.embedding(weight, indices)`` of an Embedding's own table: its columns are new channels."""
     owner = _parameter_owner(w, node.args[0], node)
     if owner is None or not issubclass(owner[1], nn.Embedding) or owner[2] != "weight":
-        return _fallback(w, node)
-    return _table(w, node, owner[0], int(w.shapes.of.get(node.name, (0,))[-1] or 0))
+        _fallback(w, node)
+        return None
+    shape = w.shapes.of.get(node.name, (0,))
+    assert shape is not None, "an embedding's output is a tensor"
+    return _table(w, node, owner[0], int(shape[-1] or 0))
 
 
 @_register(_MODULE_RULES, [nn.Embedding])
@@ -108,14 +112,15 @@ def _addmm(w: _Walk, node: fx.Node) -> Layout | None:
         or owner[1].__name__ != "Conv1D"
         or _parameter_owner(w, bias, node) != (owner[0], owner[1], "bias")
     ):
-        return _fallback(w, node)
+        _fallback(w, node)
+        return None
     layout = w.layout(x)
     if layout is not None and layout.dim != 1:
         w.block([layout], f"{w.describe(node)} mixes dim 1 but these channels are on dim {layout.dim}")
         layout = None
     if layout is not None:
-        w.add(layout, "consumers", Endpoint(node.name, owner[0], "Conv1D", x.name))
-    channels = int(w.shapes.of[node.name][1])  # type: ignore[index]
+        w.add(layout, "consumers", Endpoint(node.name, owner[0], "Conv1D", _node(x).name))
+    channels = int(_shape_of(w, node)[1])
     out = Layout(1, (Segment(w.new_group(channels), channels),))
     w.add(out, "producers", Endpoint(node.name, owner[0], "Conv1D", node.name))
     return out
@@ -157,7 +162,7 @@ def _slice(w: _Walk, node: fx.Node) -> Layout | None:
     if out is None:
         w.block([layout], f"{w.describe(node)} selects some of these channels")
         return None
-    w.add(layout, "literals", Endpoint(node.name, node.name, "aten_slice", x.name))
+    w.add(layout, "literals", Endpoint(node.name, node.name, "aten_slice", _node(x).name))
     return out
 
 
@@ -180,7 +185,7 @@ def _select(w: _Walk, node: fx.Node) -> Layout | None:
     layout = w.layout(x)
     if layout is None:
         return None
-    dim = _norm(node.args[1], len(w.shape(x)))
+    dim = _norm(cast(int, node.args[1]), len(_shape_of(w, x)))
     if dim == layout.dim:
         w.block([layout], f"{w.describe(node)} selects one of these channels")
         return None

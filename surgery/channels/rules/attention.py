@@ -18,22 +18,24 @@ from torch import fx, nn
 
 from surgery.channels.groups import Endpoint, Layout, Segment
 from surgery.channels.registry import _FUNCTION_RULES, _MODULE_RULES, _register
-from surgery.channels.rules.arguments import _arg
+from surgery.channels.rules.arguments import _arg, _node
 from surgery.channels.walk import _fallback, _Walk
 
 
 @_register(_MODULE_RULES, [nn.MultiheadAttention])
 def _multihead_attention(w: _Walk, node: fx.Node, mha: nn.MultiheadAttention) -> tuple[Layout | None, None] | None:
     query, key, value = (_arg(node, i, name) for i, name in enumerate(("query", "key", "value")))
-    if not (query is key is value) or not mha._qkv_same_embed_dim or w.shape(query) is None:
-        return _fallback(w, node)
-    last = len(w.shape(query)) - 1
+    shape = w.shape(query)
+    if not (query is key is value) or not mha._qkv_same_embed_dim or shape is None:
+        _fallback(w, node)
+        return None
+    last = len(shape) - 1
     reason = f"{w.describe(node)} splits these channels into {mha.num_heads} heads"
     layout = w.layout(query)
     if layout is not None and layout.dim != last:
         w.block([layout], f"{w.describe(node)} embeds dim {last} but these channels are on dim {layout.dim}")
     elif layout is not None:
-        w.add(layout, "consumers", Endpoint(node.name, str(node.target), "MultiheadAttention", query.name))
+        w.add(layout, "consumers", Endpoint(node.name, str(node.target), "MultiheadAttention", _node(query).name))
         w.require_multiple(layout, mha.num_heads, reason)
     outputs = [u for u in node.users if u.target is operator.getitem and u.args[1] == 0]
     if len(outputs) != 1:
@@ -56,22 +58,26 @@ def _windowed_attention(w: _Walk, node: fx.Node) -> Layout | None:
     given = {k: v for k, v in tensors.items() if v is not None}
     plain = all(isinstance(v, fx.Node) and v.op == "get_attr" for v in given.values())
     if layout is None or shape is None or not isinstance(heads, int) or not plain or len(given) < 2:
-        return _fallback(w, node)
+        _fallback(w, node)
+        return None
     last = len(shape) - 1
     if layout.dim != last:
         w.block([layout], f"{w.describe(node)} attends over dim {last} but these channels are on dim {layout.dim}")
-        return _fallback(w, node)
+        _fallback(w, node)
+        return None
     target = {k: str(v.target) for k, v in given.items()}
-    w.add(layout, "consumers", Endpoint(node.name, target["qkv_weight"], "parameter", x.name, dim=1))
+    source = _node(x).name
+    w.add(layout, "consumers", Endpoint(node.name, target["qkv_weight"], "parameter", source, dim=1))
     for name, kind, dim in (
         ("qkv_weight", "heads_qkv", 0),
         ("qkv_bias", "heads_qkv", 0),
         ("proj_weight", "heads_inner", 1),
     ):
         if name in target:
-            w.add(layout, "followers", Endpoint(node.name, target[name], kind, x.name, dim=dim, groups=heads))
+            w.add(layout, "followers", Endpoint(node.name, target[name], kind, source, dim=dim, groups=heads))
     w.require_multiple(layout, heads, f"{w.describe(node)} splits these channels into {heads} heads")
-    channels = w.shape(node)[last] if w.shape(node) is not None else shape[last]
+    out_shape = w.shape(node)
+    channels = out_shape[last] if out_shape is not None else shape[last]
     out = Layout(last, (Segment(w.new_group(channels), channels),))
     for name in ("proj_weight", "proj_bias"):
         if name in target:

@@ -22,7 +22,7 @@ from surgery.channels.registry import (
     _MODULE_RULES,
     _register,
 )
-from surgery.channels.rules.arguments import _parameter_source
+from surgery.channels.rules.arguments import _parameter_source, _shape_of
 from surgery.channels.shapes import ELEMENTWISE_MODULES
 from surgery.channels.walk import _fallback, _Walk
 
@@ -82,7 +82,8 @@ _UNARY_METHODS = [
 def _unary(w: _Walk, node: fx.Node) -> Layout | None:
     others = [a for a in (*node.args[1:], *node.kwargs.values()) if isinstance(a, fx.Node) and a in w.layouts]
     if others:
-        return _fallback(w, node)
+        _fallback(w, node)
+        return None
     return w.layout(node.args[0])
 
 
@@ -112,11 +113,11 @@ def _binary(w: _Walk, node: fx.Node) -> Layout | None:
         return None
     ndim = len(out_shape)
     operands = [a for a in node.args[:2] if isinstance(a, fx.Node) and w.shape(a) is not None]
-    tracked = [(a, w.layout(a)) for a in operands if a in w.layouts]
+    tracked = [(a, lay) for a in operands if a in w.layouts and (lay := w.layout(a)) is not None]
     if not tracked:
         return None
-    aligned = {a: lay.dim + ndim - len(w.shape(a)) for a, lay in tracked}
-    full = [(a, lay) for a, lay in tracked if w.shape(a)[lay.dim] == out_shape[aligned[a]] and lay.size > 1]
+    aligned = {a: lay.dim + ndim - len(_shape_of(w, a)) for a, lay in tracked}
+    full = [(a, lay) for a, lay in tracked if _shape_of(w, a)[lay.dim] == out_shape[aligned[a]] and lay.size > 1]
     for a, lay in tracked:
         if (a, lay) not in full:
             w.block([lay], f"{w.describe(node)} broadcasts these channels against a wider dim")
@@ -133,7 +134,7 @@ def _binary(w: _Walk, node: fx.Node) -> Layout | None:
     for a in operands:
         if a in w.layouts:
             continue
-        shape = w.shape(a)
+        shape = _shape_of(w, a)
         own = out.dim - (ndim - len(shape))
         if own < 0 or shape[own] == 1:
             continue

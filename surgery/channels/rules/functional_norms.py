@@ -23,7 +23,7 @@ from torch import fx, nn
 
 from surgery.channels.groups import Endpoint, Layout
 from surgery.channels.registry import _FUNCTION_RULES, _LITERAL_EDITS, _MODULE_RULES, _register
-from surgery.channels.rules.arguments import _arg, _parameter_owner
+from surgery.channels.rules.arguments import _arg, _node, _parameter_owner
 from surgery.channels.walk import _Walk
 
 _BATCH_NORM_ARGS = ((1, "running_mean"), (2, "running_var"), (3, "weight"), (4, "bias"))
@@ -81,7 +81,7 @@ def _group_norm(w: _Walk, node: fx.Node, groups: Any, follow: Callable[[Layout],
     follow(layout)
     if groups == layout.size:
         if literal:
-            w.add(layout, "literals", Endpoint(node.name, node.name, "group_norm", node.args[0].name, dim=1))
+            w.add(layout, "literals", Endpoint(node.name, node.name, "group_norm", _node(node.args[0]).name, dim=1))
         return layout
     w.require_blocks(layout, groups, node, "group norm")
     w.block(

@@ -14,7 +14,7 @@ from torch import fx
 
 from surgery.channels.groups import Endpoint, Layout, Segment
 from surgery.channels.registry import _FUNCTION_RULES, _register
-from surgery.channels.rules.arguments import _arg, _norm, _parameter_source
+from surgery.channels.rules.arguments import _arg, _norm, _parameter_source, _shape_of
 from surgery.channels.walk import _fallback, _Walk
 
 
@@ -23,7 +23,8 @@ def _cat(w: _Walk, node: fx.Node) -> Layout | None:
     given = _arg(node, 0, "tensors")
     out_shape = w.shape(node)
     if not isinstance(given, (list, tuple)):  # a tuple-valued node (``torch.cat(x.split(n))``)
-        return _fallback(w, node)
+        _fallback(w, node)
+        return None
     if out_shape is None:
         return None
     tensors = list(given)
@@ -34,7 +35,7 @@ def _cat(w: _Walk, node: fx.Node) -> Layout | None:
     segments: list[Segment] = []
     for t, lay in zip(tensors, layouts):
         if lay is None:
-            size = w.shape(t)[dim]
+            size = _shape_of(w, t)[dim]
             unknown = w.new_group(size)
             w.draft(unknown).blockers.append(f"'{t.name}' enters concatenation {w.describe(node)} untracked")
             segments.append(Segment(unknown, size))
@@ -51,8 +52,9 @@ def _cat_aside(w: _Walk, node: fx.Node, tensors: list[Any], layouts: list[Layout
     """
     present = [lay for lay in layouts if lay is not None]
     channel_dim = present[0].dim
-    params = [_parameter_source(w, t, channel_dim) for t, lay in zip(tensors, layouts) if lay is None]
-    if None in params or any(lay.dim != channel_dim for lay in present) or channel_dim == dim:
+    sources = [_parameter_source(w, t, channel_dim) for t, lay in zip(tensors, layouts) if lay is None]
+    params = [p for p in sources if p is not None]
+    if len(params) < len(sources) or any(lay.dim != channel_dim for lay in present) or channel_dim == dim:
         w.block(
             present, f"{w.describe(node)} concatenates these channels with values the channel analysis does not follow"
         )

@@ -15,7 +15,7 @@ from torch import fx, nn
 
 from surgery.channels.groups import Endpoint, Layout, Segment
 from surgery.channels.registry import _FUNCTION_RULES, _MODULE_RULES, _register
-from surgery.channels.rules.arguments import _arg, _parameter_owner
+from surgery.channels.rules.arguments import _arg, _node, _parameter_owner
 from surgery.channels.walk import _fallback, _Walk
 
 
@@ -32,7 +32,7 @@ def _conv_layer(w: _Walk, node: fx.Node, path: str, out_channels: int, groups: i
         return layout
     if layout is not None:
         w.require_blocks(layout, groups, node, "grouped conv")
-        w.add(layout, "consumers", Endpoint(node.name, path, "Conv2d", x.name, groups=groups))
+        w.add(layout, "consumers", Endpoint(node.name, path, "Conv2d", _node(x).name, groups=groups))
     out = Layout(1, (Segment(w.new_group(out_channels, groups), out_channels),))
     w.add(out, "producers", Endpoint(node.name, path, "Conv2d", node.name, groups=groups))
     return out
@@ -46,7 +46,7 @@ def _linear_layer(w: _Walk, node: fx.Node, path: str, out_features: int) -> Layo
         w.block([layout], f"{w.describe(node)} mixes dim {ndim - 1} but these channels are on dim {layout.dim}")
         layout = None
     if layout is not None:
-        w.add(layout, "consumers", Endpoint(node.name, path, "Linear", x.name))
+        w.add(layout, "consumers", Endpoint(node.name, path, "Linear", _node(x).name))
     out = Layout(ndim - 1, (Segment(w.new_group(out_features), out_features),))
     w.add(out, "producers", Endpoint(node.name, path, "Linear", node.name))
     return out
@@ -81,7 +81,8 @@ def _conv_function(w: _Walk, node: fx.Node) -> Layout | None:
     owner = _own_weight(w, node, nn.Conv2d)
     groups = _arg(node, 6, "groups", 1)
     if owner is None or not isinstance(groups, int):
-        return _fallback(w, node)
+        _fallback(w, node)
+        return None
     path, weight = owner
     out_channels, in_channels = weight.shape[0], weight.shape[1] * groups
     return _conv_layer(w, node, path, out_channels, groups, 1 < groups == in_channels == out_channels)
@@ -91,7 +92,10 @@ def _conv_function(w: _Walk, node: fx.Node) -> Layout | None:
 def _linear_function(w: _Walk, node: fx.Node) -> Layout | None:
     """``F.linear`` on a Linear's own weight (timm's ``Linear``): that Linear."""
     owner = _own_weight(w, node, nn.Linear)
-    return _fallback(w, node) if owner is None else _linear_layer(w, node, owner[0], owner[1].shape[0])
+    if owner is None:
+        _fallback(w, node)
+        return None
+    return _linear_layer(w, node, owner[0], owner[1].shape[0])
 
 
 @_register(_MODULE_RULES, [nn.modules.batchnorm._NormBase])

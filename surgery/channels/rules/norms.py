@@ -17,7 +17,7 @@ from torch import fx, nn
 
 from surgery.channels.groups import Endpoint, Layout
 from surgery.channels.registry import _FUNCTION_RULES, _LITERAL_EDITS, _MODULE_RULES, _register
-from surgery.channels.rules.arguments import _arg
+from surgery.channels.rules.arguments import _arg, _node
 from surgery.channels.walk import _Walk
 
 
@@ -30,7 +30,9 @@ def _normalised_over(w: _Walk, node: fx.Node, normalized_ndim: int, params: Sequ
         return layout
     w.require_uniform(layout, f"{w.describe(node)} normalises over these channels")
     if node.op == "call_function" and isinstance(_arg(node, 1, "normalized_shape"), (list, tuple)):
-        w.add(layout, "literals", Endpoint(node.name, node.name, "normalized_shape", x.name, dim=layout.dim - ndim))
+        w.add(
+            layout, "literals", Endpoint(node.name, node.name, "normalized_shape", _node(x).name, dim=layout.dim - ndim)
+        )
     for target, kind in params:
         w.add(
             layout, "followers", Endpoint(node.name, target, kind, node.name, dim=layout.dim - (ndim - normalized_ndim))

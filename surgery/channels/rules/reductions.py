@@ -17,7 +17,7 @@ from surgery.channels.registry import (
     _MODULE_RULES,
     _register,
 )
-from surgery.channels.rules.arguments import _arg, _norm
+from surgery.channels.rules.arguments import _arg, _norm, _shape_of
 from surgery.channels.walk import _Walk
 
 
@@ -73,7 +73,7 @@ def _reduce(w: _Walk, node: fx.Node) -> Layout | None:
     layout = w.layout(x)
     if layout is None:
         return None
-    ndim = len(w.shape(x))
+    ndim = len(_shape_of(w, x))
     dims = _arg(node, 1, "dim")
     if dims is None:
         w.block([layout], f"{w.describe(node)} reduces over these channels")

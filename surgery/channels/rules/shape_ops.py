@@ -14,6 +14,7 @@ from __future__ import annotations
 import math
 import operator
 from collections.abc import Callable
+from typing import cast
 
 import torch
 import torch.nn.functional as F
@@ -27,7 +28,7 @@ from surgery.channels.registry import (
     _MODULE_RULES,
     _register,
 )
-from surgery.channels.rules.arguments import _arg, _dims_arg, _norm
+from surgery.channels.rules.arguments import _arg, _dims_arg, _node, _norm, _shape_of
 from surgery.channels.rules.slicing import _slice_channels
 from surgery.channels.walk import _fallback, _Walk
 
@@ -64,7 +65,7 @@ def _flatten(w: _Walk, node: fx.Node) -> Layout | None:
 def _moved(w: _Walk, node: fx.Node, where: Callable[[int, int], int]) -> Layout | None:
     """Dim-moving ops: the channels go to ``where(old_dim, ndim)``."""
     layout = w.layout(node.args[0])
-    return None if layout is None else layout.at(where(layout.dim, len(w.shape(node.args[0]))))
+    return None if layout is None else layout.at(where(layout.dim, len(_shape_of(w, node.args[0]))))
 
 
 @_register(_FUNCTION_RULES, [torch.permute])
@@ -77,7 +78,7 @@ def _permute(w: _Walk, node: fx.Node) -> Layout | None:
 @_register(_METHOD_RULES, ["transpose", "swapaxes", "swapdims"])
 def _transpose(w: _Walk, node: fx.Node) -> Layout | None:
     def swapped(dim: int, ndim: int) -> int:
-        a, b = _norm(node.args[1], ndim), _norm(node.args[2], ndim)
+        a, b = _norm(cast(int, node.args[1]), ndim), _norm(cast(int, node.args[2]), ndim)
         return {a: b, b: a}.get(dim, dim)
 
     return _moved(w, node, swapped)
@@ -89,7 +90,7 @@ def _unsqueeze(w: _Walk, node: fx.Node) -> Layout | None:
     layout = w.layout(node.args[0])
     if layout is None:
         return None
-    d = _norm(_arg(node, 1, "dim"), len(w.shape(node)))
+    d = _norm(_arg(node, 1, "dim"), len(_shape_of(w, node)))
     return layout.at(layout.dim + (1 if d <= layout.dim else 0))
 
 
@@ -105,7 +106,7 @@ def _reshape(w: _Walk, node: fx.Node) -> Layout | None:
     layout = w.layout(x)
     if layout is None:
         return None
-    before, after = w.shape(x), w.shape(node)
+    before, after = _shape_of(w, x), _shape_of(w, node)
     lead = math.prod(before[: layout.dim])
     trail = math.prod(before[layout.dim + 1 :])
     for d in range(len(after)):
@@ -134,11 +135,12 @@ def _split_channel_dim(w: _Walk, node: fx.Node, layout: Layout, first: int, last
     the channels of any later transpose and merge (the rest of a shuffle) keep their
     function under a permutation or replication of the coupled parts.
     """
-    after = w.shape(node)
+    after = _shape_of(w, node)
     parts, per = math.prod(after[first:last]), after[last]
-    pieces = [w.select(layout, k * per, (k + 1) * per, node) for k in range(parts)]
+    selected = [w.select(layout, k * per, (k + 1) * per, node) for k in range(parts)]
+    pieces = [p for p in selected if p is not None]
     reason = f"{w.describe(node)} splits these channels into {parts} parts laid out differently"
-    if any(p is None for p in pieces):
+    if len(pieces) < len(selected):
         w.block([layout], reason)
         return None
     if not w.couple(pieces, node, "splits", reason):
@@ -155,7 +157,7 @@ def _literal_channel_count(w: _Walk, node: fx.Node, layout: Layout, d: int) -> N
         return
     plain = len(layout.segments) == 1 and layout.segments[0].inner == 1 and sizes[d] == layout.size
     if plain:
-        w.add(layout, "literals", Endpoint(node.name, node.name, "reshape", node.args[0].name, dim=d))
+        w.add(layout, "literals", Endpoint(node.name, node.name, "reshape", _node(node.args[0]).name, dim=d))
     else:
         w.block([layout], f"{w.describe(node)} reshapes to a fixed count of {sizes[d]} channels", fixed_width=True)
 
@@ -178,7 +180,7 @@ def _pad(w: _Walk, node: fx.Node) -> Layout | None:
     pad = _arg(node, 1, "pad")
     if layout is None:
         return None
-    from_last = len(w.shape(node.args[0])) - 1 - layout.dim  # pad[2k], pad[2k + 1] pad the k-th dim from the last
+    from_last = len(_shape_of(w, node.args[0])) - 1 - layout.dim  # pad[2k], pad[2k + 1] pad the k-th dim from the last
     if not isinstance(pad, (list, tuple)) or list(pad[2 * from_last : 2 * from_last + 2]) not in ([], [0, 0]):
         w.block([layout], f"{w.describe(node)} pads the dim that carries these channels")
         return None
@@ -193,7 +195,7 @@ def _roll(w: _Walk, node: fx.Node) -> Layout | None:
     dims = _arg(node, 2, "dims")
     if layout is None:
         return None
-    ndim = len(w.shape(node.args[0]))
+    ndim = len(_shape_of(w, node.args[0]))
     rolled = [_norm(d, ndim) for d in (dims if isinstance(dims, (list, tuple)) else [dims])] if dims is not None else []
     if not rolled or layout.dim in rolled:
         w.block([layout], f"{w.describe(node)} rolls these channels")
@@ -206,14 +208,18 @@ def _getitem(w: _Walk, node: fx.Node) -> Layout | None:
     """Basic indexing of a tensor (``x[:, 0]``, ``x[:, :n]``), or one element of a tuple-valued node (a split)."""
     x, index = node.args
     if x in w.tuples:
-        return w.element(x, index) if isinstance(index, int) else _fallback(w, node)
+        if isinstance(index, int):
+            return w.element(x, index)
+        _fallback(w, node)
+        return None
     layout = w.layout(x)
     if layout is None:
         return None
-    ndim = len(w.shape(x))
+    ndim = len(_shape_of(w, x))
     items = list(index) if isinstance(index, tuple) else [index]
     if any(not (i is None or i is Ellipsis or isinstance(i, (int, slice))) for i in items):
-        return _fallback(w, node)
+        _fallback(w, node)
+        return None
     positions = list(range(len(items)))  # where each item sits in the index as written
     if Ellipsis in items:
         k = items.index(Ellipsis)
@@ -245,7 +251,7 @@ def _size_read(w: _Walk, node: fx.Node) -> None:
     """Reading a tensor's shape, dtype or device is harmless."""
     attribute = node.args[1] if node.op == "call_function" and len(node.args) > 1 else "shape"
     if attribute not in ("shape", "dtype", "device", "ndim"):
-        return _fallback(w, node)
+        _fallback(w, node)
     return None
 
 
@@ -254,7 +260,8 @@ def _patch_merging(w: _Walk, node: fx.Node) -> Layout | None:
     concatenated on the channels, so the output holds the input's channels four times over."""
     layout, shape = w.layout(node.args[0]), w.shape(node.args[0])
     if layout is None or shape is None or layout.dim != len(shape) - 1:
-        return _fallback(w, node)
+        _fallback(w, node)
+        return None
     return Layout(layout.dim, layout.segments * 4)
 
 

@@ -23,7 +23,7 @@ from torch import fx
 
 from surgery.channels.groups import Endpoint, Layout
 from surgery.channels.registry import _FUNCTION_RULES, _LITERAL_EDITS, _METHOD_RULES, _register
-from surgery.channels.rules.arguments import _arg, _norm
+from surgery.channels.rules.arguments import _arg, _node, _norm
 from surgery.channels.walk import _fallback, _Walk
 
 
@@ -43,7 +43,7 @@ def _slice_channels(w: _Walk, node: fx.Node, layout: Layout, item: slice, positi
         w.block([layout], f"{w.describe(node)} selects some of these channels (a bound cuts a flattened channel)")
         return None
     if item.start is not None or item.stop is not None:
-        w.add(layout, "literals", Endpoint(node.name, node.name, "slice", node.args[0].name, dim=position))
+        w.add(layout, "literals", Endpoint(node.name, node.name, "slice", _node(node.args[0]).name, dim=position))
     return out
 
 
@@ -52,6 +52,7 @@ def _rewrite_slice(node: fx.Node, ep: Endpoint, moved: Callable[[int], int], siz
     x, index = node.args
     items = list(index) if isinstance(index, tuple) else [index]
     item = items[ep.dim]
+    assert isinstance(item, slice), "a slice literal is recorded only for a slice of the channels"
 
     def bound(b: int | None) -> int | None:
         return None if b is None else moved(max(0, b + size) if b < 0 else min(b, size))
@@ -89,20 +90,23 @@ def _split(w: _Walk, node: fx.Node) -> tuple[Layout | None, ...] | None:
     dim = _norm(_arg(node, 2, "dim", 0), len(shape))
     sections = _sections(node, shape[dim])
     if sections is None:
-        return _fallback(w, node)
+        _fallback(w, node)
+        return None
     if dim != layout.dim:
         return tuple(layout for _ in sections)
     bounds = [0, *itertools.accumulate(sections)]
     if w.cut(layout, bounds, node) is None:
         w.block([layout], f"{w.describe(node)} cuts a flattened channel in two")
         return None
-    w.add(layout, "literals", Endpoint(node.name, node.name, "split", x.name))
+    w.add(layout, "literals", Endpoint(node.name, node.name, "split", _node(x).name))
     return tuple(w.select(layout, a, b, node) for a, b in itertools.pairwise(bounds))
 
 
 def _rewrite_split(node: fx.Node, ep: Endpoint, moved: Callable[[int], int], size: int) -> None:
     """The pieces keep their channels at their new sizes (a chunk becomes a split with explicit sizes)."""
-    old = list(itertools.accumulate(_sections(node, size)))
+    sections = _sections(node, size)
+    assert sections is not None, "a split literal is recorded only for sizes written in the graph"
+    old = list(itertools.accumulate(sections))
     new = [moved(b) for b in old]
     sizes = [b - a for a, b in zip([0, *new], new)]
     dim = _arg(node, 2, "dim", 0)
