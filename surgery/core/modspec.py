@@ -10,7 +10,8 @@ name arbitrary code.
 from __future__ import annotations
 
 import inspect
-from typing import Any
+from collections.abc import Iterable
+from typing import Any, Protocol, cast
 
 import torch
 from torch import nn
@@ -56,6 +57,12 @@ def _kwargs_from_attributes(m: nn.Module) -> dict[str, Any]:
     return kwargs
 
 
+class _Described(Protocol):
+    """A module of this library that names its own constructor arguments."""
+
+    def spec_kwargs(self) -> dict[str, Any]: ...
+
+
 def module_spec(m: nn.Module) -> dict[str, Any]:
     """A JSON description of ``m`` that :func:`module_from_spec` rebuilds (random weights)."""
     cls = type(m)
@@ -66,9 +73,9 @@ def module_spec(m: nn.Module) -> dict[str, Any]:
             "(torch.nn layers, nn.Sequential of them, this library's modules) are rebuilt without running foreign code"
         )
     if cls in (nn.Sequential, nn.ModuleList):
-        spec: dict[str, Any] = {"class": path, "children": [module_spec(c) for c in m]}
+        spec: dict[str, Any] = {"class": path, "children": [module_spec(c) for c in cast("Iterable[nn.Module]", m)]}
     elif hasattr(m, "spec_kwargs"):
-        spec = {"class": path, "kwargs": _jsonable(m.spec_kwargs())}
+        spec = {"class": path, "kwargs": _jsonable(cast(_Described, m).spec_kwargs())}
     else:
         if any(True for _ in m.children()):
             raise SurgeryError(f"cannot describe {cls.__name__} (it has submodules); use an nn.Sequential of layers")

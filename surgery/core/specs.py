@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -81,10 +82,17 @@ def specs_of(value: Any, arity: int) -> tuple[ValueSpec, ...]:
     return tuple(ValueSpec.of(v) for v in values)
 
 
-def format_specs(specs: tuple[ValueSpec, ...] | None) -> str:
+def format_specs(specs: Sequence[ValueSpec | None] | None) -> str:
     if specs is None:
         return "?"
     return ", ".join(map(str, specs))
+
+
+def known_specs(specs: Sequence[ValueSpec | None] | None) -> tuple[ValueSpec, ...] | None:
+    """``specs`` when every value's spec is known; None otherwise (an adapter's side values have none)."""
+    if specs is None or any(s is None for s in specs):
+        return None
+    return tuple(s for s in specs if s is not None)
 
 
 def _recorded(node: Any) -> ValueSpec | None:
@@ -104,10 +112,11 @@ def graph_specs(graph: fx.Graph, out_arity: int) -> tuple[tuple[ValueSpec, ...],
     ins = [_recorded(n) for n in nodes if n.op == "placeholder"]
     tree = getattr(getattr(graph._codegen, "pytree_info", None), "out_spec", None)
     if tree is not None and not tree.is_leaf():
-        outs = [ValueSpec(tree.type.__name__)]
+        outs: list[ValueSpec | None] = [ValueSpec(tree.type.__name__)]
     else:
         returned = nodes[-1].args[0]
         outs = [_recorded(v) for v in (returned if isinstance(returned, (tuple, list)) else [returned])]
-    if any(s is None for s in (*ins, *outs)) or len(outs) != out_arity:
+    specs = [s for s in (*ins, *outs) if s is not None]
+    if len(specs) < len(ins) + len(outs) or len(outs) != out_arity:
         return None
-    return tuple(ins), tuple(outs)  # type: ignore[arg-type]
+    return tuple(specs[: len(ins)]), tuple(specs[len(ins) :])

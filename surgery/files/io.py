@@ -39,7 +39,7 @@ from surgery.core.errors import SurgeryError, UserError
 from surgery.core.modspec import module_from_spec, module_spec
 from surgery.core.recipe import recipe_of
 from surgery.core.schema import read_json_file
-from surgery.core.specs import ValueSpec
+from surgery.core.specs import ValueSpec, known_specs
 from surgery.core.trust import Kind, resolve
 from surgery.core.util import atomic_directory, first_line
 from surgery.files.recipe_file import FORMAT, CutEntry, ModuleEntry, RecipeFile, SpecEntry
@@ -80,13 +80,14 @@ def _describe_part(part: nn.Module) -> dict[str, Any]:
         info: PieceInfo = meta[META_KEY]
         if info.origin is None or info.origin.recipe is None:
             raise _no_recipe("this piece")
+        ins, outs = known_specs(info.in_specs), known_specs(info.out_specs)
         return {
             "kind": "cut",
             "origin": info.origin.to_json(),
             "in_names": list(info.in_names),
             "out_names": list(info.out_names),
-            "in_specs": [s.to_json() for s in info.in_specs] if info.in_specs else None,
-            "out_specs": [s.to_json() for s in info.out_specs] if info.out_specs else None,
+            "in_specs": [s.to_json() for s in ins] if ins else None,
+            "out_specs": [s.to_json() for s in outs] if outs else None,
         }
     return {"kind": "module", "spec": module_spec(part)}
 

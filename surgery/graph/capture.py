@@ -130,12 +130,12 @@ def _capture(
             return Capture(model, graph, "fx", tuple(leaves), notes)
     example = example if example is not None else default_example(model)
     try:
-        gm, notes, example = export_graph(model, example, dynamic)
+        gm, export_notes, example = export_graph(model, example, dynamic)
     except SurgeryError as e:
         if fx_error is None:
             raise
         raise SurgeryError(f"{fx_error}; {e}") from None
-    return Capture(gm, gm.graph, "export", (), tuple(notes), example)
+    return Capture(gm, gm.graph, "export", (), tuple(export_notes), example)
 
 
 def trace(

@@ -93,6 +93,14 @@ class Example:
         return cls((value,), {})
 
     @classmethod
+    def required(cls, value: Any, needed_by: str) -> Example:
+        """:meth:`of` for an input that must be given: a one-line error naming ``needed_by`` when it is None."""
+        example = cls.of(value)
+        if example is None:
+            raise SurgeryError(f"{needed_by} needs example_input=: an input the model accepts")
+        return example
+
+    @classmethod
     def from_specs(cls, specs: Sequence[InputSpec], vocab: int | None = None, seed: int = 0) -> Example:
         """Tensors of the given specs (see :func:`_fill`), positional ones first."""
         generator = torch.Generator().manual_seed(seed)
@@ -252,6 +260,7 @@ def candidate_examples(model: nn.Module, first_layer: nn.Module | None = None, b
         return [declared]
     dtype = model_dtype(model)
     generator = torch.Generator().manual_seed(0)
+    shapes: list[tuple[int, ...]]
     if isinstance(first_layer, nn.Linear):
         shapes = [(batch, first_layer.in_features)]
     else:

@@ -41,7 +41,7 @@ DROPOUT_PREFIX = "surgery_dropout_"
 
 @contextlib.contextmanager
 def _cache_off(model: nn.Module, notes: list[str]) -> Iterator[None]:
-    config = getattr(model, "config", None)
+    config: Any = getattr(model, "config", None)  # a Hugging Face config, when there is one
     had = getattr(config, "use_cache", None)
     if had:
         config.use_cache = False

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from surgery.core.errors import SurgeryError
-from surgery.core.specs import ValueSpec
+from surgery.core.specs import ValueSpec, known_specs
 from surgery.core.util import evaluating
 from surgery.graph.inputs import Example
 from surgery.pieces.cut import Pieces, piece_info
@@ -61,6 +61,8 @@ class Adapter(nn.Module):
         super().__init__()
         self.in_shape, self.out_shape = tuple(in_shape), tuple(out_shape)
         self.batchnorm, self.relu, self.side_values = batchnorm, relu, int(side_values)
+        self.map: nn.Conv2d | nn.Linear
+        self.norm: nn.Module
         if len(self.in_shape) == 3 and len(self.out_shape) == 3:
             (c_in, *hw_in), (c_out, *hw_out) = self.in_shape, self.out_shape
             self.pre = (
@@ -131,7 +133,7 @@ class Adapter(nn.Module):
         solution = torch.linalg.lstsq(design, cols).solution
         weight = solution[: rows.shape[1]].T
         self.map.weight.copy_(weight.reshape(self.map.weight.shape))
-        if bias:
+        if self.map.bias is not None:
             self.map.bias.copy_(solution[-1])
         return self
 
@@ -271,12 +273,13 @@ def stitch(
     """
     ups, downs = _flatten(up), _flatten(down)
     last_up, first_down = piece_info(ups[-1]), piece_info(downs[0])
-    if first_down.in_specs is None:
+    want = known_specs(first_down.in_specs)
+    if want is None:
         raise SurgeryError(
             "the down piece has no recorded input shape; cut it with example_input=... (or load it "
             "from a saved directory)"
         )
-    example = Example.of(example_input)
+    example = Example.required(example_input, "stitch")
     value = _output_of(ups, example)
     values = value if last_up.out_arity > 1 else (value,)
     if not isinstance(values[0], torch.Tensor):
@@ -290,13 +293,13 @@ def stitch(
             raise SurgeryError("init='lstsq' needs reference=: the pieces before the down piece in its own network")
         target = _output_of(_flatten(reference), example)
         features = (values[0], target[0] if isinstance(target, tuple) else target)
-    options = {"batchnorm": batchnorm, "relu": relu, "init": init, "features": features}
-    ad = boundary_adapter(have, first_down.in_specs, first_down.in_names, **options)
+    options: dict[str, Any] = {"batchnorm": batchnorm, "relu": relu, "init": init, "features": features}
+    ad = boundary_adapter(have, want, first_down.in_names, **options)
     if ad is None:
         return Pieces([*ups, *downs])
     if not allow_adapter:
         raise SurgeryError(
-            f"the up piece gives {have[0]} but the down piece expects {first_down.in_specs[0]}; "
+            f"the up piece gives {have[0]} but the down piece expects {want[0]}; "
             "allow an adapter or cut where the shapes agree"
         )
     return Pieces([*ups, ad.to(values[0].device), *downs])

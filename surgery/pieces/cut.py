@@ -78,8 +78,8 @@ class PieceInfo:
     origin: Origin | None
     in_names: tuple[str, ...]
     out_names: tuple[str, ...]
-    in_specs: tuple[ValueSpec, ...] | None = None
-    out_specs: tuple[ValueSpec, ...] | None = None
+    in_specs: tuple[ValueSpec | None, ...] | None = None
+    out_specs: tuple[ValueSpec | None, ...] | None = None
 
     @property
     def in_arity(self) -> int:
@@ -207,13 +207,16 @@ class Pieces(nn.Module):
         Returns False, recording nothing, when some piece's graph does not carry them (fx
         graphs carry no shapes; :meth:`infer_specs` runs an example through instead).
         """
-        found = [
-            graph_specs(p.graph, piece_info(p).out_arity) if META_KEY in getattr(p, "meta", {}) else None
+        recorded = [
+            graph_specs(p.graph, piece_info(p).out_arity)
+            if isinstance(p, fx.GraphModule) and META_KEY in getattr(p, "meta", {})
+            else None
             for p in self.pieces
         ]
-        if any(f is None for f in found):
+        found = [f for f in recorded if f is not None]
+        if len(found) < len(recorded):
             return False
-        for piece, (ins, outs) in zip(self.pieces, found):  # type: ignore[misc]
+        for piece, (ins, outs) in zip(self.pieces, found):
             info = piece_info(piece)
             info.in_specs, info.out_specs = ins, outs
         return True
@@ -316,7 +319,7 @@ def _pieces(
     )
     inputs = tuple(cap.example.specs()) if cap.tracer == "export" and cap.example is not None else ()
     origin_recipe = recipe_of(model)
-    pieces = []
+    pieces: list[fx.GraphModule] = []
     firsts = [returned_order(model, cap.example, index, name) or [index.nodes[p]] for name, p in zip(names, positions)]
     for k, (g, ins, outs) in enumerate(split_graph(index, positions, firsts)):
         gm = _LazyGraphModule(cap.root, g, class_name="Piece")  # its code is generated when first run
@@ -340,7 +343,7 @@ def _codegen(source: CodeGen, first: bool, last: bool) -> CodeGen:
     if first:
         return _PyTreeCodeGen(_PyTreeInfo(info.orig_args, info.in_spec, None))
     if last:
-        return _OutputsOnly(_PyTreeInfo([], None, info.out_spec))
+        return _OutputsOnly(_PyTreeInfo([], None, info.out_spec))  # type: ignore[arg-type]  # torch allows no in_spec
     return CodeGen()
 
 
@@ -380,7 +383,7 @@ def split_graph(
 
         def arg(a: fx.Node, g: fx.Graph = g, env: dict[fx.Node, Any] = env) -> Any:
             if a not in env:  # a parameter or constant read in this piece
-                env[a] = g.get_attr(a.target)
+                env[a] = g.get_attr(str(a.target))  # a get_attr node: its target is the attribute's path
             return env[a]
 
         for n in nodes[bounds[k] + 1 : bounds[k + 1] + 1]:

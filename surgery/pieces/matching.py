@@ -80,9 +80,9 @@ def _gale_shapley(sim: np.ndarray) -> tuple[np.ndarray, int]:
                 still_free.append(a)
         free = still_free
     match = np.full(n_a, -1, dtype=np.int64)
-    for b, a in enumerate(holder):
-        if a >= 0:
-            match[a] = b
+    for b, proposer in enumerate(holder):
+        if proposer >= 0:
+            match[proposer] = b
     return match, rounds
 
 

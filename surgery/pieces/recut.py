@@ -120,7 +120,7 @@ class Recut:
             raise SurgeryError(
                 f"the pieces take ({_describe(self.taken)}) as the model does: {first_line(e)}"
             ) from None
-        if call is None:
+        if sig is None or call is None:
             return pieces.run(*args, **kwargs)
         call = _given(sig, call)
         own = _key(call) == _key(self.taken)
@@ -242,6 +242,7 @@ def recut_of(parts: Sequence[nn.Module]) -> Recut | None:
     Each piece of a cut carries ``meta[RECUT_KEY] = (recut, index)``.
     """
     marks = [getattr(p, "meta", {}).get(RECUT_KEY) for p in parts]
-    if any(m is None for m in marks) or any(m[0] is not marks[0][0] or m[1] != i for i, m in enumerate(marks)):
+    found = [m for m in marks if m is not None]
+    if len(found) < len(marks) or any(m[0] is not found[0][0] or m[1] != i for i, m in enumerate(found)):
         return None
-    return marks[0][0]
+    return found[0][0]

@@ -155,7 +155,7 @@ def suggest_splits(
     leaf_modules: Sequence[LeafSpec] = (),
 ) -> list[SplitChoice]:
     """:func:`rank_splits` over the module cut points of ``model``, measured on one sample of ``example_input``."""
-    given = Example.of(example_input)
+    given = Example.required(example_input, "suggest_splits")
     one = lambda v: v[:1] if isinstance(v, torch.Tensor) and v.dim() else v  # noqa: E731 - one sample of each input
     example = Example(tuple(one(a) for a in given.args), {k: one(v) for k, v in given.kwargs.items()})
     points = cut_points(model, example, include_nodes=False, leaf_modules=leaf_modules)
