@@ -28,6 +28,7 @@ from growth.mutation import replay as replay_log
 from growth.registry import OPS, SITE_JOIN, get_op
 from growth.registry import sites as op_sites
 from surgery.cli.kit import console, load_model_arg, print_table, run_app, table
+from surgery.core.errors import renamed_argument
 from surgery.files.io import prepare_output_dir, save
 from surgery.graph.flops import FLOPS_COLUMN, flops_note, human, per_sample
 from surgery.graph.inputs import Example, InputSpec, vocab_size
@@ -185,10 +186,11 @@ def _op_args(op: str, given: dict[str, Any]) -> tuple[str, dict[str, Any]]:
 def mutate_command(
     model: ModelArg,
     op: Annotated[str, typer.Option("--op", help=f"one of {', '.join(sorted(OPS))}")],
-    at: Annotated[Optional[str], typer.Option(help="layer to widen / branch beside / whose kernel to grow")] = None,
-    after: Annotated[
-        Optional[str], typer.Option(help="net2deeper: node after which to insert the identity layer")
+    at: Annotated[
+        Optional[str],
+        typer.Option(help="layer to widen / branch beside / whose kernel to grow; net2deeper: node to insert after"),
     ] = None,
+    after: Annotated[Optional[str], typer.Option(hidden=True, help="the former name of --at (net2deeper)")] = None,
     src: Annotated[Optional[str], typer.Option(help="add_skip: where the skip starts")] = None,
     dst: Annotated[Optional[str], typer.Option(help="add_skip: where the skip is added")] = None,
     factor: Annotated[Optional[float], typer.Option(help="net2wider: width multiplier (> 1)")] = None,
@@ -221,10 +223,11 @@ def mutate_command(
     trust_code: TrustOpt = False,
 ) -> None:
     """Apply one growth op to MODEL, check the output did not move, and save it."""
+    at = renamed_argument("growth mutate", "--at", at, "--after", after, GrowthError)
     given = {
         k: v
         for k, v in locals().items()
-        if k not in ("model", "op", "out", "force", "input", "num_classes", "trust_code")
+        if k not in ("model", "op", "after", "out", "force", "input", "num_classes", "trust_code")
     }
     site, args = _op_args(op, given)
     net = _start(model, out, force, num_classes, trust_code)

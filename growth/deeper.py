@@ -36,6 +36,7 @@ from growth.errors import GrowthError
 from growth.graphedit import Workbench
 from growth.registry import MAX_KERNEL, GrowthOp, Proposal, Site, not_applicable, register_op
 from growth.signs import negative_reasons
+from surgery.core.errors import renamed_argument
 
 KINDS = ("conv", "linear", "block")
 ACTIVATIONS = ("relu", None)
@@ -43,7 +44,7 @@ ACTIVATIONS = ("relu", None)
 
 def net2deeper(
     model: nn.Module,
-    after: str,
+    at: str | None = None,
     kind: str = "conv",
     kernel_size: int = 3,
     groups: int = 1,
@@ -52,44 +53,62 @@ def net2deeper(
     *,
     example_input: Any = None,
     check: bool = False,
+    after: str | None = None,
 ) -> fx.GraphModule:
-    """Insert an identity layer after ``after``; every former reader of ``after`` reads the new layer.
+    """Insert an identity layer after ``at``; every former reader of ``at`` reads the new layer.
 
     Args:
         model: any fx-traceable module; it is not modified.
-        after: a module path or fx node name (``kind="block"``: the module path of a residual block).
+        at: the module path or fx node name after which the layer goes (``kind="block"``: the module
+            path of a residual block); :func:`growth.sites` lists them.
         kind: ``"conv"`` (kxk conv on dim 1 of an NCHW value), ``"linear"`` (on the last dim), or
-            ``"block"``: a copy of the residual block ``after`` inserted after it, every residual branch
+            ``"block"``: a copy of the residual block ``at`` inserted after it, every residual branch
             starting at zero (transformer layers, ConvNeXt and ResNet blocks; see :mod:`growth.block`).
         kernel_size: odd conv kernel size (padding ``k // 2`` keeps the spatial size).
         groups: conv groups; the identity stays within each group.
         batchnorm: insert an identity BatchNorm after the layer (``BatchNorm1d`` for linear, 2-D values only).
-        activation: ``"relu"`` (needs a non-negative value at ``after``) or None.
+        activation: ``"relu"`` (needs a non-negative value at ``at``) or None.
         example_input, check: see :func:`growth.net2wider`.
+        after: the former name of ``at`` (still accepted, with a ``FutureWarning``; recipes saved
+            with it replay and record ``at``).
+
+    >>> import torch, torchvision, growth
+    >>> net = torchvision.models.resnet18(num_classes=10).eval()
+    >>> deep = growth.net2deeper(net, at="layer2_0_relu", check=True).eval()
+    >>> type(deep.layer2[0].net2deeper0[0]).__name__
+    'Conv2d'
+    >>> x = torch.randn(2, 3, 32, 32)
+    >>> bool((deep(x) - net(x)).abs().max() < 1e-4)
+    True
     """
+    at = renamed_argument("net2deeper", "at", at, "after", after, GrowthError)
+    if at is None:
+        raise GrowthError(
+            "net2deeper needs at=, the node to insert after; growth.sites(model, 'net2deeper') lists them"
+        )
     _check_arguments(kind, kernel_size, groups, activation)
     work = Workbench(model, example_input)
     if kind == "block":
-        reason = block_obstacle(work, after)
+        reason = block_obstacle(work, at)
         if reason is not None:
-            raise not_applicable("net2deeper", after, reason, block_sites(work))
-        insert_block_copy(work, after)
-        return work.finish("net2deeper", check, after=after, kind=kind)
-    node = work.node(after)
+            raise not_applicable("net2deeper", at, reason, block_sites(work))
+        insert_block_copy(work, at)
+        return work.finish("net2deeper", check, at=at, kind=kind)
+    node = work.node(at)
     reason = deeper_obstacle(work, node, kind, groups, batchnorm, activation, negative_reasons(work.gm))
     if reason is not None:
-        raise not_applicable("net2deeper", after, reason, deeper_sites(work, kind, groups, batchnorm, activation))
+        raise not_applicable("net2deeper", at, reason, deeper_sites(work, kind, groups, batchnorm, activation))
     shape = work.shape(node)
     channels = shape[1] if kind == "conv" else shape[-1]
     layers = identity_layers(kind, channels, kernel_size, groups, activation, work.shapes.dtype, bias=not batchnorm)
     if batchnorm:
         layers.insert(1, identity_batchnorm(kind, value_at(work, node)))
-    _, new_nodes = work.insert_chain(node, after, "net2deeper", layers)
+    _, new_nodes = work.insert_chain(node, at, "net2deeper", layers)
     work.reroute(node, new_nodes[-1], keep=new_nodes[:1])
     return work.finish(
         "net2deeper",
         check,
-        after=after,
+        at=at,
         kind=kind,
         kernel_size=kernel_size,
         groups=groups,
@@ -242,4 +261,4 @@ def _propose(rng: random.Random, work: Workbench) -> Proposal | None:
     return str(site), {"kind": kind, "kernel_size": rng.choice([1, 3])} if kind == "conv" else {"kind": kind}
 
 
-register_op(GrowthOp("net2deeper", net2deeper, ("after",), deeper_sites, _propose, probability=0.3))
+register_op(GrowthOp("net2deeper", net2deeper, ("at",), deeper_sites, _propose, probability=0.3))

@@ -57,7 +57,13 @@ def weights_digest(model: nn.Module) -> str:
 
 
 class MutationRecord(FileModel):
-    """One growth step as logged (a line of the JSONL log): what was done where, its cost, how far the output moved."""
+    """One growth step as logged (a line of the JSONL log): what was done where, its cost, how far the output moved.
+
+    >>> import growth
+    >>> r = growth.MutationRecord(op="net2wider", site="layer2.0.conv1", args={"factor": 1.5, "seed": 0})
+    >>> r.to_json()["args"], r.step
+    ({'factor': 1.5, 'seed': 0}, 0)
+    """
 
     op: str
     site: str
@@ -135,6 +141,12 @@ def random_mutation(
     The op is drawn with weights :func:`probabilities`; an op with no feasible site is
     dropped and another drawn. ``rng`` drives every choice (site, factor, seeds).
     ``digest_before``: see :func:`apply_step`.
+
+    >>> import random, surgery, growth
+    >>> net = surgery.build_model("growth.models:small_vgg", widths=[8, 16], num_classes=10, image_size=32)
+    >>> grown, record = growth.random_mutation(net, random.Random(0), ops=["net2wider"])
+    >>> record.op, record.params_after > record.params_before, record.max_abs_change < 1e-4
+    ('net2wider', True, True)
     """
     work = Workbench(model, example_input, read_only=True)
     weights = probabilities(ops, probs)
@@ -168,6 +180,12 @@ def mutate(
     log on the same starting model gives bit-identical weights. Each record holds the
     :func:`weights_digest` of the model before and after its step (so a replay on other
     weights is refused) and ``base_seed``, the seed the caller built ``model`` with, if given.
+
+    >>> import surgery, growth
+    >>> net = surgery.build_model("growth.models:small_vgg", widths=[8, 16], num_classes=10, image_size=32)
+    >>> grown, records = growth.mutate(net, steps=2, seed=0)
+    >>> len(records), all(r.max_abs_change < 1e-4 for r in records), records[0].params_after > records[0].params_before
+    (2, True, True)
     """
     if steps < 0:
         raise GrowthError(f"steps={steps} must be >= 0")
@@ -200,7 +218,15 @@ def _record(data: Any, where: str) -> MutationRecord:
 
 
 def read_log(log: str | os.PathLike[str]) -> list[MutationRecord]:
-    """Parse a growth log; a missing, unreadable or corrupt one raises a one-line error naming the line."""
+    """Parse a growth log; a missing, unreadable or corrupt one raises a one-line error naming the line.
+
+    >>> import tempfile, surgery, growth
+    >>> log = tempfile.mkdtemp() + "/mutations.jsonl"
+    >>> net = surgery.build_model("growth.models:small_vgg", widths=[8, 16], num_classes=10, image_size=32)
+    >>> _ = growth.mutate(net, steps=1, seed=0, ops=["net2wider"], log=log)
+    >>> [(r.op, r.step) for r in growth.read_log(log)]
+    [('net2wider', 0)]
+    """
     path = Path(log)
     try:
         lines = path.read_text().splitlines()
@@ -239,6 +265,14 @@ def replay(
     ``model`` must have the weights the log was grown from (its first step's ``weights_before``
     digest, when logged): other weights are refused. A step that rebuilds other weights than
     the logged ones (another torch version or machine) is warned about.
+
+    >>> import tempfile, surgery, growth
+    >>> net = surgery.build_model("growth.models:small_vgg", widths=[8, 16], num_classes=10, image_size=32)
+    >>> log = tempfile.mkdtemp() + "/mutations.jsonl"
+    >>> grown, _ = growth.mutate(net, steps=2, seed=0, log=log)
+    >>> again, _ = growth.replay(net, log)  # the same steps, seeds included: the same network
+    >>> growth.weights_digest(again) == growth.weights_digest(grown)
+    True
     """
     records = read_log(log) if isinstance(log, (str, os.PathLike)) else list(log)
     done: list[MutationRecord] = []

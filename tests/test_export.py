@@ -44,7 +44,7 @@ def exported(tmp_path_factory: pytest.TempPathFactory):
             model = _model(name)
             x = torch.randn(2, 3, 32, 32)
             pieces = surgery.cut(model, CUTS[name][n - 2], x)
-            out = surgery.export(pieces, tmp_path_factory.mktemp("export") / f"{name}-{n}", fmt, example=x)
+            out = surgery.export(pieces, tmp_path_factory.mktemp("export") / f"{name}-{n}", fmt, example_input=x)
             cache[key] = (model, pieces, out)
         return cache[key]
 
@@ -121,7 +121,7 @@ def test_adapters_export_and_passed_through_values_are_renamed(tmp_path: Path) -
     r18 = _model("resnet18")
     a = surgery.cut(r18, "layer2", x)
     hybrid = surgery.Pieces([a[0], surgery.adapter((128, 4, 4), (96, 4, 4)), surgery.adapter((96, 4, 4), (256, 2, 2))])
-    out = surgery.export(hybrid, tmp_path / "hybrid", "onnx", example=x)
+    out = surgery.export(hybrid, tmp_path / "hybrid", "onnx", example_input=x)
     entries = read_manifest(out)["pieces"]
     assert [e["inputs"][0]["shape"] for e in entries] == [[3, 32, 32], [128, 4, 4], [96, 4, 4]]
     (got,) = _ort_chain(out, x[:1])
@@ -130,7 +130,7 @@ def test_adapters_export_and_passed_through_values_are_renamed(tmp_path: Path) -
     # a piece that hands on one of its inputs untouched: ONNX names each value once (here with the dynamo exporter)
     three = surgery.cut(r18, ["layer1.0.conv1", "layer1.0.conv2"], x)
     assert io_names(three[1]) == (["layer1_0_conv1", "maxpool"], ["layer1_0_conv2", "maxpool.out"])
-    out = surgery.export(three[:2], tmp_path / "pass", "onnx", example=x, exporter="dynamo")
+    out = surgery.export(three[:2], tmp_path / "pass", "onnx", example_input=x, exporter="dynamo")
     entries = read_manifest(out)["pieces"]
     assert [e["exporter"] for e in entries] == ["dynamo", "dynamo"]
     assert [v["name"] for v in entries[1]["outputs"]] == ["layer1_0_conv2", "maxpool.out"]
@@ -149,7 +149,10 @@ def test_refusals_are_one_line(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) 
         (dict(directory=tmp_path / "a", format="tflite"), "unknown export format 'tflite'"),
         (dict(directory=full, format="onnx"), "is not empty"),
         (dict(directory=tmp_path / "b", format="onnx", exporter="jit"), "unknown ONNX exporter"),
-        (dict(directory=tmp_path / "c", format="pt2", example=torch.randn(2, 3, 32)), "failed on an input of shape"),
+        (
+            dict(directory=tmp_path / "c", format="pt2", example_input=torch.randn(2, 3, 32)),
+            "failed on an input of shape",
+        ),
     ]
     for kwargs, message in cases:
         with pytest.raises(surgery.SurgeryError) as e:
@@ -172,7 +175,7 @@ def test_exporter_errors_are_one_line_and_nothing_is_written(tmp_path: Path) -> 
             return torch.linalg.eigvals(x).real
 
     with pytest.raises(surgery.SurgeryError) as e:
-        surgery.export(Eig(), tmp_path / "eig", "onnx", example=torch.randn(2, 4, 4))
+        surgery.export(Eig(), tmp_path / "eig", "onnx", example_input=torch.randn(2, 4, 4))
     message = str(e.value)  # both exporters were tried, each says why it failed
     assert message.startswith("piece 0 cannot be exported to ONNX (")
     assert "torchscript: " in message and "dynamo: " in message
@@ -219,7 +222,7 @@ def test_keyword_input_pieces_export_to_onnx_named_after_their_inputs(
     ids, mask = torch.randint(1, 64, (2, 12)), torch.ones(2, 12, dtype=torch.int64)
     mask[1, 8:] = 0
     pieces = surgery.cut(model, at, {"input_ids": ids, "attention_mask": mask})
-    out = pieces.export(tmp_path / name, "onnx", example={"input_ids": ids, "attention_mask": mask})  # the method
+    out = pieces.export(tmp_path / name, "onnx", example_input={"input_ids": ids, "attention_mask": mask})  # the method
     entries = read_manifest(out)["pieces"]
     assert [v["name"] for v in entries[0]["inputs"]] == ["input_ids", "attention_mask"]
     assert [v["name"] for v in entries[-1]["outputs"]] == outputs  # the ModelOutput's keys, as tensors

@@ -56,7 +56,7 @@ def test_mutate_prints_the_change_and_saves(cli, tmp_path) -> None:
         out,
         "--op",
         "net2deeper",
-        "--after",
+        "--at",
         "layer1",
         "--kernel-size",
         "1",
@@ -113,9 +113,9 @@ def test_random_then_replay_gives_the_same_network(cli, tmp_path) -> None:
             ["mutate", "resnet18", "--op", "net2wider", "--at", "conv1", "--new-width", "32"],
             "not larger than the 64 channels",
         ),
-        (["mutate", "resnet18", "--op", "net2deeper", "--at", "conv1"], "net2deeper needs --after"),
+        (["mutate", "resnet18", "--op", "net2deeper"], "net2deeper needs --at"),
         (
-            ["mutate", "resnet18", "--op", "net2deeper", "--after", "layer1", "--factor", "2"],
+            ["mutate", "resnet18", "--op", "net2deeper", "--at", "layer1", "--factor", "2"],
             "--factor does not apply to net2deeper",
         ),
         (

@@ -93,6 +93,13 @@ def recalibrate_bn(model: nn.Module, batches: Iterable[Any], num_batches: int | 
 
     The model's train/eval mode and every BatchNorm's momentum are restored afterwards. Under
     ``torch.distributed`` every rank must pass the same number of batches (each its slice of them).
+
+    >>> import torch, surgery
+    >>> net = surgery.build_model("growth.models:small_vgg", widths=[8, 16], num_classes=10, image_size=32)
+    >>> batches = [torch.randn(8, 3, 32, 32) + 5 for _ in range(2)]  # data whose mean is 5, not 0
+    >>> net = surgery.recalibrate_bn(net, batches)
+    >>> bool(net.features[0].block.bn.running_mean.abs().max() > 0), net.training  # estimated; mode restored
+    (True, True)
     """
     own = getattr(model, "recalibrate_bn", None)
     if callable(own):

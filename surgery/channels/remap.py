@@ -418,6 +418,16 @@ def permute_channels(model: nn.Module, at: str, perm: Sequence[int], *, example_
         at: a module path (``"layer2"``) or fx node name whose output to permute.
         perm: new channel ``j`` is old channel ``perm[j]``.
         example_input: an input fixing the shapes, if the default image sizes do not run.
+
+    >>> import torch, surgery
+    >>> net = surgery.build_model("growth.models:small_vgg", widths=[8, 16], num_classes=10, image_size=32).eval()
+    >>> perm = torch.randperm(8).tolist()
+    >>> shuffled = surgery.permute_channels(net, "features.0", perm).eval()
+    >>> torch.equal(shuffled.features[0].block.conv.weight, net.features[0].block.conv.weight[perm])
+    True
+    >>> x = torch.randn(2, 3, 32, 32)
+    >>> bool((shuffled(x) - net(x)).abs().max() < 1e-5)
+    True
     """
     result = traced_copy(model)
     analysis = analyze_channels(result, example_input)

@@ -158,6 +158,15 @@ class SlimNet(nn.Module):
         divisor: kept channel counts are multiples of this where the group's size is (8, as
             MobileNet's ``make_divisible``; 1 keeps exactly ``round(width * C)``).
         example_input: an input fixing the shapes for the analysis (default: a small image).
+
+    >>> import torch, surgery
+    >>> net = surgery.build_model("growth.models:small_vgg", widths=[8, 16], num_classes=10, image_size=32).eval()
+    >>> view, x = surgery.SlimNet(net, width=1.0), torch.randn(2, 3, 32, 32)
+    >>> torch.equal(view(x), net(x))  # at full width it is the model
+    True
+    >>> view.width = 0.5  # the same weights, half the channels
+    >>> view(x).shape
+    torch.Size([2, 10])
     """
 
     def __init__(self, model: nn.Module, width: float = 1.0, divisor: int = 8, *, example_input: Any = None):
@@ -357,7 +366,15 @@ def _assign(module: nn.Module, name: str, value: torch.Tensor) -> None:
 
 
 def slim(model: nn.Module, width: float = 1.0, divisor: int = 8, *, example_input: Any = None) -> SlimNet:
-    """A :class:`SlimNet` of ``model`` at ``width`` sharing its weights (see the module docstring)."""
+    """A :class:`SlimNet` of ``model`` at ``width`` sharing its weights (see the module docstring).
+
+    >>> import torch, surgery
+    >>> net = surgery.build_model("growth.models:small_vgg", widths=[8, 16], num_classes=10, image_size=32).eval()
+    >>> half = surgery.slim(net, width=0.5)
+    >>> x = torch.randn(2, 3, 32, 32)
+    >>> half(x).shape, half.extract().features[1].block.conv.out_channels
+    (torch.Size([2, 10]), 8)
+    """
     return SlimNet(model, width, divisor, example_input=example_input)
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import difflib
+import warnings
 from collections.abc import Iterable, Iterator
 from typing import Any
 
@@ -17,13 +18,26 @@ class UserError(ValueError):
     print it (no traceback) and exit with ``exit_code`` (2).
     :class:`SurgeryError`, :class:`growth.errors.GrowthError` and
     :class:`xross.errors.XrossError` derive from it, one per package.
+
+    >>> import surgery, growth.errors, xross.errors
+    >>> errors = (surgery.SurgeryError, growth.errors.GrowthError, xross.errors.XrossError)
+    >>> all(issubclass(e, surgery.UserError) and e.exit_code == 2 for e in errors)
+    True
     """
 
     exit_code = 2
 
 
 class SurgeryError(UserError):
-    """Bad input to :mod:`surgery` (tracing, cutting, stitching, files)."""
+    """Bad input to :mod:`surgery` (tracing, cutting, stitching, files).
+
+    >>> import torchvision, surgery
+    >>> try:
+    ...     surgery.cut(torchvision.models.resnet18(), "layer9")
+    ... except surgery.SurgeryError as e:
+    ...     print(type(e).__name__, str(e)[:37])
+    SurgeryError 'layer9' is not a module path or node
+    """
 
 
 def closest(name: str, candidates: Iterable[str], n: int = 5) -> list[str]:
@@ -59,3 +73,31 @@ def running_on(inputs: Any, what: str = "the model") -> Iterator[None]:
             f"{what} failed on an input of shape {_describe_inputs(inputs)}: {first_line(e)}; "
             "pass an input the model accepts (CLI: --input)"
         ) from None
+
+
+def renamed_argument(
+    function: str, new: str, value: Any, old: str, old_value: Any, error: type[UserError] = SurgeryError
+) -> Any:
+    """``value`` (argument ``new`` of ``function``), or ``old_value`` given under its former name ``old``.
+
+    The former name still works for now, with a :class:`FutureWarning` naming the new one;
+    both at once are refused in one line. Command-line options are named with their dashes
+    (``renamed_argument("growth mutate", "--at", at, "--after", after)``).
+
+    >>> import warnings
+    >>> with warnings.catch_warnings(record=True) as seen:
+    ...     warnings.simplefilter("always")
+    ...     renamed_argument("export", "example_input", None, "example", 3)
+    3
+    >>> str(seen[0].message)
+    'export(example=...) is now export(example_input=...); the old name will be removed'
+    """
+    if old_value is None:
+        return value
+    option = old.startswith("--")
+    who, new_name, old_name = (function, new, old) if option else (f"{function}()", f"{new}=", f"{old}=")
+    if value is not None:
+        raise error(f"{who} got both {new_name} and its former name {old_name}; give {new_name} only")
+    said = f"{function} {old} is now {new}" if option else f"{function}({old}=...) is now {function}({new}=...)"
+    warnings.warn(f"{said}; the old name will be removed", FutureWarning, stacklevel=3)
+    return old_value

@@ -16,6 +16,12 @@ class ValueSpec:
 
     ``shape`` is the per-sample shape of a tensor (its first, batch, dimension dropped);
     non-tensor values (sizes, ints) have ``shape=None`` and ``kind`` names their type.
+
+    >>> import torch, surgery
+    >>> surgery.ValueSpec.of(torch.zeros(8, 3, 32, 32))
+    ValueSpec(kind='tensor', shape=(3, 32, 32), dtype='float32')
+    >>> surgery.ValueSpec.of(7)
+    ValueSpec(kind='int', shape=None, dtype=None)
     """
 
     kind: str

@@ -3,7 +3,7 @@
 >>> import tempfile, torch, torchvision, surgery
 >>> net = torchvision.models.resnet18(num_classes=10).eval()
 >>> pieces = surgery.cut(net, at=["layer1.0.conv2", "layer3"])
->>> out = surgery.export(pieces, tempfile.mkdtemp() + "/r18", "pt2", example=torch.randn(2, 3, 32, 32))
+>>> out = surgery.export(pieces, tempfile.mkdtemp() + "/r18", "pt2", example_input=torch.randn(2, 3, 32, 32))
 >>> sorted(p.name for p in out.iterdir())
 ['piece0.pt2', 'piece1.pt2', 'piece2.pt2', 'pieces.json']
 >>> m = read_manifest(out)
@@ -40,7 +40,7 @@ from typing import Any
 
 from torch import nn
 
-from surgery.core.errors import SurgeryError
+from surgery.core.errors import SurgeryError, renamed_argument
 from surgery.core.util import atomic_directory, evaluating
 from surgery.exporters.checks import CheckFailed, example_args, flat_outputs, run_pieces, without_fused_attention
 from surgery.exporters.manifest import FORMATS, describe_values, io_names, piece_entry, read_manifest, write_manifest
@@ -54,12 +54,13 @@ def export(
     pieces: nn.Module,
     directory: str | os.PathLike[str],
     format: str = "onnx",
-    example: Any = None,
+    example_input: Any = None,
     *,
     force: bool = False,
     check: bool = True,
     exporter: str = "auto",
     verbose: bool = False,
+    example: Any = None,
 ) -> Path:
     """Write each piece of ``pieces`` to ``directory`` as ``piece<k>.onnx`` or ``piece<k>.pt2``, plus ``pieces.json``.
 
@@ -67,7 +68,7 @@ def export(
         pieces: a :class:`surgery.Pieces` (cut pieces and adapters alike) or one module.
         directory: created atomically; a non-empty one is refused unless ``force``.
         format: ``"onnx"`` (needs ``pip install 'xross-surgery[onnx]'``) or ``"pt2"``.
-        example: an input of the first piece (tensor, tuple, or a dict or
+        example_input: an input of the first piece (tensor, tuple, or a dict or
             :class:`~surgery.graph.inputs.Example` of keyword inputs); default: random, from
             the input shape recorded when the pieces were cut. Any batch size; the
             exported batch dimension is dynamic.
@@ -78,6 +79,7 @@ def export(
             faster TorchScript exporter, then dynamo for a piece it cannot export, or
             not exactly enough. The manifest records which one wrote each piece.
         verbose: let the exporters print their progress and warnings.
+        example: the former name of ``example_input`` (still accepted, with a ``FutureWarning``).
 
     Returns:
         ``directory`` as a :class:`~pathlib.Path`. Raises :class:`SurgeryError` (one
@@ -88,10 +90,11 @@ def export(
 
     >>> import tempfile, torch, torchvision, surgery
     >>> pieces = surgery.cut(torchvision.models.resnet18(num_classes=10).eval(), "layer2")
-    >>> out = pieces.export(tempfile.mkdtemp() + "/r18", "pt2", example=torch.randn(2, 3, 32, 32))
+    >>> out = pieces.export(tempfile.mkdtemp() + "/r18", "pt2", example_input=torch.randn(2, 3, 32, 32))
     >>> sorted(p.name for p in out.iterdir())
     ['piece0.pt2', 'piece1.pt2', 'pieces.json']
     """
+    example_input = renamed_argument("export", "example_input", example_input, "example", example)
     if format not in FORMATS:
         raise SurgeryError(f"unknown export format '{format}'; choose one of {', '.join(FORMATS)}")
     if exporter not in EXPORTERS:
@@ -101,7 +104,7 @@ def export(
     target = prepare_output_dir(directory, force)
     seq = flat_outputs(pieces if isinstance(pieces, Pieces) else Pieces([pieces]))
     with evaluating(seq):
-        args = example_args(seq, example)
+        args = example_args(seq, example_input)
         runs = [run_pieces(seq, args), run_pieces(seq, tuple(a[:1] for a in args))]  # the example, and one sample
 
         def fill(tmp: Path) -> None:

@@ -17,6 +17,7 @@ from torch import fx
 from torch.fx.graph import CodeGen
 
 from surgery.core.errors import SurgeryError, running_on
+from surgery.core.specs import known_specs
 from surgery.graph.capture import copy_graph
 from surgery.graph.inputs import Example
 from surgery.pieces.cut import META_KEY, Pieces, piece_info
@@ -83,14 +84,17 @@ def example_args(pieces: Pieces, example: Any) -> Values:
     if isinstance(example, Example):
         example = _positional(pieces, example)
     if example is None:
-        specs = piece_info(pieces[0]).in_specs
-        if not specs or not all(s.is_tensor and s.shape is not None for s in specs):
-            raise SurgeryError("the pieces carry no recorded input shape; pass example= (CLI: --input 1,3,224,224)")
+        specs = known_specs(piece_info(pieces[0]).in_specs) or ()
+        shapes = [s.shape for s in specs if s.is_tensor and s.shape is not None]
+        if not specs or len(shapes) < len(specs):
+            raise SurgeryError(
+                "the pieces carry no recorded input shape; pass example_input= (CLI: --input 1,3,224,224)"
+            )
         example = tuple(
-            torch.randn(2, *s.shape)
+            torch.randn(2, *shape)
             if getattr(torch, s.dtype or "float32").is_floating_point
-            else torch.zeros(2, *s.shape, dtype=getattr(torch, s.dtype or "int64"))
-            for s in specs
+            else torch.zeros(2, *shape, dtype=getattr(torch, s.dtype or "int64"))
+            for s, shape in zip(specs, shapes)
         )
     args = batched(tuple(example) if isinstance(example, (tuple, list)) else (example,), "the example input")
     if len({a.shape[0] for a in args}) != 1:

@@ -170,6 +170,15 @@ def save(obj: nn.Module, directory: str | os.PathLike[str], *, force: bool = Fal
 
     A non-empty directory is refused unless ``force``; the files are written to a
     temporary directory first, so an interrupted save never leaves a half-written one.
+
+    >>> import tempfile, torch, surgery
+    >>> net = surgery.build_model("resnet18", num_classes=10).eval()
+    >>> out = surgery.save(surgery.cut(net, "layer2"), tempfile.mkdtemp() + "/r18-cut")
+    >>> sorted(p.name for p in out.iterdir())
+    ['recipe.json', 'weights.safetensors']
+    >>> pieces, x = surgery.load(out), torch.randn(2, 3, 32, 32)
+    >>> len(pieces), torch.equal(pieces(x), net(x))
+    (2, True)
     """
     from safetensors.torch import save_file
 
@@ -284,6 +293,13 @@ def load(directory: str | os.PathLike[str], *, trust_code: bool = False) -> nn.M
     Raises a one-line :class:`SurgeryError` for a missing, corrupt, tampered or truncated
     file, or a recipe that names code outside the trusted packages when ``trust_code`` is
     False (see :mod:`surgery.core.trust`): nothing outside them is imported or called then.
+
+    >>> import tempfile, torch, surgery
+    >>> net = surgery.build_model("resnet18", num_classes=10).eval()
+    >>> loaded = surgery.load(surgery.save(net, tempfile.mkdtemp() + "/r18")).eval()
+    >>> x = torch.randn(2, 3, 32, 32)
+    >>> torch.equal(loaded(x), net(x))
+    True
     """
     directory = Path(directory)
     recipe = read_recipe(directory)

@@ -45,7 +45,13 @@ TRACERS: tuple[str, ...] = ("auto", "fx", "export")
 
 @dataclasses.dataclass
 class Capture:
-    """A captured graph: ``root`` owns the attributes its nodes read (the model itself under fx)."""
+    """A captured graph: ``root`` owns the attributes its nodes read (the model itself under fx).
+
+    >>> import torchvision, surgery
+    >>> c = surgery.capture(torchvision.models.resnet18())
+    >>> c.tracer, c.leaves, len(list(c.graph.nodes)) > 50
+    ('fx', (), True)
+    """
 
     root: nn.Module
     graph: fx.Graph
@@ -91,6 +97,13 @@ def capture(
         dynamic: torch.export leaves dimensions free (default) or fixes them at the example's sizes.
 
     Raises a one-line :class:`SurgeryError` when no front-end captures the model.
+
+    >>> import torch, torchvision, surgery
+    >>> net = torchvision.models.resnet18(num_classes=10).eval()
+    >>> c = surgery.capture(net, torch.randn(2, 3, 32, 32), tracer="export")
+    >>> x = torch.randn(2, 3, 32, 32)
+    >>> c.tracer, torch.equal(c.graph_module()(x), net(x))
+    ('export', True)
     """
     if tracer not in TRACERS:
         raise SurgeryError(f"unknown tracer '{tracer}'; choose one of {', '.join(TRACERS)}")
@@ -156,6 +169,13 @@ def trace(
         leaf_modules: module paths (``"layer2.0"``) or classes to keep as single calls.
         concrete_args: fixed values for forward arguments (fx).
         example_input, tracer: see :func:`capture`.
+
+    >>> import torch, torchvision, surgery
+    >>> net = torchvision.models.resnet18(num_classes=10).eval()
+    >>> gm = surgery.trace(net)
+    >>> x = torch.randn(2, 3, 32, 32)
+    >>> isinstance(gm, torch.fx.GraphModule), torch.equal(gm(x), net(x))
+    (True, True)
     """
     cap = capture(model, example_input, tracer=tracer, leaf_modules=leaf_modules, concrete_args=concrete_args)
     gm = cap.graph_module(type(model).__name__)

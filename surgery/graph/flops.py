@@ -37,7 +37,13 @@ the description of a batch-1 input whose shape varies by row (``"float32:1x3xRxR
 
 
 def count_params(modules: nn.Module | Iterable[nn.Module]) -> int:
-    """Number of distinct parameter elements in the module(s); shared tensors count once."""
+    """Number of distinct parameter elements in the module(s); shared tensors count once.
+
+    >>> import torch, surgery
+    >>> layer = torch.nn.Linear(8, 4)
+    >>> surgery.count_params(layer), surgery.count_params([layer, layer])  # shared weights count once
+    (36, 36)
+    """
     if isinstance(modules, nn.Module):
         modules = [modules]
     seen: dict[int, int] = {}
@@ -48,7 +54,12 @@ def count_params(modules: nn.Module | Iterable[nn.Module]) -> int:
 
 
 def count_flops(module: nn.Module, *inputs: Any, **kw_inputs: Any) -> int:
-    """Forward FLOPs of ``module(*inputs, **kw_inputs)`` (run in eval mode, mode restored afterwards)."""
+    """Forward FLOPs of ``module(*inputs, **kw_inputs)`` (run in eval mode, mode restored afterwards).
+
+    >>> import torch, surgery
+    >>> surgery.count_flops(torch.nn.Linear(8, 4), torch.randn(2, 8))  # 2 samples x 8 x 4 multiply-adds x 2
+    128
+    """
     with evaluating(module), FlopCounterMode(display=False) as counter:
         module(*inputs, **kw_inputs)
     return int(counter.get_total_flops())

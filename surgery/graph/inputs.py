@@ -76,7 +76,15 @@ def _fill(spec: InputSpec, vocab: int | None, generator: torch.Generator | None)
 
 @dataclasses.dataclass(frozen=True)
 class Example:
-    """Positional and keyword inputs of one call of a model."""
+    """Positional and keyword inputs of one call of a model.
+
+    >>> import torch, surgery
+    >>> e = surgery.Example((torch.ones(2, 3),), {"scale": 2.0})
+    >>> e(lambda x, scale: x * scale).sum().item()
+    12.0
+    >>> surgery.Example.parse(["x=int64:1,16"]).kwargs["x"].shape
+    torch.Size([1, 16])
+    """
 
     args: tuple[Any, ...] = ()
     kwargs: dict[str, Any] = dataclasses.field(default_factory=dict)

@@ -29,7 +29,12 @@ from surgery.models.ecosystems import SOURCES, source_prefix
 
 @functools.lru_cache(maxsize=1)
 def list_models() -> list[str]:
-    """Names of torchvision's classification models (the names ``build_model`` accepts)."""
+    """Names of torchvision's classification models (the names ``build_model`` accepts).
+
+    >>> import surgery
+    >>> "resnet18" in surgery.list_models(), len(surgery.list_models()) > 50
+    (True, True)
+    """
     return sorted(torchvision.models.list_models(module=torchvision.models))
 
 
@@ -72,6 +77,14 @@ def build_model(
             timm, transformers and this library (see :mod:`surgery.core.trust`); pass True for
             names you typed yourself, never for names read from someone else's file.
         **kwargs: constructor keyword arguments (``num_classes=10``, ...), recorded in the recipe.
+
+    >>> import surgery
+    >>> net = surgery.build_model("resnet18", num_classes=10)
+    >>> net.fc.out_features, surgery.recipe_of(net).kwargs
+    (10, {'num_classes': 10})
+    >>> vgg = surgery.build_model("growth.models:small_vgg", widths=[8, 16], num_classes=10, image_size=32)
+    >>> vgg.features[1].block.conv
+    Conv2d(8, 16, kernel_size=(3, 3), stride=(1, 1), padding=(1, 1), bias=False)
     """
     model = _construct(source, {k: v for k, v in kwargs.items() if v is not None}, trust_code)
     if weights is not None:
@@ -155,7 +168,16 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
 
 
 def load_weights(model: nn.Module, path: str | Path) -> nn.Module:
-    """Load a local state_dict file into ``model`` (strict); clear error on mismatch."""
+    """Load a local state_dict file into ``model`` (strict); clear error on mismatch.
+
+    >>> import tempfile, torch, surgery
+    >>> path = tempfile.mkdtemp() + "/r18.pt"
+    >>> trained = surgery.build_model("resnet18", num_classes=10)
+    >>> torch.save(trained.state_dict(), path)
+    >>> net = surgery.load_weights(surgery.build_model("resnet18", num_classes=10), path)
+    >>> torch.equal(net.fc.weight, trained.fc.weight)
+    True
+    """
     state = read_state_dict(path)
     state = {k.removeprefix("module."): v for k, v in state.items()}
     assign_state(model, state, what=f"'{path}'")

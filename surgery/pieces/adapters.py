@@ -48,6 +48,11 @@ class Adapter(nn.Module):
     At a boundary that carries ``side_values`` more values after the main one (masks,
     position tables, sizes), those pass through unchanged: ``forward(x, *side)``
     returns ``(map(x), *side)``.
+
+    >>> import torch, surgery
+    >>> a = surgery.Adapter((64, 8, 8), (128, 4, 4))
+    >>> tuple(a(torch.randn(2, 64, 8, 8)).shape)
+    (2, 128, 4, 4)
     """
 
     def __init__(
@@ -180,6 +185,13 @@ def adapter(
             ``features=(inputs, targets)``, SN-Net's), or ``"auto"``: identity when the
             channel counts agree, random otherwise.
         side_values: values after the main one that the boundary also carries (passed through).
+
+    >>> import torch, surgery
+    >>> spec = surgery.ValueSpec("tensor", (64, 8, 8))
+    >>> a = surgery.adapter(spec, spec, relu=False)
+    >>> x = torch.randn(2, 64, 8, 8)
+    >>> torch.equal(a(x), x)  # same channel counts: initialised as the identity
+    True
     """
     if init not in INITS:
         raise SurgeryError(f"unknown adapter init '{init}'; choose one of {', '.join(INITS)}")
@@ -270,6 +282,14 @@ def stitch(
             ``reference``'s output on ``example_input``.
         reference: the pieces of ``down``'s own network that come before ``down`` (for
             ``init="lstsq"``): the features the adapter should reproduce.
+
+    >>> import torch, torchvision, surgery
+    >>> x = torch.randn(2, 3, 32, 32)
+    >>> a, b = torchvision.models.resnet18(num_classes=10), torchvision.models.resnet18(num_classes=10)
+    >>> up, down = surgery.cut(a.eval(), "layer2", x)[0], surgery.cut(b.eval(), "layer2", x)[1]  # two networks
+    >>> hybrid = surgery.stitch(up, down, x)  # the same shape at layer2: joined as they are
+    >>> len(hybrid), torch.equal(hybrid(x), down(up(x)))
+    (2, True)
     """
     ups, downs = _flatten(up), _flatten(down)
     last_up, first_down = piece_info(ups[-1]), piece_info(downs[0])

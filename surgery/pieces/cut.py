@@ -128,6 +128,13 @@ class Pieces(nn.Module):
     of the range. A boundary that holds several values is passed on as a tuple and
     received as positional arguments. ``pieces.export(directory, format, ...)`` writes
     them as ONNX or ``.pt2`` files (the method is :func:`surgery.export`, bound there).
+
+    >>> import torch, torchvision, surgery
+    >>> net = torchvision.models.resnet18(num_classes=10).eval()
+    >>> pieces = surgery.cut(net, ["layer1", "layer3"])
+    >>> x = torch.randn(2, 3, 32, 32)
+    >>> len(pieces), pieces.cuts, torch.equal(pieces[1:](pieces[0](x)), net(x))
+    (3, ['layer1', 'layer3'], True)
     """
 
     def __init__(self, pieces: Sequence[nn.Module], cuts: Sequence[str] | None = None):
@@ -274,6 +281,13 @@ def cut(
     Returns:
         :class:`Pieces`; ``torch.equal(pieces(x), model(x))`` holds in eval mode.
         Each piece owns only the parameters it uses (shared with ``model``).
+
+    >>> import torch, torchvision, surgery
+    >>> net = torchvision.models.resnet18(num_classes=10).eval()
+    >>> head, tail = surgery.cut(net, "layer2", torch.randn(1, 3, 32, 32))
+    >>> x = torch.randn(2, 3, 32, 32)
+    >>> tuple(head(x).shape), torch.equal(tail(head(x)), net(x))
+    ((2, 128, 4, 4), True)
     """
     names = [at] if isinstance(at, str) else list(at)
     if not names:

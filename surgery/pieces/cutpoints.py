@@ -37,6 +37,11 @@ class CutPoint:
     bytes on the example input divided by its batch size; sizes and other non-tensor
     values count 0); ``params`` and ``flops`` count everything computed up to and
     including this point. ``shape``, ``bytes`` and ``flops`` need an example input.
+
+    >>> import torchvision, surgery
+    >>> point = surgery.cut_points(torchvision.models.resnet18(), depth=1, include_nodes=False)[4]
+    >>> point.name, point.kind, point.crossing
+    ('layer1', 'module', 1)
     """
 
     name: str
@@ -146,6 +151,14 @@ def cut_points(
             ``layer2.1`` is 2); ``None`` keeps all.
         include_nodes: also list node names (``add_3``, ``flatten``).
         leaf_modules, concrete_args, tracer: see :func:`surgery.graph.capture.capture`.
+
+    >>> import torch, torchvision, surgery
+    >>> net = torchvision.models.resnet18(num_classes=10)
+    >>> [p.name for p in surgery.cut_points(net, depth=1, include_nodes=False)]
+    ['conv1', 'bn1', 'relu', 'maxpool', 'layer1', 'layer2', 'layer3', 'layer4', 'avgpool']
+    >>> p = surgery.cut_points(net, torch.randn(1, 3, 32, 32), depth=1, include_nodes=False)[5]
+    >>> p.name, p.shape, p.bytes
+    ('layer2', '128x4x4', 8192)
     """
     example = Example.of(example_input)
     cap = capture(model, example, tracer=tracer, leaf_modules=leaf_modules, concrete_args=concrete_args)

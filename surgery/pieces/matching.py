@@ -105,6 +105,13 @@ def match_channels(
 
     With equal channel counts ``m`` is a permutation: ``feats_b[:, m]`` is aligned to A
     and ``surgery.permute_channels(model_b, at, m)`` makes model B's channels follow A's.
+
+    >>> import torch, surgery
+    >>> a = torch.randn(100, 4)
+    >>> b = a[:, [2, 0, 3, 1]]  # B holds A's channels shuffled
+    >>> m = surgery.match_channels(a, b)
+    >>> m.tolist(), torch.equal(b[:, m], a)
+    ([1, 3, 0, 2], True)
     """
     if method not in METHODS:
         raise SurgeryError(f"unknown matching method '{method}'; choose one of {', '.join(METHODS)}")

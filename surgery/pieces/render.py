@@ -93,6 +93,12 @@ def render(obj: nn.Module, path: str | Path) -> Path:
 
     Returns the path written. Without the ``dot`` binary, SVG/PNG/PDF raise a clear
     :class:`SurgeryError` after writing the DOT text next to the requested file.
+
+    >>> import tempfile, torchvision, surgery
+    >>> pieces = surgery.cut(torchvision.models.resnet18(num_classes=10), "layer2")
+    >>> path = surgery.render(pieces, tempfile.mkdtemp() + "/r18.dot")
+    >>> path.suffix, path.read_text().startswith("digraph")
+    ('.dot', True)
     """
     path = Path(path)
     fmt = path.suffix.lstrip(".").lower() or "dot"

@@ -26,6 +26,14 @@ def replace(model: nn.Module, name: str, new_module: nn.Module, *, inplace: bool
     The input model is left untouched unless ``inplace=True``. When the model carries a
     recipe and ``new_module`` can be described as JSON (torch.nn layers, Sequentials of
     them), the replacement is recorded so the result saves and loads like the original.
+
+    >>> import torch, surgery
+    >>> net = surgery.build_model("resnet18", num_classes=10)
+    >>> new = surgery.replace(net, "fc", torch.nn.Linear(512, 3))
+    >>> new.fc.out_features, net.fc.out_features  # the input model is untouched
+    (3, 10)
+    >>> surgery.recipe_of(new).transforms[-1].op
+    'replace'
     """
     names = dict(model.named_modules())
     if not name or name not in names:

@@ -180,6 +180,20 @@ class AnytimeRunner:
     comes from the exit reached. ``clock`` returns seconds
     (``time.perf_counter`` by default; tests inject a simulated one). ``path=None`` picks the route
     :func:`plan` finds for the limits, with ``accuracy`` by prefix.
+
+    >>> import torch, surgery, xross
+    >>> from xross.anytime.latency import LatencyEntry, LatencyTable, exit_entry, part_entry
+    >>> from xross.cohort.grid import Cohort
+    >>> vgg = surgery.build_model("growth.models:small_vgg", widths=[8, 16], num_classes=10, image_size=32)
+    >>> cohort = Cohort.build([vgg], cuts=["features.0"], num_classes=10, image_size=32, exits=True).eval()
+    >>> def timed(ms):  # a hand-written table entry (`xross profile RUN` measures them)
+    ...     return LatencyEntry(ms_batch1=ms, ms_batch=ms, batch=1, flops=1e6 * ms, params=1)
+    >>> costs = {part_entry(0, 0): timed(2.0), exit_entry(0, 0): timed(0.5), part_entry(0, 1): timed(3.0)}
+    >>> table = LatencyTable(device="cpu", entries=costs)
+    >>> runner = xross.AnytimeRunner(cohort, table, flops=3e6, path=(0, 0))  # part 1 does not fit in 3 MFLOPs
+    >>> answer = runner(torch.randn(2, 3, 32, 32))
+    >>> answer.prefix, answer.final, answer.logits.shape
+    ((0,), False, torch.Size([2, 10]))
     """
 
     def __init__(
