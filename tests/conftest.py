@@ -16,11 +16,13 @@ that are not fixtures are in tests/helpers.py.
 from __future__ import annotations
 
 import os
+from collections.abc import Generator
 from pathlib import Path
 
 import pytest
 import torch
 from helpers import tiny
+from memory_probe import clear_caches, freeze, register, release
 
 import surgery
 from growth.check import vary_constant_weights
@@ -32,6 +34,30 @@ SYNTHETIC_TRAIN, SYNTHETIC_TEST = 60, 20  # images per class of the generated da
 
 if os.environ.get("PYTEST_XDIST_WORKER"):
     torch.set_num_threads(1)
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """With ``SUITE_MEMORY=<folder>``, record each test's resident memory there (bench/suite_memory.py)."""
+    register(config)
+
+
+def pytest_collection_finish(session: pytest.Session) -> None:
+    """Freeze what is alive once the tests are collected, so that the collection after each test is cheap."""
+    freeze()
+
+
+@pytest.hookimpl(hookwrapper=True, trylast=True)
+def pytest_runtest_protocol(item: pytest.Item, nextitem: pytest.Item | None) -> Generator[None, None, None]:
+    """After each test (its fixtures torn down), free its cycles and return the freed heap (memory_probe.release).
+
+    After a module's last test, its own ``functools`` caches are emptied too: they held its models for the rest
+    of the worker's session.
+    """
+    yield
+    module = getattr(item, "module", None)
+    if module is not None and getattr(nextitem, "module", None) is not module:
+        clear_caches(module)
+    release()
 
 
 @pytest.fixture(scope="session")
