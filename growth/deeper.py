@@ -98,7 +98,7 @@ def net2deeper(
     reason = deeper_obstacle(work, node, kind, groups, batchnorm, activation, negative_reasons(work.gm))
     if reason is not None:
         raise not_applicable("net2deeper", at, reason, deeper_sites(work, kind, groups, batchnorm, activation))
-    shape = work.shape(node)
+    shape = work.known_shape(node)
     channels = shape[1] if kind == "conv" else shape[-1]
     layers = identity_layers(kind, channels, kernel_size, groups, activation, work.shapes.dtype, bias=not batchnorm)
     if batchnorm:
@@ -199,8 +199,9 @@ def identity_layers(
     kind: str, channels: int, kernel_size: int, groups: int, activation: str | None, dtype: torch.dtype, bias: bool
 ) -> list[nn.Module]:
     """The identity conv (or Linear; zero ``bias`` if asked for), then a ReLU if asked for."""
+    layer: nn.Conv2d | nn.Linear
     if kind == "conv":
-        layer: nn.Module = nn.Conv2d(
+        layer = nn.Conv2d(
             channels, channels, kernel_size, padding=kernel_size // 2, groups=groups, bias=bias, dtype=dtype
         )
         weight = torch.zeros_like(layer.weight)
@@ -244,6 +245,7 @@ def identity_batchnorm(kind: str, value: torch.Tensor) -> nn.Module:
     dims = [0, 2, 3] if kind == "conv" else [0]
     bn = (nn.BatchNorm2d if kind == "conv" else nn.BatchNorm1d)(value.shape[1], dtype=value.dtype)
     mean, var = value.mean(dims), value.var(dims, unbiased=False)
+    assert bn.running_mean is not None and bn.running_var is not None, "a new BatchNorm tracks its statistics"
     with torch.no_grad():
         bn.running_mean.copy_(mean)
         bn.running_var.copy_(var)

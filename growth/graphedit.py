@@ -26,7 +26,7 @@ import inspect
 from collections import OrderedDict
 from collections.abc import Callable, Iterator, Sequence
 from functools import cached_property
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from torch import fx, nn
@@ -40,6 +40,8 @@ from surgery.core.util import first_line
 from surgery.graph.capture import trace, traced_copy
 from surgery.graph.inputs import Example, InputSpec, check_example_size, declared_example
 from surgery.graph.names import GraphIndex
+
+_M = TypeVar("_M", bound=nn.Module)
 
 STACK = "nn_module_stack"
 
@@ -83,6 +85,19 @@ class Workbench:
 
     def module(self, node: fx.Node) -> nn.Module | None:
         return self.gm.get_submodule(str(node.target)) if node.op == "call_module" else None
+
+    def known_shape(self, value: Any) -> tuple[int, ...]:
+        """The shape of ``value``, a tensor node by construction (a site an op has already checked)."""
+        assert isinstance(value, fx.Node), f"expected a graph node, got {type(value).__name__}"
+        shape = self.shape(value)
+        assert shape is not None, f"no shape recorded for '{value.name}'"
+        return shape
+
+    def layer(self, node: fx.Node, cls: type[_M]) -> _M:
+        """The module ``node`` calls, a ``cls`` by construction (a site an op has already checked)."""
+        module = self.module(node)
+        assert isinstance(module, cls), f"'{node.name}' calls {type(module).__name__}, not {cls.__name__}"
+        return module
 
     def site_name(self, node: fx.Node) -> str:
         """The name users see for a node: its module path when it is a single call of a layer, else the fx name."""

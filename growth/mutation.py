@@ -99,7 +99,7 @@ def _measured(
     record: MutationRecord,
     before: nn.Module,
     after: nn.Module,
-    inputs: Sequence[torch.Tensor],
+    inputs: Example | Sequence[torch.Tensor],
     digest_before: str | None = None,
 ) -> MutationRecord:
     old, new = cost(before, inputs), cost(after, inputs)
@@ -196,7 +196,7 @@ def mutate(
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text("")
-    digest = weights_digest(model)
+    digest: str | None = weights_digest(model)
     for step in range(steps):
         model, record = random_mutation(model, rng, op_names, probs, example_input, digest)
         record.step, record.base_seed, digest = step, base_seed, record.weights_after
