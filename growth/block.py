@@ -22,7 +22,6 @@ True
 from __future__ import annotations
 
 import copy
-import operator
 from collections import OrderedDict
 
 import torch
@@ -31,44 +30,19 @@ from torch import fx, nn
 
 from growth.graphedit import STACK, Workbench
 from growth.signs import negative_reasons
+from surgery.graph.ops import is_call as _is
+from surgery.graph.ops import targets
 
-_ADDS = {operator.add, operator.iadd, torch.add, torch.ops.aten.add.Tensor, "add", "add_"}
+FX, ATEN, METHOD = ("function",), ("aten",), ("method",)
+_ADDS = targets("add") | targets("add_", kinds=("function", "method"))
 # f(0) = 0, one tensor operand: a branch is zero when its input is
-_ZERO_KEEPING_FUNCTIONS = {
-    F.relu,
-    F.gelu,
-    F.silu,
-    F.dropout,
-    torch.relu,
-    torch.tanh,
-    torch.nn.functional.hardswish,
-    operator.getitem,
-    torch.flatten,
-    torch.permute,
-    torch.transpose,
-    torch.reshape,
-    torch.ops.aten.gelu.default,
-    torch.ops.aten.silu.default,
-    torch.ops.aten.relu.default,
-    torch.ops.aten.view.default,
-    torch.ops.aten.permute.default,
-    torch.ops.aten.transpose.int,
-    torch.ops.aten.reshape.default,
-    torch.ops.aten.clone.default,
-    torch.ops.aten._unsafe_view.default,
-}
-_ZERO_KEEPING_METHODS = {
-    "permute",
-    "transpose",
-    "reshape",
-    "view",
-    "flatten",
-    "contiguous",
-    "clone",
-    "relu",
-    "mul",
-    "mul_",
-}
+_ZERO_KEEPING = (
+    targets("relu", "gelu", "silu", "dropout", "tanh", "hardswish", "getitem", kinds=FX)
+    | targets("flatten", "permute", "transpose", "reshape", kinds=FX)
+    | targets("gelu", "silu", "relu", "view", "permute", "transpose", "reshape", "clone", kinds=ATEN)
+    | targets("permute", "transpose", "reshape", "view", "flatten", "contiguous", "clone", "relu", kinds=METHOD)
+    | targets("mul", "mul_", kinds=METHOD)
+)
 _ZERO_KEEPING_MODULES = (
     nn.Dropout,
     nn.Identity,
@@ -81,38 +55,13 @@ _ZERO_KEEPING_MODULES = (
 )
 # steps that may sit on the residual path: casts to the same dtype, aliases, copies, and reshapes that keep the
 # order of the elements (the block's output has its input's shape, so its reshapes undo each other)
-_TRANSPARENT = {
-    torch.ops.aten.to.dtype,
-    torch.ops.aten.to.dtype_layout,
-    torch.ops.aten._to_copy.default,
-    torch.ops.aten.alias.default,
-    torch.ops.aten.clone.default,
-    "to",
-    "float",
-    "type_as",
-    "contiguous",
-    "clone",
-    torch.reshape,
-    torch.flatten,
-    torch.ops.aten.view.default,
-    torch.ops.aten.reshape.default,
-    torch.ops.aten._unsafe_view.default,
-    torch.ops.aten.flatten.using_ints,
-    "view",
-    "reshape",
-    "flatten",
-    "unflatten",
-}
+_TRANSPARENT = (
+    targets("to", "alias", "clone", "view", "reshape", "flatten", kinds=ATEN)
+    | targets("to", "float", "type_as", "contiguous", "clone", "view", "reshape", "flatten", "unflatten", kinds=METHOD)
+    | targets("reshape", "flatten", kinds=FX)
+)
 # the identity on non-negative values: after the sum they keep the copy the identity when the block's input is >= 0
-_RELUS = {
-    F.relu,
-    F.leaky_relu,
-    torch.relu,
-    torch.ops.aten.relu.default,
-    torch.ops.aten.leaky_relu.default,
-    "relu",
-    "relu_",
-}
+_RELUS = targets("relu", "leaky_relu") | targets("relu_", kinds=METHOD)
 _RELU_MODULES = (nn.ReLU, nn.LeakyReLU)
 # norms called as functions (timm's BatchNormAct2d, LayerNorm2d), by the positions of their scale and shift
 _NORM_FUNCTIONS = {
@@ -124,13 +73,8 @@ _NORM_FUNCTIONS = {
     torch.ops.aten.group_norm.default: (2, 3),
     torch.ops.aten._native_batch_norm_legit_no_training.default: (1, 2),
 }
-_MULS = {operator.mul, operator.imul, torch.mul, torch.ops.aten.mul.Tensor, "mul", "mul_"}
-_AFFINE_FUNCTIONS = {
-    torch.ops.aten.linear.default,
-    torch.ops.aten.addmm.default,
-    torch.ops.aten.conv2d.default,
-    F.linear,
-}
+_MULS = targets("mul") | targets("mul_", kinds=("function", "method"))
+_AFFINE_FUNCTIONS = targets("linear") | targets("addmm", "conv2d", kinds=ATEN)
 
 
 class _Block:
@@ -221,10 +165,6 @@ def _after_sum(work: Workbench, node: fx.Node) -> str:
     return "post-norm" if norm else "not the identity on its input"
 
 
-def _is(node: fx.Node, table: set) -> bool:
-    return node.op in ("call_function", "call_method") and node.target in table
-
-
 def _zero_points(work: Workbench, branch: fx.Node) -> list[tuple[str, list[str]]] | None:
     """What to zero so that ``branch`` is zero, also when it is a sum of branches (parallel attention and MLP)."""
     if _is(branch, _ADDS):
@@ -268,9 +208,7 @@ def _zero_point(work: Workbench, branch: fx.Node) -> tuple[str, list[str]] | Non
         if node.op == "call_function" and node.target in _AFFINE_FUNCTIONS:
             params = [str(a.target) for a in node.args if isinstance(a, fx.Node) and a.op == "get_attr"]
             return ("parameters", params) if params else None
-        if (node.op == "call_function" and node.target in _ZERO_KEEPING_FUNCTIONS) or (
-            node.op == "call_method" and node.target in _ZERO_KEEPING_METHODS
-        ):
+        if _is(node, _ZERO_KEEPING):
             node = node.args[0]
             if not isinstance(node, fx.Node):
                 return None
@@ -355,8 +293,8 @@ def insert_block_copy(work: Workbench, path: str) -> str:
         env[node] = last = new
     block.output.replace_all_uses_with(env[block.output], delete_user_cb=lambda user: user not in env.values())
     for branch in branches:
-        for kind, targets in _zero_points(work, env[branch]) or []:
-            _zero(work.gm, targets, kind)
+        for kind, zeroed in _zero_points(work, env[branch]) or []:
+            _zero(work.gm, zeroed, kind)
     return new_path
 
 

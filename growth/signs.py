@@ -13,30 +13,18 @@ True
 
 from __future__ import annotations
 
-import operator
-
 import torch
-import torch.nn.functional as F
 from torch import fx, nn
-from torchvision.ops import StochasticDepth, stochastic_depth
+from torchvision.ops import StochasticDepth
 
 from surgery.channels import describe_node
+from surgery.graph.ops import is_call, targets
+
+FX = ("function", "method")  # the forms torch.fx records (graphs torch.export captured are not read here)
 
 # Values whose every element is >= 0 whatever the input.
 _SOURCE_MODULES = (nn.ReLU, nn.ReLU6, nn.Sigmoid, nn.Hardsigmoid, nn.Softmax)
-_SOURCE_FUNCTIONS = {
-    torch.relu,
-    torch.relu_,
-    F.relu,
-    F.relu_,
-    F.relu6,
-    torch.sigmoid,
-    F.sigmoid,
-    F.hardsigmoid,
-    F.softmax,
-    torch.softmax,
-}
-_SOURCE_METHODS = {"relu", "relu_", "sigmoid", "softmax"}
+_SOURCES = targets("relu", "relu_", "relu6", "sigmoid", "hardsigmoid", "softmax", kinds=FX)
 
 # Non-negative when their (first) input is: pooling, dropout, reshaping, selecting.
 _KEEPING_MODULES = (
@@ -49,34 +37,21 @@ _KEEPING_MODULES = (
     nn.Flatten,
     StochasticDepth,
 )
-_KEEPING_FUNCTIONS = {
-    F.max_pool2d,
-    F.avg_pool2d,
-    F.adaptive_avg_pool2d,
-    F.adaptive_max_pool2d,
-    F.dropout,
-    torch.flatten,
-    stochastic_depth,
-    operator.getitem,
-    torch.permute,
-    torch.transpose,
-    torch.mean,
-    torch.reshape,
-}
-_KEEPING_METHODS = {"flatten", "view", "reshape", "permute", "transpose", "contiguous", "mean", "clone"}
+_KEEPING = targets(
+    "max_pool2d",
+    "avg_pool2d",
+    "adaptive_avg_pool2d",
+    "adaptive_max_pool2d",
+    "dropout",
+    "stochastic_depth",
+    "getitem",
+    "mean",
+    *("flatten", "view", "reshape", "permute", "transpose"),
+    kinds=FX,
+) | targets("contiguous", "clone", kinds=("method",))
 
 # Non-negative when every tensor operand is (scalars must be >= 0 too).
-_JOINING_FUNCTIONS = {
-    operator.add,
-    operator.iadd,
-    operator.mul,
-    operator.imul,
-    torch.add,
-    torch.mul,
-    torch.cat,
-    torch.concat,
-}
-_JOINING_METHODS = {"add", "add_", "mul", "mul_"}
+_JOINING = targets("add", "add_", "mul", "mul_", "cat", kinds=FX)
 
 
 def _rule(gm: fx.GraphModule, node: fx.Node) -> str:
@@ -90,15 +65,8 @@ def _rule(gm: fx.GraphModule, node: fx.Node) -> str:
         if isinstance(module, nn.Upsample) and module.mode in ("nearest", "bilinear"):
             return "keep"
         return "unknown"
-    tables: dict[str, tuple[set, set, set]] = {
-        "call_function": (_SOURCE_FUNCTIONS, _KEEPING_FUNCTIONS, _JOINING_FUNCTIONS),
-        "call_method": (_SOURCE_METHODS, _KEEPING_METHODS, _JOINING_METHODS),
-    }
-    if node.op not in tables:
-        return "unknown"
-    source, keeping, joining = tables[node.op]
-    for kind, table in (("source", source), ("keep", keeping), ("join", joining)):
-        if node.target in table:
+    for kind, table in (("source", _SOURCES), ("keep", _KEEPING), ("join", _JOINING)):
+        if is_call(node, table):
             return kind
     return "unknown"
 

@@ -29,7 +29,8 @@ arithmetic): the weight edits that use it live in :mod:`surgery.channels.remap` 
 The package holds shape inference (:mod:`~surgery.channels.shapes`), the result types
 (:mod:`~surgery.channels.groups`), the union-find walk (:mod:`~surgery.channels.walk`)
 that looks each op's rule up in :mod:`~surgery.channels.registry`, and the rules, one
-module per family of ops (:mod:`surgery.channels.rules`).
+module per family of ops (:mod:`surgery.channels.rules`). A new layer type registers its
+rule with :func:`register_rule` and its weight edit with :func:`register_edit`, in one module.
 """
 
 from __future__ import annotations
@@ -46,7 +47,7 @@ from surgery.channels.groups import (
     Layout,
     Segment,
 )
-from surgery.channels.registry import ModuleRule, NodeRule
+from surgery.channels.registry import ModuleRule, NodeRule, register_edit, register_rule
 from surgery.channels.shapes import Shapes, describe_node, infer_shapes
 from surgery.channels.walk import _Walk
 from surgery.graph.capture import trace
@@ -63,6 +64,8 @@ __all__ = [
     "analyze_channels",
     "describe_node",
     "infer_shapes",
+    "register_edit",
+    "register_rule",
 ]
 
 

@@ -24,7 +24,7 @@ from typing import Any
 from torch import fx
 
 from surgery.channels.groups import GROUP_LISTS, ChannelGroup, Endpoint, Layout, Segment
-from surgery.channels.registry import _FUNCTION_RULES, _METHOD_RULES, _MODULE_RULES
+from surgery.channels.registry import FUNCTION_RULES, METHOD_RULES, MODULE_RULES
 from surgery.channels.shapes import Shapes, describe_node
 
 
@@ -179,8 +179,8 @@ class _Walk:
         while True:
             layouts = [self.expand(lay) for lay in layouts]
             cuts = {p for lay in layouts for p in itertools.accumulate(s.size for s in lay.segments)}
-            refined = [self.cut(lay, cuts, node) for lay in layouts]
-            if any(lay is None for lay in refined):
+            refined = [r for lay in layouts if (r := self.cut(lay, cuts, node)) is not None]
+            if len(refined) < len(layouts):
                 return None
             if all(lay == self.expand(r) for lay, r in zip(layouts, refined)):
                 return layouts
@@ -309,10 +309,16 @@ class _Walk:
             return None
         if node.op == "call_module":
             module = self.modules[str(node.target)]
-            rule = next((r for cls in type(module).__mro__ if (r := _MODULE_RULES.get(cls)) is not None), None)
-            return rule(self, node, module) if rule else _fallback(self, node)
-        rule = (_METHOD_RULES if node.op == "call_method" else _FUNCTION_RULES).get(node.target)
-        return rule(self, node) if rule else _fallback(self, node)
+            rule = MODULE_RULES.for_class(type(module))
+            if rule is None:
+                _fallback(self, node)
+                return None
+            return rule(self, node, module)
+        found = METHOD_RULES.find(str(node.target)) if node.op == "call_method" else FUNCTION_RULES.find(node.target)
+        if found is None:
+            _fallback(self, node)
+            return None
+        return found(self, node)
 
     def finish(self) -> dict[int, ChannelGroup]:
         """The live root groups, their lists in graph order without repeats, and their reasons without repeats."""

@@ -12,62 +12,42 @@ and the aten forms of slicing, selecting and expanding.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import cast
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
+from surgery.channels.edits import ChannelMap, read_columns, set_tensor, take
 from surgery.channels.groups import Endpoint, Layout, Segment
-from surgery.channels.registry import _FUNCTION_RULES, _LITERAL_EDITS, _MODULE_RULES, _register
+from surgery.channels.registry import _FUNCTION_RULES, _LITERAL_EDITS, _MODULE_RULES, _register, register_edit
 from surgery.channels.rules.arguments import _arg, _node, _norm, _parameter_owner, _shape_of
-from surgery.channels.rules.elementwise import _binary, _unary
 from surgery.channels.rules.joins import _cat
 from surgery.channels.rules.layers import _conv_function, _linear_function
 from surgery.channels.rules.reductions import _reduce, _softmax, _spatial
 from surgery.channels.rules.shape_ops import _flatten, _permute, _reshape, _transpose, _unsqueeze
 from surgery.channels.rules.slicing import _split
 from surgery.channels.walk import _fallback, _Walk
+from surgery.graph.ops import targets
 
 aten = torch.ops.aten
+ATEN = ("aten",)
 
-_SAME_AS: list[tuple[Callable[..., object], list[object]]] = [
-    (
-        _unary,
-        [
-            aten.gelu.default,
-            aten.silu.default,
-            aten.relu.default,
-            aten.tanh.default,
-            aten.sigmoid.default,
-            aten.neg.default,
-            aten.abs.default,
-            aten.pow.Tensor_Scalar,
-            aten.hardswish.default,
-            aten.hardsigmoid.default,
-            aten.to.dtype,
-            aten.to.dtype_layout,
-            aten.to.device,
-            aten._to_copy.default,
-            aten.alias.default,
-            aten.clone.default,
-            aten.contiguous.default,
-            aten.erf.default,
-        ],
-    ),
-    (_binary, [aten.add.Tensor, aten.sub.Tensor, aten.mul.Tensor, aten.div.Tensor, aten.add_.Tensor, aten.mul_.Tensor]),
-    (_reshape, [aten.view.default, aten.reshape.default, aten._unsafe_view.default]),
-    (_permute, [aten.permute.default]),
-    (_transpose, [aten.transpose.int]),
-    (_unsqueeze, [aten.unsqueeze.default]),
-    (_flatten, [aten.flatten.using_ints]),
-    (_reduce, [aten.mean.dim, aten.sum.dim_IntList, aten.amax.default, aten.amin.default]),
-    (_softmax, [aten.softmax.int, aten._softmax.default]),
-    (_spatial, [aten.adaptive_avg_pool2d.default, aten.avg_pool2d.default, aten.max_pool2d.default]),
-    (_cat, [aten.cat.default]),
-    (_split, [aten.split.Tensor, aten.split_with_sizes.default]),
-    (_linear_function, [aten.linear.default]),
-    (_conv_function, [aten.conv2d.default]),
+# The aten forms of ops whose rules are registered for their torch functions and tensor methods elsewhere
+# (the elementwise ops register all their forms themselves), from the one table of graph ops.
+_SAME_AS: list[tuple[Callable[..., object], frozenset[object]]] = [
+    (_reshape, targets("view", "reshape", kinds=ATEN)),
+    (_permute, targets("permute", kinds=ATEN)),
+    (_transpose, targets("transpose", kinds=ATEN)),
+    (_unsqueeze, targets("unsqueeze", kinds=ATEN)),
+    (_flatten, targets("flatten", kinds=ATEN)),
+    (_reduce, targets("mean", "sum", "amax", "amin", kinds=ATEN)),
+    (_softmax, targets("softmax", kinds=ATEN)),
+    (_spatial, targets("adaptive_avg_pool2d", "avg_pool2d", "max_pool2d", kinds=ATEN)),
+    (_cat, targets("cat", kinds=ATEN)),
+    (_split, targets("split", kinds=ATEN)),
+    (_linear_function, targets("linear", kinds=ATEN)),
+    (_conv_function, targets("conv2d", kinds=ATEN)),
 ]
 for rule, ops in _SAME_AS:
     _register(_FUNCTION_RULES, ops)(rule)
@@ -175,7 +155,7 @@ def _rewrite_aten_slice(node: fx.Node, ep: Endpoint, moved: Callable[[int], int]
     node.args = (node.args[0], node.args[1], bound(start), bound(end), *node.args[4:])
 
 
-_LITERAL_EDITS["aten_slice"] = _rewrite_aten_slice
+_LITERAL_EDITS.register("aten_slice", _rewrite_aten_slice)
 
 
 @_register(_FUNCTION_RULES, [aten.select.int])
@@ -205,3 +185,26 @@ def _expand(w: _Walk, node: fx.Node) -> Layout | None:
         w.block([layout], f"{w.describe(node)} broadcasts these channels")
         return None
     return layout.at(dim)
+
+
+# ----------------------------------------------------------------------------- weight edits
+
+
+def _embedding_out(emb: nn.Embedding, m: ChannelMap) -> None:
+    set_tensor(emb, "weight", take(emb.weight.detach(), 1, m))
+    emb.embedding_dim = m.size
+
+
+def _conv1d_out(layer: Any, m: ChannelMap) -> None:
+    """Hugging Face's ``Conv1D`` (weight ``[in, out]``): new output columns and bias entries."""
+    set_tensor(layer, "weight", take(layer.weight.detach(), 1, m))
+    set_tensor(layer, "bias", take(layer.bias.detach(), 0, m))
+    layer.nf = m.size
+
+
+def _conv1d_in(layer: Any, m: ChannelMap, noise: float, gen: torch.Generator | None) -> None:
+    set_tensor(layer, "weight", read_columns(layer.weight.detach().T, m, 1, noise, gen).T.contiguous())
+
+
+register_edit(nn.Embedding, out=_embedding_out)
+register_edit("Conv1D", out=_conv1d_out, inp=_conv1d_in)  # transformers' class, by name (an optional package)

@@ -14,11 +14,14 @@ from __future__ import annotations
 
 import operator
 
+import torch
 from torch import fx, nn
 
+from surgery.channels.edits import ChannelMap, head_index, qkv_index, read_columns, set_tensor
 from surgery.channels.groups import Endpoint, Layout, Segment
-from surgery.channels.registry import _FUNCTION_RULES, _MODULE_RULES, _register
+from surgery.channels.registry import _FUNCTION_RULES, _MODULE_RULES, HEAD_EDITS, _register, register_edit
 from surgery.channels.rules.arguments import _arg, _node
+from surgery.channels.rules.layers import _linear_out
 from surgery.channels.walk import _fallback, _Walk
 
 
@@ -91,3 +94,38 @@ except ImportError:  # pragma: no cover
     shifted_window_attention = None
 if shifted_window_attention is not None:
     _register(_FUNCTION_RULES, [shifted_window_attention])(_windowed_attention)
+
+
+# ----------------------------------------------------------------------------- weight edits
+
+
+def _attention_out(mha: nn.MultiheadAttention, m: ChannelMap) -> None:
+    _linear_out(mha.out_proj, m)
+
+
+def _attention_in(mha: nn.MultiheadAttention, m: ChannelMap, noise: float, gen: torch.Generator | None) -> None:
+    set_tensor(mha, "in_proj_weight", read_columns(mha.in_proj_weight.detach(), m, 1, noise, gen))
+    if m.size != m.old:
+        _attention_resize(mha, m.size)
+
+
+def _attention_resize(mha: nn.MultiheadAttention, size: int) -> None:
+    """Shrink the heads' total width to ``size`` (the embedding's): every head keeps its first channels of
+    queries, keys and values, and ``out_proj`` the matching columns."""
+    heads, old = mha.num_heads, mha.embed_dim
+    inner, rows = head_index(old, size, heads), qkv_index(old, size, heads)
+    new_head = size // heads
+    set_tensor(mha, "in_proj_weight", mha.in_proj_weight.detach().index_select(0, rows))
+    if mha.in_proj_bias is not None:
+        set_tensor(mha, "in_proj_bias", mha.in_proj_bias.detach().index_select(0, rows))
+    set_tensor(mha.out_proj, "weight", mha.out_proj.weight.detach().index_select(1, inner))
+    mha.out_proj.in_features = size
+    mha.embed_dim = mha.kdim = mha.vdim = size
+    mha.head_dim = new_head
+
+
+register_edit(nn.MultiheadAttention, out=_attention_out, inp=_attention_in)
+# Tensors of attention whose size follows the embedding they read (the heads' total width), by endpoint kind:
+# the rows of a packed query-key-value projection, the columns of the output projection.
+HEAD_EDITS.register("heads_qkv", qkv_index)
+HEAD_EDITS.register("heads_inner", head_index)

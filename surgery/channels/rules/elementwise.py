@@ -1,30 +1,22 @@
 """Channel rules for elementwise ops: activations and dropout pass channels through, arithmetic couples them.
 
-Unary modules, functions and methods keep their input's layout; broadcasting binary
-ops (``+``, ``*``, ...) join the groups of same-size operands, and a parameter they
-combine with the channels (ConvNeXt's layer scale, say, possibly reshaped to broadcast)
-follows them.
+The ops are named once in :mod:`surgery.graph.ops` and registered here in all their
+forms (``torch.relu``, ``x.relu()``, ``aten.relu.default``). Unary modules, functions
+and methods keep their input's layout; broadcasting binary ops (``+``, ``*``, ...) join
+the groups of same-size operands, and a parameter they combine with the channels
+(ConvNeXt's layer scale, say, possibly reshaped to broadcast) follows them.
 """
 
 from __future__ import annotations
 
-import operator
-
-import torch
-import torch.nn.functional as F
 from torch import fx, nn
-from torchvision.ops import stochastic_depth
 
 from surgery.channels.groups import Endpoint, Layout
-from surgery.channels.registry import (
-    _FUNCTION_RULES,
-    _METHOD_RULES,
-    _MODULE_RULES,
-    _register,
-)
+from surgery.channels.registry import _MODULE_RULES, _register, register_rule
 from surgery.channels.rules.arguments import _parameter_source, _shape_of
 from surgery.channels.shapes import ELEMENTWISE_MODULES
 from surgery.channels.walk import _fallback, _Walk
+from surgery.graph.ops import targets
 
 
 @_register(_MODULE_RULES, ELEMENTWISE_MODULES)
@@ -32,53 +24,17 @@ def _pass_module(w: _Walk, node: fx.Node, module: nn.Module) -> Layout | None:
     return w.layout(node.args[0]) if node.args else None
 
 
-_UNARY_FUNCTIONS = [
-    torch.relu,
-    torch.relu_,
-    F.relu,
-    F.relu_,
-    F.relu6,
-    F.gelu,
-    F.silu,
-    F.hardswish,
-    F.hardsigmoid,
-    F.sigmoid,
-    torch.sigmoid,
-    torch.tanh,
-    F.tanh,
-    F.leaky_relu,
-    F.elu,
-    F.selu,
-    F.mish,
-    F.softplus,
-    F.hardtanh,
-    F.dropout,
-    F.dropout2d,
-    operator.neg,
-    torch.neg,
-    torch.abs,
-    stochastic_depth,
-]
-_UNARY_METHODS = [
-    "relu",
-    "relu_",
-    "sigmoid",
-    "sigmoid_",
-    "tanh",
-    "contiguous",
-    "clone",
-    "detach",
-    "float",
-    "double",
-    "to",
-    "type_as",
-    "neg",
-    "abs",
-]
+# One list of names, all their forms (functions, tensor methods and the aten ops of exported graphs).
+UNARY = (
+    *("relu", "relu_", "relu6", "leaky_relu", "gelu", "silu", "hardswish", "hardsigmoid", "sigmoid", "sigmoid_"),
+    *("tanh", "elu", "selu", "mish", "softplus", "hardtanh", "erf", "pow", "neg", "abs"),
+    *("dropout", "dropout2d", "stochastic_depth"),
+    *("to", "to_device", "float", "double", "type_as", "alias", "clone", "contiguous", "detach"),
+)
+BINARY = ("add", "add_", "sub", "sub_", "mul", "mul_", "div", "div_")
 
 
-@_register(_FUNCTION_RULES, _UNARY_FUNCTIONS)
-@_register(_METHOD_RULES, _UNARY_METHODS)
+@register_rule(*targets(*UNARY))
 def _unary(w: _Walk, node: fx.Node) -> Layout | None:
     others = [a for a in (*node.args[1:], *node.kwargs.values()) if isinstance(a, fx.Node) and a in w.layouts]
     if others:
@@ -87,25 +43,7 @@ def _unary(w: _Walk, node: fx.Node) -> Layout | None:
     return w.layout(node.args[0])
 
 
-_BINARY_FUNCTIONS = [
-    operator.add,
-    operator.iadd,
-    operator.sub,
-    operator.isub,
-    operator.mul,
-    operator.imul,
-    operator.truediv,
-    operator.itruediv,
-    torch.add,
-    torch.sub,
-    torch.mul,
-    torch.div,
-]
-_BINARY_METHODS = ["add", "add_", "sub", "sub_", "mul", "mul_", "div", "div_"]
-
-
-@_register(_FUNCTION_RULES, _BINARY_FUNCTIONS)
-@_register(_METHOD_RULES, _BINARY_METHODS)
+@register_rule(*targets(*BINARY))
 def _binary(w: _Walk, node: fx.Node) -> Layout | None:
     """Broadcasting elementwise ops: same-size tracked operands couple their groups."""
     out_shape = w.shape(node)

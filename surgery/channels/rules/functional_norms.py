@@ -21,8 +21,9 @@ from typing import Any
 import torch.nn.functional as F
 from torch import fx, nn
 
+from surgery.channels.edits import ChannelMap, take_rows
 from surgery.channels.groups import Endpoint, Layout
-from surgery.channels.registry import _FUNCTION_RULES, _LITERAL_EDITS, _MODULE_RULES, _register
+from surgery.channels.registry import _FUNCTION_RULES, _LITERAL_EDITS, _MODULE_RULES, _register, register_edit
 from surgery.channels.rules.arguments import _arg, _node, _parameter_owner
 from surgery.channels.walk import _Walk
 
@@ -116,4 +117,15 @@ def _rewrite_group_count(node: fx.Node, ep: Endpoint, moved: Callable[[int], int
         node.kwargs = {**node.kwargs, "num_groups": moved(size)}
 
 
-_LITERAL_EDITS["group_norm"] = _rewrite_group_count
+_LITERAL_EDITS.register("group_norm", _rewrite_group_count)
+
+
+def _groupnorm_through(gn: nn.GroupNorm, m: ChannelMap, ep: Endpoint) -> None:
+    """The weight edit of ``nn.GroupNorm``: its per-channel scale and shift follow the map."""
+    take_rows(gn, m)
+    if gn.num_groups == gn.num_channels:  # one channel per group: an instance norm, whose group count follows
+        gn.num_groups = m.size
+    gn.num_channels = m.size
+
+
+register_edit(nn.GroupNorm, through=_groupnorm_through)

@@ -13,8 +13,9 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
+from surgery.channels.edits import ChannelMap, read_columns, set_tensor, take_rows
 from surgery.channels.groups import Endpoint, Layout, Segment
-from surgery.channels.registry import _FUNCTION_RULES, _MODULE_RULES, _register
+from surgery.channels.registry import _FUNCTION_RULES, _MODULE_RULES, _register, register_edit
 from surgery.channels.rules.arguments import _arg, _node, _parameter_owner
 from surgery.channels.walk import _fallback, _Walk
 
@@ -123,3 +124,47 @@ def _prelu(w: _Walk, node: fx.Node, prelu: nn.PReLU) -> Layout | None:
             return None
         w.add(layout, "followers", Endpoint(node.name, str(node.target), "PReLU", node.name))
     return layout
+
+
+# ----------------------------------------------------------------------------- weight edits
+
+
+def _conv_out(conv: nn.Conv2d, m: ChannelMap) -> None:
+    take_rows(conv, m)
+    conv.out_channels = m.size
+
+
+def _conv_in(conv: nn.Conv2d, m: ChannelMap, noise: float, gen: torch.Generator | None) -> None:
+    set_tensor(conv, "weight", read_columns(conv.weight.detach(), m, conv.groups, noise, gen))
+    conv.in_channels = m.size
+
+
+def _conv_through(conv: nn.Conv2d, m: ChannelMap, ep: Endpoint) -> None:
+    take_rows(conv, m)
+    conv.in_channels = conv.out_channels = conv.groups = m.size
+
+
+def _linear_out(linear: nn.Linear, m: ChannelMap) -> None:
+    take_rows(linear, m)
+    linear.out_features = m.size
+
+
+def _linear_in(linear: nn.Linear, m: ChannelMap, noise: float, gen: torch.Generator | None) -> None:
+    set_tensor(linear, "weight", read_columns(linear.weight.detach(), m, 1, noise, gen))
+    linear.in_features = m.size
+
+
+def _batchnorm_through(bn: nn.modules.batchnorm._NormBase, m: ChannelMap, ep: Endpoint) -> None:
+    take_rows(bn, m, ("weight", "bias", "running_mean", "running_var"))
+    bn.num_features = m.size
+
+
+def _prelu_through(prelu: nn.PReLU, m: ChannelMap, ep: Endpoint) -> None:
+    take_rows(prelu, m, ("weight",))
+    prelu.num_parameters = m.size
+
+
+register_edit(nn.Conv2d, out=_conv_out, inp=_conv_in, through=_conv_through)
+register_edit(nn.Linear, out=_linear_out, inp=_linear_in)
+register_edit(nn.modules.batchnorm._NormBase, through=_batchnorm_through)
+register_edit(nn.PReLU, through=_prelu_through)

@@ -15,8 +15,9 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
+from surgery.channels.edits import ChannelMap, set_tensor, take
 from surgery.channels.groups import Endpoint, Layout
-from surgery.channels.registry import _FUNCTION_RULES, _LITERAL_EDITS, _MODULE_RULES, _register
+from surgery.channels.registry import _FUNCTION_RULES, _LITERAL_EDITS, _MODULE_RULES, _register, register_edit
 from surgery.channels.rules.arguments import _arg, _node
 from surgery.channels.walk import _Walk
 
@@ -56,7 +57,7 @@ def _rewrite_normalized_shape(node: fx.Node, ep: Endpoint, moved: Callable[[int]
         node.kwargs = {**node.kwargs, "normalized_shape": shape}
 
 
-_LITERAL_EDITS["normalized_shape"] = _rewrite_normalized_shape
+_LITERAL_EDITS.register("normalized_shape", _rewrite_normalized_shape)
 
 
 @_register(_FUNCTION_RULES, [F.layer_norm, torch.ops.aten.layer_norm.default])
@@ -71,3 +72,17 @@ def _layernorm_function(w: _Walk, node: fx.Node) -> Layout | None:
                 continue
             params.append((str(p.target), "parameter"))
     return _normalised_over(w, node, len(normalized), params)
+
+
+def _layernorm_through(ln: nn.LayerNorm, m: ChannelMap, ep: Endpoint) -> None:
+    """The weight edit of ``nn.LayerNorm``: its scale and shift follow the map along the endpoint's dim."""
+    for name in ("weight", "bias"):
+        t = getattr(ln, name, None)
+        if t is not None:
+            set_tensor(ln, name, take(t.detach(), ep.dim, m))
+    shape = list(ln.normalized_shape)
+    shape[ep.dim] = m.size
+    ln.normalized_shape = tuple(shape)
+
+
+register_edit(nn.LayerNorm, through=_layernorm_through)

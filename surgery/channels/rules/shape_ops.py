@@ -170,7 +170,7 @@ def _rewrite_reshape(node: fx.Node, ep: Endpoint, moved: Callable[[int], int], s
     node.args = (node.args[0], sizes) if packed else (node.args[0], *sizes)
 
 
-_LITERAL_EDITS["reshape"] = _rewrite_reshape
+_LITERAL_EDITS.register("reshape", _rewrite_reshape)
 
 
 @_register(_FUNCTION_RULES, [F.pad])

@@ -61,7 +61,7 @@ def _rewrite_slice(node: fx.Node, ep: Endpoint, moved: Callable[[int], int], siz
     node.args = (x, tuple(items) if isinstance(index, tuple) else items[0])
 
 
-_LITERAL_EDITS["slice"] = _rewrite_slice
+_LITERAL_EDITS.register("slice", _rewrite_slice)
 
 
 def _sections(node: fx.Node, size: int) -> list[int] | None:
@@ -118,4 +118,4 @@ def _rewrite_split(node: fx.Node, ep: Endpoint, moved: Callable[[int], int], siz
     node.kwargs = {"dim": dim}
 
 
-_LITERAL_EDITS["split"] = _rewrite_split
+_LITERAL_EDITS.register("split", _rewrite_split)
