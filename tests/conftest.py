@@ -11,6 +11,10 @@ Shared by several test modules: ``r18`` (a 10-class ResNet-18 for the surgery te
 ``resnet18`` (a ResNet-18 with varied constant weights for the growth tests; test_remap.py
 keeps its own) and ``cohort`` (two small VGGs cut after ``features.0``). Shared helpers
 that are not fixtures are in tests/helpers.py.
+
+Memory (tests/memory_probe.py): after each test, reference cycles are collected and freed heap is
+handed back once 256 MB is held, and a module's own ``functools`` caches are emptied after its last
+test. ``SUITE_MEMORY=<folder>`` records each test's resident memory there (``bench/suite_memory.py``).
 """
 
 from __future__ import annotations

@@ -73,7 +73,7 @@ def release() -> None:
     A traced or grown model is a cycle (GraphModule <-> Graph <-> Node), so it outlives its test
     until the collector's oldest generation runs, and glibc keeps freed heap pages mapped:
     without this, a worker's resident set climbs by GBs over the model-heavy test modules.
-    A collection costs ~0.1-0.4 s even with the session's objects frozen (:func:`freeze`), so it
+    A collection still takes 0.1-1.5 s with the session's objects frozen (:func:`freeze`), so it
     runs only when the resident set is :data:`RELEASE_ABOVE` over its low since the last one:
     most tests build small models and leave nothing worth that.
     """

@@ -59,7 +59,7 @@ def test_release_skips_the_collection_while_little_is_held(monkeypatch) -> None:
     _Cycle(small)
     del small
     memory_probe.release()
-    assert gone() is not None  # left for the next collection: not worth 0.1-0.4 s now
+    assert gone() is not None  # left for the next collection: not worth a collection now
 
 
 def test_clear_caches_empties_the_modules_own_caches_only() -> None:
