@@ -2,11 +2,13 @@
 
 torch.export records aten operators (``aten.linear``, ``aten.view``, ...) where torch.fx
 records torch functions and tensor methods. Most take their arguments in the same
-order as their counterparts and share their rules; the rest have their own here:
+order as their counterparts and share their rules (each rule is registered for all the
+forms :mod:`surgery.graph.ops` lists for its op); the rest have their own here:
 embeddings (a table whose columns are the channels), ``addmm`` of Hugging Face's
 ``Conv1D`` (GPT-2's layers, weight stored input-major), scaled dot-product attention
 (queries and keys are compared over their channels, values pass theirs to the output),
-and the aten forms of slicing, selecting and expanding.
+and the aten forms of slicing, selecting and expanding. The weight edits of
+``nn.Embedding`` and ``Conv1D`` are registered here too.
 """
 
 from __future__ import annotations
@@ -22,35 +24,10 @@ from surgery.channels.edits import ChannelMap, read_columns, set_tensor, take
 from surgery.channels.groups import Endpoint, Layout, Segment
 from surgery.channels.registry import _FUNCTION_RULES, _LITERAL_EDITS, _MODULE_RULES, _register, register_edit
 from surgery.channels.rules.arguments import _arg, _node, _norm, _parameter_owner, _shape_of
-from surgery.channels.rules.joins import _cat
-from surgery.channels.rules.layers import _conv_function, _linear_function
-from surgery.channels.rules.reductions import _reduce, _softmax, _spatial
-from surgery.channels.rules.shape_ops import _flatten, _permute, _reshape, _transpose, _unsqueeze
-from surgery.channels.rules.slicing import _split
 from surgery.channels.walk import _fallback, _Walk
-from surgery.graph.ops import targets
 
 aten = torch.ops.aten
 ATEN = ("aten",)
-
-# The aten forms of ops whose rules are registered for their torch functions and tensor methods elsewhere
-# (the elementwise ops register all their forms themselves), from the one table of graph ops.
-_SAME_AS: list[tuple[Callable[..., object], frozenset[object]]] = [
-    (_reshape, targets("view", "reshape", kinds=ATEN)),
-    (_permute, targets("permute", kinds=ATEN)),
-    (_transpose, targets("transpose", kinds=ATEN)),
-    (_unsqueeze, targets("unsqueeze", kinds=ATEN)),
-    (_flatten, targets("flatten", kinds=ATEN)),
-    (_reduce, targets("mean", "sum", "amax", "amin", kinds=ATEN)),
-    (_softmax, targets("softmax", kinds=ATEN)),
-    (_spatial, targets("adaptive_avg_pool2d", "avg_pool2d", "max_pool2d", kinds=ATEN)),
-    (_cat, targets("cat", kinds=ATEN)),
-    (_split, targets("split", kinds=ATEN)),
-    (_linear_function, targets("linear", kinds=ATEN)),
-    (_conv_function, targets("conv2d", kinds=ATEN)),
-]
-for rule, ops in _SAME_AS:
-    _register(_FUNCTION_RULES, ops)(rule)
 
 
 @_register(_FUNCTION_RULES, [aten.sym_size.int, aten._assert_tensor_metadata.default])

@@ -9,16 +9,16 @@ from __future__ import annotations
 
 from typing import Any
 
-import torch
 from torch import fx
 
 from surgery.channels.groups import Endpoint, Layout, Segment
-from surgery.channels.registry import _FUNCTION_RULES, _register
+from surgery.channels.registry import register_rule
 from surgery.channels.rules.arguments import _arg, _norm, _parameter_source, _shape_of
 from surgery.channels.walk import _fallback, _Walk
+from surgery.graph.ops import targets
 
 
-@_register(_FUNCTION_RULES, [torch.cat, torch.concat, torch.concatenate])
+@register_rule(*targets("cat", "concatenate"))
 def _cat(w: _Walk, node: fx.Node) -> Layout | None:
     given = _arg(node, 0, "tensors")
     out_shape = w.shape(node)

@@ -10,14 +10,14 @@ them from its own ``forward``.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import fx, nn
 
 from surgery.channels.edits import ChannelMap, read_columns, set_tensor, take_rows
 from surgery.channels.groups import Endpoint, Layout, Segment
-from surgery.channels.registry import _FUNCTION_RULES, _MODULE_RULES, _register, register_edit
+from surgery.channels.registry import _MODULE_RULES, _register, register_edit, register_rule
 from surgery.channels.rules.arguments import _arg, _node, _parameter_owner
 from surgery.channels.walk import _fallback, _Walk
+from surgery.graph.ops import targets
 
 
 def _conv_layer(w: _Walk, node: fx.Node, path: str, out_channels: int, groups: int, depthwise: bool) -> Layout | None:
@@ -76,7 +76,7 @@ def _own_weight(w: _Walk, node: fx.Node, kind: type) -> tuple[str, torch.Tensor]
     return path, w.modules[path].weight
 
 
-@_register(_FUNCTION_RULES, [F.conv2d])
+@register_rule(*targets("conv2d"))
 def _conv_function(w: _Walk, node: fx.Node) -> Layout | None:
     """``F.conv2d`` on a Conv2d's own weight (``Conv2dSame``): that conv, its groups as the call gives them."""
     owner = _own_weight(w, node, nn.Conv2d)
@@ -89,7 +89,7 @@ def _conv_function(w: _Walk, node: fx.Node) -> Layout | None:
     return _conv_layer(w, node, path, out_channels, groups, 1 < groups == in_channels == out_channels)
 
 
-@_register(_FUNCTION_RULES, [F.linear])
+@register_rule(*targets("linear"))
 def _linear_function(w: _Walk, node: fx.Node) -> Layout | None:
     """``F.linear`` on a Linear's own weight (timm's ``Linear``): that Linear."""
     owner = _own_weight(w, node, nn.Linear)

@@ -6,19 +6,17 @@ reducing or normalising over the channel dim itself blocks them.
 
 from __future__ import annotations
 
-import torch
-import torch.nn.functional as F
 from torch import fx, nn
 
 from surgery.channels.groups import Layout
 from surgery.channels.registry import (
-    _FUNCTION_RULES,
-    _METHOD_RULES,
     _MODULE_RULES,
     _register,
+    register_rule,
 )
 from surgery.channels.rules.arguments import _arg, _norm, _shape_of
 from surgery.channels.walk import _Walk
+from surgery.graph.ops import targets
 
 
 def _spatial(w: _Walk, node: fx.Node) -> Layout | None:
@@ -32,7 +30,7 @@ def _spatial(w: _Walk, node: fx.Node) -> Layout | None:
     return layout
 
 
-_register(_FUNCTION_RULES, [F.adaptive_avg_pool2d, F.adaptive_max_pool2d, F.avg_pool2d, F.max_pool2d, F.interpolate])(
+register_rule(*targets("adaptive_avg_pool2d", "adaptive_max_pool2d", "avg_pool2d", "max_pool2d", "interpolate"))(
     _spatial
 )
 
@@ -56,8 +54,7 @@ def _softmax_module(w: _Walk, node: fx.Node, module: nn.Softmax) -> Layout | Non
     return _softmax_like(w, node, module.dim)
 
 
-@_register(_FUNCTION_RULES, [F.softmax, torch.softmax])
-@_register(_METHOD_RULES, ["softmax"])
+@register_rule(*targets("softmax"))
 def _softmax(w: _Walk, node: fx.Node) -> Layout | None:
     return _softmax_like(w, node, _arg(node, 1, "dim"))
 
@@ -66,8 +63,7 @@ def _softmax(w: _Walk, node: fx.Node) -> Layout | None:
 _UNIFORM_REDUCTIONS = {"mean", "amax", "amin", "mean.dim", "amax.default", "amin.default"}
 
 
-@_register(_FUNCTION_RULES, [torch.mean, torch.sum, torch.amax, torch.amin])
-@_register(_METHOD_RULES, ["mean", "sum", "amax", "amin"])
+@register_rule(*targets("mean", "sum", "amax", "amin"))
 def _reduce(w: _Walk, node: fx.Node) -> Layout | None:
     x = node.args[0]
     layout = w.layout(x)

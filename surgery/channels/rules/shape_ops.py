@@ -12,7 +12,6 @@ tensor's size are harmless.
 from __future__ import annotations
 
 import math
-import operator
 from collections.abc import Callable
 from typing import cast
 
@@ -27,10 +26,12 @@ from surgery.channels.registry import (
     _METHOD_RULES,
     _MODULE_RULES,
     _register,
+    register_rule,
 )
 from surgery.channels.rules.arguments import _arg, _dims_arg, _node, _norm, _shape_of
 from surgery.channels.rules.slicing import _slice_channels
 from surgery.channels.walk import _fallback, _Walk
+from surgery.graph.ops import targets
 
 
 def _flatten_dims(w: _Walk, node: fx.Node, start: int, end: int) -> Layout | None:
@@ -56,8 +57,7 @@ def _flatten_module(w: _Walk, node: fx.Node, module: nn.Flatten) -> Layout | Non
     return _flatten_dims(w, node, module.start_dim, module.end_dim)
 
 
-@_register(_FUNCTION_RULES, [torch.flatten])
-@_register(_METHOD_RULES, ["flatten"])
+@register_rule(*targets("flatten"))
 def _flatten(w: _Walk, node: fx.Node) -> Layout | None:
     return _flatten_dims(w, node, _arg(node, 1, "start_dim", 0), _arg(node, 2, "end_dim", -1))
 
@@ -68,14 +68,12 @@ def _moved(w: _Walk, node: fx.Node, where: Callable[[int, int], int]) -> Layout 
     return None if layout is None else layout.at(where(layout.dim, len(_shape_of(w, node.args[0]))))
 
 
-@_register(_FUNCTION_RULES, [torch.permute])
-@_register(_METHOD_RULES, ["permute"])
+@register_rule(*targets("permute"))
 def _permute(w: _Walk, node: fx.Node) -> Layout | None:
     return _moved(w, node, lambda dim, ndim: [_norm(d, ndim) for d in _dims_arg(node, 1)].index(dim))
 
 
-@_register(_FUNCTION_RULES, [torch.transpose, torch.swapaxes, torch.swapdims])
-@_register(_METHOD_RULES, ["transpose", "swapaxes", "swapdims"])
+@register_rule(*targets("transpose", "swapaxes", "swapdims"))
 def _transpose(w: _Walk, node: fx.Node) -> Layout | None:
     def swapped(dim: int, ndim: int) -> int:
         a, b = _norm(cast(int, node.args[1]), ndim), _norm(cast(int, node.args[2]), ndim)
@@ -84,8 +82,7 @@ def _transpose(w: _Walk, node: fx.Node) -> Layout | None:
     return _moved(w, node, swapped)
 
 
-@_register(_FUNCTION_RULES, [torch.unsqueeze])
-@_register(_METHOD_RULES, ["unsqueeze"])
+@register_rule(*targets("unsqueeze"))
 def _unsqueeze(w: _Walk, node: fx.Node) -> Layout | None:
     layout = w.layout(node.args[0])
     if layout is None:
@@ -94,8 +91,7 @@ def _unsqueeze(w: _Walk, node: fx.Node) -> Layout | None:
     return layout.at(layout.dim + (1 if d <= layout.dim else 0))
 
 
-@_register(_FUNCTION_RULES, [torch.reshape])
-@_register(_METHOD_RULES, ["reshape", "view"])
+@register_rule(*targets("reshape", "view"))
 def _reshape(w: _Walk, node: fx.Node) -> Layout | None:
     """Reshapes keep the channels when the dims before them keep their product and the channel dim survives.
 
@@ -203,7 +199,7 @@ def _roll(w: _Walk, node: fx.Node) -> Layout | None:
     return layout
 
 
-@_register(_FUNCTION_RULES, [operator.getitem])
+@register_rule(*targets("getitem"))
 def _getitem(w: _Walk, node: fx.Node) -> Layout | None:
     """Basic indexing of a tensor (``x[:, 0]``, ``x[:, :n]``), or one element of a tuple-valued node (a split)."""
     x, index = node.args

@@ -22,9 +22,10 @@ import torch
 from torch import fx
 
 from surgery.channels.groups import Endpoint, Layout
-from surgery.channels.registry import _FUNCTION_RULES, _LITERAL_EDITS, _METHOD_RULES, _register
+from surgery.channels.registry import _LITERAL_EDITS, register_rule
 from surgery.channels.rules.arguments import _arg, _node, _norm
 from surgery.channels.walk import _fallback, _Walk
+from surgery.graph.ops import targets
 
 
 def _slice_channels(w: _Walk, node: fx.Node, layout: Layout, item: slice, position: int) -> Layout | None:
@@ -78,8 +79,7 @@ def _sections(node: fx.Node, size: int) -> list[int] | None:
     return None
 
 
-@_register(_FUNCTION_RULES, [torch.split, torch.chunk])
-@_register(_METHOD_RULES, ["split", "chunk"])
+@register_rule(*targets("split", "chunk"))
 def _split(w: _Walk, node: fx.Node) -> tuple[Layout | None, ...] | None:
     """Split or chunk: one layout per piece; along the channel dim, each piece holds the segments it covers."""
     x = node.args[0]
