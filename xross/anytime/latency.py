@@ -43,8 +43,8 @@ from surgery.graph.flops import count_flops, count_params
 from xross.cohort.exits import feature, head_key
 from xross.cohort.grid import Cohort, adapter_key, call_part
 from xross.errors import XrossError
-from xross.methods.mutualnet import setting_name
-from xross.run.directory import DTYPES, is_distill_run, is_mutualnet_run, load_run, load_slim, load_student, run_config
+from xross.run.directory import run_config
+from xross.run.table import kind_of
 
 LATENCY_FILE = "latency.json"
 SPREAD_LIMIT = 0.25  # an entry whose interquartile range exceeds this share of its median is unsteady
@@ -242,29 +242,10 @@ def profile_run(
 ) -> LatencyTable:
     """Time every network of a run on the CPU: each path of a cohort, a distillation's student, or each
     width-resolution setting of a mutualnet run (named as in its ``eval.json``)."""
-    cfg = run_config(run)
-    dtype = DTYPES[cfg.dtype]
-
-    def image(size: int) -> torch.Tensor:
-        return torch.zeros(1, 3, size, size, dtype=dtype)
-
-    entries, load = {}, cpu_load()
-    if is_mutualnet_run(run):
-        _, slim = load_slim(run, trust_code=trust_code, verify=verify)
-        widths, resolutions = cfg.grid()  # type: ignore[union-attr]
-        for w in widths:
-            net = slim.extract(w)
-            for r in resolutions:
-                entries[setting_name(w, r)] = measure(net, image(r), batch, repeats)
-    elif is_distill_run(run):
-        dcfg, student = load_student(run, trust_code=trust_code, verify=verify)
-        entries[dcfg.student] = measure(student, image(cfg.image_size or 32), batch, repeats)
-    else:
-        _, cohort = load_run(run, trust_code=trust_code, verify=verify)
-        x = image(cfg.image_size or 32)
-        for p in cohort.paths():
-            entries[cohort.path_name(p)] = measure(cohort.export_path(p), x, batch, repeats)
-        entries.update(piece_entries(cohort, x, batch, repeats))
+    kind = kind_of(run_config(run))  # what a run's networks are is its kind's to say (xross.anytime.kinds)
+    load = cpu_load()
+    cfg, model = kind.load(run, trust_code=trust_code, verify=verify)
+    entries = kind.profile(cfg, model, batch, repeats)
     return LatencyTable(device=device_name(torch.device("cpu")), entries=entries, cpu_load=load)
 
 
@@ -326,8 +307,9 @@ def piece_entries(cohort: Cohort, x: torch.Tensor, batch: int, repeats: int) -> 
                 value = call_part(cohort.part(i, p), value)
                 if p < cohort.num_parts - 1:
                     for j in range(cohort.num_nets):
-                        if cohort.adapter(p, i, j) is not None:
-                            modules[adapter_entry(p, i, j)] = (cohort.adapter(p, i, j), value)
+                        adapter = cohort.adapter(p, i, j)
+                        if adapter is not None:
+                            modules[adapter_entry(p, i, j)] = (adapter, value)
                     if cohort.exits is not None:
                         modules[exit_entry(i, p)] = (cohort.exits.head(i, p), feature(value))
                 for name, (module, arg) in modules.items():

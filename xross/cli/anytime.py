@@ -14,7 +14,7 @@ from surgery.cli.kit import console, print_table, table
 from surgery.graph.flops import FLOPS_COLUMN, human
 from xross.anytime.latency import latency_table
 from xross.anytime.report import AnytimeReport, anytime_report, write_anytime_files
-from xross.cli.common import NoVerifyOpt, RunArg, TrustOpt, flops_input, opt, print_eval
+from xross.cli.common import NoVerifyOpt, RunArg, TrustOpt, flops_input, opt, show_result
 from xross.errors import XrossError
 from xross.run.directory import exit_heads_config, load_run
 
@@ -56,7 +56,7 @@ def _print_anytime(run: Path, report: AnytimeReport) -> None:
     def pct(value: float | None) -> str:
         return f"{value:.2f}" if value is not None else "-"
 
-    rows = [
+    rows: list[tuple[str, ...]] = [
         (f"{d.deadline_ms:.2f}", route(d.path), route(d.prefix), pct(d.top1), route(d.full_path), pct(d.full_path_top1))
         for d in report.deadlines
     ]
@@ -105,4 +105,4 @@ def add_exits(
     )  # fmt: skip
     result = trainer.fit()
     if trainer.dist.is_main:
-        print_eval(trainer.cohort, result, trainer.run_dir)
+        show_result(trainer.config, result, trainer.run_dir)

@@ -1,4 +1,4 @@
-"""What several ``xross`` commands share: argument types, options, and the table of a cohort's evaluation."""
+"""What several ``xross`` commands share: argument types, options, and printing a run's evaluation."""
 
 from __future__ import annotations
 
@@ -8,11 +8,11 @@ from typing import Annotated, Any
 import typer
 
 from surgery.cli.kit import console, print_table, table
-from surgery.graph.flops import FLOPS_COLUMN, CountedOn, human, per_sample
-from surgery.graph.inputs import InputSpec
-from xross.cohort.grid import Cohort
-from xross.run.directory import is_mutualnet_run, run_config
-from xross.run.evaluate import EvalResult, pareto_front
+from surgery.graph.flops import CountedOn
+from xross.run.base_config import RunConfig
+from xross.run.directory import run_config
+from xross.run.evaluate import EvalResult
+from xross.run.table import kind_of
 
 RunArg = Annotated[Path, typer.Argument(help="run directory written by `xross train` or `xross distill`")]
 
@@ -34,37 +34,16 @@ NoVerifyOpt = Annotated[
 
 def flops_input(run: Path) -> CountedOn:
     """The input a run's FLOPs are counted on: one image of the run's size (a mutualnet run: of each row's)."""
-    if is_mutualnet_run(run):
-        return "float32:1x3xRxR, R the row's resolution"
-    side = run_config(run).image_size
-    return [InputSpec(shape=[1, 3, side, side])] if side else "float32:1x3xSxS, S the side of the run's images"
+    cfg = run_config(run)
+    return kind_of(cfg).flops_on(cfg)
 
 
-def _scores(entry: Any, on: Any) -> tuple[str, ...]:
-    """A path's or an exit's cells: name, top-1, top-5, params, FLOPs per sample (counted on ``on``)."""
-    flops = human(per_sample(entry.flops, on))
-    return entry.name, f"{entry.top1:.2f}", f"{entry.top5:.2f}", human(entry.params), flops
-
-
-def print_eval(cohort: Cohort, result: EvalResult, run: Path) -> None:
-    on = flops_input(run)
-    front = {r.path for r in pareto_front(result.paths)}
-    rows = [
-        (",".join(map(str, r.path)), *_scores(r, on), "*" if r.path in front else "")
-        for r in sorted(result.paths, key=lambda r: r.params)
-    ]
-    print_table(
-        table(
-            f"paths of {run} ({result.counted_on()})",
-            ["path", "parts", "top-1", "top-5", "params", FLOPS_COLUMN, "pareto"],
-            rows,
-        ),
-        flops_on=on,
-    )
-    ens = [(k, f"{v.top1:.2f}", f"{v.top5:.2f}") for k, v in result.ensembles.items()]
-    if len(result.paths) > 1:  # one net alone: its ensembles are itself
-        console.print(table("ensembles (mean softmax)", ["members", "top-1", "top-5"], ens))
-    if result.exits:
-        rows = [("-".join(map(str, e.prefix)), *_scores(e, on)) for e in result.exits]
-        columns = ["after parts", "nets", "top-1", "top-5", "params", FLOPS_COLUMN]
-        print_table(table("exits (the head after the parts run so far)", columns, rows), flops_on=on)
+def show_result(config: RunConfig, result: EvalResult, run: Path) -> None:
+    """Print a run's evaluation as its kind lays it out (xross.anytime.kinds): paths, settings or student."""
+    for t in kind_of(config).show(config, result, run):
+        if t.flops_on is None:
+            console.print(table(t.title, t.columns, t.rows))
+        else:
+            print_table(table(t.title, t.columns, t.rows), flops_on=t.flops_on)
+        if t.after:
+            console.print(t.after, highlight=False)

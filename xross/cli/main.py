@@ -14,14 +14,23 @@ from __future__ import annotations
 import inspect
 import shlex
 import sys
-from collections.abc import Callable
+import typing
 from pathlib import Path
 from typing import Annotated, Any, Optional
 
 import typer
 
 import surgery
-from surgery.cli.kit import console, model_values, options_from_model, print_table, run_app, table, with_signature
+from surgery.cli.kit import (
+    console,
+    model_values,
+    option_name,
+    options_from_model,
+    print_table,
+    run_app,
+    table,
+    with_signature,
+)
 from surgery.graph.flops import FLOPS_COLUMN, CountedOn, human, input_text, parse_human
 from surgery.graph.inputs import InputSpec
 from xross.anytime.latency import (
@@ -36,24 +45,17 @@ from xross.anytime.latency import (
 from xross.anytime.query import COLUMNS, parse_ms, query_rows, row_values, write_query_files
 from xross.anytime.report import AnytimeReport, best_point, deadline_choice
 from xross.cli.anytime import add_exits, anytime
-from xross.cli.common import NoVerifyOpt, RunArg, TrustOpt, flops_input, opt, print_eval
+from xross.cli.common import NoVerifyOpt, RunArg, TrustOpt, flops_input, opt, show_result
 from xross.cli.diagnose import diagnose_command, similarity_command
-from xross.cohort.grid import parse_path
 from xross.errors import XrossError
-from xross.methods.mutualnet import calibration_images, evaluate_settings, standalone_setting
 from xross.run.config import DistillConfig, RunConfig, TrainConfig, config_from_options
 from xross.run.directory import (
-    DTYPES,
     as_batches,
     evaluation_split,
-    is_mutualnet_run,
-    load_run,
-    load_slim,
-    load_student,
     run_config,
 )
-from xross.run.evaluate import EvalResult, best_path, distillation_gap, evaluate, evaluate_distillation
-from xross.run.teachers import load_teachers
+from xross.run.evaluate import EvalResult, best_path
+from xross.run.table import ExportChoice, command_methods, help_suffix, kind_of, method_of
 
 app = typer.Typer(
     name="xross",
@@ -65,16 +67,14 @@ app = typer.Typer(
 )
 
 
-def _run(
-    engine_for: Callable[[Any], type[Any]], config_class: type[RunConfig], options: dict[str, Any], typed: str
-) -> tuple[Any, EvalResult]:
+def _run(config_class: type[RunConfig], options: dict[str, Any], typed: str) -> tuple[Any, EvalResult]:
     """Run a training or distillation from a run command's options (over --config, or the run's own with
-    --resume); ``typed`` names the config field whose model references count as typed by the user
-    (trusted) when given on this command line."""
+    --resume) with the engine of its method (the table, xross.run.table); ``typed`` names the config field
+    whose model references count as typed by the user (trusted) when given on this command line."""
     given = model_values(config_class, options)
     cfg = config_from_options(config_class, given, resume=options["resume"], base=options["config"])
     trust = bool(options["trust_code"])
-    engine = engine_for(cfg)(
+    engine = method_of(cfg).engine(
         cfg,
         resume=options["resume"],
         force=options["force"],
@@ -95,13 +95,9 @@ def train(**options: Any) -> None:
     options given here override --config. Nets named on this command line are trusted;
     nets and teachers read from files need --trust-code if they name outside code.
     """
-    from xross.methods.trainer import trainer_class
-
-    trainer, result = _run(trainer_class, TrainConfig, options, "nets")
-    if trainer.dist.is_main and trainer.config.mode == "mutualnet":
-        _print_settings(result, trainer.run_dir)
-    elif trainer.dist.is_main:
-        print_eval(trainer.cohort, result, trainer.run_dir)
+    trainer, result = _run(TrainConfig, options, "nets")
+    if trainer.dist.is_main:
+        show_result(trainer.config, result, trainer.run_dir)
 
 
 def distill(**options: Any) -> None:
@@ -111,11 +107,9 @@ def distill(**options: Any) -> None:
     options given here override --config. A student model reference typed here is trusted;
     teachers and students read from files need --trust-code if they name outside code.
     """
-    from xross.methods.distiller import Distiller
-
-    distiller, result = _run(lambda _: Distiller, DistillConfig, options, "student")
+    distiller, result = _run(DistillConfig, options, "student")
     if distiller.dist.is_main:
-        _print_distill_eval(result, distiller.run_dir)
+        show_result(distiller.config, result, distiller.run_dir)
 
 
 _RUN_PARAMS = [
@@ -134,8 +128,32 @@ _RUN_PARAMS = [
     )
 ]
 _FIXED = ("format_version", "kind")
-app.command()(with_signature(train, [*_RUN_PARAMS, *options_from_model(TrainConfig, exclude=_FIXED)]))
-app.command()(with_signature(distill, [*_RUN_PARAMS, *options_from_model(DistillConfig, exclude=_FIXED)]))
+
+
+def _config_options(config_class: type[RunConfig]) -> list[inspect.Parameter]:
+    """The options of a config's fields, each help saying which methods use it (from the fields' declarations,
+    xross.run.table.uses); ``--mode`` lists the table's methods."""
+    params = options_from_model(config_class, exclude=_FIXED)
+    fields = {option_name(name, field): (name, field) for name, field in config_class.model_fields.items()}
+    for param in params:
+        name, field = fields[param.name]
+        option = typing.get_args(param.annotation)[1]
+        option.help = option.help.replace(str(field.description), f"{field.description}{help_suffix(name, field)}", 1)
+        if name == "mode":  # the table's methods, read when the command line is (a method registered later too)
+            option.parser, option.metavar = _method_name, f"[{'|'.join(command_methods('train'))}]"
+    return params
+
+
+def _method_name(value: str) -> str:
+    """``--mode``'s value if the table has such a method of ``xross train``, else click's one-line refusal."""
+    names = command_methods("train")
+    if value not in names:
+        raise typer.BadParameter(f"{value!r} is not one of {', '.join(map(repr, names))}.")
+    return value
+
+
+app.command()(with_signature(train, [*_RUN_PARAMS, *_config_options(TrainConfig)]))
+app.command()(with_signature(distill, [*_RUN_PARAMS, *_config_options(DistillConfig)]))
 
 
 @app.command("eval")
@@ -149,67 +167,19 @@ def eval_run(
     """Top-1/top-5 of every path (of a distillation: student, teachers; of a mutualnet run: every width and
     resolution), ensembles, Pareto front; writes eval.json."""
     cfg = run_config(run)
-    verify = not no_verify
-    # models first: names from the run's files are refused before any data is decoded
-    if isinstance(cfg, TrainConfig) and cfg.mode == "mutualnet":
-        _, slim = load_slim(run, trust_code=trust_code, verify=verify)
-    elif isinstance(cfg, DistillConfig):
-        _, student = load_student(run, trust_code=trust_code, verify=verify)
-        teachers, weights = load_teachers(
-            cfg.teacher, cfg.teacher_paths, cfg.teacher_weights, dtype=cfg.dtype, trust_code=trust_code, verify=verify
-        )
-    else:
-        _, cohort = load_run(run, trust_code=trust_code, verify=verify)
-    test = evaluation_split(cfg, eval_subset)
-    batches, split = as_batches(test, cfg, batch_size), {"split": test.split}
-    dtype = DTYPES[cfg.dtype]
-    if isinstance(cfg, TrainConfig) and cfg.mode == "mutualnet":
-        result = evaluate_settings(
-            slim,
-            calibration_images(cfg, dtype),
-            batches,
-            *cfg.grid(),
-            progress=lambda name: console.print(f"width-resolution {name}: recalibrating BatchNorm, evaluating"),
-        ).model_copy(update=split)
-        result.save(run / "eval.json")
-        _print_settings(result, run)
-        return
-    if isinstance(cfg, DistillConfig):
-        result = evaluate_distillation(
-            student, teachers, weights, batches, cfg.image_size or 0, student_name=cfg.student
-        ).model_copy(update=split)
-        result.save(run / "eval.json")
-        _print_distill_eval(result, run)
-        return
-    result = evaluate(cohort, batches, cfg.image_size).model_copy(update=split)
+    kind, verify, split = kind_of(cfg), not no_verify, {}
+    _, model = kind.load(run, trust_code=trust_code, verify=verify)  # models first, then data
+
+    def batches() -> list[tuple[Any, Any]]:
+        test = evaluation_split(cfg, eval_subset)
+        split["split"] = test.split
+        return as_batches(test, cfg, batch_size)
+
+    result = kind.evaluate(
+        run, cfg, model, batches, trust_code=trust_code, verify=verify, progress=lambda text: console.print(text)
+    ).model_copy(update=split)
     result.save(run / "eval.json")
-    print_eval(cohort, result, run)
-
-
-def _print_distill_eval(result: EvalResult, run: Path) -> None:
-    rows = [(r.role, r.name, f"{r.top1:.2f}", f"{r.top5:.2f}", human(r.params), human(r.flops)) for r in result.paths]
-    for name, acc in result.ensembles.items():
-        rows.append(
-            (
-                "ensemble",
-                f"mean softmax of the {len(result.paths) - 1} {name}",
-                f"{acc.top1:.2f}",
-                f"{acc.top5:.2f}",
-                "",
-                "",
-            )
-        )
-    print_table(
-        table(
-            f"distillation {run} ({result.counted_on()})",
-            ["role", "network", "top-1", "top-5", "params", FLOPS_COLUMN],
-            rows,
-        ),
-        flops_on=flops_input(run),
-    )
-    gap = distillation_gap(result)
-    if gap is not None:
-        console.print(f"student - ensemble: {gap:+.2f} top-1 points", highlight=False)
+    show_result(cfg, result, run)
 
 
 def _flops_text(flops: float, on: CountedOn) -> str:
@@ -300,52 +270,16 @@ def export(
 ) -> None:
     """Save one stitched path (of a distillation run: its student; of a mutualnet run: one width and
     resolution, cut at the run's cut points) as standalone pieces (surgery.load)."""
-    if is_mutualnet_run(run):
-        _export_setting(run, out, width, resolution, force, trust_code, not no_verify)
-        return
-    if width is not None or resolution is not None:
-        raise XrossError(f"'{run}' is not a mutualnet run: --width/--resolution do not apply; drop them")
-    distilled = isinstance(run_config(run), DistillConfig)
-    if distilled and path is not None:
-        raise XrossError(f"'{run}' is a distillation run: it has one student and no paths; drop --path")
-    if not distilled and path is None:
-        raise XrossError(f"which path of '{run}'? give --path with a net index per part, e.g. --path 0,1")
-    surgery.files.io.prepare_output_dir(out, force)
-    if distilled:
-        cfg, student = load_student(run, trust_code=trust_code, verify=not no_verify)
-        surgery.save(student, out, force=force)
-        console.print(f"saved the student ({cfg.student}) of {run} to {out}/")
-        return
-    assert path is not None
-    _, cohort = load_run(run, trust_code=trust_code, verify=not no_verify)
-    chosen = parse_path(path, cohort.num_nets, cohort.num_parts)
-    surgery.save(cohort.export_path(chosen), out, force=force)
-    console.print(f"saved path {path} ({cohort.path_name(chosen)}) to {out}/")
-
-
-def _export_setting(
-    run: Path, out: Path, width: float | None, resolution: int | None, force: bool, trust_code: bool, verify: bool
-) -> None:
-    cfg, slim = load_slim(run, trust_code=trust_code, verify=verify)
-    if width is None or resolution is None:
-        widths, resolutions = cfg.grid()
-        raise XrossError(
-            f"which setting of '{run}'? give --width (e.g. {widths[-1]:g}) and --resolution (one of "
-            f"{', '.join(map(str, resolutions))}); `xross best {run} --max-flops ...` picks one"
-        )
-    slim.width = width  # validates the width before any data is decoded or anything written
-    surgery.files.io.prepare_output_dir(out, force)
-    pieces = standalone_setting(cfg, slim, width, resolution)
-    surgery.save(pieces, out, force=force)
-    console.print(f"saved {cfg.nets[0]} at width {width:g}, {resolution}px ({len(pieces)} pieces) to {out}/")
-
-
-def _print_settings(result: EvalResult, run: Path) -> None:
-    latency = batch1_ms(run)
-    rows = [row_values(r, latency) for r in sorted(result.paths, key=lambda r: -r.flops)]
-    print_table(
-        table(f"{run}: every width and resolution ({result.counted_on()})", COLUMNS, rows), flops_on=flops_input(run)
+    kind = kind_of(run_config(run))
+    module, what = kind.export(
+        run,
+        ExportChoice(path=path, width=width, resolution=resolution),
+        trust_code=trust_code,
+        verify=not no_verify,
+        prepare=lambda: surgery.files.io.prepare_output_dir(out, force),
     )
+    surgery.save(module, out, force=force)
+    console.print(f"saved {what} to {out}/")
 
 
 @app.command("table")

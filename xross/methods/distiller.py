@@ -33,13 +33,14 @@ from xross.cohort.logits import as_logits
 from xross.errors import XrossError
 from xross.methods.discriminator import Discriminator
 from xross.methods.objectives import DistillLoss
-from xross.run.config import DistillConfig, config_from_options
+from xross.run.config import DistillConfig, resolve_config
 from xross.run.directory import STUDENT_INIT, check_sources, initial_student
 from xross.run.distributed import globalise_batchnorm, sum_over_ranks
 from xross.run.engine import RunEngine
 from xross.run.evaluate import EvalResult, evaluate_distillation
 from xross.run.optim import ParamGroup
-from xross.run.teachers import check_classes, ensemble_logits, ensemble_probs
+from xross.run.table import Method, register_method
+from xross.run.teachers import Teachers, check_classes, ensemble_logits, ensemble_probs
 
 
 def make_student(
@@ -120,7 +121,12 @@ class Distiller(RunEngine):
                 f"student '{cfg.student}' gives outputs of shape {shape} but the data has {cfg.num_classes} "
                 "classes; give a student with that many classes (or --num-classes)"
             )
-        check_classes(self.teachers, cfg.num_classes, cfg.image_size, self.dtype, "the data")
+        check_classes(self._teachers(), cfg.num_classes, cfg.image_size, self.dtype, "the data")
+
+    def _teachers(self) -> Teachers:
+        """The teachers, which ``check_inputs`` loaded before anything was built."""
+        assert self.teachers is not None, "the distiller's teachers are loaded by check_inputs"
+        return self.teachers
 
     def param_groups(self) -> list[ParamGroup]:
         groups: list[ParamGroup] = [{"params": list(self.student.parameters())}]
@@ -150,7 +156,7 @@ class Distiller(RunEngine):
         images = self.prepare_images(images)
         with self.autocast():
             if self.needs_teachers:
-                teacher_logits = self.teachers(images)
+                teacher_logits = self._teachers()(images)
                 target = ensemble_probs(teacher_logits, self.config.temperature, self.teacher_weights)
             else:  # labels alone (soft_weight 0, no discriminator): the teachers are only evaluated
                 teacher_logits, target = [], images.new_zeros(())
@@ -197,12 +203,44 @@ class Distiller(RunEngine):
 
 
 def distill(
-    *, resume: bool = False, force: bool = False, progress: bool = True, trust_code: bool = False, **options: Any
+    config: DistillConfig | None = None,
+    *,
+    resume: bool = False,
+    force: bool = False,
+    progress: bool = True,
+    trust_code: bool = False,
+    **overrides: Any,
 ) -> EvalResult:
-    """Run a distillation from keyword options (the fields of :class:`xross.run.config.DistillConfig`).
+    """Run the distillation ``config`` describes, its fields overridden by ``overrides`` (fields of
+    :class:`xross.run.config.DistillConfig`; a name that is not one is refused in one line with the closest).
 
-    With ``resume=True`` the run in ``out`` continues with its own config (``options`` may
+    With ``resume=True`` the run in ``out`` continues with its own config (``overrides`` may
     raise ``epochs``). Returns the final evaluation (also in ``out/eval.json``).
+
+    >>> import tempfile, xross
+    >>> from pathlib import Path
+    >>> from xross.data.synthetic import write_synthetic
+    >>> tmp = Path(tempfile.mkdtemp())
+    >>> data = write_synthetic(tmp / "data", train_per_class=4, test_per_class=2)
+    >>> options = dict(data=str(data), image_size=16, batch_size=20, epochs=1, eval_every=0,
+    ...                cache_dir=str(tmp / "cache"))
+    >>> teacher = xross.train(nets=["resnet18"], mode="independent", out=str(tmp / "t"), progress=False, **options)
+    >>> result = xross.distill(student="resnet18", teacher=[str(tmp / "t")], out=str(tmp / "d"), progress=False,
+    ...                        **options)
+    >>> [r.role for r in result.paths]
+    ['student', 'teacher']
     """
-    config = config_from_options(DistillConfig, options, resume=resume)
+    config = resolve_config(DistillConfig, config, overrides, resume=resume)
     return Distiller(config, resume=resume, force=force, progress=progress, trust_code=trust_code).fit()
+
+
+DISTILL = register_method(
+    Method(
+        "distill",
+        "one student learns from teachers' ensemble (MEAL V2; `xross distill`)",
+        Distiller,
+        "student",
+        command="distill",
+        needs_teacher=True,
+    )
+)

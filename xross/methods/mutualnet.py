@@ -36,6 +36,7 @@ from xross.run.distributed import sum_over_ranks
 from xross.run.engine import RunEngine, training_augment
 from xross.run.evaluate import EvalResult, PathResult, percentages, topk_correct
 from xross.run.optim import ParamGroup
+from xross.run.table import Method, register_method
 
 Setting = tuple[float, int]  # (width, resolution)
 
@@ -236,3 +237,31 @@ def standalone_setting(config: TrainConfig, slim: SlimNet, width: float, resolut
     calibrate(slim, calibration_images(config, dtype), width, resolution)
     net = slim.extract(width, (resolution, resolution)).eval()
     return surgery.cut(net, config.per_net_cuts()[0], torch.zeros(1, 3, resolution, resolution, dtype=dtype))
+
+
+def check_slim(config: TrainConfig) -> None:
+    """MutualNet's checks of a config: one net, evaluated widths that are fractions of it."""
+    if len(config.nets) != 1:
+        raise ValueError(f"mutualnet trains one net; give one in --nets, not {len(config.nets)}")
+    if config.eval_widths and not all(0 < w <= 1 for w in config.eval_widths):
+        raise ValueError("eval_widths should be fractions in (0, 1]")
+
+
+NO_PARTS = "mutualnet has no parts to exit from"
+NO_LABELS = "mutualnet has no semi-supervised mode"
+MUTUALNET = register_method(
+    Method(
+        "mutualnet",
+        "one net at every width and resolution (sandwich rule, inplace distillation)",
+        MutualNetTrainer,
+        "slim",
+        check=check_slim,
+        why_not={
+            "labeled_fraction": NO_LABELS,
+            "unlabeled": NO_LABELS,
+            "exits": NO_PARTS,
+            "init_from": NO_PARTS,
+            "teacher": "mutualnet distils its own widest network",
+        },
+    )
+)

@@ -1,7 +1,8 @@
 """The training objectives: Independent, KD, DML and XML (RESEARCH.md sections 1-2).
 
 Every mode says which paths it needs and gives, for student i, named loss terms and
-their weighted total. Teacher distributions are always detached.
+their weighted total. Teacher distributions are always detached. Each is a method of the
+table (:mod:`xross.run.table`), registered with the cohort trainer (:mod:`xross.methods.trainer`).
 
 * independent: ``CE_i``
 * kd:  ``alpha * CE_i + (1 - alpha) * T^2 * KL(softmax(t/T), softmax(s_i/T))``, t a fixed
@@ -16,8 +17,7 @@ their weighted total. Teacher distributions are always detached.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
-from typing import Any, ClassVar
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -51,7 +51,6 @@ class Mode:
     """Base: which paths a step needs and each student's loss."""
 
     label_smoothing: float = 0.0
-    needs_teacher: ClassVar[bool] = False  # the trainer loads --teacher models for modes that need them
 
     def ce(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         return hard_label_ce(logits, labels, self.label_smoothing)
@@ -81,7 +80,6 @@ class Independent(Mode):
 class KD(Mode):
     temperature: float = 4.0
     alpha: float = 0.5
-    needs_teacher: ClassVar[bool] = True
 
     def loss(self, i, logits, labels, cohort, teacher=None) -> LossTerms:
         if teacher is None:
@@ -159,16 +157,19 @@ class XML(Mode):
         return LossTerms(terms, total)
 
 
-MODES: dict[str, Callable[..., Mode]] = {"independent": Independent, "kd": KD, "dml": DML, "xml": XML}
+def check_peers(config: Any) -> None:
+    """A mutual method's checks of a config: peers to learn from, a peer target that differs from the mean."""
+    if len(config.nets) < 2:
+        raise ValueError(f"mode {config.mode} learns from peers: give at least two nets in --nets (else independent)")
+    if config.peer_target == "ensemble" and len(config.nets) < 3:
+        raise ValueError("with two nets peer_target ensemble equals mean (one peer); give three or more nets")
 
 
-def make_mode(name: str, **options: Any) -> Mode:
-    """A mode by name with the options it understands (others are ignored)."""
-    if name not in MODES:
-        raise XrossError(f"unknown mode '{name}'; choose one of {', '.join(MODES)}")
-    cls = MODES[name]
-    fields = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
-    return cls(**{k: v for k, v in options.items() if k in fields})
+def check_cross(config: Any) -> None:
+    """XML's checks: :func:`check_peers`, and cross paths that ``cross="single"`` makes differ from all."""
+    check_peers(config)
+    if config.cross == "single" and len(config.cuts) < 2:
+        raise ValueError("with two parts cross single equals all; cut twice (--cut A --cut B) for it to differ")
 
 
 # --- distillation (xross distill; MEAL V2) ------------------------------------------------------

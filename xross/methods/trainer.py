@@ -29,14 +29,14 @@ from xross.cohort.exits import exit_loss, exit_prefixes
 from xross.data import ImageTensors
 from xross.data.labels import labeled_accuracy
 from xross.data.semi import keep_labels, labeled_only, load_unlabeled, with_unlabeled
-from xross.methods.mutualnet import MutualNetTrainer
-from xross.methods.objectives import MODES, LossTerms, Mode, make_mode
-from xross.run.config import TrainConfig, config_from_options
+from xross.methods.objectives import DML, KD, XML, Independent, LossTerms, Mode, check_cross, check_peers
+from xross.run.config import TrainConfig, resolve_config
 from xross.run.directory import build_cohort, check_sources, load_cohort_weights
 from xross.run.distributed import sum_over_ranks
 from xross.run.engine import RunEngine
 from xross.run.evaluate import EvalResult, evaluate
 from xross.run.optim import ParamGroup
+from xross.run.table import Method, method_of, objective_options, register_method
 from xross.run.teachers import ensemble_probs
 
 ADAPTER_OWNERS = {"student": "any", "up": "src", "down": "dst"}
@@ -55,17 +55,17 @@ class Trainer(RunEngine):
 
     def check_inputs(self, config: TrainConfig) -> None:  # type: ignore[override]
         check_sources(config.nets, self.trust_typed, "the net")
-        if MODES[config.mode].needs_teacher:
+        if method_of(config).needs_teacher:
             self.load_teachers(config)
 
     def training_images(self, train: ImageTensors, config: TrainConfig) -> ImageTensors:  # type: ignore[override]
         """Semi-supervised data: only ``labeled_fraction`` of the images keep their label, the ``unlabeled``
-        folder is added; independent training, which learns nothing from an unlabelled image, drops them."""
+        folder is added; a method that learns nothing from an unlabelled image (independent) drops them."""
         train = keep_labels(train, config.labeled_fraction, config.seed)
         if config.unlabeled:
             extra = load_unlabeled(config.unlabeled, int(train.images.shape[-1]), self.progress)
             train = with_unlabeled(train, extra)
-        return labeled_only(train) if config.mode == "independent" else train
+        return train if method_of(config).unlabelled else labeled_only(train)
 
     def build(self, resume: bool) -> None:
         config = self.config
@@ -73,15 +73,9 @@ class Trainer(RunEngine):
         self.cohort = build_cohort(config, self.device, self.dist.enabled, trust_code=self.trust_typed).to(self.dtype)
         if config.channels_last:
             self.cohort = self.cohort.to(memory_format=torch.channels_last)
-        self.mode: Mode = make_mode(
-            config.mode,
-            cross=config.cross,
-            cross_weight=config.cross_weight,
-            peer_target=config.peer_target,
-            temperature=config.temperature,
-            alpha=config.kd_alpha,
-            label_smoothing=config.label_smoothing,
-        )
+        method = method_of(config)
+        assert method.objective is not None, f"method {method.name} trains a cohort: it needs an objective"
+        self.mode: Mode = method.objective(**objective_options(config, method))
         self.paths = self.mode.paths(self.cohort)
         self.exit_prefixes = exit_prefixes(self.paths, self.cohort.num_parts) if config.exits else []
         if config.init_from and not resume:
@@ -101,7 +95,7 @@ class Trainer(RunEngine):
 
     def compile(self) -> None:
         for net in self.cohort.nets:
-            for piece in net:
+            for piece in net:  # type: ignore[attr-defined]  # each net is a ModuleList of its parts
                 piece.compile()
 
     def _trainables(self, i: int) -> list[nn.Parameter]:
@@ -228,7 +222,7 @@ class Trainer(RunEngine):
         return evaluate(
             self.cohort,
             self.eval_batches(),
-            self.config.image_size,
+            self.config.image_size or 0,  # known once the data is loaded, before the first step
             paths,
             reduce=functools.partial(sum_over_ranks, info=self.dist),
         )
@@ -246,25 +240,53 @@ def term_groups(terms: dict[str, torch.Tensor]) -> dict[str, float]:
     return groups
 
 
-def trainer_class(config: TrainConfig) -> type[RunEngine]:
-    """The engine that trains ``config``: :class:`Trainer` for a cohort, MutualNet's for ``mode="mutualnet"``."""
-    return MutualNetTrainer if config.mode == "mutualnet" else Trainer
-
-
 def train(
+    config: TrainConfig | None = None,
     *,
     resume: bool = False,
     force: bool = False,
     progress: bool = True,
     trust_code: bool = False,
-    **options: Any,
+    **overrides: Any,
 ) -> EvalResult:
-    """Train a cohort (or, with ``mode="mutualnet"``, one net at every width) from keyword options (the fields
-    of :class:`xross.run.config.TrainConfig`).
+    """Train what ``config`` describes (a cohort, or with ``mode="mutualnet"`` one net at every width), its
+    fields overridden by ``overrides`` (fields of :class:`xross.run.config.TrainConfig`; a name that is not
+    one is refused in one line with the closest ones). The method's engine comes from the table.
 
-    With ``resume=True`` the run in ``out`` continues with its own config (``options`` may
+    With ``resume=True`` the run in ``out`` continues with its own config (``overrides`` may
     raise ``epochs``). Returns the evaluation of every path (also in ``out/eval.json``).
+
+    >>> import tempfile, xross
+    >>> from pathlib import Path
+    >>> from xross.data.synthetic import write_synthetic
+    >>> tmp = Path(tempfile.mkdtemp())
+    >>> data = write_synthetic(tmp / "data", train_per_class=4, test_per_class=2)
+    >>> config = xross.TrainConfig(nets=["resnet18", "resnet18"], mode="dml", data=str(data), image_size=16,
+    ...                            batch_size=20, epochs=1, eval_every=0, cache_dir=str(tmp / "cache"),
+    ...                            out=str(tmp / "run"))
+    >>> result = xross.train(config, progress=False, lr=1e-3)
+    >>> [r.name for r in result.paths], result.samples
+    (['resnet18 > resnet18', 'resnet18 > resnet18', 'resnet18 > resnet18', 'resnet18 > resnet18'], 20)
+    >>> xross.train(config, epoks=2)
+    Traceback (most recent call last):
+    ...
+    xross.errors.XrossError: the options: field 'epoks' is not a known field (closest: epochs, step_epochs); see ...
     """
-    config = config_from_options(TrainConfig, options, resume=resume)
-    engine = trainer_class(config)
-    return engine(config, resume=resume, force=force, progress=progress, trust_code=trust_code).fit()
+    config = resolve_config(TrainConfig, config, overrides, resume=resume)
+    engine = method_of(config).engine
+    return engine(config, resume=resume, force=force, progress=progress, trust_code=trust_code).fit()  # type: ignore[no-any-return]
+
+
+COHORT_METHODS = (
+    Method("independent", "each net learns from the labels alone (cross-entropy)", Trainer, "cohort",
+           objective=Independent, unlabelled=False,
+           why_not={"unlabeled": "independent learns nothing from unlabelled images"}),
+    Method("kd", "each net learns from the labels and fixed --teacher models (knowledge distillation)", Trainer,
+           "cohort", objective=KD, needs_teacher=True),
+    Method("dml", "each net learns from the labels and its peers (deep mutual learning)", Trainer, "cohort",
+           objective=DML, check=check_peers),
+    Method("xml", "DML plus the stitched paths across nets (cross mutual learning, the research's)", Trainer,
+           "cohort", objective=XML, check=check_cross),
+)  # fmt: skip
+for _method in COHORT_METHODS:
+    register_method(_method)

@@ -1,7 +1,7 @@
 """Run directories: what a config builds, and a finished (or interrupted) run read back.
 
-A ``train`` run holds a cohort (:func:`load_run`), or with ``mode="mutualnet"`` one
-slimmable net (:func:`load_slim`); a ``distill`` run one student
+A run of the ``cohort`` kind holds a cohort (:func:`load_run`), a ``slim`` run (mutualnet) one
+slimmable net (:func:`load_slim`), a ``student`` run (distillation) one student
 (:func:`load_student`), whose initial structure and weights it keeps in
 ``RUN/student-init`` so that it never depends on where the student came from.
 ``RUN@0-1`` model references (:mod:`surgery.files.refs`) resolve here: the path through the
@@ -11,7 +11,7 @@ run's cohort as a standalone :class:`surgery.Pieces`.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 import torch
 from torch import nn
@@ -30,6 +30,7 @@ from xross.errors import XrossError
 from xross.run.checkpoint import CheckpointDir
 from xross.run.config import DistillConfig, RunConfig, TrainConfig, load_config
 from xross.run.distributed import globalise_batchnorm
+from xross.run.table import require_kind
 
 M = TypeVar("M", bound=nn.Module)
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
@@ -69,9 +70,7 @@ def build_cohort(
 def load_cohort_weights(cohort: Cohort, run: Path, *, verify: bool = True) -> None:
     """Copy the newest good weights of the train run ``run`` into ``cohort`` (same nets and cuts); exit
     heads the run lacks keep their initial weights."""
-    cfg = run_config(run)
-    if not isinstance(cfg, TrainConfig) or cfg.mode == "mutualnet":
-        raise XrossError(f"--init-from '{run}' is not a cohort's training run")
+    require_kind(run_config(run), "cohort", run, prefix="--init-from ")
     path, state = CheckpointDir(run).load_latest(verify)
     try:
         missing, unexpected = cohort.load_state_dict(state["cohort"], strict=False)
@@ -150,27 +149,18 @@ def load_run(run: Path, *, trust_code: bool = False, verify: bool = True) -> tup
     """A ``train`` run's config and its cohort (eval mode, on the CPU) with its newest good weights."""
     run = Path(run)
     cfg = run_config(run)
-    if not isinstance(cfg, TrainConfig):
-        raise XrossError(f"'{run}' is a distillation run: it has one student, not a cohort of paths")
-    if cfg.mode == "mutualnet":
-        raise XrossError(f"'{run}' is a mutualnet run: one net at many widths, not a cohort of paths")
-    cohort = build_cohort(cfg, torch.device("cpu"), trust_code=trust_code)
-    return cfg, _with_latest_weights(run, cohort, "cohort", cfg, verify)
+    require_kind(cfg, "cohort", run)
+    cohort = build_cohort(cast(TrainConfig, cfg), torch.device("cpu"), trust_code=trust_code)
+    return cast(TrainConfig, cfg), _with_latest_weights(run, cohort, "cohort", cfg, verify)
 
 
 def load_slim(run: Path, *, trust_code: bool = False, verify: bool = True) -> tuple[TrainConfig, SlimNet]:
     """A ``mutualnet`` run's config and its slimmable net (eval mode, on the CPU) with its newest good weights."""
     run = Path(run)
     cfg = run_config(run)
-    if not isinstance(cfg, TrainConfig) or cfg.mode != "mutualnet":
-        raise XrossError(f"'{run}' is not a mutualnet run (its config has no widths to run at)")
-    slim = build_slim(cfg, torch.device("cpu"), trust_code=trust_code)
-    return cfg, _with_latest_weights(run, slim, "slim", cfg, verify)
-
-
-def is_mutualnet_run(run: Path) -> bool:
-    cfg = run_config(Path(run))
-    return isinstance(cfg, TrainConfig) and cfg.mode == "mutualnet"
+    require_kind(cfg, "slim", run)
+    slim = build_slim(cast(TrainConfig, cfg), torch.device("cpu"), trust_code=trust_code)
+    return cast(TrainConfig, cfg), _with_latest_weights(run, slim, "slim", cfg, verify)
 
 
 def initial_student(run: Path, *, trust_code: bool = False) -> nn.Module:
@@ -185,14 +175,9 @@ def load_student(run: Path, *, trust_code: bool = False, verify: bool = True) ->
     """A ``distill`` run's config and its student (eval mode, on the CPU) with its newest good weights."""
     run = Path(run)
     cfg = run_config(run)
-    if not isinstance(cfg, DistillConfig):
-        raise XrossError(f"'{run}' is a training run of a cohort, not a distillation run")
+    require_kind(cfg, "student", run)
     student = initial_student(run, trust_code=trust_code)
-    return cfg, _with_latest_weights(run, student, "student", cfg, verify)
-
-
-def is_distill_run(run: Path) -> bool:
-    return isinstance(run_config(Path(run)), DistillConfig)
+    return cast(DistillConfig, cfg), _with_latest_weights(run, student, "student", cfg, verify)
 
 
 @register_run_loader
@@ -216,9 +201,8 @@ def exit_heads_config(run: Path, **options: Any) -> TrainConfig:
     """
     run = Path(run)
     cfg = run_config(run)
-    if not isinstance(cfg, TrainConfig) or cfg.mode == "mutualnet":
-        raise XrossError(f"'{run}' is not a cohort's training run; exit heads attach to a cohort's parts")
-    if cfg.exits:
+    require_kind(cfg, "cohort", run, fix="; exit heads attach to a cohort's parts")
+    if cast(TrainConfig, cfg).exits:
         raise XrossError(f"'{run}' already has exit heads; use it as it is (`xross anytime {run}`)")
     base = cfg.model_dump(exclude={"out", "warmup_epochs", "lr_schedule"})
     base.update(exits=True, init_from=str(run.resolve()), frozen_cohort=True, epochs=3, lr=1e-3)

@@ -3,8 +3,9 @@ checkpoints, resumption, signals, progress and metrics.
 
 A run is a :class:`RunEngine` subclass that says what it trains (``build``), which
 parameters the optimiser updates (``param_groups``), one step (``step``), what to
-log, what to checkpoint and how to evaluate. :class:`xross.methods.trainer.Trainer` (a cohort)
-and :class:`xross.methods.distiller.Distiller` (one student) are the two there are. The loop:
+log, what to checkpoint and how to evaluate. Each method of the table (:mod:`xross.run.table`) names
+its engine: :class:`xross.methods.trainer.Trainer` (a cohort), :class:`xross.methods.mutualnet.MutualNetTrainer`
+(one slimmable net), :class:`xross.methods.distiller.Distiller` (one student). The loop:
 
     for epoch: for batch: seed from the global step; set the learning rate; step; log;
                stop cleanly (checkpoint, one line) on SIGINT/SIGTERM
@@ -126,7 +127,12 @@ class RunEngine:
         use_fp16 = config.amp == "fp16" and self.device.type == "cuda"
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=use_fp16)
         augment = training_augment(config)
-        kw = {"device": self.device, "seed": config.seed, "rank": self.dist.rank, "world_size": self.dist.world_size}
+        kw: dict[str, Any] = {
+            "device": self.device,
+            "seed": config.seed,
+            "rank": self.dist.rank,
+            "world_size": self.dist.world_size,
+        }
         self.train_loader = BatchLoader(train, config.batch_size, train=True, augment=augment, **kw)
         self.test_loader = BatchLoader(test, config.batch_size, train=False, augment=augment, **kw)
         self.total_steps = config.epochs * len(self.train_loader)
@@ -254,7 +260,7 @@ class RunEngine:
 
     def _load_data(self, config: RunConfig) -> tuple[ImageTensors, ImageTensors]:
         def load() -> tuple[ImageTensors, ImageTensors]:
-            kw = {
+            kw: dict[str, Any] = {
                 "image_size": config.image_size,
                 "cache_dir": config.cache_dir,
                 "seed": config.seed,

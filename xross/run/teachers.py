@@ -26,6 +26,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
+from typing import cast
 
 import torch
 from torch import nn
@@ -37,7 +38,8 @@ from surgery.files.refs import parse as parse_reference
 from xross.cohort.grid import Cohort, Route
 from xross.cohort.logits import as_logits
 from xross.errors import XrossError
-from xross.run.directory import DTYPES, is_distill_run, load_run, load_student
+from xross.run.directory import DTYPES, run_config
+from xross.run.table import kind_of
 
 
 def ensemble_probs(logits: Sequence[torch.Tensor], temperature: float, weights: torch.Tensor) -> torch.Tensor:
@@ -54,7 +56,8 @@ def ensemble_logits(logits: Sequence[torch.Tensor], weights: torch.Tensor) -> to
     return (stacked * w[:, None, None]).sum(0) / w.sum()
 
 
-def _select_paths(cohort: Cohort, which: str, run: str) -> list[Route]:
+def select_paths(cohort: Cohort, which: str, run: str) -> list[Route]:
+    """The paths ``which`` (``full``, ``all`` or ``0-1,1-0``) names in a run-directory teacher's cohort."""
     if which == "full":
         return [cohort.own_path(i) for i in range(cohort.num_nets)]
     if which == "all":
@@ -93,7 +96,7 @@ class Teachers(nn.Module):
             if paths is None:
                 out.append(as_logits(source(images), "a teacher"))
             else:
-                logits = source.forward_paths(images, paths)
+                logits = cast(Cohort, source).forward_paths(images, paths)
                 out += [logits[p] for p in paths]
         return out
 
@@ -111,13 +114,9 @@ def _load_one(
     text: str, which: str, *, trust_code: bool, verify: bool
 ) -> tuple[nn.Module, list[Route] | None, list[str]]:
     ref = parse_reference(text)
-    if ref.kind == "run":
+    if ref.kind == "run":  # what a run teaches with is its kind's to say (xross.run.table)
         run = Path(ref.target)
-        if is_distill_run(run):
-            return load_student(run, trust_code=trust_code, verify=verify)[1], None, [f"{text} (student)"]
-        _, cohort = load_run(run, trust_code=trust_code, verify=verify)
-        paths = _select_paths(cohort, which, text)
-        return cohort, paths, [f"{text}@{'-'.join(map(str, p))}" for p in paths]
+        return kind_of(run_config(run)).teacher(text, run, which, trust_code=trust_code, verify=verify)
     model = surgery.refs.load(text, trust_code=trust_code, trust_typed=trust_code, verify=verify)
     return model, None, [text]
 

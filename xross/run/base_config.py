@@ -1,0 +1,171 @@
+"""What every xross run's config has: data, optimisation and engine (:class:`RunConfig`), the teacher options
+of ``kd`` and ``distill`` (:class:`TeacherOptions`), and the checks they share; :mod:`xross.run.config` builds
+:class:`~xross.run.config.TrainConfig` and :class:`~xross.run.config.DistillConfig` on them.
+
+>>> RunConfig(epochs=3).epochs
+3
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any, Literal, Self
+
+import yaml
+from pydantic import Field, NonNegativeFloat, NonNegativeInt, PositiveInt, field_validator, model_validator
+
+from surgery.core.errors import SurgeryError
+from surgery.core.schema import DEFAULT_FIX, FileModel, Float, parse
+from surgery.core.util import atomic_write_text, first_line
+from xross.errors import XrossError
+from xross.run.table import unused_option, uses
+
+StemName = Literal["imagenet", "cifar"]
+OptimizerName = Literal["sgd", "adam", "adamw"]
+LrScheduleName = Literal["constant", "cosine", "step"]
+AmpName = Literal["off", "bf16", "fp16"]
+DtypeName = Literal["float32", "float64"]
+
+# CLI hints carried by fields: the option name when it differs, how a list is given
+CLI = "cli"
+
+
+def cli_hint(name: str | None = None, *, comma: bool = False) -> dict[str, Any]:
+    return {CLI: {"name": name, "comma": comma}}
+
+
+class RunConfig(FileModel):
+    """What every run has: its data, optimisation and engine; loading, saving and validation."""
+
+    format_version: Literal[1] = Field(1, description="version of this file's layout")
+    stem: StemName = Field(
+        "imagenet", description="imagenet, or cifar (3x3 stride-1 conv1, no maxpool; ResNets built by name)"
+    )
+    # data
+    data: str = Field(
+        "cifar10", description="cifar10 | cifar100 | ImageFolder (train/; test/ or val/) | a .tar(.gz/.xz)"
+    )
+    subset: PositiveInt | None = Field(None, description="stratified subset of the training split")
+    eval_subset: PositiveInt | None = Field(None, description="stratified subset of the evaluation split")
+    image_size: PositiveInt | None = Field(None, description="resize images to this side (default: as stored)")
+    cache_dir: str | None = Field(
+        None, description="decoded-data cache directory (default $XROSS_CACHE or ~/.cache/xross)"
+    )
+    num_classes: PositiveInt | None = Field(None, description="classifier outputs (default: the data's classes)")
+    label_smoothing: Float = Field(0.0, ge=0, lt=1, description="label smoothing of every CE term")
+    augment: bool = Field(True, description="random crop and flip of training images (off: the research's setting)")
+    holdout: NonNegativeInt | None = Field(
+        None,
+        description="training images held out (stratified, never trained on) to calibrate exit thresholds "
+        "(default: a tenth with --exits, else none)",
+    )
+    # optimisation
+    epochs: PositiveInt = Field(30, description="epochs")
+    batch_size: PositiveInt = Field(64, description="global batch size")
+    optimizer: OptimizerName = Field("adam", description="optimizer (adam, as the research)")
+    lr: Float = Field(1e-4, gt=0, description="learning rate")
+    momentum: Float = Field(0.9, ge=0, lt=1, description="SGD momentum")
+    nesterov: bool = Field(False, description="Nesterov momentum (sgd)")
+    weight_decay: NonNegativeFloat = Field(0.0, description="weight decay")
+    lr_schedule: LrScheduleName = Field("constant", description="learning-rate schedule after the warm-up")
+    warmup_epochs: NonNegativeFloat = Field(0.0, description="linear warm-up epochs")
+    step_epochs: PositiveInt = Field(30, description="step schedule: epochs between decays")
+    step_gamma: Float = Field(0.1, gt=0, description="step schedule: factor of each decay")
+    grad_clip: Float | None = Field(None, gt=0, description="clip the global gradient norm to this")
+    # engine
+    seed: NonNegativeInt = Field(0, description="random seed (weights, data order, augmentation)")
+    device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$", description="auto | cpu | cuda | cuda:N")
+    amp: AmpName = Field("off", description="mixed precision (CUDA only)")
+    dtype: DtypeName = Field("float32", description="float64 for exact comparisons and debugging")
+    channels_last: bool = Field(False, description="channels-last memory format (CUDA)")
+    compile: bool = Field(False, description="torch.compile the trained networks (CUDA)")
+    sync_bn: bool = Field(True, description="global BatchNorm statistics when data-parallel")
+    threads: PositiveInt | None = Field(None, description="CPU threads")
+    eval_every: NonNegativeInt = Field(1, description="evaluate the full nets every N epochs (0: only at the end)")
+    log_every: PositiveInt = Field(10, description="log every N steps")
+    keep_checkpoints: PositiveInt = Field(2, description="how many of the newest checkpoints to keep")
+    out: str = Field("runs/xross", description="run directory")
+
+    @model_validator(mode="after")
+    def _consistent_optimizer(self) -> RunConfig:
+        if self.nesterov and self.optimizer != "sgd":
+            raise ValueError("nesterov applies to the sgd optimizer only")
+        return self
+
+    def default_holdout(self, train_images: int, num_classes: int) -> int:
+        """Images held out of training when ``holdout`` is not given (none unless a run calibrates something)."""
+        return 0
+
+    @classmethod
+    def ordered_fields(cls) -> list[str]:
+        """Field names, the run's own first (kind, its models and objective), then teachers, data, engine."""
+        own = [name for klass in cls.__mro__ for name in vars(klass).get("__annotations__", {})]
+        first = ["format_version", "kind"]
+        seen = dict.fromkeys([*first, *own])
+        return [name for name in seen if name in cls.model_fields]
+
+    def to_yaml(self) -> str:
+        data = self.model_dump(mode="json")
+        return yaml.safe_dump({name: data[name] for name in self.ordered_fields()}, sort_keys=False)
+
+    def save(self, path: str | Path) -> None:
+        atomic_write_text(path, self.to_yaml())
+
+    @classmethod
+    def from_dict(cls, data: Any, where: str = "the configuration", fix: str = DEFAULT_FIX) -> Self:
+        """Validate a mapping of options; one-line :class:`XrossError` naming the field (then ``fix``) otherwise."""
+        try:
+            return parse(cls, data, where, fix)
+        except SurgeryError as e:
+            raise XrossError(str(e)) from None
+
+    @classmethod
+    def load(cls, path: str | Path) -> Self:
+        return cls.from_dict(read_yaml(path), str(path))
+
+
+class TeacherOptions(FileModel):
+    """Teachers of ``kd`` training and of distillation: references, which paths of a run, weights."""
+
+    teacher: list[str] = Field(
+        default_factory=list,
+        json_schema_extra=uses("kd", "distill"),
+        description="teacher: a run directory, RUN@0-1, a saved model or pieces directory, or a model reference "
+        "with weights, e.g. 'resnet18(weights=\"t.safetensors\")' (repeat for an ensemble)",
+    )
+    teacher_paths: str = Field(
+        "full",
+        json_schema_extra=uses("kd", "distill"),
+        description="which paths of a run-directory teacher: all (every stitched path), full (its K nets), "
+        "or a list like 0-1,1-0",
+    )
+    teacher_weights: list[Float] | None = Field(
+        None,
+        json_schema_extra={**uses("kd", "distill"), **cli_hint(comma=True)},
+        description="weight of each teacher in the ensemble (default equal)",
+    )
+
+    @field_validator("teacher_paths")
+    @classmethod
+    def _paths_list(cls, value: str) -> str:
+        if not re.fullmatch(r"all|full|\d+(-\d+)+(,\d+(-\d+)+)*", value):
+            raise ValueError("should be all, full or a list of paths like 0-1,1-0")
+        return value
+
+
+def refuse_unused_options(config: RunConfig) -> None:
+    """Refuse (one line) an option set for a method that does not use it (see :func:`xross.run.table.uses`)."""
+    message = unused_option(config)
+    if message is not None:
+        raise ValueError(message)
+
+
+def read_yaml(path: str | Path) -> Any:
+    """The parsed YAML of a config file; one line if it cannot be read or parsed."""
+    try:
+        return yaml.safe_load(Path(path).read_bytes())
+    except OSError as e:
+        raise XrossError(f"cannot read config {path}: {e.strerror}") from None
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        raise XrossError(f"config {path} is not valid YAML: {first_line(e)}") from None
