@@ -222,11 +222,11 @@ def distill(
     >>> from xross.data.synthetic import write_synthetic
     >>> tmp = Path(tempfile.mkdtemp())
     >>> data = write_synthetic(tmp / "data", train_per_class=4, test_per_class=2)
-    >>> options = dict(data=str(data), image_size=16, batch_size=20, epochs=1, eval_every=0,
-    ...                cache_dir=str(tmp / "cache"))
-    >>> teacher = xross.train(nets=["resnet18"], mode="independent", out=str(tmp / "t"), progress=False, **options)
-    >>> result = xross.distill(student="resnet18", teacher=[str(tmp / "t")], out=str(tmp / "d"), progress=False,
-    ...                        **options)
+    >>> options = dict(data=str(data), batch_size=20, epochs=1, eval_every=0, cache_dir=str(tmp / "cache"))
+    >>> vgg = "growth.models:small_vgg"  # a small VGG
+    >>> teacher = xross.train(nets=[vgg], cuts=["features.1"], mode="independent", out=str(tmp / "t"),
+    ...                       progress=False, **options)
+    >>> result = xross.distill(student=vgg, teacher=[str(tmp / "t")], out=str(tmp / "d"), progress=False, **options)
     >>> [r.role for r in result.paths]
     ['student', 'teacher']
     """

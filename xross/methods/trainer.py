@@ -261,12 +261,12 @@ def train(
     >>> from xross.data.synthetic import write_synthetic
     >>> tmp = Path(tempfile.mkdtemp())
     >>> data = write_synthetic(tmp / "data", train_per_class=4, test_per_class=2)
-    >>> config = xross.TrainConfig(nets=["resnet18", "resnet18"], mode="dml", data=str(data), image_size=16,
-    ...                            batch_size=20, epochs=1, eval_every=0, cache_dir=str(tmp / "cache"),
-    ...                            out=str(tmp / "run"))
+    >>> vgg = "growth.models:small_vgg"  # a small VGG, cut after its first stage
+    >>> config = xross.TrainConfig(nets=[vgg, vgg], cuts=["features.1"], mode="dml", data=str(data), batch_size=20,
+    ...                            epochs=1, eval_every=0, cache_dir=str(tmp / "cache"), out=str(tmp / "run"))
     >>> result = xross.train(config, progress=False, lr=1e-3)
-    >>> [r.name for r in result.paths], result.samples
-    (['resnet18 > resnet18', 'resnet18 > resnet18', 'resnet18 > resnet18', 'resnet18 > resnet18'], 20)
+    >>> [r.path for r in result.paths], result.samples
+    ([(0, 0), (0, 1), (1, 0), (1, 1)], 20)
     >>> xross.train(config, epoks=2)
     Traceback (most recent call last):
     ...
