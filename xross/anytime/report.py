@@ -45,7 +45,7 @@ from xross.anytime.runner import (
     plan,
 )
 from xross.cohort.grid import Cohort, Route
-from xross.data import load_split, split_holdout
+from xross.data import ImageTensors, load_split, split_holdout
 from xross.errors import XrossError
 from xross.run.config import TrainConfig
 from xross.run.directory import as_batches, evaluation_batches
@@ -137,7 +137,7 @@ def prefix_accuracy(records: dict[Route, StageRecords]) -> dict[Route, float]:
     return {p[: k + 1]: _top1(r, k) for p, r in records.items() for k in range(r.num_stages)}
 
 
-def calibration_split(cfg: TrainConfig) -> torch.Tensor | None:
+def calibration_split(cfg: TrainConfig) -> ImageTensors | None:
     """Held-out training images and labels of a run (None if it held none out)."""
     if not cfg.holdout:
         return None

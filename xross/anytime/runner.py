@@ -218,15 +218,16 @@ class AnytimeRunner:
             if chosen is None:
                 raise XrossError(f"no route reaches an exit within {flops:g} FLOPs; give a larger budget")
             path = chosen.path
-        self.costs = next((r for r in routes if r.path == tuple(path)), None)  # type: ignore[assignment]
-        if self.costs is None:
+        costs = next((r for r in routes if r.path == tuple(path)), None)
+        if costs is None:
             raise XrossError(f"path {list(path)} needs {cohort.num_parts} net indices in 0..{cohort.num_nets - 1}")
-        if self.costs.reachable(deadline_ms, flops) is None:
-            ms, fl = self.costs.cost_to(0)
+        if costs.reachable(deadline_ms, flops) is None:
+            ms, fl = costs.cost_to(0)
             raise XrossError(
                 f"route {list(path)} cannot reach its first exit within the limits ({ms:.3g} ms, {fl:.3g} FLOPs "
                 "needed); give more, or no path to let the runner choose"
             )
+        self.costs = costs
         self.cohort = cohort.eval()
         self.deadline_ms = deadline_ms
         self.flops = flops

@@ -22,13 +22,14 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Iterable, Sequence
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
 
 import surgery
 from surgery.core.errors import SurgeryError
+from surgery.core.specs import ValueSpec, known_specs
 from surgery.pieces.adapters import boundary_adapter
 from surgery.pieces.cut import piece_info
 from xross.cohort.exits import ExitHeads, head_factory
@@ -63,6 +64,20 @@ def build_net(
         )
     net = surgery.replace(net, "conv1", nn.Conv2d(conv.in_channels, conv.out_channels, 3, 1, 1, bias=False))
     return surgery.replace(net, "maxpool", nn.Identity())
+
+
+def _recorded(specs: Sequence[ValueSpec | None] | None) -> tuple[ValueSpec, ...]:
+    """The specs of a boundary of a net cut on an example (recorded there by construction)."""
+    known = known_specs(specs)
+    assert known is not None, "a net cut on an example records the specs of its boundaries"
+    return known
+
+
+def _out_shape(piece: nn.Module) -> tuple[int, ...]:
+    """The shape of the tensor a piece of a net cut on an example hands on (recorded there by construction)."""
+    shape = _recorded(piece_info(piece).out_specs)[0].shape
+    assert shape is not None, "a cut boundary is a tensor"
+    return shape
 
 
 def normalise_cuts(cuts: Sequence[str] | Sequence[Sequence[str]], num_nets: int) -> list[list[str]]:
@@ -150,8 +165,8 @@ class Cohort(nn.Module):
                 down = piece_info(pieces[j][b + 1])
                 try:
                     ad = boundary_adapter(
-                        piece_info(pieces[i][b]).out_specs,
-                        down.in_specs,
+                        _recorded(piece_info(pieces[i][b]).out_specs),
+                        _recorded(down.in_specs),
                         down.in_names,
                         always=always_adapt,
                         batchnorm=adapter_batchnorm,
@@ -165,7 +180,7 @@ class Cohort(nn.Module):
                     adapters[adapter_key(b, i, j)] = ad
         heads = None
         if exits:
-            shapes = [[piece_info(net[b]).out_specs[0].shape for b in range(len(net) - 1)] for net in pieces]
+            shapes = [[_out_shape(net[b]) for b in range(len(net) - 1)] for net in pieces]
             heads = ExitHeads.build(shapes, num_classes, head_factory(exit_head, trust_code=trust_code))
         return cls(pieces, adapters, names, heads)
 
@@ -177,10 +192,13 @@ class Cohort(nn.Module):
 
     @property
     def num_parts(self) -> int:
-        return len(self.nets[0])
+        return len(self._net(0))
+
+    def _net(self, net: int) -> surgery.Pieces:
+        return cast(surgery.Pieces, self.nets[net])  # the ModuleList holds the Pieces it was built from
 
     def part(self, net: int, index: int) -> nn.Module:
-        return self.nets[net][index]
+        return self._net(net)[index]
 
     def adapter(self, boundary: int, src: int, dst: int) -> nn.Module | None:
         """The adapter from net ``src``'s part ``boundary`` to net ``dst``'s next part (None: shapes agree)."""

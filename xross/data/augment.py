@@ -24,13 +24,13 @@ CIFAR_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR_STD = (0.2470, 0.2435, 0.2616)
 
 
-def derive_seed(*parts: str | int) -> int:
+def derive_seed(*parts: str | float) -> int:
     """A 63-bit seed from ``parts`` by a fixed hash (the same in every process and Python version)."""
     digest = hashlib.blake2b("/".join(map(str, parts)).encode(), digest_size=8).digest()
     return int.from_bytes(digest, "little") >> 1
 
 
-def seeded_generator(*parts: str | int) -> torch.Generator:
+def seeded_generator(*parts: str | float) -> torch.Generator:
     """A CPU generator seeded by :func:`derive_seed` of ``parts``."""
     return torch.Generator().manual_seed(derive_seed(*parts))
 

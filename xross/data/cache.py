@@ -74,7 +74,7 @@ def max_cache_bytes(max_gb: float | None = None) -> int:
     536870912
     """
     where, value = f"cache_max_gb={max_gb}", max_gb
-    if max_gb is None:
+    if value is None:
         text = os.environ.get("XROSS_CACHE_MAX_GB", "").strip()
         where, value = f"XROSS_CACHE_MAX_GB={text!r}", DEFAULT_CACHE_MAX_GB
         if text:

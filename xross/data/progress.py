@@ -36,6 +36,7 @@ class DelayedProgress:
             self._bar = Progress(*Progress.get_default_columns(), transient=True, console=Console(stderr=True))
             self._task = self._bar.add_task(self._description, total=self._total)
             self._bar.start()
+        assert self._task is not None, "the task is added with the bar"
         self._bar.update(self._task, completed=completed)
 
     def __enter__(self) -> DelayedProgress:

@@ -18,6 +18,7 @@ An archive is read in one streaming pass that keeps only the bytes of the wanted
 from __future__ import annotations
 
 import gzip
+import io
 import lzma
 import os
 import tarfile
@@ -202,7 +203,8 @@ def scan_archive(path: Path, split: Split, progress: bool) -> Listing:
         bar = DelayedProgress(f"reading {path.name}", path.stat().st_size, progress)
         with open(path, "rb") as raw, _decompressed(raw) as plain, bar:
             stream = _Counted(plain)
-            with tarfile.open(fileobj=stream, mode="r|") as tar:
+            # a stream ("r|") is only read; typeshed asks for a whole file object
+            with tarfile.open(fileobj=stream, mode="r|") as tar:  # type: ignore[call-overload]
                 for member in tar:
                     parts = PurePosixPath(member.name).parts
                     if member.isfile() and is_image(member.name) and len(parts) in (3, 4):
@@ -227,7 +229,7 @@ def scan_archive(path: Path, split: Split, progress: bool) -> Listing:
     return _listing(items, f"archive {path}", found or wanted[0])
 
 
-def _decompressed(raw: BinaryIO) -> BinaryIO:
+def _decompressed(raw: BinaryIO) -> BinaryIO | io.BufferedIOBase:
     """``raw`` decompressed by its magic bytes (gzip, xz) or as is.
 
     Not ``tarfile.open(mode="r|*")``: its gzip stream ends quietly where the file is cut;
@@ -245,7 +247,7 @@ def _decompressed(raw: BinaryIO) -> BinaryIO:
 class _Counted:
     """A read-only stream that counts the bytes it hands out."""
 
-    def __init__(self, stream: BinaryIO) -> None:
+    def __init__(self, stream: BinaryIO | io.BufferedIOBase) -> None:
         self.stream = stream
         self.count = 0
 
@@ -270,8 +272,8 @@ def _require_end(tar: tarfile.TarFile, stream: _Counted) -> None:
 
 def _read_member(tar: tarfile.TarFile, member: tarfile.TarInfo) -> bytearray:
     data = bytearray(member.size)
-    stream = tar.extractfile(member)
-    if stream is None or stream.readinto(data) != member.size:
+    stream = tar.extractfile(member)  # a buffered reader (typeshed says IO[bytes], which has no readinto)
+    if not isinstance(stream, io.BufferedIOBase) or stream.readinto(data) != member.size:
         raise tarfile.ReadError(f"member {member.name} is cut short")
     return data
 

@@ -96,7 +96,8 @@ def pack_archive(folder: str | os.PathLike, archive: str | os.PathLike) -> Path:
         raise XrossError(f"'{archive.name}' is not a .tar, .tar.gz, .tgz or .tar.xz name; pick one of those suffixes")
     buffer = io.BytesIO()
     options = {"preset": 1} if compression == "xz" else {"compresslevel": 6} if compression == "gz" else {}
-    with tarfile.open(fileobj=buffer, mode=f"w:{compression}", **options) as tar:
+    # typeshed's overloads of tarfile.open want a literal mode; this one is computed
+    with tarfile.open(fileobj=buffer, mode=f"w:{compression}", **options) as tar:  # type: ignore[call-overload]
         for path in sorted(folder.rglob("*")):
             info = tar.gettarinfo(str(path), arcname=path.relative_to(folder).as_posix())
             info.mtime, info.uid, info.gid, info.uname, info.gname = 0, 0, 0, "", ""

@@ -49,7 +49,7 @@ def state_digest(state: Any) -> str:
         elif isinstance(value, torch.Tensor):
             t = value.detach().cpu().contiguous()
             h.update(f"{path}:tensor:{t.dtype}:{tuple(t.shape)}".encode())
-            h.update(memoryview(t.reshape(-1).view(torch.uint8).numpy()))
+            h.update(t.reshape(-1).view(torch.uint8).numpy().data)
         else:
             h.update(f"{path}:{type(value).__name__}:{value!r}".encode())
 

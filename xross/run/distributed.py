@@ -67,16 +67,16 @@ def average_gradients(params: Iterable[nn.Parameter], info: DistInfo) -> None:
     """All-reduce (mean) the gradients of ``params`` that have one, as one flat buffer."""
     if not info.enabled:
         return
-    with_grad = [p for p in params if p.grad is not None]
-    if not with_grad:
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
         return
-    flat = torch.cat([p.grad.reshape(-1) for p in with_grad])
+    flat = torch.cat([g.reshape(-1) for g in grads])
     dist.all_reduce(flat)
     flat /= info.world_size
     offset = 0
-    for p in with_grad:
-        n = p.grad.numel()
-        p.grad.copy_(flat[offset : offset + n].view_as(p.grad))
+    for g in grads:
+        n = g.numel()
+        g.copy_(flat[offset : offset + n].view_as(g))
         offset += n
 
 

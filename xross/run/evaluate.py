@@ -28,6 +28,8 @@ from xross.cohort.logits import as_logits
 from xross.errors import XrossError
 from xross.run.teachers import Teachers, ensemble_probs
 
+PathRole = Literal["path", "student", "teacher", "setting"]
+
 
 class PathResult(FileModel):
     """Accuracy and cost of one network: top-1/top-5 in %, parameters, forward FLOPs per image.
@@ -39,7 +41,7 @@ class PathResult(FileModel):
 
     path: Annotated[tuple[Annotated[NonNegativeInt, Strict()], ...], Strict(False)]  # a JSON list, held as a tuple
     name: str
-    role: Literal["path", "student", "teacher", "setting"] = "path"
+    role: PathRole = "path"
     top1: Float = Field(ge=0, le=100)
     top5: Float = Field(ge=0, le=100)
     params: NonNegativeInt
@@ -247,7 +249,10 @@ def evaluate_distillation(
                 hits[-1] += topk_correct(ensemble_probs(outputs, 1.0, weights), labels)  # type: ignore[arg-type]
             n += len(labels)
     pct, n = percentages(hits, n, reduce)
-    rows = [(student_name, student, None, "student"), *((name, m, p, "teacher") for name, m, p in members)]
+    rows: list[tuple[str, nn.Module, Route | None, PathRole]] = [
+        (student_name, student, None, "student"),
+        *((name, m, p, "teacher") for name, m, p in members),
+    ]
     results = []
     for (name, module, path, role), (top1, top5) in zip(rows, pct):
         params, flops = _cost(module, path, image_size)

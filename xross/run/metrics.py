@@ -26,8 +26,8 @@ class MetricsLog:
             try:
                 from torch.utils.tensorboard import SummaryWriter
             except ImportError:  # tensorboard is an optional extra
-                SummaryWriter = None  # noqa: N806
-            if SummaryWriter is not None:
+                pass
+            else:
                 self.writer = SummaryWriter(str(run_dir / "tensorboard"))
 
     def _path(self, name: str) -> Path:
