@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import surgery
+from surgery.pieces.split import suggest_splits
 
 
 def test_stitch_resnet18_up_with_resnet50_down() -> None:
@@ -102,3 +103,13 @@ def test_least_squares_stitch_between_a_vit_and_its_wider_copy() -> None:
         random_error = (random(unseen) - target).abs().mean()
     # the wider copy's tokens are a linear function of the small one's: least squares recovers it
     assert fitted_error < 1e-4 < random_error
+
+
+def test_stitch_and_suggest_splits_refuse_a_missing_example_input() -> None:
+    x = torch.randn(2, 3, 32, 32)
+    net = surgery.build_model("growth.models:small_vgg", widths=[8, 16], num_classes=10).eval()
+    pieces = surgery.cut(net, "features.0", x)
+    with pytest.raises(surgery.SurgeryError, match=r"^stitch needs example_input="):
+        surgery.stitch(pieces[0], pieces[1], None)
+    with pytest.raises(surgery.SurgeryError, match=r"^suggest_splits needs example_input="):
+        suggest_splits(net, None, 1e9, 1e10, 1e6)

@@ -21,6 +21,7 @@ import typer
 
 from surgery.cli.kit import console, example_for, load_model_arg, print_table, run_app, table
 from surgery.core.errors import SurgeryError, running_on
+from surgery.core.specs import known_specs
 from surgery.core.util import max_difference
 from surgery.exporters import describe_values, read_manifest
 from surgery.exporters import export as export_pieces
@@ -185,7 +186,8 @@ def cut(
         diff = max_difference(example(pieces), example(net))
     _pieces_table(f"{model} cut at {', '.join(at)}", pieces, example)
     colour = "green" if diff == 0 else "red"
-    tracer_used = pieces.infos()[0].origin.tracer if pieces.infos()[0].origin else "fx"
+    origin = pieces.infos()[0].origin
+    tracer_used = origin.tracer if origin else "fx"
     console.print(
         f"max |pieces(x) - model(x)| = [{colour}]{diff:g}[/] on a random {example.describe()} input "
         f"(eval mode, {tracer_used})"
@@ -222,10 +224,11 @@ def stitch(
     if input:
         example = example_for(up_piece, input)
     else:
-        specs = piece_info(up_piece).in_specs
-        if not specs or not all(s.is_tensor for s in specs) or len(specs) != 1:
+        specs = known_specs(piece_info(up_piece).in_specs)
+        shape = specs[0].shape if specs and len(specs) == 1 and specs[0].is_tensor else None
+        if shape is None:
             raise SurgeryError("the up piece has no single recorded input shape; pass --input (e.g. 1,3,224,224)")
-        example = Example((torch.randn(2, *specs[0].shape),), {})
+        example = Example((torch.randn(2, *shape),), {})
     ref = load_model_arg(reference, trust_code=trust_code) if reference else None
     hybrid = stitch_pieces(
         up_piece, down_piece, example, allow_adapter=adapter, batchnorm=batchnorm, init=init, reference=ref

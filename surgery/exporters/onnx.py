@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -86,6 +86,7 @@ def _export_onnx(piece: nn.Module, args: Values, path: Path, exporter: str, verb
         batch = torch.export.Dim("batch")
         dynamic = tuple({0: batch} for _ in args)
         program = torch.onnx.export(piece, args, dynamo=True, dynamic_shapes=dynamic, verbose=verbose)
+        assert program is not None, "dynamo=True hands back the program"
         _name_boundary(program.model, ins, outs)
         program.save(str(path), external_data=large)
     else:
@@ -146,7 +147,7 @@ def onnx_piece(
     raise error(f"piece {k} cannot be exported to ONNX ({'; '.join(tried)})")
 
 
-def onnx_chain(sessions: Sequence[Any], pieces: Sequence[nn.Module], runs: Sequence[Run]) -> float:
+def onnx_chain(sessions: Sequence[Any], pieces: Iterable[nn.Module], runs: Sequence[Run]) -> float:
     """Max |diff| of the chained ONNX pieces vs the whole model; raises past the tolerance."""
     worst = 0.0
     for run in runs:
