@@ -51,16 +51,18 @@ def _modules() -> Iterator[Any]:
 
 
 def _registries() -> dict[str, tuple[Registry[Any, Any], str, set[str]]]:
-    """Every Registry bound at module level: by its deepest ``module.NAME``, with its package and all its names."""
+    """Every Registry bound at module level, by its kind (``"growth op"``), with its package and all its names."""
     found: dict[int, tuple[Registry[Any, Any], set[str]]] = {}
     for module in _modules():
         for name, value in vars(module).items():
             if isinstance(value, Registry):
                 found.setdefault(id(value), (value, set()))[1].add(f"{module.__name__}.{name}")
-    table = {}
-    for registry, aliases in found.values():
-        where = max(aliases, key=lambda a: (a.count("."), a))
-        table[where] = (registry, where.split(".")[0], aliases)
+    layer = list(ERRORS).index  # a registry belongs to the lowest package that names it (where it is defined)
+    table = {
+        registry.kind: (registry, min((a.split(".")[0] for a in aliases), key=layer), aliases)
+        for registry, aliases in found.values()
+    }
+    assert len(table) == len(found), "two registries share a kind; their messages would not tell them apart"
     return table
 
 
@@ -92,9 +94,9 @@ def test_every_table_is_a_registry() -> None:
         assert expected in names, expected
 
 
-@pytest.mark.parametrize("where", sorted(_registries()))
-def test_an_unknown_name_is_one_line_naming_the_closest(where: str) -> None:
-    registry, package, _ = _registries()[where]
+@pytest.mark.parametrize("kind", sorted(_registries()))
+def test_an_unknown_name_is_one_line_naming_the_closest(kind: str) -> None:
+    registry, package, where = _registries()[kind]
     with pytest.raises(UserError) as caught:
         registry.get("no-such-entry")
     message = str(caught.value)
