@@ -113,7 +113,7 @@ CASES = [
 CASES.sort(key=lambda c: MODELS.index(c.model))
 
 
-@functools.lru_cache(maxsize=4)
+@functools.lru_cache(maxsize=2)  # a model in float32 and float64: CASES are sorted by model, so no model is built twice
 def _model(name: str, dtype: torch.dtype) -> nn.Module:
     torch.manual_seed(0)
     net = vary_constant_weights(surgery.build_model(name).eval(), torch.Generator().manual_seed(0))
