@@ -14,7 +14,7 @@ which also registers the op's recipe replay (so a saved grown model rebuilds);
 from __future__ import annotations
 
 import random
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -25,7 +25,7 @@ from growth.graphedit import Workbench, replay_of
 from surgery.core.recipe import REPLAYS, register_replay
 from surgery.core.registry import Registry
 
-SiteFinder = Callable[..., list[str]]
+SiteFinder = Callable[..., Sequence[str]]
 Proposal = tuple[str, dict[str, Any]]
 Proposer = Callable[[random.Random, Workbench], "Proposal | None"]
 
@@ -123,10 +123,10 @@ def sites(model: nn.Module, op: str, example_input: Any = None, **args: Any) -> 
     >>> [(s, s.args) for s in found if s.args["kind"] == "block"][:2]
     [('layer1.0', {'kind': 'block'}), ('layer1.1', {'kind': 'block'})]
     """
-    return get_op(op).find_sites(Workbench(model, example_input, read_only=True), **args)
+    return list(get_op(op).find_sites(Workbench(model, example_input, read_only=True), **args))
 
 
-def not_applicable(op: str, site: str, reason: str, applicable: list[str]) -> GrowthError:
+def not_applicable(op: str, site: str, reason: str, applicable: Sequence[str]) -> GrowthError:
     """The one-line refusal: why ``op`` does not apply at ``site``, and where it does."""
     shown = ", ".join(applicable[:8]) + (f", ... ({len(applicable)} in all)" if len(applicable) > 8 else "")
     return GrowthError(f"{op} does not apply at '{site}': {reason}; applicable sites: {shown or 'none in this model'}")

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Callable
-from typing import Any
+from typing import Any, TypeVar
 
 from pydantic import Field
 from torch import nn
@@ -31,6 +31,8 @@ from surgery.core.plugins import load_plugins
 from surgery.core.registry import Registry
 from surgery.core.schema import FileModel
 from surgery.core.util import first_line
+
+_M = TypeVar("_M", bound=nn.Module)  # attaching a recipe hands back the module as the type it was
 
 RECIPE_ATTR = "surgery_recipe"
 
@@ -117,13 +119,13 @@ def recipe_of(module: nn.Module) -> Recipe | None:
     return r if isinstance(r, Recipe) else None
 
 
-def attach_recipe(module: nn.Module, recipe: Recipe | None) -> nn.Module:
+def attach_recipe(module: _M, recipe: Recipe | None) -> _M:
     """Set (or clear) the recipe a module carries; returns the module."""
     object.__setattr__(module, RECIPE_ATTR, recipe)
     return module
 
 
-def extend_recipe(result: nn.Module, source: nn.Module, op: str, **args: Any) -> nn.Module:
+def extend_recipe(result: _M, source: nn.Module, op: str, **args: Any) -> _M:
     """Give ``result`` the recipe of ``source`` followed by ``op(**args)`` (none if source has none)."""
     base = recipe_of(source)
     return attach_recipe(result, base.then(op, **args) if base is not None else None)
