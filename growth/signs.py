@@ -13,6 +13,9 @@ True
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from typing import cast
+
 import torch
 from torch import fx, nn
 from torchvision.ops import StochasticDepth
@@ -73,7 +76,7 @@ def _rule(gm: fx.GraphModule, node: fx.Node) -> str:
 
 def _operands(node: fx.Node) -> list[object]:
     if node.target in (torch.cat, torch.concat):
-        return list(node.args[0])
+        return list(cast(Sequence[object], node.args[0]))  # cat's first argument: its list of tensors
     return list(node.args[:2])
 
 
