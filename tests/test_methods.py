@@ -23,7 +23,7 @@ import xross
 from xross.errors import XrossError
 from xross.methods.objectives import LossTerms, Mode
 from xross.methods.trainer import Trainer
-from xross.run.config import DistillConfig, ModeName, RunConfig, TrainConfig
+from xross.run.config import DistillConfig, ModeName, RunConfig, TrainConfig, load_config
 from xross.run.directory import load_run
 from xross.run.table import METHODS, Method, applies, command_methods, declaration, objective_options, register_method
 
@@ -177,6 +177,19 @@ def test_the_options_that_were_ignored_are_refused_on_the_command_line(cli, tmp_
     r = cli("xross", "train", *args, "--out", tmp_path / "r")
     assert r.code == 2 and message in r.err and len(r.err.strip().splitlines()) == 1, r
     assert not (tmp_path / "r").exists()
+
+
+def test_a_run_saved_with_an_option_its_method_never_used_still_loads(tmp_path: Path) -> None:
+    """Runs written before the refusal may hold such an option: read back without it, with a warning."""
+    path = tmp_path / "config.yaml"
+    TrainConfig.from_dict({"mode": "dml", "nets": ["resnet18", "resnet18"]}).save(path)
+    path.write_text(path.read_text().replace("kd_alpha: 0.5", "kd_alpha: 0.9"))
+    assert "kd_alpha: 0.9" in path.read_text()
+    with pytest.raises(XrossError, match="kd_alpha applies to kd, not dml"):
+        TrainConfig.load(path)  # given as options (--config), it is refused
+    with pytest.warns(UserWarning, match="kd_alpha 0.9 was never used by dml"):
+        saved = load_config(path)  # a run's own config: read as the run trained
+    assert saved == TrainConfig.from_dict({"mode": "dml", "nets": ["resnet18", "resnet18"]})
 
 
 def test_discriminator_options_are_refused_without_a_discriminator() -> None:

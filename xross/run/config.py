@@ -28,7 +28,7 @@ from pydantic import Field, NonNegativeInt, PositiveInt, field_validator, model_
 from surgery.core.schema import Float
 from xross.errors import XrossError
 from xross.run.base_config import RunConfig, TeacherOptions, cli_hint, read_yaml, refuse_unused_options
-from xross.run.table import command_methods, method_of, uses
+from xross.run.table import command_methods, method_of, saved_without_unused_options, uses
 
 # the --mode values of the methods xross registers (the table, xross.run.table, is what validates a mode)
 ModeName = Literal["independent", "kd", "dml", "xml", "mutualnet"]
@@ -343,7 +343,10 @@ def load_config(path: str | Path) -> TrainConfig | DistillConfig:
     kind = data.get("kind", "train") if isinstance(data, dict) else "train"
     if kind not in CONFIGS:
         raise XrossError(f"{path}: field 'kind' is '{kind}'; expected one of {', '.join(CONFIGS)}")
-    return CONFIGS[kind].from_dict(data, str(path))  # type: ignore[return-value]
+    config_class = CONFIGS[kind]
+    return config_class.from_dict(  # type: ignore[return-value]
+        saved_without_unused_options(config_class, data, str(path)), str(path)
+    )
 
 
 ConfigT = TypeVar("ConfigT", bound=RunConfig)
