@@ -23,7 +23,7 @@ import xross
 from xross.errors import XrossError
 from xross.methods.objectives import LossTerms, Mode
 from xross.methods.trainer import Trainer
-from xross.run.config import DistillConfig, ModeName, RunConfig, TrainConfig, load_config
+from xross.run.config import CONFIGS, DistillConfig, ModeName, RunConfig, TrainConfig, load_config
 from xross.run.directory import load_run
 from xross.run.table import METHODS, Method, applies, command_methods, declaration, objective_options, register_method
 
@@ -106,7 +106,6 @@ BASES: dict[str, dict[str, typing.Any]] = {
     "distill": {"student": "resnet18", "teacher": ["runs/t"]},
 }
 OWN_SAMPLES = {("mutualnet", "nets"): ["resnet34"]}  # a value the method accepts where the common one is refused
-CONFIGS: dict[str, type[RunConfig]] = {"train": TrainConfig, "distill": DistillConfig}
 SELECTORS = ("format_version", "kind", "mode")  # fixed, or the field that chooses the method itself
 
 

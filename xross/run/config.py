@@ -25,6 +25,7 @@ from typing import Any, Literal, TypeVar
 
 from pydantic import Field, NonNegativeInt, PositiveInt, field_validator, model_validator
 
+from surgery.core.registry import Registry
 from surgery.core.schema import Float
 from xross.errors import XrossError
 from xross.run.base_config import RunConfig, TeacherOptions, cli_hint, read_yaml, refuse_unused_options
@@ -334,7 +335,9 @@ class DistillConfig(TeacherOptions, RunConfig):
         return self
 
 
-CONFIGS: dict[str, type[RunConfig]] = {"train": TrainConfig, "distill": DistillConfig}
+CONFIGS: Registry[type[RunConfig]] = Registry("kind of run config", error=XrossError)  # config.yaml's ``kind``
+CONFIGS.register("train", TrainConfig)
+CONFIGS.register("distill", DistillConfig)
 
 
 def load_config(path: str | Path) -> TrainConfig | DistillConfig:
