@@ -38,7 +38,7 @@ from xross.errors import XrossError
 
 ERRORS: dict[str, type[UserError]] = {"surgery": SurgeryError, "growth": GrowthError, "xross": XrossError}
 # the tables this library keeps (a module-level dict or list under one of these names would be a second shape)
-NAMED = re.compile(r"^_?[A-Z_]*(RULES|EDITS|REPLAYS|SOURCES|LOADERS|OPS|OPTIMIZERS|SCHEDULES)$")
+NAMED = re.compile(r"^_?[A-Z_]*(RULES|EDITS|REPLAYS|SOURCES|LOADERS|OPS|OPTIMIZERS|SCHEDULES|METHODS|KINDS|CONFIGS)$")
 
 
 def _modules() -> Iterator[Any]:
