@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import copy
 from collections import OrderedDict
+from typing import overload
 
 import torch
 import torch.nn.functional as F
@@ -96,31 +97,44 @@ class _Block:
     def external(self, node: fx.Node) -> bool:
         return node not in self.inside
 
-    def through(self, value: object) -> object:
+    @overload
+    def through(self, value: fx.Node) -> fx.Node: ...
+
+    @overload
+    def through(self, value: fx.node.Argument) -> fx.node.Argument: ...
+
+    def through(self, value: fx.node.Argument) -> fx.node.Argument:
         return _through(value, self.work, self.inside)
 
     def spine(self) -> tuple[fx.Node, list[fx.Node]]:
         """The block's input on the residual path and the branch values added to it (last first)."""
-        node, relu = self.through(self.output), None
-        if _is(node, _RELUS) or isinstance(self.work.module(node), _RELU_MODULES):
-            node, relu = self.through(node.args[0]), node
+        node: fx.node.Argument = self.through(self.output)
+        relu: fx.Node | None = None
+        if isinstance(node, fx.Node) and (_is(node, _RELUS) or isinstance(self.work.module(node), _RELU_MODULES)):
+            relu = node
+            node = self.through(node.args[0])
         if isinstance(node, fx.Node) and self.external(node):
             raise ValueError("its output is its input (it computes nothing to copy)")
-        if not isinstance(node, fx.Node) or not _is(node, _ADDS):
-            source = node.args[0] if isinstance(node, fx.Node) and node.args else None
-            if isinstance(source, fx.Node) and _is(self.through(source), _ADDS):  # type: ignore[arg-type]
+        if not isinstance(node, fx.Node):
+            raise ValueError(f"its output is not a residual sum but the constant {node!r}")
+        if not _is(node, _ADDS):
+            source = node.args[0] if node.args else None
+            if isinstance(source, fx.Node) and _is(self.through(source), _ADDS):
                 raise ValueError(
                     f"{self.work.site_name(node)} follows its residual sum ({_after_sum(self.work, node)}): with zero "
                     "branches the copy would apply it to its input again instead of passing it on"
                 )
             raise ValueError(f"its output is not a residual sum but {self.work.site_name(node)}")
-        branches = []
+        branches: list[fx.Node] = []
         while _is(node, _ADDS):
             left, right = self.through(node.args[0]), self.through(node.args[1])
             spine_side = next((a for a in (left, right) if isinstance(a, fx.Node) and self._on_spine(a)), None)
             if spine_side is None:
                 raise ValueError("neither operand of its residual sum is its input")
-            branches.append(right if spine_side is left else left)
+            branch = right if spine_side is left else left
+            if not isinstance(branch, fx.Node):
+                raise ValueError("its residual sum adds a constant to its input, not a branch")
+            branches.append(branch)
             if self.external(spine_side):
                 self.relu_after = relu
                 return spine_side, branches
@@ -140,7 +154,15 @@ class _Block:
                 return False
 
 
-def _through(value: object, work: Workbench, inside: set[fx.Node]) -> object:
+@overload
+def _through(value: fx.Node, work: Workbench, inside: set[fx.Node]) -> fx.Node: ...
+
+
+@overload
+def _through(value: fx.node.Argument, work: Workbench, inside: set[fx.Node]) -> fx.node.Argument: ...
+
+
+def _through(value: fx.node.Argument, work: Workbench, inside: set[fx.Node]) -> fx.node.Argument:
     """``value`` with value-preserving steps (casts, aliases, copies, ``nn.Identity``) of the block stepped over.
 
     It stops at the first value computed outside the block (``inside``): the block's input.
@@ -194,6 +216,8 @@ def _zero_point(work: Workbench, branch: fx.Node) -> tuple[str, list[str]] | Non
             ):
                 if type(module).__name__ == "LayerScale":
                     return "module", [str(node.target)]
+                if not isinstance(node.args[0], fx.Node):
+                    return None
                 node = node.args[0]
                 continue
             return None
@@ -206,12 +230,12 @@ def _zero_point(work: Workbench, branch: fx.Node) -> tuple[str, list[str]] | Non
         if node.op == "call_function" and node.target in _NORM_FUNCTIONS:
             return _norm_parameters(node)
         if node.op == "call_function" and node.target in _AFFINE_FUNCTIONS:
-            params = [str(a.target) for a in node.args if isinstance(a, fx.Node) and a.op == "get_attr"]
-            return ("parameters", params) if params else None
+            names = [str(a.target) for a in node.args if isinstance(a, fx.Node) and a.op == "get_attr"]
+            return ("parameters", names) if names else None
         if _is(node, _ZERO_KEEPING):
-            node = node.args[0]
-            if not isinstance(node, fx.Node):
+            if not isinstance(node.args[0], fx.Node):
                 return None
+            node = node.args[0]
             continue
         return None
     return None
@@ -298,7 +322,7 @@ def insert_block_copy(work: Workbench, path: str) -> str:
     return new_path
 
 
-def _moved(target: object, old: str, new: str) -> object:
+def _moved(target: fx.node.Target, old: str, new: str) -> fx.node.Target:
     text = str(target)
     return new + text[len(old) :] if text == old or text.startswith(old + ".") else target
 
