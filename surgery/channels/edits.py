@@ -129,7 +129,7 @@ def read_columns(
         local_index.clamp(min=0).view(groups, 1, new_local, *trail).expand(groups, out_ch // groups, new_local, *rest)
     )
     if groups == 1:  # same result as the gather below, several times faster on large layers
-        read = (weight.index_select(1, local_index[0].clamp(min=0)) * scale.view(1, new_local, *trail))[None]
+        read = weight.index_select(1, local_index[0].clamp(min=0)).mul_(scale.view(1, new_local, *trail))[None]
     else:
         read = per_group.gather(2, gather_index) * scale.view(groups, 1, new_local, *trail)
     if noise > 0:
