@@ -20,6 +20,7 @@ xross.errors.XrossError: config.yaml: field 'epochs' should be a valid integer, 
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
@@ -347,9 +348,11 @@ def load_config(path: str | Path) -> TrainConfig | DistillConfig:
     if kind not in CONFIGS:
         raise XrossError(f"{path}: field 'kind' is '{kind}'; expected one of {', '.join(CONFIGS)}")
     config_class = CONFIGS[kind]
-    return config_class.from_dict(  # type: ignore[return-value]
-        saved_without_unused_options(config_class, data, str(path)), str(path)
-    )
+    kept, notes = saved_without_unused_options(config_class, data, str(path))
+    config = config_class.from_dict(kept, str(path))
+    for note in notes:  # only once the run reads: a file broken otherwise gets its one-line error alone
+        warnings.warn(note, stacklevel=2)
+    return config  # type: ignore[return-value]
 
 
 ConfigT = TypeVar("ConfigT", bound=RunConfig)

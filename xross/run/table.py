@@ -28,7 +28,6 @@ xross.errors.XrossError: the configuration: sandwich applies to mutualnet, not d
 from __future__ import annotations
 
 import dataclasses
-import warnings
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Literal
 
@@ -218,31 +217,30 @@ def unused_option(config: Any) -> str | None:
     return None
 
 
-def saved_without_unused_options(config_class: Any, data: Any, where: str) -> Any:
-    """A run's saved config less the options its method never used, each named in a warning.
+def saved_without_unused_options(config_class: Any, data: Any, where: str) -> tuple[Any, list[str]]:
+    """A run's saved config less the options its method never used, and a note naming each one dropped.
 
     Runs written before options were checked against the method may hold one (``mode: dml`` with
     ``kd_alpha: 0.9``); the run trained without it, so reading the run without it keeps what the
     user has readable and exact. Files written since cannot hold one: it is refused when given.
     """
     if not isinstance(data, dict):
-        return data
+        return data, []
     known = {k: v for k, v in data.items() if k in config_class.model_fields}
     name = config_class.model_construct(**known).method
     if name not in METHODS:
-        return data  # the validation names the unknown method
+        return data, []  # the validation names the unknown method
     method = METHODS.get(name)
-    kept = dict(data)
+    kept, notes = dict(data), []
     for field_name, field in config_class.model_fields.items():
         if field_name in data and not applies(field_name, field, method):
             value = kept.pop(field_name)
             if value != to_jsonable_python(field.get_default(call_default_factory=True)):
-                warnings.warn(
+                notes.append(
                     f"{where}: {field_name} {value!r} was never used by {method.name}; "
-                    "read as not given, as when the run trained",
-                    stacklevel=2,
+                    "read as not given, as when the run trained"
                 )
-    return kept
+    return kept, notes
 
 
 def objective_options(config: Any, method: Method) -> dict[str, Any]:
