@@ -28,7 +28,7 @@ xross.errors.XrossError: the configuration: sandwich applies to mutualnet, not d
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any, Literal
 
 from pydantic_core import to_jsonable_python
@@ -200,12 +200,17 @@ def _and(names: list[str], word: str) -> str:
     return names[0] if len(names) == 1 else f"{', '.join(names[:-1])} {word} {names[-1]}"
 
 
+def _unused_fields(config_class: Any, method: Method) -> Iterator[tuple[str, Any]]:
+    """``(name, field)`` of each field of ``config_class`` that ``method`` does not use."""
+    return ((n, f) for n, f in config_class.model_fields.items() if not applies(n, f, method))
+
+
 def unused_option(config: Any) -> str | None:
     """The one-line refusal of the first field ``config`` sets (to a value other than its default) that its
     method does not use, naming the option and the methods that use it; None when there is none."""
     method = method_of(config)
-    for name, field in type(config).model_fields.items():
-        if applies(name, field, method) or getattr(config, name) == field.get_default(call_default_factory=True):
+    for name, field in _unused_fields(type(config), method):
+        if getattr(config, name) == field.get_default(call_default_factory=True):
             continue
         flag = "--" + name.replace("_", "-")
         who = users(name, field, method.command) or ["no method of this command"]
@@ -227,13 +232,12 @@ def saved_without_unused_options(config_class: Any, data: Any, where: str) -> tu
     if not isinstance(data, dict):
         return data, []
     known = {k: v for k, v in data.items() if k in config_class.model_fields}
-    name = config_class.model_construct(**known).method
-    if name not in METHODS:
+    method = METHODS.find(config_class.model_construct(**known).method)
+    if method is None:
         return data, []  # the validation names the unknown method
-    method = METHODS.get(name)
     kept, notes = dict(data), []
-    for field_name, field in config_class.model_fields.items():
-        if field_name in data and not applies(field_name, field, method):
+    for field_name, field in _unused_fields(config_class, method):
+        if field_name in kept:
             value = kept.pop(field_name)
             if value != to_jsonable_python(field.get_default(call_default_factory=True)):
                 notes.append(
