@@ -51,8 +51,11 @@ class GrowthOp:
     propose: Proposer
     probability: float
 
-    def site_args(self, site: str) -> dict[str, str]:
-        """``{"at": site}``, or ``{"src": a, "dst": b}`` for a two-name site ``"a->b"``."""
+    def site_args(self, site: str) -> dict[str, str | list[str]]:
+        """``{"at": site}``, ``{"at": [a, b]}`` for several sites ``"a+b"`` (net2wider widens each group once),
+        or ``{"src": a, "dst": b}`` for a two-name site ``"a->b"``."""
+        if len(self.site_params) == 1 and SITE_LIST in site:
+            return {self.site_params[0]: site.split(SITE_LIST)}  # type: ignore[dict-item]
         parts = site.split(SITE_JOIN) if len(self.site_params) > 1 else [site]
         if len(parts) != len(self.site_params):
             raise GrowthError(f"{self.name} sites look like {SITE_JOIN.join(self.site_params)}; got '{site}'")
@@ -84,6 +87,7 @@ class Site(str):
 
 
 SITE_JOIN = "->"
+SITE_LIST = "+"
 MAX_GROWTH = 16  # one step makes a layer at most this many times wider (grow further in several steps)
 MAX_KERNEL = 31  # the largest kernel side a step creates
 OPS: Registry[GrowthOp] = Registry("growth op", error=GrowthError)

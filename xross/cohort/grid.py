@@ -104,6 +104,7 @@ class Cohort(nn.Module):
         adapters: dict[str, nn.Module],
         names: Sequence[str],
         exits: ExitHeads | None = None,
+        wholes: Sequence[nn.Module] | None = None,
     ):
         super().__init__()
         parts = {len(n) for n in nets}
@@ -113,6 +114,9 @@ class Cohort(nn.Module):
         self.adapters = nn.ModuleDict(adapters)
         self.names = list(names)
         self.exits = exits
+        # each net whole, sharing its modules with its pieces (not a submodule: saved once, as the pieces);
+        # what growth during training grows (xross.cohort.grow)
+        self.wholes: list[nn.Module | None] = list(wholes) if wholes is not None else [None] * len(nets)
 
     # --- construction ---------------------------------------------------------------------------
 
@@ -151,13 +155,14 @@ class Cohort(nn.Module):
         """
         per_net_cuts = normalise_cuts(cuts, len(nets))
         example = torch.zeros(1, 3, image_size, image_size)
-        pieces, names = [], []
+        pieces, names, wholes = [], [], []
         for src, net_cuts in zip(nets, per_net_cuts):
             net = build_net(src, num_classes, stem, trust_code=trust_code)
             if transform_net is not None:
                 net = transform_net(net)
             cut_net = surgery.cut(net.eval(), net_cuts, example)
             pieces.append(cut_net.train())
+            wholes.append(net)
             names.append(src if isinstance(src, str) else type(src).__name__)
         adapters: dict[str, nn.Module] = {}
         for b in range(len(per_net_cuts[0])):
@@ -182,7 +187,7 @@ class Cohort(nn.Module):
         if exits:
             shapes = [[_out_shape(net[b]) for b in range(len(net) - 1)] for net in pieces]
             heads = ExitHeads.build(shapes, num_classes, head_factory(exit_head, trust_code=trust_code))
-        return cls(pieces, adapters, names, heads)
+        return cls(pieces, adapters, names, heads, wholes)
 
     # --- structure ------------------------------------------------------------------------------
 
@@ -299,11 +304,29 @@ class Cohort(nn.Module):
         path = path if path is not None else self.own_path(0)
         return self.forward_paths(x, [path])[path]
 
+    def forward_flops(self, paths: Iterable[Route], image_size: int) -> int:
+        """Forward FLOPs per image of computing ``paths`` (every shared prefix once, as a training step does)."""
+        ref = next(self.parameters())
+        x = torch.zeros(1, 3, image_size, image_size, dtype=ref.dtype, device=ref.device)
+        with torch.no_grad():
+            return surgery.count_flops(_PathsCall(self, list(paths)), x)
+
     def export_path(self, path: Route) -> surgery.Pieces:
         """The path as a standalone :class:`surgery.Pieces` (shares parameters with the cohort)."""
         if len(path) != self.num_parts or not all(0 <= n < self.num_nets for n in path):
             raise XrossError(f"path {list(path)} needs {self.num_parts} net indices in 0..{self.num_nets - 1}")
         return surgery.Pieces(self.modules_of(path))
+
+
+class _PathsCall(nn.Module):
+    """Calling it computes the cohort's ``paths`` (what :meth:`Cohort.forward_flops` counts)."""
+
+    def __init__(self, cohort: Cohort, paths: list[Route]):
+        super().__init__()
+        self.cohort, self.paths = cohort, paths
+
+    def forward(self, x: torch.Tensor) -> dict[Route, torch.Tensor]:
+        return self.cohort.forward_paths(x, self.paths)
 
 
 def call_part(module: nn.Module, value: Any) -> Any:

@@ -249,6 +249,9 @@ def check_slim(config: TrainConfig) -> None:
 
 NO_PARTS = "mutualnet has no parts to exit from"
 NO_LABELS = "mutualnet has no semi-supervised mode"
+NO_GROWTH = (
+    "mutualnet trains fractions of one net's width, which a growth would redraw; grow its net before (growth mutate)"
+)
 MUTUALNET = register_method(
     Method(
         "mutualnet",
@@ -261,6 +264,7 @@ MUTUALNET = register_method(
             "unlabeled": NO_LABELS,
             "exits": NO_PARTS,
             "init_from": NO_PARTS,
+            **dict.fromkeys(("grow", "grow_optimizer", "grow_warmup", "grow_init"), NO_GROWTH),
             "teacher": "mutualnet distils its own widest network",
         },
     )

@@ -24,9 +24,14 @@ from typing import Any
 import torch
 from torch import nn
 
+import surgery
+from growth import MutationRecord
+from growth.provenance import Origin
+from surgery.core.util import evaluating
 from xross.analysis.similarity import cohort_cka
 from xross.cohort.exits import exit_loss, exit_prefixes
-from xross.data import ImageTensors
+from xross.cohort.grow import grow_net
+from xross.data import ImageTensors, derive_seed
 from xross.data.labels import labeled_accuracy
 from xross.data.semi import keep_labels, labeled_only, load_unlabeled, with_unlabeled
 from xross.methods.objectives import DML, KD, XML, Independent, LossTerms, Mode, check_cross, check_peers
@@ -97,6 +102,52 @@ class Trainer(RunEngine):
         for net in self.cohort.nets:
             for piece in net:  # type: ignore[attr-defined]  # each net is a ModuleList of its parts
                 piece.compile()
+
+    # --- growth during training ----------------------------------------------------------------
+
+    def growable(self) -> list[nn.Module]:
+        return [w for w in self.cohort.wholes if w is not None]
+
+    def growth_state(self) -> dict[str, Any]:
+        return {"cohort": self.cohort, "trainables": self.trainables}
+
+    def grow_net(
+        self, net: int, steps: list[MutationRecord], example: torch.Tensor | None, live: bool
+    ) -> dict[nn.Parameter, Origin]:
+        cfg = self.config
+        origins = grow_net(
+            self.cohort,
+            net,
+            steps,
+            cfg.image_size or 0,
+            example=example,
+            carry=live and cfg.grow_optimizer == "carry",
+            init=cfg.grow_init if live else "copy",
+            seed=derive_seed("grow-init", cfg.seed, len(self.growth_log), net),
+        )
+        if cfg.channels_last:
+            self.cohort = self.cohort.to(memory_format=torch.channels_last)
+        self.trainables = [self._trainables(i) for i in range(self.cohort.num_nets)]
+        return origins
+
+    def growth_probe(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        own = [self.cohort.own_path(i) for i in range(self.cohort.num_nets)]
+        paths = list(dict.fromkeys([*own, *self.paths]))
+        with torch.no_grad(), evaluating(self.cohort):
+            logits = self.cohort.forward_paths(images, paths)
+        return {(f"net{p[0]}" if p in own else "path" + "-".join(map(str, p))): v for p, v in logits.items()}
+
+    def forward_flops(self) -> tuple[int, int]:
+        size = self.config.image_size or 32
+        trained = self.cohort.forward_flops(self.paths, size)
+        if self.teachers is None:
+            return trained, 0
+        ref = next(self.cohort.parameters())
+        with torch.no_grad():
+            fixed = surgery.count_flops(
+                self.teachers, torch.zeros(1, 3, size, size, dtype=ref.dtype, device=ref.device)
+            )
+        return trained, fixed
 
     def _trainables(self, i: int) -> list[nn.Parameter]:
         """Parameters student i's loss updates: its net, the adapters it owns and its exit heads

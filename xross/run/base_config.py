@@ -26,6 +26,9 @@ OptimizerName = Literal["sgd", "adam", "adamw"]
 LrScheduleName = Literal["constant", "cosine", "step"]
 AmpName = Literal["off", "bf16", "fp16"]
 DtypeName = Literal["float32", "float64"]
+GrowOptimizerName = Literal["carry", "reset"]
+GrowInitName = Literal["copy", "random"]
+GROWING = uses(kinds=("cohort", "student"))  # the fields of growth during training (xross.run.growing)
 
 # CLI hints carried by fields: the option name when it differs, how a list is given
 CLI = "cli"
@@ -73,6 +76,26 @@ class RunConfig(FileModel):
     step_epochs: PositiveInt = Field(30, description="step schedule: epochs between decays")
     step_gamma: Float = Field(0.1, gt=0, description="step schedule: factor of each decay")
     grad_clip: Float | None = Field(None, gt=0, description="clip the global gradient norm to this")
+    # growth during training
+    grow: list[str] = Field(
+        default_factory=list,
+        json_schema_extra=GROWING,
+        description="grow during training, WHEN:OP:SITES[:ARG=VALUE,...], e.g. 0.25:net2wider:all:factor=2 or "
+        "epoch=2:net2deeper:stages (repeat for several; see xross.run.growing)",
+    )
+    grow_optimizer: GrowOptimizerName = Field(
+        "carry",
+        json_schema_extra=GROWING,
+        description="at a growth: carry each copy the optimiser state of what it copies (scaled), or reset it",
+    )
+    grow_warmup: NonNegativeInt = Field(
+        0, json_schema_extra=GROWING, description="steps of linear learning-rate warm-up after each growth"
+    )
+    grow_init: GrowInitName = Field(
+        "copy",
+        json_schema_extra=GROWING,
+        description="new units: copy (function-preserving) or random (a fresh init; only what stays keeps its weights)",
+    )
     # engine
     seed: NonNegativeInt = Field(0, description="random seed (weights, data order, augmentation)")
     device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$", description="auto | cpu | cuda | cuda:N")
@@ -92,6 +115,24 @@ class RunConfig(FileModel):
         if self.nesterov and self.optimizer != "sgd":
             raise ValueError("nesterov applies to the sgd optimizer only")
         return self
+
+    @field_validator("grow")
+    @classmethod
+    def _grow_items(cls, value: list[str]) -> list[str]:
+        from xross.run.growing import parse_item
+
+        for item in value:
+            parse_item(item)
+        return value
+
+    def refuse_growth_options_without_growth(self) -> None:
+        """The grow_* options change how a growth is done: without --grow they would do nothing."""
+        if self.grow:
+            return
+        for name in ("grow_optimizer", "grow_warmup", "grow_init"):
+            if getattr(self, name) != type(self).model_fields[name].default:
+                flag = "--" + name.replace("_", "-")
+                raise ValueError(f"{name} applies with --grow only; add a --grow schedule or drop {flag}")
 
     def default_holdout(self, train_images: int, num_classes: int) -> int:
         """Images held out of training when ``holdout`` is not given (none unless a run calibrates something)."""

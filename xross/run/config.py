@@ -234,7 +234,10 @@ class TrainConfig(TeacherOptions, RunConfig):
     @model_validator(mode="after")
     def _consistent(self) -> TrainConfig:
         refuse_unused_options(self)
+        self.refuse_growth_options_without_growth()
         self._consistent_exits()
+        if self.grow and self.exits:
+            raise ValueError("exit heads do not grow with their nets yet: drop --grow or --exits")
         method = method_of(self)
         if method.needs_teacher and not self.teacher:
             raise ValueError(
@@ -323,6 +326,7 @@ class DistillConfig(TeacherOptions, RunConfig):
     @model_validator(mode="after")
     def _consistent(self) -> DistillConfig:
         refuse_unused_options(self)
+        self.refuse_growth_options_without_growth()
         if self.discriminator == "off" and (self.d_lr is not None or self.d_hidden is not None):
             name = "d_lr" if self.d_lr is not None else "d_hidden"
             raise ValueError(

@@ -20,6 +20,7 @@ interrupted run resumed with ``--resume`` continues bit-identically.
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import json
 import shutil
@@ -31,17 +32,22 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 
-from surgery.core.errors import UserError
+import growth
+from growth.provenance import Origin
+from surgery.core.errors import SurgeryError, UserError
 from surgery.core.util import atomic_write_text, first_line
 from surgery.files.io import versions
 from xross.data import EVAL_SPLITS, Augment, BatchLoader, ImageTensors, derive_seed, load_split, split_holdout
 from xross.errors import Interrupted, TrainingDiverged, XrossError
+from xross.run import carry
 from xross.run.checkpoint import CheckpointDir
 from xross.run.config import DistillConfig, RunConfig, TrainConfig
 from xross.run.directory import DTYPES
 from xross.run.distributed import DistInfo, any_rank, average_gradients, init_distributed
 from xross.run.evaluate import EvalResult
+from xross.run.growing import GrowthEntry, GrowthItem, parse_item, write_log
 from xross.run.metrics import MetricsLog
 from xross.run.optim import ParamGroup, lr_at, make_optimizer, set_lr
 from xross.run.teachers import Teachers, load_teachers
@@ -49,11 +55,23 @@ from xross.run.teachers import Teachers, load_teachers
 
 @dataclasses.dataclass
 class Position:
-    """Where training stands: ``step`` is the next step of ``epoch``; ``global_step`` counts steps done."""
+    """Where training stands: ``step`` is the next step of ``epoch``; ``global_step`` counts steps done;
+    ``train_flops`` the training FLOPs spent so far (3x the forward FLOPs of what trains, plus the forward
+    FLOPs of fixed teachers, per image)."""
 
     epoch: int = 0
     step: int = 0
     global_step: int = 0
+    train_flops: int = 0
+
+
+@dataclasses.dataclass(frozen=True)
+class PlannedGrowth:
+    """A growth of the schedule as the run will do it: before global step ``step``, per net the explicit steps."""
+
+    step: int
+    item: GrowthItem
+    nets: dict[int, list[growth.MutationRecord]]
 
 
 class RunEngine:
@@ -136,6 +154,10 @@ class RunEngine:
         self.train_loader = BatchLoader(train, config.batch_size, train=True, augment=augment, **kw)
         self.test_loader = BatchLoader(test, config.batch_size, train=False, augment=augment, **kw)
         self.total_steps = config.epochs * len(self.train_loader)
+        self.growth_log: list[GrowthEntry] = []
+        self.growth_plan = self._plan_growth() if config.grow else []
+        self._growth_row: dict[str, float] = {}
+        self.flops_per_image = self._flops_per_image()
         self.checkpoints = CheckpointDir(self.run_dir, config.keep_checkpoints)
         if self.dist.is_main:
             self.checkpoints.remove_leftovers()
@@ -190,6 +212,29 @@ class RunEngine:
 
     def compile(self) -> None:
         """``torch.compile`` the trained modules (CUDA only)."""
+
+    def growable(self) -> list[nn.Module]:
+        """The whole networks a growth schedule grows, by index (``net=I``); none: the run cannot grow."""
+        return []
+
+    def growth_state(self) -> dict[str, Any]:
+        """The attributes a growth changes: the schedule is tried out at set-up on a copy of them."""
+        return {}
+
+    def grow_net(
+        self, net: int, steps: list[growth.MutationRecord], example: torch.Tensor | None, live: bool
+    ) -> dict[torch.nn.Parameter, Origin]:
+        """Grow net ``net`` by ``steps`` in place. ``live``: a growth during training (``example`` is its batch;
+        return where each new parameter came from, and apply ``grow_init``); else a replay of the structure."""
+        raise NotImplementedError
+
+    def growth_probe(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The logits of everything trained on ``images`` (eval mode, no gradient), by name; ``net{i}``: net i's."""
+        raise NotImplementedError
+
+    def forward_flops(self) -> tuple[int, int]:
+        """Forward FLOPs per image of what trains, and of what only runs forward (teachers)."""
+        return 0, 0
 
     # --- helpers for subclasses -----------------------------------------------------------------
 
@@ -291,7 +336,7 @@ class RunEngine:
         with self._signals(), self._progress_bar() as bar:
             while self.position.epoch < self.config.epochs:
                 self._train_epoch(bar)
-                self.position = Position(self.position.epoch + 1, 0, self.position.global_step)
+                self.position = dataclasses.replace(self.position, epoch=self.position.epoch + 1, step=0)
                 self._end_of_epoch()
         result = self.evaluate().model_copy(update={"split": self.eval_split})
         if self.dist.is_main:
@@ -310,17 +355,21 @@ class RunEngine:
         )
         seen, t0 = 0, time.perf_counter()
         for images, labels in self.train_loader.epoch(pos.epoch, start_step=pos.step):
+            while len(self.growth_log) < len(self.growth_plan) and self.growth_plan[len(self.growth_log)].step == (
+                pos.global_step
+            ):
+                self._grow(self.growth_plan[len(self.growth_log)], images, labels)
             torch.manual_seed(derive_seed("step", cfg.seed, pos.global_step))  # dropout & co. resume exactly
-            set_lr(
-                self.optimizer,
-                lr_at(cfg.lr_schedule, cfg.lr, pos.global_step, self.total_steps, steps, cfg.warmup_epochs, cfg),
-            )
+            rate = lr_at(cfg.lr_schedule, cfg.lr, pos.global_step, self.total_steps, steps, cfg.warmup_epochs, cfg)
+            set_lr(self.optimizer, rate * self._growth_warmup(pos.global_step))
             row = self.step(images, labels)
             pos.step += 1
             pos.global_step += 1
+            pos.train_flops += self.flops_per_image * len(labels) * self.dist.world_size
             seen += len(labels) * self.dist.world_size
-            if pos.global_step % cfg.log_every == 0 or pos.step == steps:
-                self._log_step(row, seen / (time.perf_counter() - t0), bar, task)
+            grew, self._growth_row = self._growth_row, {}
+            if pos.global_step % cfg.log_every == 0 or pos.step == steps or grew:
+                self._log_step({**row, **grew}, seen / (time.perf_counter() - t0), bar, task)
             if any_rank(self.stop_signal is not None, self.dist):
                 path = self._save_checkpoint()
                 name = signal.Signals(self.stop_signal or signal.SIGINT).name
@@ -338,6 +387,7 @@ class RunEngine:
             "epoch": pos.epoch + 1,
             "step": pos.step,
             "lr": self.optimizer.param_groups[0]["lr"],
+            "train_flops": pos.train_flops,
             **values,
         }
         if self.metrics:
@@ -350,12 +400,132 @@ class RunEngine:
 
     def _end_of_epoch(self) -> None:
         cfg, pos = self.config, self.position
-        row: dict[str, Any] = {"epoch": pos.epoch, "global_step": pos.global_step}
+        row: dict[str, Any] = {"epoch": pos.epoch, "global_step": pos.global_step, "train_flops": pos.train_flops}
         if cfg.eval_every and pos.epoch % cfg.eval_every == 0:
             row.update(self.epoch_metrics())
         if self.metrics:
             self.metrics.write("epochs", row, pos.global_step)
         self._save_checkpoint()
+
+    # --- growth during training (the schedule: xross.run.growing) ---------------------------------
+
+    def _plan_growth(self) -> list[PlannedGrowth]:
+        """Expand the schedule into explicit steps by trying every growth, in order, on the nets as they will
+        be then (and restoring them): a growth that cannot apply is one line now, before training starts."""
+        cfg, items = self.config, [parse_item(text) for text in self.config.grow]
+        steps_per_epoch = len(self.train_loader)
+        timed = sorted(((item.step_of(self.total_steps, steps_per_epoch), n, item) for n, item in enumerate(items)))
+        saved = self.growth_state()
+        for name, value in copy.deepcopy(saved).items():  # one copy: what is shared stays shared
+            setattr(self, name, value)
+        plan = []
+        try:
+            for step, n, item in timed:
+                if not 0 < step < self.total_steps:
+                    raise XrossError(
+                        f"grow '{item.text}' falls at step {step}, outside the run's {self.total_steps} steps; "
+                        "grow at a fraction in (0, 1) or an epoch/step inside the run"
+                    )
+                nets = self.growable()
+                if item.net is not None and item.net >= len(nets):
+                    raise XrossError(f"grow '{item.text}': net={item.net}, but the run trains {len(nets)} net(s)")
+                chosen = [item.net] if item.net is not None else list(range(len(nets)))
+                per_net = {}
+                for i in chosen:
+                    try:
+                        steps = growth.expand(
+                            self.growable()[i], item.op, item.sites, seed=derive_seed("grow", cfg.seed, n, i),
+                            example_input=self._growth_example(), **item.args,
+                        )  # fmt: skip
+                        self.grow_net(i, steps, None, live=False)
+                    except SurgeryError as e:  # GrowthError is one
+                        raise XrossError(f"grow '{item.text}' (net {i}): {first_line(e)}") from None
+                    per_net[i] = steps
+                plan.append(PlannedGrowth(step, item, per_net))
+        finally:
+            for name, value in saved.items():
+                setattr(self, name, value)
+        return plan
+
+    def _growth_example(self) -> torch.Tensor:
+        size = self.config.image_size or 32
+        return torch.zeros(2, 3, size, size, dtype=self.dtype, device=self.device)
+
+    def _grow(self, planned: PlannedGrowth, images: torch.Tensor, labels: torch.Tensor) -> None:
+        """One growth of the schedule, before the step on this batch: grow, rebuild the optimiser, measure."""
+        cfg = self.config
+        x = self.prepare_images(images.to(self.device))
+        y = labels.to(self.device)
+        before = self.growth_probe(x)
+        params_before, flops_before = sum(p.numel() for p in self.params), sum(self.forward_flops())
+        origins: dict[nn.Parameter, Origin] = {}
+        for net, steps in planned.nets.items():
+            origins.update(self.grow_net(net, steps, x, live=True))
+        self._rebuild_optimizer(origins, cfg.grow_optimizer)
+        after = self.growth_probe(x)
+        scale = max(float(v.abs().max()) for v in before.values())
+        change = max(float((after[k] - before[k]).abs().max()) for k in before)
+        entry = GrowthEntry(
+            item=planned.item.text,
+            global_step=self.position.global_step,
+            nets={
+                i: [r.model_dump(mode="json", include={"op", "site", "args"}) for r in s]
+                for i, s in planned.nets.items()
+            },
+            params_before=params_before,
+            params_after=sum(p.numel() for p in self.params),
+            flops_before=flops_before,
+            flops_after=sum(self.forward_flops()),
+            loss_before={int(k[3:]): _ce(v, y) for k, v in before.items() if k.startswith("net")},
+            loss_after={int(k[3:]): _ce(v, y) for k, v in after.items() if k.startswith("net")},
+            max_logit_change=change / scale if scale > 0 else change,
+            optimizer=cfg.grow_optimizer,
+            init=cfg.grow_init,
+        )
+        self.growth_log.append(entry)
+        self.flops_per_image = self._flops_per_image()
+        self._growth_row = {
+            **{f"grow_loss_before{i}": v for i, v in entry.loss_before.items()},
+            **{f"grow_loss_after{i}": v for i, v in entry.loss_after.items()},
+            "grow_logit_change": entry.max_logit_change,
+        }
+        if self.dist.is_main:
+            write_log(self.run_dir, self.growth_log)
+            if self.progress:
+                print(
+                    f"grew at step {entry.global_step} ({entry.item}): {entry.params_before:,} -> "
+                    f"{entry.params_after:,} parameters; loss "
+                    + ", ".join(f"{entry.loss_before[i]:.4f} -> {entry.loss_after[i]:.4f}" for i in entry.loss_before)
+                    + f"; max logit change {entry.max_logit_change:.1e} (relative)",
+                    file=sys.stderr,
+                )
+
+    def _replay_growth(self, entries: list[GrowthEntry]) -> None:
+        """Rebuild the structure a checkpoint was saved with: the logged growths replayed before its weights load."""
+        for entry in entries:
+            for net, steps in entry.nets.items():
+                self.grow_net(net, [growth.MutationRecord.model_validate(r) for r in steps], None, live=False)
+        if entries:
+            self._rebuild_optimizer({}, "reset")
+            self.flops_per_image = self._flops_per_image()
+        self.growth_log = list(entries)
+
+    def _rebuild_optimizer(self, origins: dict[nn.Parameter, Origin], mode: str) -> None:
+        groups = self.param_groups()
+        self.params = [p for group in groups for p in group["params"]]
+        self.optimizer = carry.rebuild(self.optimizer, make_optimizer(groups, self.config), origins, mode)
+        if self.config.compile and self.device.type == "cuda":
+            self.compile()
+
+    def _growth_warmup(self, global_step: int) -> float:
+        """The factor of the learning rate in the ``grow_warmup`` steps after a growth (1 otherwise)."""
+        warm = self.config.grow_warmup
+        since = [global_step - g.step for g in self.growth_plan if 0 <= global_step - g.step < warm]
+        return (min(since) + 1) / warm if since else 1.0
+
+    def _flops_per_image(self) -> int:
+        trained, fixed = self.forward_flops()
+        return 3 * trained + fixed  # forward, and a backward of about twice its cost
 
     # --- checkpoints and signals ----------------------------------------------------------------
 
@@ -367,6 +537,7 @@ class RunEngine:
                 "optimizer": self.optimizer.state_dict(),
                 "scaler": self.scaler.state_dict(),
                 "position": dataclasses.asdict(self.position),
+                "growth": [entry.model_dump() for entry in self.growth_log],
                 "rng": {
                     "torch": torch.get_rng_state(),
                     **({"cuda": torch.cuda.get_rng_state_all()} if torch.cuda.is_available() else {}),
@@ -379,15 +550,18 @@ class RunEngine:
     def _restore(self, verify: bool = True) -> None:
         path, state = self.checkpoints.load_latest(verify)
         try:
+            self._replay_growth([GrowthEntry.model_validate(e) for e in state.get("growth", [])])
             self.load_model_state(state)
             self.optimizer.load_state_dict(state["optimizer"])
             self.scaler.load_state_dict(state["scaler"])
             self.position = Position(**state["position"])
-        except (KeyError, RuntimeError, ValueError, TypeError) as e:
+        except (KeyError, RuntimeError, ValueError, TypeError, SurgeryError) as e:
             raise XrossError(f"checkpoint {path} does not fit this run ({first_line(e, 160)})") from None
         torch.set_rng_state(state["rng"]["torch"])
         if "cuda" in state["rng"] and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+        if self.dist.is_main and self.growth_plan:
+            write_log(self.run_dir, self.growth_log)
         if self.metrics:
             self.metrics.truncate("steps", "global_step", self.position.global_step)
             self.metrics.truncate("throughput", "global_step", self.position.global_step)
@@ -424,6 +598,10 @@ class RunEngine:
         )
         with Progress(*columns, transient=False) as bar:
             yield bar
+
+
+def _ce(logits: torch.Tensor, labels: torch.Tensor) -> float:
+    return float(torch.nn.functional.cross_entropy(logits.double(), labels))
 
 
 def training_augment(config: RunConfig) -> Augment:

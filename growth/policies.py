@@ -1,0 +1,111 @@
+"""Growth policies: ``all``, ``stages`` and ``random:N`` expanded into the steps (op, site, arguments) they mean.
+
+A schedule says *what* to grow in a word; :func:`expand` turns the word into explicit,
+replayable :class:`~growth.MutationRecord` steps on the model as it is then:
+
+- ``all``: every site the op lists (net2wider: every coupled width group, in one step);
+- ``stages``: one net2deeper after each stage: a zero-branch copy of the last residual block
+  of each stage (blocks grouped by their parent module), or, in a net without residual blocks,
+  an identity conv after the last site of each spatial resolution;
+- ``random:N``: N random feasible steps of the op (``any``: of every op), seeded, as :func:`growth.mutate`;
+- site names (``layer2.0.conv1+layer3.0.conv1``): those sites.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable
+from typing import Any
+
+from torch import nn
+
+from growth.errors import GrowthError
+from growth.graphedit import Workbench
+from growth.mutation import MutationRecord, mutate
+from growth.registry import OPS, SITE_LIST, get_op, sites
+from surgery.core.registry import Registry
+
+Policy = Callable[..., list[MutationRecord]]
+POLICIES: Registry[Policy] = Registry("growth policy", error=GrowthError)
+
+
+def _site_filter(op: str, args: dict[str, Any]) -> dict[str, Any]:
+    """The op arguments its site finder takes (net2wider's amount, net2deeper's kind, ...)."""
+    finder = inspect.signature(OPS[op].find_sites).parameters
+    return {k: v for k, v in args.items() if k in finder}
+
+
+@POLICIES.register("all")
+def _all(model: nn.Module, op: str, args: dict[str, Any], seed: int, example_input: Any) -> list[MutationRecord]:
+    found = sites(model, op, example_input, **_site_filter(op, args))
+    if not found:
+        raise GrowthError(f"{op} applies nowhere in {type(model).__name__} with {args or 'its defaults'}")
+    if op == "net2wider":  # one step widens every group once
+        return [MutationRecord(op=op, site=SITE_LIST.join(found), args=args)]
+    return [MutationRecord(op=op, site=s, args={**getattr(s, "args", {}), **args}) for s in found]
+
+
+@POLICIES.register("stages")
+def _stages(model: nn.Module, op: str, args: dict[str, Any], seed: int, example_input: Any) -> list[MutationRecord]:
+    if op != "net2deeper":
+        raise GrowthError(f"the stages policy grows deeper: give net2deeper, not {op}")
+    blocks = sites(model, op, example_input, kind="block")
+    if blocks:
+        last: dict[str, str] = {}
+        for site in blocks:  # in graph order: the last one of each parent wins
+            last[site.rpartition(".")[0]] = site
+        return [MutationRecord(op=op, site=s, args={**args, "kind": "block"}) for s in last.values()]
+    work = Workbench(model, example_input, read_only=True)
+    kind = args.get("kind", "conv")
+    by_size: dict[tuple[int, ...], str] = {}
+    for site in sites(model, op, example_input, kind=kind):
+        shape = work.shape(work.node(site))
+        by_size[tuple(shape[2:]) if shape is not None else ()] = site
+    if not by_size:
+        raise GrowthError(f"the stages policy finds no residual block and no {kind} site in {type(model).__name__}")
+    return [MutationRecord(op=op, site=s, args={**args, "kind": kind}) for s in by_size.values()]
+
+
+@POLICIES.register("random")
+def _random(
+    model: nn.Module, op: str, args: dict[str, Any], seed: int, example_input: Any, count: int = 1
+) -> list[MutationRecord]:
+    if args:
+        raise GrowthError(f"random growth draws its own arguments; drop {', '.join(args)}")
+    ops = None if op == "any" else [get_op(op).name]
+    _, records = mutate(model, steps=count, seed=seed, ops=ops, example_input=example_input)
+    return [MutationRecord(op=r.op, site=r.site, args=r.args) for r in records]
+
+
+def expand(
+    model: nn.Module, op: str, where: str, *, seed: int = 0, example_input: Any = None, **args: Any
+) -> list[MutationRecord]:
+    """The steps ``op`` at ``where`` (a policy, ``random:N``, or site names joined by ``+``) means on ``model``.
+
+    ``args`` are the op's own arguments (``factor=2``); ``seed`` drives ``random:N`` and is the op's own
+    ``seed`` unless ``args`` give one, so that the steps replay exactly.
+    A policy or site that does not apply is a one-line :class:`~growth.errors.GrowthError`.
+
+    >>> import torchvision, growth
+    >>> net = torchvision.models.resnet18()
+    >>> [(r.site, r.args) for r in growth.expand(net, "net2deeper", "stages")]  # doctest: +NORMALIZE_WHITESPACE
+    [('layer1.1', {'kind': 'block'}), ('layer2.1', {'kind': 'block'}), ('layer3.1', {'kind': 'block'}),
+     ('layer4.1', {'kind': 'block'})]
+    >>> [r.args for r in growth.expand(net, "net2wider", "all", factor=2)]
+    [{'factor': 2, 'seed': 0}]
+    """
+    name, _, count = where.partition(":")
+    if name == "random":
+        if not count.isdigit() or int(count) < 1:
+            raise GrowthError(f"random growth needs a count of steps: random:N with N >= 1, not '{where}'")
+        return _random(model, op, args, seed, example_input, count=int(count))
+    if op == "any":
+        raise GrowthError("'any' op goes with random:N only; name an op for other sites")
+    if "seed" not in args and "seed" in inspect.signature(get_op(op).fn).parameters:
+        args = {**args, "seed": seed}  # the steps replay exactly: every draw of the op is seeded
+    if name in POLICIES and not count:
+        return POLICIES.get(name)(model, op, args, seed, example_input)
+    listed = where.split(SITE_LIST)
+    if op == "net2wider" or len(listed) == 1:
+        return [MutationRecord(op=op, site=where, args=args)]
+    return [MutationRecord(op=op, site=s, args=args) for s in listed]
