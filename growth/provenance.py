@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.utils._pytree as pytree
 from torch import nn
 
 from growth.errors import GrowthError
@@ -171,6 +172,9 @@ def lineage(model: nn.Module, steps: Sequence[MutationRecord], example_input: An
     ([[1.0, 1.0, 1.0, 1.0]], [0.5, 0.5, 0.5, 0.5])
     """
     steps = without_noise(steps)
+    twin_input = pytree.tree_map(
+        lambda v: v.double() if isinstance(v, torch.Tensor) and v.is_floating_point() else v, example_input
+    )
     names = [n for n, _ in model.named_parameters()]
     numels = [p.numel() for p in model.parameters()]
     total = sum(numels)
@@ -178,8 +182,8 @@ def lineage(model: nn.Module, steps: Sequence[MutationRecord], example_input: An
     ones = [torch.full((n,), UNIT, dtype=torch.float64) for n in numels]
     tags = list((torch.arange(1, total + 1, dtype=torch.float64) * TAG).split(numels))
     with torch.no_grad():
-        by_ones = dict(grow_steps(_filled(model, ones), steps, example_input).named_parameters())
-        by_tags = dict(grow_steps(_filled(model, tags), steps, example_input).named_parameters())
+        by_ones = dict(grow_steps(_filled(model, ones), steps, twin_input).named_parameters())
+        by_tags = dict(grow_steps(_filled(model, tags), steps, twin_input).named_parameters())
         grown = dict(grow_steps(model, steps, example_input).named_parameters())
     old = dict(model.named_parameters())
     flat_old = torch.cat([p.detach().double().reshape(-1) for p in model.parameters()]) if names else torch.zeros(0)

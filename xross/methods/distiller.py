@@ -25,11 +25,15 @@ import torch
 from torch import nn
 
 import surgery
-from surgery.core.errors import UserError
+from growth import MutationRecord
+from growth.provenance import Origin
+from surgery.core.errors import SurgeryError, UserError
 from surgery.core.util import evaluating, first_line
 from surgery.files.refs import parse as parse_reference
 from xross.cohort.grid import build_net
+from xross.cohort.grow import grow_model
 from xross.cohort.logits import as_logits
+from xross.data import derive_seed
 from xross.errors import XrossError
 from xross.methods.discriminator import Discriminator
 from xross.methods.objectives import DistillLoss
@@ -148,6 +152,45 @@ class Distiller(RunEngine):
 
     def compile(self) -> None:
         self.student.compile()
+
+    # --- growth during training ----------------------------------------------------------------
+
+    def growable(self) -> list[nn.Module]:
+        return [self.student]
+
+    def growth_state(self) -> dict[str, Any]:
+        return {"student": self.student}
+
+    def grow_net(
+        self, net: int, steps: list[MutationRecord], example: torch.Tensor | None, live: bool
+    ) -> dict[nn.Parameter, Origin]:
+        cfg = self.config
+        x = example if example is not None else self._growth_example()
+        try:
+            grown, origins = grow_model(
+                self.student,
+                steps,
+                x,
+                carry=live and cfg.grow_optimizer == "carry",
+                init=cfg.grow_init if live else "copy",
+                seed=derive_seed("grow-init", cfg.seed, len(self.growth_log), net),
+            )
+        except SurgeryError as e:
+            raise XrossError(f"growing the student: {first_line(e)}") from None
+        self.student = grown.train()
+        if cfg.channels_last:
+            self.student = self.student.to(memory_format=torch.channels_last)
+        return origins
+
+    def growth_probe(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        with torch.no_grad(), evaluating(self.student):
+            return {"net0": as_logits(self.student(images), "the student")}
+
+    def forward_flops(self) -> tuple[int, int]:
+        x = self._growth_example()[:1]
+        with torch.no_grad():
+            fixed = surgery.count_flops(self._teachers(), x) if self.needs_teachers else 0
+            return surgery.count_flops(self.student, x), fixed
 
     # --- one step -------------------------------------------------------------------------------
 

@@ -10,6 +10,7 @@ run's cohort as a standalone :class:`surgery.Pieces`.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar, cast
 
@@ -25,11 +26,13 @@ from surgery.files.refs import parse as parse_reference
 from surgery.files.refs import register_run_loader
 from surgery.models.build import is_code_source
 from xross.cohort.grid import Cohort, build_net
+from xross.cohort.grow import grow_model, grow_net
 from xross.data import EVAL_SPLITS, BatchLoader, ImageTensors, load_split
 from xross.errors import XrossError
 from xross.run.checkpoint import CheckpointDir
 from xross.run.config import DistillConfig, RunConfig, TrainConfig, load_config
 from xross.run.distributed import globalise_batchnorm
+from xross.run.growing import GrowthEntry, checkpoint_growth
 from xross.run.table import require_kind
 
 M = TypeVar("M", bound=nn.Module)
@@ -135,11 +138,17 @@ def run_config(run: Path) -> TrainConfig | DistillConfig:
     return load_config(run / "config.yaml")
 
 
-def _with_latest_weights(run: Path, module: M, key: str, cfg: RunConfig, verify: bool) -> M:
-    """``module`` with the weights of the run's newest good checkpoint (its ``key`` entry), in eval mode."""
+def _with_latest_weights(
+    run: Path, module: M, key: str, cfg: RunConfig, verify: bool, regrow: Callable[[M, list[GrowthEntry]], M]
+) -> M:
+    """``module`` with the weights of the run's newest good checkpoint (its ``key`` entry), in eval mode;
+    ``regrow(module, growths)`` first rebuilds the structure the checkpoint's growths made."""
     path, state = CheckpointDir(run).load_latest(verify)
     try:
+        module = regrow(module, checkpoint_growth(state))
         module.load_state_dict(state[key])
+    except SurgeryError as e:
+        raise XrossError(f"checkpoint {path}: its growth log does not replay ({first_line(e, 160)})") from None
     except (RuntimeError, KeyError, TypeError) as e:
         raise XrossError(f"checkpoint {path} does not fit the run's {key} ({first_line(e, 160)})") from None
     return module.to(DTYPES[cfg.dtype]).eval()
@@ -151,7 +160,14 @@ def load_run(run: Path, *, trust_code: bool = False, verify: bool = True) -> tup
     cfg = run_config(run)
     require_kind(cfg, "cohort", run)
     cohort = build_cohort(cast(TrainConfig, cfg), torch.device("cpu"), trust_code=trust_code)
-    return cast(TrainConfig, cfg), _with_latest_weights(run, cohort, "cohort", cfg, verify)
+
+    def regrow(cohort: Cohort, growths: list[GrowthEntry]) -> Cohort:
+        for entry in growths:
+            for net, steps in entry.steps().items():
+                grow_net(cohort, net, steps, cfg.image_size or 0)
+        return cohort
+
+    return cast(TrainConfig, cfg), _with_latest_weights(run, cohort, "cohort", cfg, verify, regrow)
 
 
 def load_slim(run: Path, *, trust_code: bool = False, verify: bool = True) -> tuple[TrainConfig, SlimNet]:
@@ -160,7 +176,7 @@ def load_slim(run: Path, *, trust_code: bool = False, verify: bool = True) -> tu
     cfg = run_config(run)
     require_kind(cfg, "slim", run)
     slim = build_slim(cast(TrainConfig, cfg), torch.device("cpu"), trust_code=trust_code)
-    return cast(TrainConfig, cfg), _with_latest_weights(run, slim, "slim", cfg, verify)
+    return cast(TrainConfig, cfg), _with_latest_weights(run, slim, "slim", cfg, verify, lambda m, _: m)
 
 
 def initial_student(run: Path, *, trust_code: bool = False) -> nn.Module:
@@ -177,7 +193,15 @@ def load_student(run: Path, *, trust_code: bool = False, verify: bool = True) ->
     cfg = run_config(run)
     require_kind(cfg, "student", run)
     student = initial_student(run, trust_code=trust_code)
-    return cast(DistillConfig, cfg), _with_latest_weights(run, student, "student", cfg, verify)
+
+    def regrow(student: nn.Module, growths: list[GrowthEntry]) -> nn.Module:
+        size = cfg.image_size or 32
+        for entry in growths:
+            for steps in entry.steps().values():
+                student = grow_model(student, steps, torch.zeros(2, 3, size, size))[0]
+        return student
+
+    return cast(DistillConfig, cfg), _with_latest_weights(run, student, "student", cfg, verify, regrow)
 
 
 @register_run_loader

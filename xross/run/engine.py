@@ -47,7 +47,7 @@ from xross.run.config import DistillConfig, RunConfig, TrainConfig
 from xross.run.directory import DTYPES
 from xross.run.distributed import DistInfo, any_rank, average_gradients, init_distributed
 from xross.run.evaluate import EvalResult
-from xross.run.growing import GrowthEntry, GrowthItem, parse_item, write_log
+from xross.run.growing import GrowthEntry, GrowthItem, checkpoint_growth, parse_item, write_log
 from xross.run.metrics import MetricsLog
 from xross.run.optim import ParamGroup, lr_at, make_optimizer, set_lr
 from xross.run.teachers import Teachers, load_teachers
@@ -503,8 +503,8 @@ class RunEngine:
     def _replay_growth(self, entries: list[GrowthEntry]) -> None:
         """Rebuild the structure a checkpoint was saved with: the logged growths replayed before its weights load."""
         for entry in entries:
-            for net, steps in entry.nets.items():
-                self.grow_net(net, [growth.MutationRecord.model_validate(r) for r in steps], None, live=False)
+            for net, steps in entry.steps().items():
+                self.grow_net(net, steps, None, live=False)
         if entries:
             self._rebuild_optimizer({}, "reset")
             self.flops_per_image = self._flops_per_image()
@@ -550,7 +550,7 @@ class RunEngine:
     def _restore(self, verify: bool = True) -> None:
         path, state = self.checkpoints.load_latest(verify)
         try:
-            self._replay_growth([GrowthEntry.model_validate(e) for e in state.get("growth", [])])
+            self._replay_growth(checkpoint_growth(state))
             self.load_model_state(state)
             self.optimizer.load_state_dict(state["optimizer"])
             self.scaler.load_state_dict(state["scaler"])

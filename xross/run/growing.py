@@ -30,6 +30,7 @@ from typing import Any
 
 import yaml
 
+from growth.mutation import MutationRecord
 from growth.registry import OPS
 from surgery.core.schema import FileModel, Float
 from surgery.core.util import atomic_write_text
@@ -129,6 +130,10 @@ class GrowthEntry(FileModel):
     optimizer: str = "carry"
     init: str = "copy"
 
+    def steps(self) -> dict[int, list[MutationRecord]]:
+        """Per net grown, the steps to replay."""
+        return {net: [MutationRecord.model_validate(r) for r in records] for net, records in self.nets.items()}
+
 
 def write_log(run_dir: Path, entries: list[GrowthEntry]) -> None:
     """``run_dir/growth.jsonl``: one entry per growth so far (written whole, atomically)."""
@@ -141,3 +146,8 @@ def read_log(run_dir: Path) -> list[GrowthEntry]:
     if not path.is_file():
         return []
     return [GrowthEntry.model_validate_json(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def checkpoint_growth(state: dict[str, Any]) -> list[GrowthEntry]:
+    """The growths a checkpoint's weights were saved after (none in a run that did not grow, or an older one)."""
+    return [GrowthEntry.model_validate(entry) for entry in state.get("growth", [])]
