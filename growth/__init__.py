@@ -20,7 +20,7 @@ from growth.deeper import net2deeper
 from growth.kernel import widen_kernel
 from growth.mutation import MutationRecord, mutate, random_mutation, read_log, replay, weights_digest
 from growth.policies import POLICIES, expand
-from growth.provenance import Lineage, grow_steps, lineage
+from growth.provenance import grow_steps, lineage
 from growth.registry import OPS, GrowthOp, Site, sites
 from growth.skip import add_skip
 from growth.wider import net2wider
@@ -28,7 +28,6 @@ from growth.wider import net2wider
 __all__ = [
     "OPS",
     "POLICIES",
-    "Lineage",
     "expand",
     "grow_steps",
     "lineage",

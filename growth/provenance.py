@@ -35,7 +35,15 @@ UNIT, TAG = 2.0**-10, 2.0**-40  # the value of every weight in the copy that fin
 
 
 def grow_steps(model: nn.Module, steps: Sequence[MutationRecord], example_input: Any = None) -> nn.Module:
-    """``model`` after every step (op, site, arguments) in turn; ``model`` itself is not modified."""
+    """``model`` after every step (op, site, arguments) in turn; ``model`` itself is not modified.
+
+    >>> import torchvision, growth
+    >>> net = torchvision.models.resnet18()
+    >>> steps = growth.expand(net, "net2deeper", "stages") + growth.expand(net, "net2wider", "layer1.0.conv1", factor=2)
+    >>> grown = growth.grow_steps(net, steps)
+    >>> grown.layer1[0].conv1.out_channels, hasattr(grown.layer4, "net2deeper0")
+    (128, True)
+    """
     for record in steps:
         model = get_op(record.op).apply(model, record.site, record.args, example_input)
     return model
