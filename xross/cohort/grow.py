@@ -29,7 +29,7 @@ True
 from __future__ import annotations
 
 import copy
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import cast
 
@@ -223,11 +223,13 @@ def grow_net(
     carry: bool = False,
     init: str = "copy",
     seed: int = 0,
+    transform: Callable[[nn.Module], nn.Module] | None = None,
 ) -> dict[nn.Parameter, Origin]:
     """Grow net ``net`` of ``cohort`` by ``steps`` in place (pieces, whole and adapters); every path keeps its
     function. With ``carry``, returns where each new parameter came from (:class:`~growth.provenance.Origin`)
     for the optimiser; ``example`` (a batch) is what the ops measure new layers' statistics on; ``init`` and
-    ``seed`` as :func:`grow_model`."""
+    ``seed`` as :func:`grow_model`; ``transform(grown)`` runs before the cut, as ``Cohort.build``'s
+    ``transform_net`` (it must keep the parameter objects: the origins name them)."""
     whole = cohort.wholes[net]
     old_pieces = cast(surgery.Pieces, cohort.nets[net])
     if whole is None or not _shares(whole, old_pieces):
@@ -241,6 +243,8 @@ def grow_net(
     cuts = list(old_pieces.cuts)
     try:
         grown, origins = grow_model(whole, steps, x, carry=carry, init=init, seed=seed)
+        if transform is not None:
+            grown = transform(grown)
         pieces = surgery.cut(grown.eval(), cuts, x[:1])
     except SurgeryError as e:
         raise XrossError(f"growing net {net} ({cohort.names[net]}): {first_line(e)}") from None

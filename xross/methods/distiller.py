@@ -177,7 +177,8 @@ class Distiller(RunEngine):
             )
         except SurgeryError as e:
             raise XrossError(f"growing the student: {first_line(e)}") from None
-        self.student = grown.train()
+        transform = self.batchnorm_transform()
+        self.student = (transform(grown) if transform is not None else grown).train()
         if cfg.channels_last:
             self.student = self.student.to(memory_format=torch.channels_last)
         return origins

@@ -124,6 +124,7 @@ class Trainer(RunEngine):
             carry=live and cfg.grow_optimizer == "carry",
             init=cfg.grow_init if live else "copy",
             seed=derive_seed("grow-init", cfg.seed, len(self.growth_log), net),
+            transform=self.batchnorm_transform(),
         )
         if cfg.channels_last:
             self.cohort = self.cohort.to(memory_format=torch.channels_last)

@@ -123,6 +123,8 @@ def globalise_batchnorm(model: nn.Module, device: torch.device) -> nn.Module:
                 child.num_features, child.eps, child.momentum, child.affine, child.track_running_stats
             )
             new.load_state_dict(child.state_dict())
+            for key, param in child.named_parameters(recurse=False):
+                setattr(new, key, param)  # the same parameters: what holds them (an optimiser, a growth) still does
             new.train(child.training)
             setattr(model, name, new)
         else:

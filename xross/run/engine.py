@@ -27,7 +27,7 @@ import shutil
 import signal
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -45,7 +45,7 @@ from xross.run import carry
 from xross.run.checkpoint import CheckpointDir
 from xross.run.config import DistillConfig, RunConfig, TrainConfig
 from xross.run.directory import DTYPES
-from xross.run.distributed import DistInfo, any_rank, average_gradients, init_distributed
+from xross.run.distributed import DistInfo, any_rank, average_gradients, globalise_batchnorm, init_distributed
 from xross.run.evaluate import EvalResult
 from xross.run.growing import GrowthEntry, GrowthItem, checkpoint_growth, parse_item, write_log
 from xross.run.metrics import MetricsLog
@@ -446,6 +446,13 @@ class RunEngine:
             for name, value in saved.items():
                 setattr(self, name, value)
         return plan
+
+    def batchnorm_transform(self) -> Callable[[nn.Module], nn.Module] | None:
+        """What makes the BatchNorms a growth adds global, as the build made the others (data-parallel runs
+        with ``sync_bn``); None otherwise."""
+        if not (self.dist.enabled and self.config.sync_bn):
+            return None
+        return lambda net: globalise_batchnorm(net, self.device)
 
     def _growth_example(self) -> torch.Tensor:
         size = self.config.image_size or 32
