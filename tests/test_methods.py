@@ -55,6 +55,7 @@ SAMPLES: dict[str, tuple[typing.Any, dict[str, typing.Any]]] = {
     "grow_optimizer": ("reset", {"grow": ["step=3:net2deeper:stages"]}),
     "grow_warmup": (10, {"grow": ["epoch=1:net2wider:layer2.0.conv1:factor=1.5"]}),
     "grow_init": ("random", {"grow": ["0.5:any:random:2"]}),
+    "grow_kd": ("2:0.5:10", {"grow": ["0.5:net2deeper:stages"]}),
     "seed": (3, {}),
     "device": ("cpu", {}),
     "amp": ("bf16", {}),

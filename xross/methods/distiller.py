@@ -36,7 +36,7 @@ from xross.cohort.logits import as_logits
 from xross.data import derive_seed
 from xross.errors import XrossError
 from xross.methods.discriminator import Discriminator
-from xross.methods.objectives import DistillLoss
+from xross.methods.objectives import DistillLoss, growth_kd
 from xross.run.config import DistillConfig, resolve_config
 from xross.run.directory import STUDENT_INIT, check_sources, initial_student
 from xross.run.distributed import globalise_batchnorm, sum_over_ranks
@@ -206,6 +206,11 @@ class Distiller(RunEngine):
                 teacher_logits, target = [], images.new_zeros(())
             logits = as_logits(self.student(images), "the student")
             loss = self.loss(logits, target, labels)
+            kd, before = self.config.grow_kd_terms(), self.growth_teacher(0)
+            if kd is not None and before is not None:
+                with torch.no_grad():
+                    grown_from = as_logits(before(images), "the student before its growth")
+                loss = growth_kd(loss, logits, grown_from, kd[0], kd[1])
             terms, total = dict(loss.terms), loss.total
             if self.discriminator is not None:
                 d = self.discriminator.loss(logits, ensemble_logits(teacher_logits, self.teacher_weights))

@@ -264,7 +264,7 @@ MUTUALNET = register_method(
             "unlabeled": NO_LABELS,
             "exits": NO_PARTS,
             "init_from": NO_PARTS,
-            **dict.fromkeys(("grow", "grow_optimizer", "grow_warmup", "grow_init"), NO_GROWTH),
+            **dict.fromkeys(("grow", "grow_optimizer", "grow_warmup", "grow_init", "grow_kd"), NO_GROWTH),
             "teacher": "mutualnet distils its own widest network",
         },
     )

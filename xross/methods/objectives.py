@@ -42,6 +42,22 @@ class LossTerms:
     total: torch.Tensor
 
 
+def growth_kd(
+    loss: LossTerms, logits: torch.Tensor, before: torch.Tensor, temperature: float, alpha: float
+) -> LossTerms:
+    """``(1 - alpha) x loss + alpha x T^2 KL(before || logits)``: a net just grown distils from itself as it was
+    (``--grow-kd``; the term is logged as ``grow_kd``).
+
+    >>> import torch
+    >>> x = torch.randn(4, 10)
+    >>> out = growth_kd(LossTerms({}, torch.tensor(2.0)), x, x, temperature=2.0, alpha=0.25)
+    >>> float(out.total), float(out.terms["grow_kd"])
+    (1.5, 0.0)
+    """
+    term = kl(before, logits, temperature) * temperature**2
+    return LossTerms({**loss.terms, "grow_kd": term}, (1 - alpha) * loss.total + alpha * term)
+
+
 def _path_tag(path: Route) -> str:
     return "-".join(map(str, path))
 

@@ -31,10 +31,11 @@ from surgery.core.util import evaluating
 from xross.analysis.similarity import cohort_cka
 from xross.cohort.exits import exit_loss, exit_prefixes
 from xross.cohort.grow import grow_net
+from xross.cohort.logits import as_logits
 from xross.data import ImageTensors, derive_seed
 from xross.data.labels import labeled_accuracy
 from xross.data.semi import keep_labels, labeled_only, load_unlabeled, with_unlabeled
-from xross.methods.objectives import DML, KD, XML, Independent, LossTerms, Mode, check_cross, check_peers
+from xross.methods.objectives import DML, KD, XML, Independent, LossTerms, Mode, check_cross, check_peers, growth_kd
 from xross.run.config import TrainConfig, resolve_config
 from xross.run.directory import build_cohort, check_sources, load_cohort_weights
 from xross.run.distributed import sum_over_ranks
@@ -188,6 +189,7 @@ class Trainer(RunEngine):
         with self.autocast():
             target = self.teacher_logits(images)
             losses = {i: self._loss(i, logits, values, labels, target) for i in students}
+            losses = self._with_growth_kd(images, logits, losses)
         for i, loss in losses.items():
             self.check_finite(loss.terms, f" of net {i} ({self.config.nets[i]})")
         self.optimizer.zero_grad(set_to_none=True)
@@ -205,6 +207,22 @@ class Trainer(RunEngine):
         self.optimizer_step()
         self.train_logits = {i: logits[self.cohort.own_path(i)].detach() for i in students}
         return losses
+
+    def _with_growth_kd(
+        self, images: torch.Tensor, logits: dict[tuple[int, ...], torch.Tensor], losses: dict[int, LossTerms]
+    ) -> dict[int, LossTerms]:
+        """``--grow-kd``: the nets just grown also distil from themselves as they were before."""
+        kd = self.config.grow_kd_terms()
+        if kd is None:
+            return losses
+        out = dict(losses)
+        for i in losses:
+            before = self.growth_teacher(i)
+            if before is not None:
+                with torch.no_grad():
+                    target = as_logits(before(images), "the net before its growth")
+                out[i] = growth_kd(losses[i], logits[self.cohort.own_path(i)], target, kd[0], kd[1])
+        return out
 
     def _loss(
         self,

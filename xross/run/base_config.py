@@ -91,6 +91,12 @@ class RunConfig(FileModel):
     grow_warmup: NonNegativeInt = Field(
         0, json_schema_extra=GROWING, description="steps of linear learning-rate warm-up after each growth"
     )
+    grow_kd: str | None = Field(
+        None,
+        json_schema_extra=GROWING,
+        description="T:ALPHA:STEPS: for STEPS steps after a growth, each grown net's loss is (1-ALPHA) x its own "
+        "plus ALPHA x T^2 KL from the net as it was before the growth (e.g. 2:0.5:100)",
+    )
     grow_init: GrowInitName = Field(
         "copy",
         json_schema_extra=GROWING,
@@ -125,11 +131,33 @@ class RunConfig(FileModel):
             parse_item(item)
         return value
 
+    @field_validator("grow_kd")
+    @classmethod
+    def _grow_kd(cls, value: str | None) -> str | None:
+        if value is None:
+            return value
+        parts = value.split(":")
+        try:
+            t, alpha, steps = float(parts[0]), float(parts[1]), int(parts[2])
+            ok = len(parts) == 3 and t > 0 and 0 <= alpha <= 1 and steps > 0
+        except (ValueError, IndexError):
+            ok = False
+        if not ok:
+            raise ValueError(f"'{value}' is T:ALPHA:STEPS (T > 0, ALPHA in [0, 1], STEPS >= 1), e.g. 2:0.5:100")
+        return value
+
+    def grow_kd_terms(self) -> tuple[float, float, int] | None:
+        """``grow_kd`` as (temperature, alpha, steps), or None."""
+        if self.grow_kd is None:
+            return None
+        t, alpha, steps = self.grow_kd.split(":")
+        return float(t), float(alpha), int(steps)
+
     def refuse_growth_options_without_growth(self) -> None:
         """The grow_* options change how a growth is done: without --grow they would do nothing."""
         if self.grow:
             return
-        for name in ("grow_optimizer", "grow_warmup", "grow_init"):
+        for name in ("grow_optimizer", "grow_warmup", "grow_init", "grow_kd"):
             if getattr(self, name) != type(self).model_fields[name].default:
                 flag = "--" + name.replace("_", "-")
                 raise ValueError(f"{name} applies with --grow only; add a --grow schedule or drop {flag}")

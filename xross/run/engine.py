@@ -155,6 +155,9 @@ class RunEngine:
         self.test_loader = BatchLoader(test, config.batch_size, train=False, augment=augment, **kw)
         self.total_steps = config.epochs * len(self.train_loader)
         self.growth_log: list[GrowthEntry] = []
+        self.growth_teachers: dict[int, nn.Module] = {}  # --grow-kd: the nets as they were before the last growth
+        self.growth_kd_until = -1  # ... distilled from until this global step
+        self._frozen: dict[int, nn.Module] = {}
         self.growth_plan = self._plan_growth() if config.grow else []
         self._growth_row: dict[str, float] = {}
         self.flops_per_image = self._flops_per_image()
@@ -465,6 +468,7 @@ class RunEngine:
         y = labels.to(self.device)
         before = self.growth_probe(x)
         params_before, flops_before = sum(p.numel() for p in self.params), sum(self.forward_flops())
+        self._keep_growth_teachers(planned)
         origins: dict[nn.Parameter, Origin] = {}
         for net, steps in planned.nets.items():
             origins.update(self.grow_net(net, steps, x, live=True))
@@ -507,11 +511,37 @@ class RunEngine:
                     file=sys.stderr,
                 )
 
-    def _replay_growth(self, entries: list[GrowthEntry]) -> None:
-        """Rebuild the structure a checkpoint was saved with: the logged growths replayed before its weights load."""
+    def growth_teacher(self, net: int) -> nn.Module | None:
+        """With ``grow_kd``, net ``net`` as it was before its last growth while the steps distilling from it last."""
+        if self.position.global_step >= self.growth_kd_until:
+            return None
+        return self.growth_teachers.get(net)
+
+    def _keep_growth_teachers(self, planned: PlannedGrowth) -> None:
+        """``grow_kd``: before the first growth of a step, a frozen copy of every net; the grown ones teach."""
+        kd = self.config.grow_kd_terms()
+        if kd is None:
+            return
+        until = self.position.global_step + kd[2]
+        if self.growth_kd_until != until:
+            self.growth_kd_until = until
+            self._frozen = {i: _frozen(net) for i, net in enumerate(self.growable())}
+            self.growth_teachers = {}
+        self.growth_teachers.update({i: self._frozen[i] for i in planned.nets})
+
+    def _replay_growth(self, entries: list[GrowthEntry], state: dict[str, Any] | None = None) -> None:
+        """Rebuild the structure a checkpoint was saved with: the logged growths replayed before its weights load
+        (with ``grow_kd`` in a window still open, the nets as they were before the last growth too)."""
+        teachers = (state or {}).get("growth_teachers")
+        last = entries[-1].global_step if entries else -1
         for entry in entries:
+            if teachers and entry.global_step == last and not self.growth_teachers:
+                self.growth_teachers = {int(i): _frozen(self.growable()[int(i)]) for i in teachers["nets"]}
+                self.growth_kd_until = int(teachers["until"])
             for net, steps in entry.steps().items():
                 self.grow_net(net, steps, None, live=False)
+        for i, weights in (teachers or {}).get("nets", {}).items():
+            self.growth_teachers[int(i)].load_state_dict(weights)
         if entries:
             self._rebuild_optimizer({}, "reset")
             self.flops_per_image = self._flops_per_image()
@@ -545,6 +575,16 @@ class RunEngine:
                 "scaler": self.scaler.state_dict(),
                 "position": dataclasses.asdict(self.position),
                 "growth": [entry.model_dump() for entry in self.growth_log],
+                **(
+                    {
+                        "growth_teachers": {
+                            "until": self.growth_kd_until,
+                            "nets": {i: m.state_dict() for i, m in self.growth_teachers.items()},
+                        }
+                    }
+                    if self.position.global_step < self.growth_kd_until
+                    else {}
+                ),  # fmt: skip
                 "rng": {
                     "torch": torch.get_rng_state(),
                     **({"cuda": torch.cuda.get_rng_state_all()} if torch.cuda.is_available() else {}),
@@ -557,7 +597,7 @@ class RunEngine:
     def _restore(self, verify: bool = True) -> None:
         path, state = self.checkpoints.load_latest(verify)
         try:
-            self._replay_growth(checkpoint_growth(state))
+            self._replay_growth(checkpoint_growth(state), state)
             self.load_model_state(state)
             self.optimizer.load_state_dict(state["optimizer"])
             self.scaler.load_state_dict(state["scaler"])
@@ -605,6 +645,12 @@ class RunEngine:
         )
         with Progress(*columns, transient=False) as bar:
             yield bar
+
+
+def _frozen(net: nn.Module) -> nn.Module:
+    """A copy of ``net`` that only runs forward, in eval mode."""
+    copied = copy.deepcopy(net).eval()
+    return copied.requires_grad_(False)
 
 
 def _ce(logits: torch.Tensor, labels: torch.Tensor) -> float:
