@@ -450,6 +450,23 @@ class RunEngine:
                 setattr(self, name, value)
         return plan
 
+    def _check_growth_plan(self, checkpoint: Path) -> None:
+        """A resumed run's schedule must agree with the growths its checkpoint made, and not have moved one it
+        has not made yet to a step already passed (raising ``epochs`` moves the fractions of the run)."""
+        done, plan = self.growth_log, self.growth_plan
+        if len(done) > len(plan) or any(e.item != p.item.text for e, p in zip(done, plan)):
+            raise XrossError(
+                f"checkpoint {checkpoint} grew by {[e.item for e in done]}, which this run's --grow schedule "
+                f"{[p.item.text for p in plan]} does not begin with; resume with the run's own schedule"
+            )
+        if len(done) < len(plan) and plan[len(done)].step < self.position.global_step:
+            nxt = plan[len(done)]
+            raise XrossError(
+                f"grow '{nxt.item.text}' now falls at step {nxt.step}, before the checkpoint's step "
+                f"{self.position.global_step} (the run is longer now, and fractions of it moved); resume without "
+                "raising --epochs, or give the growths as epoch=E / step=S"
+            )
+
     def batchnorm_transform(self) -> Callable[[nn.Module], nn.Module] | None:
         """What makes the BatchNorms a growth adds global, as the build made the others (data-parallel runs
         with ``sync_bn``); None otherwise."""
@@ -604,6 +621,7 @@ class RunEngine:
             self.position = Position(**state["position"])
         except (KeyError, RuntimeError, ValueError, TypeError, SurgeryError) as e:
             raise XrossError(f"checkpoint {path} does not fit this run ({first_line(e, 160)})") from None
+        self._check_growth_plan(path)
         torch.set_rng_state(state["rng"]["torch"])
         if "cuda" in state["rng"] and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(state["rng"]["cuda"])
