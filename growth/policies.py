@@ -6,7 +6,7 @@ replayable :class:`~growth.MutationRecord` steps on the model as it is then:
 - ``all``: every site the op lists (net2wider: every coupled width group, in one step);
 - ``stages``: one net2deeper after each stage: a zero-branch copy of the last residual block
   of each stage (blocks grouped by their parent module), or, in a net without residual blocks,
-  an identity conv after the last site of each spatial resolution;
+  an identity conv after the last site of each spatial resolution that is not a pooling's output;
 - ``random:N``: N random feasible steps of the op (``any``: of every op), seeded, as :func:`growth.mutate`;
 - site names (``layer2.0.conv1+layer3.0.conv1``): those sites.
 """
@@ -59,11 +59,23 @@ def _stages(model: nn.Module, op: str, args: dict[str, Any], seed: int, example_
     kind = args.get("kind", "conv")
     by_size: dict[tuple[int, ...], str] = {}
     for site in sites(model, op, example_input, kind=kind):
+        if _is_pool(work, site):  # a layer after the pooling that ends a stage is not inside any stage
+            continue
         shape = work.shape(work.node(site))
         by_size[tuple(shape[2:]) if shape is not None else ()] = site
     if not by_size:
         raise GrowthError(f"the stages policy finds no residual block and no {kind} site in {type(model).__name__}")
     return [MutationRecord(op=op, site=s, args={**args, "kind": kind}) for s in by_size.values()]
+
+
+POOLS = (nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d)
+
+
+def _is_pool(work: Workbench, site: str) -> bool:
+    node = work.node(site)
+    if node.op == "call_module":
+        return isinstance(work.gm.get_submodule(str(node.target)), POOLS)
+    return "pool" in getattr(node.target, "__name__", str(node.target))
 
 
 @POLICIES.register("random")
