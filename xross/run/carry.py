@@ -33,8 +33,11 @@ MOMENT_POWER = {"momentum_buffer": 1, "exp_avg": 1, "exp_avg_sq": 2, "max_exp_av
 CARRY_MODES = ("carry", "reset")
 
 
-def carried_state(old_state: Any, origin: Origin, shape: torch.Size) -> dict[str, Any]:
-    """The optimiser state of a grown parameter of ``shape`` from the state of its origin's sources."""
+def carried_state(
+    old_state: Any, origin: Origin, shape: torch.Size, flats: dict[tuple[int, str], torch.Tensor] | None = None
+) -> dict[str, Any]:
+    """The optimiser state of a grown parameter of ``shape`` from the state of its origin's sources
+    (``flats`` caches their concatenated state across the parameters grown from the same sources)."""
     states = [old_state.get(p, {}) for p in origin.sources]
     keys = list(dict.fromkeys(k for s in states for k in s))
     kept = origin.index >= 0
@@ -44,17 +47,22 @@ def carried_state(old_state: Any, origin: Origin, shape: torch.Size) -> dict[str
             steps = [s["step"] for s in states if "step" in s]
             out["step"] = max(steps, key=float).clone() if isinstance(steps[0], torch.Tensor) else max(steps)
             continue
-        if key not in MOMENT_POWER:
+        if key not in MOMENT_POWER and any(isinstance(s.get(key), torch.Tensor) for s in states):
             raise XrossError(
                 f"the optimiser's state '{key}' has no rule to carry it through a growth; use --grow-optimizer reset"
             )
         like = next(s[key] for s in states if key in s)
-        flat = torch.cat(
-            [
-                (s[key] if key in s else torch.zeros(p.shape, dtype=like.dtype, device=like.device)).reshape(-1)
-                for p, s in zip(origin.sources, states)
-            ]
-        )
+        if not isinstance(like, torch.Tensor):  # e.g. a momentum buffer not made yet
+            continue
+        cache = flats if flats is not None else {}
+        if (id(origin.sources), key) not in cache:
+            cache[id(origin.sources), key] = torch.cat(
+                [
+                    (s[key] if key in s else torch.zeros(p.shape, dtype=like.dtype, device=like.device)).reshape(-1)
+                    for p, s in zip(origin.sources, states)
+                ]
+            )
+        flat = cache[id(origin.sources), key]
         value = torch.zeros(origin.index.numel(), dtype=like.dtype, device=like.device)
         index = origin.index.reshape(-1).to(like.device)
         factor = origin.scale.reshape(-1).to(like.device) ** MOMENT_POWER[key]
@@ -70,12 +78,13 @@ def rebuild(
     grown one gets its carried state (``mode="carry"``) or none (``"reset"``)."""
     if mode not in CARRY_MODES:
         raise XrossError(f"grow optimizer '{mode}' is one of {', '.join(CARRY_MODES)}")
+    flats: dict[tuple[int, str], torch.Tensor] = {}
     for group in new.param_groups:
         for p in group["params"]:
             if p in old.state:
                 new.state[p] = dict(old.state[p])
             elif mode == "carry" and p in origins:
-                state = carried_state(old.state, origins[p], p.shape)
+                state = carried_state(old.state, origins[p], p.shape, flats)
                 if state:
                     new.state[p] = state
     return new
