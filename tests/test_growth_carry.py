@@ -13,13 +13,16 @@ rows, 1 on the columns) or by exactly its original's update (Adam).
 from __future__ import annotations
 
 import copy
+from typing import Any, cast
 
 import pytest
 import torch
 from torch import nn
 
 import growth
+import xross
 from xross.run.carry import rebuild
+from xross.run.engine import RunEngine
 
 OLD, NEW = 4, 7  # hidden units before and after
 
@@ -151,3 +154,60 @@ def test_reset_gives_the_grown_parameters_no_state(kind) -> None:
     _, grown, other, opt, new_opt = grown_with_state(kind, False, "reset")
     assert all(p not in new_opt.state for p in grown.parameters())
     assert new_opt.state[other].keys() == opt.state[other].keys()  # what the growth did not touch keeps its own
+
+
+# --- the same rule through the engine, as a run does it ------------------------------------------------
+
+VGG = "growth.models:small_vgg(widths=[8, 16], image_size=8)"
+ROWS = ("features.0.block.conv.weight", "features.0.block.bn.weight", "features.0.block.bn.bias")
+COLUMNS = "features.1.block.conv.weight"
+
+
+def _named_state(engine: RunEngine) -> dict[str, dict[str, torch.Tensor]]:
+    """The engine's optimiser state by parameter name (net 0's own names), copied; and its weights under ``w:``."""
+    trainer = cast(Any, engine)
+    out = {}
+    for name, p in trainer.cohort.wholes[0].named_parameters():
+        out[name] = {k: v.clone() for k, v in engine.optimizer.state.get(p, {}).items()}
+        out[f"w:{name}"] = {"value": p.detach().clone()}
+    return out
+
+
+@pytest.mark.parametrize("kind, mode", [("sgd", "carry"), ("adam", "carry"), ("sgd", "reset")])
+def test_a_run_carries_the_state_by_the_rule(kind, mode, tmp_path, synthetic_archive, data_cache, monkeypatch) -> None:
+    seen: dict[str, dict[str, dict[str, torch.Tensor]]] = {}
+    original = RunEngine._grow
+
+    def watched(self: RunEngine, *args: Any) -> None:
+        seen["before"] = _named_state(self)
+        original(self, *args)
+        seen["after"] = _named_state(self)
+
+    monkeypatch.setattr(RunEngine, "_grow", watched)
+    xross.train(
+        nets=[VGG], mode="independent", cuts=["features.0"], data=str(synthetic_archive), cache_dir=str(data_cache),
+        subset=64, eval_subset=16, image_size=8, batch_size=16, epochs=1, dtype="float64", optimizer=kind,
+        lr=0.01, momentum=0.9, grow=["0.5:net2wider:features.0.block.conv:new_width=13"], grow_optimizer=mode,
+        out=str(tmp_path / "run"), progress=False,
+    )  # fmt: skip
+    before, after = seen["before"], seen["after"]
+    old_rows, new_rows = before[f"w:{ROWS[0]}"]["value"], after[f"w:{ROWS[0]}"]["value"]
+    index = torch.tensor([next(i for i in range(8) if torch.equal(row, old_rows[i])) for row in new_rows])
+    c = torch.bincount(index, minlength=8).double()[index]
+    assert index[:8].tolist() == list(range(8)) and len(index) == 13 and c.max() > c.min()
+    if mode == "reset":
+        assert all(not state for name, state in after.items() if not name.startswith("w:"))
+        return
+    moments = ["momentum_buffer"] if kind == "sgd" else ["exp_avg", "exp_avg_sq"]
+    for name in ROWS:
+        shape = (-1,) + (1,) * (before[name][moments[0]].dim() - 1)
+        for key in moments:
+            power = 2 if key == "exp_avg_sq" else 1
+            want = before[name][key][index] / c.view(shape) ** power
+            assert close(after[name][key], want), (name, key)
+    for key in moments:
+        assert torch.equal(after[COLUMNS][key], before[COLUMNS][key][:, index]), key
+        for name in ("classifier.weight", "classifier.bias"):  # not widened: as they were
+            assert torch.equal(after[name][key], before[name][key]), (name, key)
+    if kind == "adam":
+        assert all(torch.equal(after[n]["step"], before[n]["step"]) for n in before if not n.startswith("w:"))

@@ -255,7 +255,8 @@ def test_xml_of_two_widths_stopped_right_after_growing_net0_resumes_bit_identica
 
 
 def test_a_stop_at_the_epoch_end_before_an_epoch_growth_resumes_bit_identical(options, monkeypatch) -> None:
-    options.update(subset=2 * BATCH, epochs=2, grow=["epoch=1:net2wider:all:factor=2"], optimizer="adam", lr=1e-3)
+    options.update(mode="independent", nets=[VGG], subset=2 * BATCH, epochs=2, grow=["epoch=1:net2wider:all:factor=2"])
+    options.update(optimizer="adam", lr=1e-3)
     straight, resumed, stopped = _straight_and_resumed(xross.train, options, monkeypatch, _stop_at_epoch_end)
     assert stopped["position"] == {**stopped["position"], "epoch": 0, "step": 2, "global_step": 2}
     assert stopped["growth"] == []  # the growth comes after the resume
@@ -295,8 +296,8 @@ def test_dml_grows_resumes_and_eval_export_see_the_grown_nets(options, monkeypat
 
 
 def test_distillation_student_grows_and_resumes_bit_identical(options, monkeypatch, tmp_path) -> None:
-    teacher = tmp_path / "teacher"
-    xross.train(progress=False, **{**options, "out": str(teacher), "dtype": "float32"})
+    teacher = tmp_path / "teacher"  # a saved model (random weights) is a teacher as a trained run is
+    surgery.save(surgery.build_model("growth.models:small_vgg", widths=[16, 16], image_size=SIZE), teacher)
     keep = ("data", "cache_dir", "subset", "eval_subset", "image_size", "batch_size", "dtype", "lr", "log_every")
     student = {k: options[k] for k in keep} | dict(
         student=VGG, teacher=[str(teacher)], epochs=1, grow=["0.25:net2wider:all:factor=2"], discriminator="off",
@@ -314,13 +315,16 @@ def test_distillation_student_grows_and_resumes_bit_identical(options, monkeypat
 # --- 6. a growth that cannot apply: one line before training, exit 2 --------------------------------
 
 REFUSED = {
-    "no-site": (["--grow", "0.5:net2wider:nosuch.layer:factor=2"], "nosuch.layer"),
-    "factor-1": (["--grow", "0.5:net2wider:all:factor=1"], "factor"),
-    "factor-40": (["--grow", "0.5:net2wider:all:factor=40"], "factor"),
+    "no-site": (["--grow", "0.5:net2wider:nosuch.layer:factor=2"], "'nosuch.layer' is not a module path"),
+    "factor-1": (["--grow", "0.5:net2wider:all:factor=1"], "factor=1 does not widen"),
+    "factor-40": (["--grow", "0.5:net2wider:all:factor=40"], "factor=40 is more than one step grows"),
     "syntax": (["--grow", "0.5:net2wider"], "is WHEN:OP:SITES[:ARG=VALUE,...]"),
     "reset-alone": (["--grow-optimizer", "reset"], "grow_optimizer applies with --grow only"),
     "outside": (["--grow", "step=100000:net2wider:all:factor=2"], "outside the run's 4 steps"),
-    "mutualnet": (["--mode", "mutualnet", "--widths", "0.5:1.0", "--grow", "0.5:net2wider:all"], "mutualnet"),
+    "mutualnet": (
+        ["--mode", "mutualnet", "--widths", "0.5:1.0", "--grow", "0.5:net2wider:all"],
+        "mutualnet trains fractions",
+    ),
 }
 
 
