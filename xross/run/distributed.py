@@ -89,6 +89,18 @@ def any_rank(flag: bool, info: DistInfo) -> bool:
     return bool(t.item())
 
 
+def same_on_every_rank(batch: torch.Tensor, info: DistInfo, count: int = 16) -> torch.Tensor:
+    """The first ``count`` images of rank 0's ``batch`` on every rank (fewer if a rank has fewer): what every
+    rank must compute the same thing from, e.g. the statistics of the layers a growth inserts."""
+    if not info.enabled:
+        return batch[:count]
+    n = torch.tensor([min(count, len(batch))], device=info.device)
+    dist.all_reduce(n, op=dist.ReduceOp.MIN)
+    shared = batch[: int(n.item())].contiguous().to(info.device)
+    dist.broadcast(shared, src=0)
+    return shared.to(batch.device)
+
+
 def sum_over_ranks(counts: torch.Tensor, info: DistInfo) -> torch.Tensor:
     """Element-wise sum of ``counts`` over every rank (``counts`` itself outside distributed runs)."""
     if not info.enabled:

@@ -45,7 +45,14 @@ from xross.run import carry
 from xross.run.checkpoint import CheckpointDir
 from xross.run.config import DistillConfig, RunConfig, TrainConfig
 from xross.run.directory import DTYPES
-from xross.run.distributed import DistInfo, any_rank, average_gradients, globalise_batchnorm, init_distributed
+from xross.run.distributed import (
+    DistInfo,
+    any_rank,
+    average_gradients,
+    globalise_batchnorm,
+    init_distributed,
+    same_on_every_rank,
+)
 from xross.run.evaluate import EvalResult
 from xross.run.growing import GrowthEntry, GrowthItem, checkpoint_growth, parse_item, write_log
 from xross.run.metrics import MetricsLog
@@ -487,8 +494,9 @@ class RunEngine:
         params_before, flops_before = sum(p.numel() for p in self.params), sum(self.forward_flops())
         self._keep_growth_teachers(planned)
         origins: dict[nn.Parameter, Origin] = {}
+        example = same_on_every_rank(x, self.dist)  # every rank grows the same weights
         for net, steps in planned.nets.items():
-            origins.update(self.grow_net(net, steps, x, live=True))
+            origins.update(self.grow_net(net, steps, example, live=True))
         self._rebuild_optimizer(origins, cfg.grow_optimizer)
         after = self.growth_probe(x)
         scale = max(float(v.abs().max()) for v in before.values())
