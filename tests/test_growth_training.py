@@ -69,33 +69,44 @@ def assert_same_state(a: Any, b: Any, where: str = "") -> None:
 
 # --- 1. the function at the growth point -----------------------------------------------------------
 
-CASES = {
-    "net2wider-all-xml": ("xml", [VGG, VGG], "0.5:net2wider:all:factor=2"),
-    "net2deeper-blocks-resnet18": ("independent", [RESNET18], "0.5:net2deeper:stages"),
-    "net2deeper-identity-vgg": ("independent", [VGG], "0.5:net2deeper:stages"),
-    "net2branch-all-dml": ("dml", [VGG, VGG], "0.5:net2branch:all"),
-    "random-2": ("independent", [VGG], "0.5:any:random:2"),
+CONVS = ["features.0.block.conv", "features.1.block.conv"]
+CASES = {  # mode, nets, the schedule, the sites each net grows at (None: drawn at random)
+    "net2wider-all-xml": ("xml", [VGG, VGG], "0.5:net2wider:all:factor=2", ["+".join(CONVS)]),
+    "net2deeper-blocks-resnet18": (
+        "independent",
+        [RESNET18],
+        "0.5:net2deeper:stages",
+        [f"layer{i}.1" for i in (1, 2, 3, 4)],
+    ),
+    "net2deeper-identity-vgg": (
+        "independent",
+        [VGG],
+        "0.5:net2deeper:stages",
+        [f"features.{i}.block.relu" for i in (0, 1)],
+    ),
+    "net2branch-all-dml": ("dml", [VGG, VGG], "0.5:net2branch:all", [*CONVS, "classifier"]),
+    "random-2": ("independent", [VGG], "0.5:any:random:2", None),
 }
 
 
-@pytest.mark.parametrize("mode, nets, schedule", CASES.values(), ids=CASES.keys())
-def test_a_growth_keeps_the_function_and_counts_its_flops(options, mode, nets, schedule) -> None:
+@pytest.mark.parametrize("mode, nets, schedule, sites", CASES.values(), ids=CASES.keys())
+def test_a_growth_keeps_the_function_and_counts_its_flops(options, mode, nets, schedule, sites) -> None:
     cuts = {"cuts": ["layer2"]} if nets == [RESNET18] else {}
     xross.train(progress=False, **{**options, **cuts, "mode": mode, "nets": nets, "grow": [schedule]})
     run = Path(options["out"])
     (entry,) = read_log(run)
     assert entry.item == schedule and entry.global_step == STEPS // 2
     assert sorted(entry.nets) == list(range(len(nets)))  # every net grew
+    op = schedule.split(":")[1]
+    for steps in entry.nets.values():
+        assert [s["site"] for s in steps] == sites if sites else len(steps) == 2
+        assert all(s["op"] == op for s in steps) if op != "any" else all(s["op"] in growth.OPS for s in steps)
     assert entry.max_logit_change <= 1e-5, entry.max_logit_change
     assert entry.loss_before.keys() == entry.loss_after.keys() == set(range(len(nets)))
     for i in entry.loss_before:
         assert abs(entry.loss_before[i] - entry.loss_after[i]) <= 1e-9, (i, entry.loss_before, entry.loss_after)
     assert entry.params_after > entry.params_before and entry.flops_after > entry.flops_before
     assert entry.optimizer == "carry" and entry.init == "copy"
-    if schedule.endswith("random:2"):
-        assert len(entry.nets[0]) == 2
-    if nets == [RESNET18]:  # one zero-branch block after each stage
-        assert [s["site"] for s in entry.nets[0]] == ["layer1.1", "layer2.1", "layer3.1", "layer4.1"]
 
     rows = steps_rows(run)
     assert [int(r["global_step"]) for r in rows] == [1, 2, 3, 4]
