@@ -33,14 +33,13 @@ from surgery.files.refs import parse as parse_reference
 from xross.cohort.grid import build_net
 from xross.cohort.grow import grow_model
 from xross.cohort.logits import as_logits
-from xross.data import derive_seed
 from xross.errors import XrossError
 from xross.methods.discriminator import Discriminator
 from xross.methods.objectives import DistillLoss, growth_kd
 from xross.run.config import DistillConfig, resolve_config
 from xross.run.directory import STUDENT_INIT, check_sources, initial_student
 from xross.run.distributed import globalise_batchnorm, sum_over_ranks
-from xross.run.engine import RunEngine
+from xross.run.engine import HowToGrow, RunEngine
 from xross.run.evaluate import EvalResult, evaluate_distillation
 from xross.run.optim import ParamGroup
 from xross.run.table import Method, register_method
@@ -162,7 +161,7 @@ class Distiller(RunEngine):
         return {"student": self.student}
 
     def grow_net(
-        self, net: int, steps: list[MutationRecord], example: torch.Tensor | None, live: bool
+        self, net: int, steps: list[MutationRecord], example: torch.Tensor | None, how: HowToGrow | None
     ) -> dict[nn.Parameter, Origin]:
         cfg = self.config
         x = example if example is not None else self._growth_example()
@@ -171,9 +170,9 @@ class Distiller(RunEngine):
                 self.student,
                 steps,
                 x,
-                carry=live and cfg.grow_optimizer == "carry",
-                init=cfg.grow_init if live else "copy",
-                seed=derive_seed("grow-init", cfg.seed, len(self.growth_log), net),
+                carry=how is not None and how.carry,
+                init=how.init if how is not None else "copy",
+                seed=how.seed if how is not None else 0,
             )
         except SurgeryError as e:
             raise XrossError(f"growing the student: {first_line(e)}") from None

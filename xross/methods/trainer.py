@@ -32,14 +32,14 @@ from xross.analysis.similarity import cohort_cka
 from xross.cohort.exits import exit_loss, exit_prefixes
 from xross.cohort.grow import grow_net
 from xross.cohort.logits import as_logits
-from xross.data import ImageTensors, derive_seed
+from xross.data import ImageTensors
 from xross.data.labels import labeled_accuracy
 from xross.data.semi import keep_labels, labeled_only, load_unlabeled, with_unlabeled
 from xross.methods.objectives import DML, KD, XML, Independent, LossTerms, Mode, check_cross, check_peers, growth_kd
 from xross.run.config import TrainConfig, resolve_config
 from xross.run.directory import build_cohort, check_sources, load_cohort_weights
 from xross.run.distributed import sum_over_ranks
-from xross.run.engine import RunEngine
+from xross.run.engine import HowToGrow, RunEngine
 from xross.run.evaluate import EvalResult, evaluate
 from xross.run.optim import ParamGroup
 from xross.run.table import Method, method_of, objective_options, register_method
@@ -113,7 +113,7 @@ class Trainer(RunEngine):
         return {"cohort": self.cohort, "trainables": self.trainables}
 
     def grow_net(
-        self, net: int, steps: list[MutationRecord], example: torch.Tensor | None, live: bool
+        self, net: int, steps: list[MutationRecord], example: torch.Tensor | None, how: HowToGrow | None
     ) -> dict[nn.Parameter, Origin]:
         cfg = self.config
         origins = grow_net(
@@ -122,9 +122,9 @@ class Trainer(RunEngine):
             steps,
             cfg.image_size or 0,
             example=example,
-            carry=live and cfg.grow_optimizer == "carry",
-            init=cfg.grow_init if live else "copy",
-            seed=derive_seed("grow-init", cfg.seed, len(self.growth_log), net),
+            carry=how is not None and how.carry,
+            init=how.init if how is not None else "copy",
+            seed=how.seed if how is not None else 0,
             transform=self.batchnorm_transform(),
         )
         if cfg.channels_last:

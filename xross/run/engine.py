@@ -73,6 +73,16 @@ class Position:
 
 
 @dataclasses.dataclass(frozen=True)
+class HowToGrow:
+    """How a growth during training is done (a replay rebuilds only the structure): ``carry`` the optimiser
+    state (find each parameter's origin), ``init`` the new units (``copy`` or ``random``, seeded by ``seed``)."""
+
+    carry: bool
+    init: str
+    seed: int
+
+
+@dataclasses.dataclass(frozen=True)
 class PlannedGrowth:
     """A growth of the schedule as the run will do it: before global step ``step``, per net the explicit steps."""
 
@@ -232,10 +242,11 @@ class RunEngine:
         return {}
 
     def grow_net(
-        self, net: int, steps: list[growth.MutationRecord], example: torch.Tensor | None, live: bool
+        self, net: int, steps: list[growth.MutationRecord], example: torch.Tensor | None, how: HowToGrow | None
     ) -> dict[torch.nn.Parameter, Origin]:
-        """Grow net ``net`` by ``steps`` in place. ``live``: a growth during training (``example`` is its batch;
-        return where each new parameter came from, and apply ``grow_init``); else a replay of the structure."""
+        """Grow net ``net`` by ``steps`` in place, and return where each new parameter came from (with
+        ``how.carry``). ``how``: a growth during training (``example``: images of its batch); None: a replay
+        of the structure alone."""
         raise NotImplementedError
 
     def growth_probe(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -447,7 +458,7 @@ class RunEngine:
                             self.growable()[i], item.op, item.sites, seed=derive_seed("grow", cfg.seed, n, i),
                             example_input=self._growth_example(), **item.args,
                         )  # fmt: skip
-                        self.grow_net(i, steps, None, live=False)
+                        self.grow_net(i, steps, None, None)
                     except SurgeryError as e:  # GrowthError is one
                         raise XrossError(f"grow '{item.text}' (net {i}): {first_line(e)}") from None
                     per_net[i] = steps
@@ -496,7 +507,12 @@ class RunEngine:
         origins: dict[nn.Parameter, Origin] = {}
         example = same_on_every_rank(x, self.dist)  # every rank grows the same weights
         for net, steps in planned.nets.items():
-            origins.update(self.grow_net(net, steps, example, live=True))
+            how = HowToGrow(
+                carry=cfg.grow_optimizer == "carry",
+                init=cfg.grow_init,
+                seed=derive_seed("grow-init", cfg.seed, len(self.growth_log), net),
+            )
+            origins.update(self.grow_net(net, steps, example, how))
         self._rebuild_optimizer(origins, cfg.grow_optimizer)
         after = self.growth_probe(x)
         scale = max(float(v.abs().max()) for v in before.values())
@@ -564,7 +580,7 @@ class RunEngine:
                 self.growth_teachers = {int(i): _frozen(self.growable()[int(i)]) for i in teachers["nets"]}
                 self.growth_kd_until = int(teachers["until"])
             for net, steps in entry.steps().items():
-                self.grow_net(net, steps, None, live=False)
+                self.grow_net(net, steps, None, None)
         for i, weights in (teachers or {}).get("nets", {}).items():
             self.growth_teachers[int(i)].load_state_dict(weights)
         if entries:
