@@ -286,12 +286,11 @@ def test_dml_grows_resumes_and_eval_export_see_the_grown_nets(options, monkeypat
     assert (first.global_step, second.global_step) == (1, 2)
     assert first.params_after == second.params_before < second.params_after
 
-    recorded = EvalResult.load(resumed / "eval.json")
+    recorded = (resumed / "eval.json").read_text()
     r = cli("xross", "eval", resumed)
     assert r.code == 0, r
-    again = EvalResult.load(resumed / "eval.json")  # what `xross eval` recomputes from the grown nets
-    assert [(p.path, p.top1, p.top5) for p in again.paths] == [(p.path, p.top1, p.top5) for p in recorded.paths]
-    assert again.samples == recorded.samples == 16
+    assert (resumed / "eval.json").read_text() == recorded  # what `xross eval` recomputes from the grown nets
+    assert EvalResult.load(resumed / "eval.json").samples == 16
     exported = 0
     for i in (0, 1):
         r = cli("xross", "export", resumed, "--path", f"{i},{i}", "--out", tmp_path / f"net{i}")
