@@ -10,7 +10,6 @@ Small nets (small_vgg at widths 8/16 on 8x8 images, a width-4 CIFAR ResNet-18 of
 from __future__ import annotations
 
 import csv
-import json
 import signal
 from pathlib import Path
 from typing import Any, cast
@@ -357,8 +356,22 @@ def test_a_growth_that_cannot_apply_is_one_line_before_training(
 # --- 8. torchrun: two processes match one across a growth ------------------------------------------
 
 
+GLOBAL_BN_DTYPE = (
+    "xross/run/distributed.py globalise_batchnorm builds GlobalBatchNorm2d in the default dtype: the BatchNorms a "
+    "float64 growth inserts get float32 running stats ('expected scalar type Double but found Float')"
+)
+TORCHRUN = {
+    "net2wider": ["0.5:net2wider:all:factor=2"],
+    "net2wider-then-net2deeper": pytest.param(
+        ["0.5:net2wider:all:factor=2", "0.75:net2deeper:stages"],  # new BatchNorms, measured on rank 0's images
+        marks=pytest.mark.xfail(strict=True, reason=GLOBAL_BN_DTYPE),
+    ),
+}
+
+
 @pytest.mark.slow
-def test_torchrun_two_processes_match_one_across_a_growth(tmp_path, synthetic_archive, data_cache) -> None:
+@pytest.mark.parametrize("schedule", TORCHRUN.values(), ids=TORCHRUN.keys())
+def test_torchrun_two_processes_match_one_across_a_growth(tmp_path, synthetic_archive, data_cache, schedule) -> None:
     from helpers import finish
     from helpers import xross as run_xross
     from test_distributed import torchrun
@@ -367,7 +380,7 @@ def test_torchrun_two_processes_match_one_across_a_growth(tmp_path, synthetic_ar
     common += ["--data", str(synthetic_archive), "--cache-dir", str(data_cache), "--subset", "128"]
     common += ["--batch-size", "32", "--image-size", str(SIZE), "--epochs", "1", "--eval-subset", "32"]
     common += ["--dtype", "float64", "--optimizer", "sgd", "--lr", "0.05", "--no-progress"]
-    common += ["--grow", "0.5:net2wider:all:factor=2"]
+    common += [arg for item in schedule for arg in ("--grow", item)]  # sync BN: on by default under torchrun
     code, _, err = finish(run_xross(*common, "--out", str(tmp_path / "one")))
     assert code == 0, err
     torchrun(*common, "--out", str(tmp_path / "two"))
@@ -378,5 +391,5 @@ def test_torchrun_two_processes_match_one_across_a_growth(tmp_path, synthetic_ar
     worst = max((one["cohort"][k] - two["cohort"][k]).abs().max().item() for k in one["cohort"])
     assert worst <= 1e-9, worst
     log_one, log_two = read_log(tmp_path / "one"), read_log(tmp_path / "two")
-    assert [e.nets for e in log_one] == [e.nets for e in log_two]
-    assert json.loads((tmp_path / "two" / "growth.jsonl").read_text())["max_logit_change"] <= 1e-5
+    assert [e.nets for e in log_one] == [e.nets for e in log_two] and len(log_two) == len(schedule)
+    assert all(e.max_logit_change <= 1e-5 for e in log_two)
