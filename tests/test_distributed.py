@@ -77,7 +77,7 @@ def test_torchrun_two_processes_match_one_process(tmp_path, cifar10_archive, dat
     assert code == 0, err
     torchrun(*common, "--out", str(tmp_path / "two"))
     one, two = final_state(tmp_path / "one"), final_state(tmp_path / "two")
-    assert one["position"] == two["position"] == {"epoch": 1, "step": 0, "global_step": 4}
+    assert one["position"] == two["position"] == {**one["position"], "epoch": 1, "step": 0, "global_step": 4}
     worst = max((one["cohort"][k].float() - two["cohort"][k].float()).abs().max().item() for k in one["cohort"])
     assert worst <= 1e-5, worst
     initial = build_cohort(TrainConfig.load(tmp_path / "one" / "config.yaml"), torch.device("cpu")).state_dict()
@@ -98,7 +98,7 @@ def test_torchrun_resume_is_bit_identical(tmp_path, cifar10_archive, data_cache)
     assert final_state(resumed)["position"]["epoch"] == 1
     torchrun("train", "--resume", "--out", str(resumed), "--epochs", "2", "--no-progress")
     a, b = final_state(straight), final_state(resumed)
-    assert a["position"] == b["position"] == {"epoch": 2, "step": 0, "global_step": 8}
+    assert a["position"] == b["position"] == {**a["position"], "epoch": 2, "step": 0, "global_step": 8}
     assert_same_tensors(a["cohort"], b["cohort"])
     assert (straight / "steps.csv").read_text() == (resumed / "steps.csv").read_text()
 
@@ -136,7 +136,7 @@ def test_torchrun_distillation_matches_one_process(tmp_path, synthetic_archive, 
     assert code == 0, err
     torchrun(*common, "--out", str(tmp_path / "two"))
     one, two = final_state(tmp_path / "one"), final_state(tmp_path / "two")
-    assert one["position"] == two["position"] == {"epoch": 1, "step": 0, "global_step": 4}
+    assert one["position"] == two["position"] == {**one["position"], "epoch": 1, "step": 0, "global_step": 4}
     for part in ("student", "discriminator"):
         worst = max(
             (one[part][k] - two[part][k]).abs().max().item() for k in one[part] if one[part][k].is_floating_point()
@@ -157,7 +157,7 @@ def test_torchrun_mutualnet_matches_one_process(tmp_path, synthetic_archive, dat
     assert code == 0, err
     torchrun(*common, "--out", str(tmp_path / "two"))
     one, two = final_state(tmp_path / "one"), final_state(tmp_path / "two")
-    assert one["position"] == two["position"] == {"epoch": 1, "step": 0, "global_step": 4}
+    assert one["position"] == two["position"] == {**one["position"], "epoch": 1, "step": 0, "global_step": 4}
     worst = max((one["slim"][k].float() - two["slim"][k].float()).abs().max().item() for k in one["slim"])
     assert worst <= 1e-5, worst
     # every setting recalibrated on the same images: global BatchNorm statistics over the ranks' halves

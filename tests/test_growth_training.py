@@ -356,16 +356,9 @@ def test_a_growth_that_cannot_apply_is_one_line_before_training(
 # --- 8. torchrun: two processes match one across a growth ------------------------------------------
 
 
-GLOBAL_BN_DTYPE = (
-    "xross/run/distributed.py globalise_batchnorm builds GlobalBatchNorm2d in the default dtype: the BatchNorms a "
-    "float64 growth inserts get float32 running stats ('expected scalar type Double but found Float')"
-)
 TORCHRUN = {
     "net2wider": ["0.5:net2wider:all:factor=2"],
-    "net2wider-then-net2deeper": pytest.param(
-        ["0.5:net2wider:all:factor=2", "0.75:net2deeper:stages"],  # new BatchNorms, measured on rank 0's images
-        marks=pytest.mark.xfail(strict=True, reason=GLOBAL_BN_DTYPE),
-    ),
+    "net2wider-then-net2deeper": ["0.5:net2wider:all:factor=2", "0.75:net2deeper:stages"],  # new BatchNorms
 }
 
 

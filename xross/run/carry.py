@@ -7,7 +7,8 @@
 then the update its original would have taken, scaled as its gradient is (SGD), or exactly the
 original's step (Adam: ``s m / sqrt(s**2 v) = m / sqrt(v)``); docs/RESEARCH.md derives both.
 New elements start with zero moments; Adam's step count is the copied parameter's. ``reset``
-starts every grown parameter's state afresh. Parameters a growth did not touch keep theirs.
+starts the state of every parameter of a grown net afresh (the op rebuilt the net; a parameter it
+did not change is a new tensor too). The nets a growth did not grow keep theirs.
 
 >>> import torch
 >>> from growth.provenance import Origin

@@ -134,6 +134,9 @@ def globalise_batchnorm(model: nn.Module, device: torch.device) -> nn.Module:
             new = GlobalBatchNorm2d(
                 child.num_features, child.eps, child.momentum, child.affine, child.track_running_stats
             )
+            like = next((t for t in [*child.parameters(), *child.buffers()] if t.is_floating_point()), None)
+            if like is not None:  # the dtype and device of the layer it replaces (a float64 run's growth, say)
+                new = new.to(device=like.device, dtype=like.dtype)
             new.load_state_dict(child.state_dict())
             for key, param in child.named_parameters(recurse=False):
                 setattr(new, key, param)  # the same parameters: what holds them (an optimiser, a growth) still does

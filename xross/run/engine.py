@@ -27,6 +27,7 @@ import shutil
 import signal
 import sys
 import time
+import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -459,7 +460,7 @@ class RunEngine:
                             example_input=self._growth_example(), **item.args,
                         )  # fmt: skip
                         self.grow_net(i, steps, None, None)
-                    except SurgeryError as e:  # GrowthError is one
+                    except UserError as e:  # the op's GrowthError, a cut's SurgeryError, an adapter's XrossError
                         raise XrossError(f"grow '{item.text}' (net {i}): {first_line(e)}") from None
                     per_net[i] = steps
                 plan.append(PlannedGrowth(step, item, per_net))
@@ -602,7 +603,11 @@ class RunEngine:
         return (min(since) + 1) / warm if since else 1.0
 
     def _flops_per_image(self) -> int:
-        trained, fixed = self.forward_flops()
+        try:
+            trained, fixed = self.forward_flops()
+        except Exception as e:  # noqa: BLE001 - a net torch's FLOP counter cannot run must still train
+            warnings.warn(f"training FLOPs are not counted for this run ({first_line(e)}); train_flops stays 0")
+            return 0
         return 3 * trained + fixed  # forward, and a backward of about twice its cost
 
     # --- checkpoints and signals ----------------------------------------------------------------

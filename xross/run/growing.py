@@ -18,7 +18,7 @@ One schedule item is ``WHEN:OP:SITES[:ARG=VALUE,...]``:
 >>> parse_item("0.5:net2wider")
 Traceback (most recent call last):
 ...
-ValueError: grow '0.5:net2wider' is WHEN:OP:SITES[:ARG=VALUE,...], e.g. 0.25:net2wider:all:factor=2
+ValueError: '0.5:net2wider' is WHEN:OP:SITES[:ARG=VALUE,...], e.g. 0.25:net2wider:all:factor=2
 """
 
 from __future__ import annotations
@@ -77,35 +77,33 @@ def _when(text: str, item: str) -> tuple[str, float]:
             return kind, int(value)
     except ValueError:
         pass
-    raise ValueError(
-        f"grow '{item}': when '{text}' is a fraction of the run in (0, 1), epoch=E or step=S; e.g. {EXAMPLE}"
-    )
+    raise ValueError(f"'{item}': when '{text}' is a fraction of the run in (0, 1), epoch=E or step=S; e.g. {EXAMPLE}")
 
 
 def parse_item(text: str) -> GrowthItem:
     """A schedule item from its text; ``ValueError`` with one line naming what is wrong."""
     parts = text.split(":")
     if len(parts) < 3 or not all(parts[:3]):
-        raise ValueError(f"grow '{text}' is WHEN:OP:SITES[:ARG=VALUE,...], e.g. {EXAMPLE}")
+        raise ValueError(f"'{text}' is WHEN:OP:SITES[:ARG=VALUE,...], e.g. {EXAMPLE}")
     at = _when(parts[0], text)
     op, sites, rest = parts[1], parts[2], parts[3:]
     if op != "any" and op not in OPS:
-        raise ValueError(f"grow '{text}': unknown op '{op}'; known: {', '.join(sorted(OPS))} (any with random:N)")
+        raise ValueError(f"'{text}': unknown op '{op}'; known: {', '.join(sorted(OPS))} (any with random:N)")
     if sites == "random":
         if not rest or not rest[0].isdigit() or int(rest[0]) < 1:
-            raise ValueError(f"grow '{text}': random growth is random:N with N >= 1 steps")
+            raise ValueError(f"'{text}': random growth is random:N with N >= 1 steps")
         sites, rest = f"random:{rest[0]}", rest[1:]
     if len(rest) > 1:
-        raise ValueError(f"grow '{text}': give the op's arguments as one ARG=VALUE,ARG=VALUE list")
+        raise ValueError(f"'{text}': give the op's arguments as one ARG=VALUE,ARG=VALUE list")
     args: dict[str, Any] = {}
     for pair in rest[0].split(",") if rest and rest[0] else []:
         key, eq, value = pair.partition("=")
         if not eq or not key:
-            raise ValueError(f"grow '{text}': argument '{pair}' is not ARG=VALUE")
+            raise ValueError(f"'{text}': argument '{pair}' is not ARG=VALUE")
         args[key] = _value(value)
     net = args.pop("net", None)
     if net is not None and (not isinstance(net, int) or net < 0):
-        raise ValueError(f"grow '{text}': net={net} names a net by its index 0, 1, ...")
+        raise ValueError(f"'{text}': net={net} names a net by its index 0, 1, ...")
     return GrowthItem(text, at, op, sites, args, net)
 
 
