@@ -606,7 +606,9 @@ class RunEngine:
         try:
             trained, fixed = self.forward_flops()
         except Exception as e:  # noqa: BLE001 - a net torch's FLOP counter cannot run must still train
-            warnings.warn(f"training FLOPs are not counted for this run ({first_line(e)}); train_flops stays 0")
+            warnings.warn(
+                f"training FLOPs are not counted for this run ({first_line(e)}); train_flops stays 0", stacklevel=2
+            )
             return 0
         return 3 * trained + fixed  # forward, and a backward of about twice its cost
 
