@@ -16,7 +16,7 @@ torchvision's width: "ResNet-18" here is ``growth.models:resnet(width=16)``, its
   identity conv-bn-relu after the output of each of ``layer2.0``..``layer4.0``; the target is that grown
   shape, re-initialised (not ResNet-18);
 * ``vgg_dw`` / ``vgg_wd``: the growth notes' VGG-8 (``growth.models:vgg8(width=8, hidden=64)``) grown
-  deeper (``net2deeper:stages``, an identity conv per resolution) at 25 % then wider (x2, every group) at
+  deeper (``net2deeper:stages``, an identity conv per stage) at 25 % then wider (x2, every group) at
   50 %, and in the other order; the target is the grown shape (deeper-then-wider, which has the same
   parameter shapes as wider-then-deeper: checked) re-initialised;
 * ablations on ``wider25``: ``--grow-optimizer reset`` (``wider25_reset``) and ``--grow-init random``
@@ -27,10 +27,13 @@ A re-initialised target is the grown model (``growth.grow_steps``) with every mo
 
 Headline (bert2BERT's): the fraction of the from-scratch run's training FLOPs (xross's counter: 3x the
 forward FLOPs per image, summed over steps) at which the grown run first reaches the from-scratch run's
-final test top-1, linearly interpolated on the per-epoch eval curve (from chance at 0 FLOPs); ``null`` when
-it never does. ``compute_saved = 1 - fraction``, mean over the seeds that reach it.
+final test top-1, linearly interpolated on the per-epoch eval curve (from chance at 0 FLOPs); ``null``
+("never") when it never does, and "n/a" when the from-scratch run ends at chance (nothing to reach). A
+setting's ``compute_saved`` is 1 - the mean fraction when every seed reaches the target, else ``null`` (the
+per-seed fractions are in ``fraction``). ``minutes``: the runs' own wall times summed (a reused run counts
+its own).
 
-    python -u bench/growth_training.py --quick    # a smoke run, ~4 min (set-up dominates: ~20 s a run)
+    python -u bench/growth_training.py --quick    # a smoke run, ~1 min idle (set-up dominates)
     python -u bench/growth_training.py            # 800 images x 4 epochs, 1000 test, seeds 0,1
 
 The default took 21.4 min on 2 cores shared with other jobs (seed 0 at ~30 images/s under load 6, seed 1
@@ -202,15 +205,17 @@ def summarise(records: dict[str, list[dict[str, Any]]], console: Console) -> dic
     shown: set[str] = set()
     for setting, (grown, scratch) in SETTINGS.items():
         fractions: list[float | None] = []
+        untrained = [s["final_top1"] <= CHANCE for s in records[scratch]]
         for g, s in zip(records[grown], records[scratch]):
-            reach = flops_to_reach(g, s["final_top1"])
+            reach = None if s["final_top1"] <= CHANCE else flops_to_reach(g, s["final_top1"])
             fractions.append(None if reach is None else round(reach / s["flops"][-1], 4))
         for name, rows, marks in ((scratch, records[scratch], None), (grown, records[grown], fractions)):
             if name in shown:
                 continue
             shown.add(name)
             for k, r in enumerate(rows):
-                frac = "" if marks is None else ("never" if marks[k] is None else f"{marks[k]:.3f}")
+                frac = "" if marks is None else f"{marks[k]:.3f}" if marks[k] is not None else "never"
+                frac = "n/a" if marks is not None and untrained[k] else frac
                 table.add_row(
                     setting, name, str(r["seed"]), f"{r['params_before']:,}", f"{r['params_after']:,}",
                     f"{r['final_top1']:.2f}", f"{r['flops'][-1] / 1e12:.2f}", f"{r['wall_s']:.0f}", frac,
@@ -301,7 +306,7 @@ def main() -> None:
                               f"{g['loss_after']['0']:.5f}" for g in r["growths"])  # fmt: skip
             print(f"  top-1 {r['final_top1']:.2f}, {r['flops'][-1] / 1e12:.2f} TFLOPs, {r['wall_s']:.0f} s"
                   + (f"; {grown}" if grown else ""), flush=True)  # fmt: skip
-    minutes = round((time.time() - start) / 60, 1)
+    minutes = round(sum(r["wall_s"] for rs in records.values() for r in rs) / 60, 1)
     settings = summarise(records, console)
     for setting, s in settings.items():
         plot_setting(setting, s["grown"], s["scratch"], records, args.out / f"{setting}.png")
@@ -318,7 +323,9 @@ def main() -> None:
     }  # fmt: skip
     detail = {"settings": settings, "args": {k: str(v) for k, v in vars(args).items()}, "runs": records}
     (args.out / "growth_training.json").write_text(json.dumps(detail, indent=1) + "\n")
-    print(f"total {minutes} min; runs, plots and JSON in {args.out}", flush=True)
+    print(
+        f"runs {minutes} min ({(time.time() - start) / 60:.1f} min now); runs, plots and JSON in {args.out}", flush=True
+    )
     print(json.dumps(line), flush=True)
 
 
