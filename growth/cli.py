@@ -203,7 +203,10 @@ def mutate_command(
     ] = None,
     kind: Annotated[
         Optional[str],
-        typer.Option(help="net2deeper: conv, linear, or block (a residual block copied with zero branches)"),
+        typer.Option(
+            help="net2deeper: conv, linear, block (a residual block copied with zero branches) or residual "
+            "(a new basic residual block with a zero branch)"
+        ),
     ] = None,
     kernel_size: Annotated[
         Optional[int], typer.Option(help="net2deeper / net2branch / widen_kernel kernel size")

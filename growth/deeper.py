@@ -24,7 +24,9 @@ True
 
 from __future__ import annotations
 
+import operator
 import random
+import zlib
 from typing import Any
 
 import torch
@@ -33,12 +35,12 @@ from torch import fx, nn
 from growth.block import block_obstacle, block_sites, insert_block_copy
 from growth.check import evaluating
 from growth.errors import GrowthError
-from growth.graphedit import Workbench
+from growth.graphedit import STACK, Workbench, seeded
 from growth.registry import MAX_KERNEL, GrowthOp, Proposal, Site, not_applicable, register_op
 from growth.signs import negative_reasons
 from surgery.core.errors import renamed_argument
 
-KINDS = ("conv", "linear", "block")
+KINDS = ("conv", "linear", "block", "residual")
 ACTIVATIONS = ("relu", None)
 
 
@@ -61,9 +63,12 @@ def net2deeper(
         model: any fx-traceable module; it is not modified.
         at: the module path or fx node name after which the layer goes (``kind="block"``: the module
             path of a residual block); :func:`growth.sites` lists them.
-        kind: ``"conv"`` (kxk conv on dim 1 of an NCHW value), ``"linear"`` (on the last dim), or
+        kind: ``"conv"`` (kxk conv on dim 1 of an NCHW value), ``"linear"`` (on the last dim),
             ``"block"``: a copy of the residual block ``at`` inserted after it, every residual branch
-            starting at zero (transformer layers, ConvNeXt and ResNet blocks; see :mod:`growth.block`).
+            starting at zero (transformer layers, ConvNeXt and ResNet blocks; see :mod:`growth.block`), or
+            ``"residual"``: a new basic residual block after the NCHW value ``at``, ``act(x + bn(conv(relu(bn(
+            conv(x))))))`` with its last BatchNorm at zero (where the block before it changes the shape, as a
+            ResNet stage's first block does, so that it has no copy that keeps the function).
         kernel_size: odd conv kernel size (padding ``k // 2`` keeps the spatial size).
         groups: conv groups; the identity stays within each group.
         batchnorm: insert an identity BatchNorm after the layer (``BatchNorm1d`` for linear, 2-D values only).
@@ -99,7 +104,12 @@ def net2deeper(
     if reason is not None:
         raise not_applicable("net2deeper", at, reason, deeper_sites(work, kind, groups, batchnorm, activation))
     shape = work.known_shape(node)
-    channels = shape[1] if kind == "conv" else shape[-1]
+    channels = shape[1] if kind in ("conv", "residual") else shape[-1]
+    if kind == "residual":
+        _insert_residual(work, node, at, channels, kernel_size, groups, activation)
+        return work.finish(
+            "net2deeper", check, at=at, kind=kind, kernel_size=kernel_size, groups=groups, activation=activation
+        )
     layers = identity_layers(kind, channels, kernel_size, groups, activation, work.shapes.dtype, bias=not batchnorm)
     if batchnorm:
         layers.insert(1, identity_batchnorm(kind, value_at(work, node)))
@@ -144,7 +154,7 @@ def deeper_obstacle(
     if shape is None:
         return "its output is not a tensor"
     layout = work.analysis.layout(node.name)
-    if kind == "conv":
+    if kind in ("conv", "residual"):
         if len(shape) != 4:
             return f"its output has shape {shape}; a conv needs (N, C, H, W), use kind='linear'"
         if layout is not None and layout.dim != 1:
@@ -159,7 +169,7 @@ def deeper_obstacle(
                 f"BatchNorm1d would normalise dim 1 of its {len(shape)}-D output, not the "
                 "features; pass batchnorm=False"
             )
-    channels = shape[1] if kind == "conv" else shape[-1]
+    channels = shape[1] if kind in ("conv", "residual") else shape[-1]
     if channels % groups:
         return f"its {channels} channels do not split into {groups} groups"
     if activation == "relu" and negative[node] is not None:
@@ -218,6 +228,43 @@ def identity_layers(
     return [layer, nn.ReLU()] if activation == "relu" else [layer]
 
 
+def _insert_residual(
+    work: Workbench, node: fx.Node, at: str, channels: int, kernel_size: int, groups: int, activation: str | None
+) -> None:
+    """``act(x + bn2(conv2(relu(bn1(conv1(x))))))`` after ``node``, ``bn2`` at zero: the identity where ``act``
+    is (ReLU on a value that is never negative). The convs start as a fresh layer would, seeded by ``at``."""
+    dtype = work.shapes.dtype
+    with seeded(zlib.crc32(at.encode())):
+        layers: list[nn.Module] = [
+            nn.Conv2d(
+                channels, channels, kernel_size, padding=kernel_size // 2, groups=groups, bias=False, dtype=dtype
+            ),
+            nn.BatchNorm2d(channels, dtype=dtype),
+            nn.ReLU(),
+            nn.Conv2d(
+                channels, channels, kernel_size, padding=kernel_size // 2, groups=groups, bias=False, dtype=dtype
+            ),
+            nn.BatchNorm2d(channels, dtype=dtype),
+        ]
+    last = layers[-1]
+    assert isinstance(last, nn.BatchNorm2d)
+    with torch.no_grad():
+        last.weight.zero_()
+        last.bias.zero_()
+    _, branch = work.insert_chain(node, at, "net2deeper", layers)
+    graph = work.gm.graph
+    with graph.inserting_after(branch[-1]):
+        out = graph.call_function(operator.add, (node, branch[-1]))
+    out.meta[STACK] = branch[-1].meta[STACK]
+    users = [*branch[:1], out]
+    if activation == "relu":
+        with graph.inserting_after(out):
+            out = graph.call_function(torch.relu, (out,))
+        out.meta[STACK] = branch[-1].meta[STACK]
+        users.append(out)
+    work.reroute(node, out, keep=users)
+
+
 def value_at(work: Workbench, node: fx.Node) -> torch.Tensor:
     """``node``'s value on the example input, in eval mode (copied before any in-place op can change it)."""
     seen: dict[str, torch.Tensor] = {}
@@ -255,12 +302,14 @@ def identity_batchnorm(kind: str, value: torch.Tensor) -> nn.Module:
 
 
 def _propose(rng: random.Random, work: Workbench) -> Proposal | None:
-    options = deeper_sites(work)  # residual blocks too
+    options = [s for s in deeper_sites(work) if s.args["kind"] != "residual"]  # copied blocks, not new ones
     if not options:
         return None
     site = rng.choice(options)
     kind = site.args["kind"]
-    return str(site), {"kind": kind, "kernel_size": rng.choice([1, 3])} if kind == "conv" else {"kind": kind}
+    if kind in ("conv", "residual"):
+        return str(site), {"kind": kind, "kernel_size": rng.choice([1, 3])}
+    return str(site), {"kind": kind}
 
 
 register_op(GrowthOp("net2deeper", net2deeper, ("at",), deeper_sites, _propose, probability=0.3))

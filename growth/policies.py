@@ -4,9 +4,11 @@ A schedule says *what* to grow in a word; :func:`expand` turns the word into exp
 replayable :class:`~growth.MutationRecord` steps on the model as it is then:
 
 - ``all``: every site the op lists (net2wider: every coupled width group, in one step);
-- ``stages``: one net2deeper after each stage: a zero-branch copy of the last residual block
-  of each stage (blocks grouped by their parent module), or, in a net without residual blocks,
-  an identity conv after the last site of each spatial resolution that is not a pooling's output;
+- ``stages``: one net2deeper after each stage (each spatial resolution): a zero-branch copy of the
+  stage's last residual block, or where no block of the stage has a copy that keeps the function
+  (a ResNet stage of one downsampling block) a new zero-branch residual block (``kind="residual"``);
+  in a net without residual blocks an identity conv after the stage's last site (never right after
+  a pooling);
 - ``random:N``: N random feasible steps of the op (``any``: of every op), seeded, as :func:`growth.mutate`;
 - site names (``layer2.0.conv1+layer3.0.conv1``): those sites.
 """
@@ -24,6 +26,7 @@ from growth.graphedit import Workbench
 from growth.mutation import MutationRecord, mutate
 from growth.registry import OPS, SITE_LIST, get_op, sites
 from surgery.core.registry import Registry
+from surgery.graph.ops import is_call, targets
 
 Policy = Callable[..., list[MutationRecord]]
 POLICIES: Registry[Policy] = Registry("growth policy", error=GrowthError)
@@ -49,23 +52,45 @@ def _all(model: nn.Module, op: str, args: dict[str, Any], seed: int, example_inp
 def _stages(model: nn.Module, op: str, args: dict[str, Any], seed: int, example_input: Any) -> list[MutationRecord]:
     if op != "net2deeper":
         raise GrowthError(f"the stages policy grows deeper: give net2deeper, not {op}")
-    blocks = sites(model, op, example_input, kind="block")
-    if blocks:
-        last: dict[str, str] = {}
-        for site in blocks:  # in graph order: the last one of each parent wins
-            last[site.rpartition(".")[0]] = site
-        return [MutationRecord(op=op, site=s, args={**args, "kind": "block"}) for s in last.values()]
     work = Workbench(model, example_input, read_only=True)
-    kind = args.get("kind", "conv")
-    by_size: dict[tuple[int, ...], str] = {}
+    blocks = sites(model, op, example_input, kind="block")
+    kind = args.get("kind", "residual" if blocks else "conv")
+    last_site: dict[tuple[int, ...], str] = {}  # per resolution, in graph order: the last site wins
     for site in sites(model, op, example_input, kind=kind):
-        if _is_pool(work, site):  # a layer after the pooling that ends a stage is not inside any stage
-            continue
-        shape = work.shape(work.node(site))
-        by_size[tuple(shape[2:]) if shape is not None else ()] = site
-    if not by_size:
+        if not _is_pool(work, site):  # a layer after the pooling that ends a stage is not inside any stage
+            last_site[_resolution(work, site)] = site
+    if not last_site and not blocks:
         raise GrowthError(f"the stages policy finds no residual block and no {kind} site in {type(model).__name__}")
-    return [MutationRecord(op=op, site=s, args={**args, "kind": kind}) for s in by_size.values()]
+    last_block: dict[tuple[int, ...], str] = {}
+    for block in blocks:
+        calls = work.index.module_calls[block][0]
+        last_block[_resolution(work, work.site_name(work.index.nodes[max(calls)]))] = block
+    stages = dict.fromkeys([*last_site, *last_block])
+    if blocks:  # a stage is a resolution with residual sums: not the stem before the first block
+        stages = dict.fromkeys(s for s in stages if s in _summed_resolutions(work))
+    steps = []
+    for size in stages:  # a copy of the stage's last block, else a new one
+        if size in last_block:
+            steps.append(MutationRecord(op=op, site=last_block[size], args={**args, "kind": "block"}))
+        else:
+            steps.append(MutationRecord(op=op, site=last_site[size], args={**args, "kind": kind}))
+    return steps
+
+
+def _summed_resolutions(work: Workbench) -> set[tuple[int, ...]]:
+    """The spatial sizes of the 4-D values made by a residual sum."""
+    adds = targets("add") | targets("add_", kinds=("function", "method"))
+    found = set()
+    for node in work.gm.graph.nodes:
+        shape = work.shape(node) if is_call(node, adds) else None
+        if shape is not None and len(shape) == 4:
+            found.add(tuple(shape[2:]))
+    return found
+
+
+def _resolution(work: Workbench, site: str) -> tuple[int, ...]:
+    shape = work.shape(work.node(site))
+    return tuple(shape[2:]) if shape is not None else ()
 
 
 POOLS = (nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d)

@@ -20,8 +20,9 @@ def _per_sample(model: torch.nn.Module, example: Example) -> float:
 def test_sites_lists_where_an_op_applies(cli) -> None:
     r = cli("growth", "sites", "resnet18", "--op", "net2deeper")
     assert r.code == 0, r
-    assert "net2deeper applies at 25 sites" in r.out and "layer1_0_relu" in r.out and "avgpool" in r.out
-    assert "│ layer4.1        │ block  │" in r.out  # 19 conv sites, flatten for a linear layer, 5 residual blocks
+    # 19 identity convs, 1 linear, 5 residual blocks a copy can follow, 19 new residual blocks (4-D values >= 0)
+    assert "net2deeper applies at 44 sites" in r.out and "layer1_0_relu" in r.out and "avgpool" in r.out
+    assert "│ layer4.1        │ block    │" in r.out and "│ layer4_1_relu_1 │ residual │" in r.out
 
 
 def test_mutate_prints_the_change_and_saves(cli, tmp_path) -> None:
