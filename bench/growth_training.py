@@ -10,11 +10,9 @@ torchvision's width: "ResNet-18" here is ``growth.models:resnet(width=16)``, its
 
 * ``wider25`` / ``wider50``: ResNet-18 at half width grown to full width (``net2wider:all:factor=2``) at 25 %
   / 50 % of the steps, against ResNet-18 from scratch;
-* ``deeper25``: ResNet-10 (one BasicBlock per stage) grown deeper at 25 %. growth's zero-branch block copy
-  cannot copy a stage's first (downsampling) block, and ``stages`` on a one-block stage gives two blocks to
-  stage 1 and none to the others, so the growth is explicit: a zero-branch copy of ``layer1.0`` and an
-  identity conv-bn-relu after the output of each of ``layer2.0``..``layer4.0``; the target is that grown
-  shape, re-initialised (not ResNet-18);
+* ``deeper25``: ResNet-10 (one BasicBlock per stage) grown to ResNet-18's shape at 25 % by
+  ``net2deeper:stages`` (a zero-branch copy of ``layer1.0``; a new zero-branch residual block after each
+  downsampling ``layer2.0``..``layer4.0``, growth's ``kind="residual"``), against ResNet-18 from scratch;
 * ``vgg_dw`` / ``vgg_wd``: the growth notes' VGG-8 (``growth.models:vgg8(width=8, hidden=64)``) grown
   deeper (``net2deeper:stages``, an identity conv per stage) at 25 % then wider (x2, every group) at
   50 %, and in the other order; the target is the grown shape (deeper-then-wider, which has the same
@@ -69,10 +67,6 @@ ROOT = Path(__file__).resolve().parents[1]
 R18, R18_HALF = "growth.models:resnet(width=16)", "growth.models:resnet(width=8)"
 R10_REF = "growth.models:resnet(layers=[1, 1, 1, 1], width=16)"
 VGG = "growth.models:vgg8(width=8, hidden=64)"
-DEEPER_R10 = [
-    "0.25:net2deeper:layer1.0:kind=block",
-    "0.25:net2deeper:layer2_0_relu_1+layer3_0_relu_1+layer4_0_relu_1:kind=conv",
-]
 VGG_DW = ["0.25:net2deeper:stages", "0.5:net2wider:all:factor=2"]
 VGG_WD = ["0.25:net2wider:all:factor=2", "0.5:net2deeper:stages"]
 CHANCE = 10.0  # top-1 % of a 10-class guess: the curve's point at 0 FLOPs
@@ -96,8 +90,7 @@ VARIANTS = [
     Variant("wider50", R18_HALF, "layer2", ["0.5:net2wider:all:factor=2"]),
     Variant("wider25_reset", R18_HALF, "layer2", ["0.25:net2wider:all:factor=2"], {"grow_optimizer": "reset"}),
     Variant("wider25_random", R18_HALF, "layer2", ["0.25:net2wider:all:factor=2"], {"grow_init": "random"}),
-    Variant("deeper_target", R10_REF, "layer2", target_of=DEEPER_R10),
-    Variant("deeper25", R10_REF, "layer2", DEEPER_R10),
+    Variant("deeper25", R10_REF, "layer2", ["0.25:net2deeper:stages"]),
     Variant("vgg_target", VGG, "features.1", target_of=VGG_DW),
     Variant("vgg_dw", VGG, "features.1", VGG_DW),
     Variant("vgg_wd", VGG, "features.1", VGG_WD),
@@ -106,7 +99,7 @@ VARIANTS = [
 SETTINGS = {
     "wider25": ("wider25", "resnet18"),
     "wider50": ("wider50", "resnet18"),
-    "deeper25": ("deeper25", "deeper_target"),
+    "deeper25": ("deeper25", "resnet18"),
     "vgg_deeper_then_wider": ("vgg_dw", "vgg_target"),
     "vgg_wider_then_deeper": ("vgg_wd", "vgg_target"),
     "wider25_reset": ("wider25_reset", "resnet18"),
@@ -259,10 +252,13 @@ def plot_setting(setting: str, grown: str, scratch: str, records: dict[str, list
     save_png(fig, path)
 
 
-def check_vgg_orders() -> None:
-    """Deeper-then-wider and wider-then-deeper end in the same parameter shapes (they share one target)."""
+def check_shapes() -> None:
+    """Deeper-then-wider and wider-then-deeper end in the same parameter shapes (they share one target), and
+    ResNet-10 grown by ``stages`` in ResNet-18's (its target)."""
     if shapes(grown_shape(VGG, VGG_DW)) != shapes(grown_shape(VGG, VGG_WD)):
         raise SystemExit("the two VGG growth orders end in different shapes: give each its own target")
+    if shapes(grown_shape(R10_REF, ["0.25:net2deeper:stages"])) != shapes(surgery.refs.load(R18, num_classes=10)):
+        raise SystemExit("ResNet-10 grown by net2deeper:stages is not ResNet-18's shape")
 
 
 def parse_args() -> argparse.Namespace:
@@ -294,7 +290,7 @@ def main() -> None:
         f"SGD lr {args.lr} cosine, {args.eval_subset} test images, seeds {seeds}, {len(VARIANTS)} variants",
         flush=True,
     )
-    check_vgg_orders()
+    check_shapes()
     start = time.time()
     records: dict[str, list[dict[str, Any]]] = {v.name: [] for v in VARIANTS}
     for seed in seeds:
