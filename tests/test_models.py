@@ -72,3 +72,12 @@ def test_vgg8_grows_deeper_and_wider_in_either_order_to_one_shape() -> None:
     with torch.no_grad():
         for grown in (deeper_wider, wider_deeper):
             assert torch.allclose(grown(X), vgg(X), rtol=0, atol=1e-5 * vgg(X).abs().max().item())
+
+
+def test_resnet10_stages_grows_to_resnet18_shape() -> None:
+    """One block per stage (stages 2-4 downsample) -> two per stage, ResNet-18's shapes, same function."""
+    net = _built("growth.models:resnet", layers=[1, 1, 1, 1], width=4)
+    deep = _grow(net, "net2deeper", "stages")
+    assert _params(deep) == _params(surgery.build_model("growth.models:resnet", layers=[2, 2, 2, 2], width=4))
+    with torch.no_grad():
+        assert torch.allclose(deep(X), net(X), rtol=0, atol=1e-5 * net(X).abs().max().item())
