@@ -18,6 +18,7 @@ docs/RESEARCH.md derives it). Optimiser moments carried through a growth use thi
 from __future__ import annotations
 
 import copy
+import gc
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -44,8 +45,10 @@ def grow_steps(model: nn.Module, steps: Sequence[MutationRecord], example_input:
     >>> grown.layer1[0].conv1.out_channels, hasattr(grown.layer4, "net2deeper0")
     (128, True)
     """
-    for record in steps:
+    for k, record in enumerate(steps):
         model = get_op(record.op).apply(model, record.site, record.args, example_input)
+        if k + 1 < len(steps):
+            gc.collect()  # the step before's model: a grown GraphModule is a reference cycle
     return model
 
 
@@ -162,8 +165,23 @@ class Lineage:
         return inside & (index == start + old_flat)
 
 
-def lineage(model: nn.Module, steps: Sequence[MutationRecord], example_input: Any = None) -> Lineage:
-    """Where each parameter element of ``grow_steps(model, steps)`` came from (noise set to 0).
+def _grown_values(
+    model: nn.Module, values: list[torch.Tensor], steps: Sequence[MutationRecord], example: Any
+) -> dict[str, torch.Tensor]:
+    """The parameters of a float64 copy of ``model`` holding ``values``, grown by ``steps`` (nothing else kept)."""
+    twin = grow_steps(_filled(model, values), steps, example)
+    values.clear()
+    found = {name: p.detach() for name, p in twin.named_parameters()}
+    del twin
+    gc.collect()
+    return found
+
+
+def lineage(
+    model: nn.Module, steps: Sequence[MutationRecord], example_input: Any = None, grown: nn.Module | None = None
+) -> Lineage:
+    """Where each parameter element of ``grow_steps(model, steps)`` came from (noise set to 0); ``grown``: that
+    model if the caller has it (grown without noise), else it is grown here to check against.
 
     Raises a one-line :class:`~growth.errors.GrowthError` when the grown weights are not the
     copies found (an op whose edits depend on the weights' values).
@@ -179,6 +197,7 @@ def lineage(model: nn.Module, steps: Sequence[MutationRecord], example_input: An
     >>> line.gradient_scale("2.weight").tolist(), line.gradient_scale("0.bias").tolist()
     ([[1.0, 1.0, 1.0, 1.0]], [0.5, 0.5, 0.5, 0.5])
     """
+    made = grown if grown is not None and not any(r.args.get("noise") for r in steps) else None
     steps = without_noise(steps)
     twin_input = pytree.tree_map(
         lambda v: v.double() if isinstance(v, torch.Tensor) and v.is_floating_point() else v, example_input
@@ -187,17 +206,17 @@ def lineage(model: nn.Module, steps: Sequence[MutationRecord], example_input: An
     numels = [p.numel() for p in model.parameters()]
     total = sum(numels)
     # powers of two scale exactly; small values keep a deep net's activations finite in both copies
-    ones = [torch.full((n,), UNIT, dtype=torch.float64) for n in numels]
-    tags = list((torch.arange(1, total + 1, dtype=torch.float64) * TAG).split(numels))
     with torch.no_grad():
-        by_ones = dict(grow_steps(_filled(model, ones), steps, twin_input).named_parameters())
-        by_tags = dict(grow_steps(_filled(model, tags), steps, twin_input).named_parameters())
-        grown = dict(grow_steps(model, steps, example_input).named_parameters())
+        by_ones = _grown_values(model, [torch.full((n,), UNIT, dtype=torch.float64) for n in numels], steps, twin_input)
+        tags = (torch.arange(1, total + 1, dtype=torch.float64) * TAG).split(numels)
+        by_tags = _grown_values(model, list(tags), steps, twin_input)
+        del tags
+        after = dict((made if made is not None else grow_steps(model, steps, example_input)).named_parameters())
     old = dict(model.named_parameters())
     flat_old = torch.cat([p.detach().double().reshape(-1) for p in model.parameters()]) if names else torch.zeros(0)
     index: dict[str, torch.Tensor] = {}
     scale: dict[str, torch.Tensor] = {}
-    for name, param in grown.items():
+    for name, param in after.items():
         a, v = by_ones[name].detach(), by_tags[name].detach()
         found = torch.full(a.shape, NEW, dtype=torch.long)
         if name in old:

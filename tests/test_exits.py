@@ -163,9 +163,17 @@ def test_epochs_csv_has_every_exits_accuracy_per_evaluated_epoch(tmp_path, data_
         batch_size=8, epochs=2, eval_every=2, cache_dir=str(data_cache), out=str(tmp_path / "run"), progress=False,
     )  # fmt: skip
     header = (tmp_path / "run" / "epochs.csv").read_text().splitlines()[0].split(",")
-    assert header == ["epoch", "global_step", "top1_net0", "top1_ensemble", "top1_exit_0", "top1_exit_0-0"]
+    assert header == [
+        "epoch",
+        "global_step",
+        "train_flops",
+        "top1_net0",
+        "top1_ensemble",
+        "top1_exit_0",
+        "top1_exit_0-0",
+    ]
     first, second = read_metrics(tmp_path / "run", "epochs")
-    assert set(first) == {"epoch", "global_step"}  # not evaluated: empty cells
+    assert set(first) == {"epoch", "global_step", "train_flops"}  # not evaluated: empty cells
     final = {f"top1_exit_{'-'.join(map(str, e.prefix))}": e.top1 for e in result.exits}
     assert final.keys() == {"top1_exit_0", "top1_exit_0-0"}
     assert {k: second[k] for k in final} == {k: float(f"{v:.6g}") for k, v in final.items()}

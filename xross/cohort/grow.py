@@ -205,7 +205,7 @@ def grow_model(
     the function no longer preserved; only what stays in place keeps its weights (and optimiser state)."""
     with evaluating(model):
         grown = grow_steps(model, steps, example)
-        line = lineage(model, steps, example) if (carry or init == "random") else None
+        line = lineage(model, steps, example, grown) if (carry or init == "random") else None
     if init == "random":
         assert line is not None
         line.reinitialise(model, grown, seed)
