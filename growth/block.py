@@ -35,7 +35,7 @@ from surgery.graph.ops import is_call as _is
 from surgery.graph.ops import targets
 
 FX, ATEN, METHOD = ("function",), ("aten",), ("method",)
-_ADDS = targets("add") | targets("add_", kinds=("function", "method"))
+RESIDUAL_SUMS = targets("add") | targets("add_", kinds=("function", "method"))  # the forms of a residual sum
 # f(0) = 0, one tensor operand: a branch is zero when its input is
 _ZERO_KEEPING = (
     targets("relu", "gelu", "silu", "dropout", "tanh", "hardswish", "getitem", kinds=FX)
@@ -117,16 +117,16 @@ class _Block:
             raise ValueError("its output is its input (it computes nothing to copy)")
         if not isinstance(node, fx.Node):
             raise ValueError(f"its output is not a residual sum but the constant {node!r}")
-        if not _is(node, _ADDS):
+        if not _is(node, RESIDUAL_SUMS):
             source = node.args[0] if node.args else None
-            if isinstance(source, fx.Node) and _is(self.through(source), _ADDS):
+            if isinstance(source, fx.Node) and _is(self.through(source), RESIDUAL_SUMS):
                 raise ValueError(
                     f"{self.work.site_name(node)} follows its residual sum ({_after_sum(self.work, node)}): with zero "
                     "branches the copy would apply it to its input again instead of passing it on"
                 )
             raise ValueError(f"its output is not a residual sum but {self.work.site_name(node)}")
         branches: list[fx.Node] = []
-        while _is(node, _ADDS):
+        while _is(node, RESIDUAL_SUMS):
             left, right = self.through(node.args[0]), self.through(node.args[1])
             spine_side = next((a for a in (left, right) if isinstance(a, fx.Node) and self._on_spine(a)), None)
             if spine_side is None:
@@ -147,7 +147,7 @@ class _Block:
             node = self.through(node)
             if self.external(node):
                 return True
-            if not _is(node, _ADDS):
+            if not _is(node, RESIDUAL_SUMS):
                 return False
             node = next((a for a in node.args[:2] if isinstance(a, fx.Node) and self._on_spine(a)), None)  # type: ignore[assignment]
             if node is None:
@@ -189,7 +189,7 @@ def _after_sum(work: Workbench, node: fx.Node) -> str:
 
 def _zero_points(work: Workbench, branch: fx.Node) -> list[tuple[str, list[str]]] | None:
     """What to zero so that ``branch`` is zero, also when it is a sum of branches (parallel attention and MLP)."""
-    if _is(branch, _ADDS):
+    if _is(branch, RESIDUAL_SUMS):
         parts = [_zero_points(work, a) if isinstance(a, fx.Node) else None for a in branch.args[:2]]
         return None if any(p is None for p in parts) else [z for p in parts for z in p]  # type: ignore[union-attr]
     point = _zero_point(work, branch)

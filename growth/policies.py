@@ -21,12 +21,13 @@ from typing import Any
 
 from torch import nn
 
+from growth.block import RESIDUAL_SUMS
 from growth.errors import GrowthError
 from growth.graphedit import Workbench
 from growth.mutation import MutationRecord, mutate
 from growth.registry import OPS, SITE_LIST, get_op, sites
 from surgery.core.registry import Registry
-from surgery.graph.ops import is_call, targets
+from surgery.graph.ops import is_call
 
 Policy = Callable[..., list[MutationRecord]]
 POLICIES: Registry[Policy] = Registry("growth policy", error=GrowthError)
@@ -79,10 +80,9 @@ def _stages(model: nn.Module, op: str, args: dict[str, Any], seed: int, example_
 
 def _summed_resolutions(work: Workbench) -> set[tuple[int, ...]]:
     """The spatial sizes of the 4-D values made by a residual sum."""
-    adds = targets("add") | targets("add_", kinds=("function", "method"))
     found = set()
     for node in work.gm.graph.nodes:
-        shape = work.shape(node) if is_call(node, adds) else None
+        shape = work.shape(node) if is_call(node, RESIDUAL_SUMS) else None
         if shape is not None and len(shape) == 4:
             found.add(tuple(shape[2:]))
     return found

@@ -39,8 +39,9 @@ from xross.methods.objectives import DistillLoss, growth_kd
 from xross.run.config import DistillConfig, resolve_config
 from xross.run.directory import STUDENT_INIT, check_sources, initial_student
 from xross.run.distributed import globalise_batchnorm, sum_over_ranks
-from xross.run.engine import HowToGrow, RunEngine
+from xross.run.engine import RunEngine
 from xross.run.evaluate import EvalResult, evaluate_distillation
+from xross.run.grower import HowToGrow
 from xross.run.optim import ParamGroup
 from xross.run.table import Method, register_method
 from xross.run.teachers import Teachers, check_classes, ensemble_logits, ensemble_probs

@@ -39,8 +39,9 @@ from xross.methods.objectives import DML, KD, XML, Independent, LossTerms, Mode,
 from xross.run.config import TrainConfig, resolve_config
 from xross.run.directory import build_cohort, check_sources, load_cohort_weights
 from xross.run.distributed import sum_over_ranks
-from xross.run.engine import HowToGrow, RunEngine
+from xross.run.engine import RunEngine
 from xross.run.evaluate import EvalResult, evaluate
+from xross.run.grower import HowToGrow
 from xross.run.optim import ParamGroup
 from xross.run.table import Method, method_of, objective_options, register_method
 from xross.run.teachers import ensemble_probs

@@ -20,42 +20,30 @@ interrupted run resumed with ``--resume`` continues bit-identically.
 from __future__ import annotations
 
 import contextlib
-import copy
 import dataclasses
 import json
 import shutil
 import signal
 import sys
 import time
-import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
 
-import growth
-from growth.provenance import Origin
 from surgery.core.errors import SurgeryError, UserError
 from surgery.core.util import atomic_write_text, first_line
 from surgery.files.io import versions
 from xross.data import EVAL_SPLITS, Augment, BatchLoader, ImageTensors, derive_seed, load_split, split_holdout
 from xross.errors import Interrupted, TrainingDiverged, XrossError
-from xross.run import carry
 from xross.run.checkpoint import CheckpointDir
 from xross.run.config import DistillConfig, RunConfig, TrainConfig
 from xross.run.directory import DTYPES
-from xross.run.distributed import (
-    DistInfo,
-    any_rank,
-    average_gradients,
-    globalise_batchnorm,
-    init_distributed,
-    same_on_every_rank,
-)
+from xross.run.distributed import DistInfo, any_rank, average_gradients, init_distributed
 from xross.run.evaluate import EvalResult
-from xross.run.growing import GrowthEntry, GrowthItem, checkpoint_growth, parse_item, write_log
+from xross.run.grower import GrowthDuringTraining
+from xross.run.growing import checkpoint_growth, write_log
 from xross.run.metrics import MetricsLog
 from xross.run.optim import ParamGroup, lr_at, make_optimizer, set_lr
 from xross.run.teachers import Teachers, load_teachers
@@ -73,26 +61,7 @@ class Position:
     train_flops: int = 0
 
 
-@dataclasses.dataclass(frozen=True)
-class HowToGrow:
-    """How a growth during training is done (a replay rebuilds only the structure): ``carry`` the optimiser
-    state (find each parameter's origin), ``init`` the new units (``copy`` or ``random``, seeded by ``seed``)."""
-
-    carry: bool
-    init: str
-    seed: int
-
-
-@dataclasses.dataclass(frozen=True)
-class PlannedGrowth:
-    """A growth of the schedule as the run will do it: before global step ``step``, per net the explicit steps."""
-
-    step: int
-    item: GrowthItem
-    nets: dict[int, list[growth.MutationRecord]]
-
-
-class RunEngine:
+class RunEngine(GrowthDuringTraining):
     """The run machinery; subclasses fill in the hooks below the ``--- hooks`` line.
 
     ``resume=True`` continues the run in ``config.out`` from its newest loadable checkpoint
@@ -172,13 +141,7 @@ class RunEngine:
         self.train_loader = BatchLoader(train, config.batch_size, train=True, augment=augment, **kw)
         self.test_loader = BatchLoader(test, config.batch_size, train=False, augment=augment, **kw)
         self.total_steps = config.epochs * len(self.train_loader)
-        self.growth_log: list[GrowthEntry] = []
-        self.growth_teachers: dict[int, nn.Module] = {}  # --grow-kd: the nets as they were before the last growth
-        self.growth_kd_until = -1  # ... distilled from until this global step
-        self._frozen: dict[int, nn.Module] = {}
-        self.growth_plan = self._plan_growth() if config.grow else []
-        self._growth_row: dict[str, float] = {}
-        self.flops_per_image = self._flops_per_image()
+        self._start_growth()
         self.checkpoints = CheckpointDir(self.run_dir, config.keep_checkpoints)
         if self.dist.is_main:
             self.checkpoints.remove_leftovers()
@@ -233,30 +196,6 @@ class RunEngine:
 
     def compile(self) -> None:
         """``torch.compile`` the trained modules (CUDA only)."""
-
-    def growable(self) -> list[nn.Module]:
-        """The whole networks a growth schedule grows, by index (``net=I``); none: the run cannot grow."""
-        return []
-
-    def growth_state(self) -> dict[str, Any]:
-        """The attributes a growth changes: the schedule is tried out at set-up on a copy of them."""
-        return {}
-
-    def grow_net(
-        self, net: int, steps: list[growth.MutationRecord], example: torch.Tensor | None, how: HowToGrow | None
-    ) -> dict[torch.nn.Parameter, Origin]:
-        """Grow net ``net`` by ``steps`` in place, and return where each new parameter came from (with
-        ``how.carry``). ``how``: a growth during training (``example``: images of its batch); None: a replay
-        of the structure alone."""
-        raise NotImplementedError
-
-    def growth_probe(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
-        """The logits of everything trained on ``images`` (eval mode, no gradient), by name; ``net{i}``: net i's."""
-        raise NotImplementedError
-
-    def forward_flops(self) -> tuple[int, int]:
-        """Forward FLOPs per image of what trains, and of what only runs forward (teachers)."""
-        return 0, 0
 
     # --- helpers for subclasses -----------------------------------------------------------------
 
@@ -377,10 +316,7 @@ class RunEngine:
         )
         seen, t0 = 0, time.perf_counter()
         for images, labels in self.train_loader.epoch(pos.epoch, start_step=pos.step):
-            while len(self.growth_log) < len(self.growth_plan) and self.growth_plan[len(self.growth_log)].step == (
-                pos.global_step
-            ):
-                self._grow(self.growth_plan[len(self.growth_log)], images, labels)
+            self._grow_if_due(images, labels)
             torch.manual_seed(derive_seed("step", cfg.seed, pos.global_step))  # dropout & co. resume exactly
             rate = lr_at(cfg.lr_schedule, cfg.lr, pos.global_step, self.total_steps, steps, cfg.warmup_epochs, cfg)
             set_lr(self.optimizer, rate * self._growth_warmup(pos.global_step))
@@ -429,189 +365,6 @@ class RunEngine:
             self.metrics.write("epochs", row, pos.global_step)
         self._save_checkpoint()
 
-    # --- growth during training (the schedule: xross.run.growing) ---------------------------------
-
-    def _plan_growth(self) -> list[PlannedGrowth]:
-        """Expand the schedule into explicit steps by trying every growth, in order, on the nets as they will
-        be then (and restoring them): a growth that cannot apply is one line now, before training starts."""
-        cfg, items = self.config, [parse_item(text) for text in self.config.grow]
-        steps_per_epoch = len(self.train_loader)
-        timed = sorted(((item.step_of(self.total_steps, steps_per_epoch), n, item) for n, item in enumerate(items)))
-        saved = self.growth_state()
-        for name, value in copy.deepcopy(saved).items():  # one copy: what is shared stays shared
-            setattr(self, name, value)
-        plan = []
-        try:
-            for step, n, item in timed:
-                if not 0 < step < self.total_steps:
-                    raise XrossError(
-                        f"grow '{item.text}' falls at step {step}, outside the run's {self.total_steps} steps; "
-                        "grow at a fraction in (0, 1) or an epoch/step inside the run"
-                    )
-                nets = self.growable()
-                if item.net is not None and item.net >= len(nets):
-                    raise XrossError(f"grow '{item.text}': net={item.net}, but the run trains {len(nets)} net(s)")
-                chosen = [item.net] if item.net is not None else list(range(len(nets)))
-                per_net = {}
-                for i in chosen:
-                    try:
-                        steps = growth.expand(
-                            self.growable()[i], item.op, item.sites, seed=derive_seed("grow", cfg.seed, n, i),
-                            example_input=self._growth_example(), **item.args,
-                        )  # fmt: skip
-                        self.grow_net(i, steps, None, None)
-                    except UserError as e:  # the op's GrowthError, a cut's SurgeryError, an adapter's XrossError
-                        raise XrossError(f"grow '{item.text}' (net {i}): {first_line(e)}") from None
-                    per_net[i] = steps
-                plan.append(PlannedGrowth(step, item, per_net))
-        finally:
-            for name, value in saved.items():
-                setattr(self, name, value)
-        return plan
-
-    def _check_growth_plan(self, checkpoint: Path) -> None:
-        """A resumed run's schedule must agree with the growths its checkpoint made, and not have moved one it
-        has not made yet to a step already passed (raising ``epochs`` moves the fractions of the run)."""
-        done, plan = self.growth_log, self.growth_plan
-        if len(done) > len(plan) or any(e.item != p.item.text for e, p in zip(done, plan)):
-            raise XrossError(
-                f"checkpoint {checkpoint} grew by {[e.item for e in done]}, which this run's --grow schedule "
-                f"{[p.item.text for p in plan]} does not begin with; resume with the run's own schedule"
-            )
-        if len(done) < len(plan) and plan[len(done)].step < self.position.global_step:
-            nxt = plan[len(done)]
-            raise XrossError(
-                f"grow '{nxt.item.text}' now falls at step {nxt.step}, before the checkpoint's step "
-                f"{self.position.global_step} (the run is longer now, and fractions of it moved); resume without "
-                "raising --epochs, or give the growths as epoch=E / step=S"
-            )
-
-    def batchnorm_transform(self) -> Callable[[nn.Module], nn.Module] | None:
-        """What makes the BatchNorms a growth adds global, as the build made the others (data-parallel runs
-        with ``sync_bn``); None otherwise."""
-        if not (self.dist.enabled and self.config.sync_bn):
-            return None
-        return lambda net: globalise_batchnorm(net, self.device)
-
-    def _growth_example(self) -> torch.Tensor:
-        size = self.config.image_size or 32
-        return torch.zeros(2, 3, size, size, dtype=self.dtype, device=self.device)
-
-    def _grow(self, planned: PlannedGrowth, images: torch.Tensor, labels: torch.Tensor) -> None:
-        """One growth of the schedule, before the step on this batch: grow, rebuild the optimiser, measure."""
-        cfg = self.config
-        x = self.prepare_images(images.to(self.device))
-        y = labels.to(self.device)
-        before = self.growth_probe(x)
-        params_before, flops_before = sum(p.numel() for p in self.params), sum(self.forward_flops())
-        self._keep_growth_teachers(planned)
-        origins: dict[nn.Parameter, Origin] = {}
-        example = same_on_every_rank(x, self.dist)  # every rank grows the same weights
-        for net, steps in planned.nets.items():
-            how = HowToGrow(
-                carry=cfg.grow_optimizer == "carry",
-                init=cfg.grow_init,
-                seed=derive_seed("grow-init", cfg.seed, len(self.growth_log), net),
-            )
-            origins.update(self.grow_net(net, steps, example, how))
-        self._rebuild_optimizer(origins, cfg.grow_optimizer)
-        after = self.growth_probe(x)
-        scale = max(float(v.abs().max()) for v in before.values())
-        change = max(float((after[k] - before[k]).abs().max()) for k in before)
-        entry = GrowthEntry(
-            item=planned.item.text,
-            global_step=self.position.global_step,
-            nets={
-                i: [r.model_dump(mode="json", include={"op", "site", "args"}) for r in s]
-                for i, s in planned.nets.items()
-            },
-            params_before=params_before,
-            params_after=sum(p.numel() for p in self.params),
-            flops_before=flops_before,
-            flops_after=sum(self.forward_flops()),
-            loss_before={int(k[3:]): _ce(v, y) for k, v in before.items() if k.startswith("net")},
-            loss_after={int(k[3:]): _ce(v, y) for k, v in after.items() if k.startswith("net")},
-            max_logit_change=change / scale if scale > 0 else change,
-            optimizer=cfg.grow_optimizer,
-            init=cfg.grow_init,
-        )
-        self.growth_log.append(entry)
-        self.flops_per_image = self._flops_per_image()
-        self._growth_row = {
-            **{f"grow_loss_before{i}": v for i, v in entry.loss_before.items()},
-            **{f"grow_loss_after{i}": v for i, v in entry.loss_after.items()},
-            "grow_logit_change": entry.max_logit_change,
-        }
-        if self.dist.is_main:
-            write_log(self.run_dir, self.growth_log)
-            if self.progress:
-                print(
-                    f"grew at step {entry.global_step} ({entry.item}): {entry.params_before:,} -> "
-                    f"{entry.params_after:,} parameters; loss "
-                    + ", ".join(f"{entry.loss_before[i]:.4f} -> {entry.loss_after[i]:.4f}" for i in entry.loss_before)
-                    + f"; max logit change {entry.max_logit_change:.1e} (relative)",
-                    file=sys.stderr,
-                )
-
-    def growth_teacher(self, net: int) -> nn.Module | None:
-        """With ``grow_kd``, net ``net`` as it was before its last growth while the steps distilling from it last."""
-        if self.position.global_step >= self.growth_kd_until:
-            return None
-        return self.growth_teachers.get(net)
-
-    def _keep_growth_teachers(self, planned: PlannedGrowth) -> None:
-        """``grow_kd``: before the first growth of a step, a frozen copy of every net; the grown ones teach."""
-        kd = self.config.grow_kd_terms()
-        if kd is None:
-            return
-        until = self.position.global_step + kd[2]
-        if self.growth_kd_until != until:
-            self.growth_kd_until = until
-            self._frozen = {i: _frozen(net) for i, net in enumerate(self.growable())}
-            self.growth_teachers = {}
-        self.growth_teachers.update({i: self._frozen[i] for i in planned.nets})
-
-    def _replay_growth(self, entries: list[GrowthEntry], state: dict[str, Any] | None = None) -> None:
-        """Rebuild the structure a checkpoint was saved with: the logged growths replayed before its weights load
-        (with ``grow_kd`` in a window still open, the nets as they were before the last growth too)."""
-        teachers = (state or {}).get("growth_teachers")
-        last = entries[-1].global_step if entries else -1
-        for entry in entries:
-            if teachers and entry.global_step == last and not self.growth_teachers:
-                self.growth_teachers = {int(i): _frozen(self.growable()[int(i)]) for i in teachers["nets"]}
-                self.growth_kd_until = int(teachers["until"])
-            for net, steps in entry.steps().items():
-                self.grow_net(net, steps, None, None)
-        for i, weights in (teachers or {}).get("nets", {}).items():
-            self.growth_teachers[int(i)].load_state_dict(weights)
-        if entries:
-            self._rebuild_optimizer({}, "reset")
-            self.flops_per_image = self._flops_per_image()
-        self.growth_log = list(entries)
-
-    def _rebuild_optimizer(self, origins: dict[nn.Parameter, Origin], mode: str) -> None:
-        groups = self.param_groups()
-        self.params = [p for group in groups for p in group["params"]]
-        self.optimizer = carry.rebuild(self.optimizer, make_optimizer(groups, self.config), origins, mode)
-        if self.config.compile and self.device.type == "cuda":
-            self.compile()
-
-    def _growth_warmup(self, global_step: int) -> float:
-        """The factor of the learning rate in the ``grow_warmup`` steps after a growth (1 otherwise)."""
-        warm = self.config.grow_warmup
-        since = [global_step - g.step for g in self.growth_plan if 0 <= global_step - g.step < warm]
-        return (min(since) + 1) / warm if since else 1.0
-
-    def _flops_per_image(self) -> int:
-        try:
-            trained, fixed = self.forward_flops()
-        except Exception as e:  # noqa: BLE001 - a net torch's FLOP counter cannot run must still train
-            warnings.warn(
-                f"training FLOPs are not counted for this run ({first_line(e)}); train_flops stays 0", stacklevel=2
-            )
-            return 0
-        return 3 * trained + fixed  # forward, and a backward of about twice its cost
-
     # --- checkpoints and signals ----------------------------------------------------------------
 
     def _save_checkpoint(self) -> Path | None:
@@ -622,17 +375,7 @@ class RunEngine:
                 "optimizer": self.optimizer.state_dict(),
                 "scaler": self.scaler.state_dict(),
                 "position": dataclasses.asdict(self.position),
-                "growth": [entry.model_dump() for entry in self.growth_log],
-                **(
-                    {
-                        "growth_teachers": {
-                            "until": self.growth_kd_until,
-                            "nets": {i: m.state_dict() for i, m in self.growth_teachers.items()},
-                        }
-                    }
-                    if self.position.global_step < self.growth_kd_until
-                    else {}
-                ),  # fmt: skip
+                **self._growth_checkpoint(),
                 "rng": {
                     "torch": torch.get_rng_state(),
                     **({"cuda": torch.cuda.get_rng_state_all()} if torch.cuda.is_available() else {}),
@@ -694,16 +437,6 @@ class RunEngine:
         )
         with Progress(*columns, transient=False) as bar:
             yield bar
-
-
-def _frozen(net: nn.Module) -> nn.Module:
-    """A copy of ``net`` that only runs forward, in eval mode."""
-    copied = copy.deepcopy(net).eval()
-    return copied.requires_grad_(False)
-
-
-def _ce(logits: torch.Tensor, labels: torch.Tensor) -> float:
-    return float(torch.nn.functional.cross_entropy(logits.double(), labels))
 
 
 def training_augment(config: RunConfig) -> Augment:
