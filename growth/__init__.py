@@ -23,6 +23,7 @@ from growth.policies import POLICIES, expand
 from growth.provenance import grow_steps, lineage
 from growth.registry import OPS, GrowthOp, Site, sites
 from growth.skip import add_skip
+from growth.transformer import grow_transformer
 from growth.wider import net2wider
 
 __all__ = [
@@ -30,6 +31,7 @@ __all__ = [
     "POLICIES",
     "expand",
     "grow_steps",
+    "grow_transformer",
     "lineage",
     "GrowthOp",
     "MutationRecord",
