@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, cast
 
 import typer
 
 from surgery.cli.kit import console, print_table, table
 from surgery.graph.flops import CountedOn
 from xross.run.base_config import RunConfig
+from xross.run.config import TrainConfig
 from xross.run.directory import run_config
 from xross.run.evaluate import EvalResult
 from xross.run.table import kind_of
@@ -39,8 +40,15 @@ def flops_input(run: Path) -> CountedOn:
 
 
 def show_result(config: RunConfig, result: EvalResult, run: Path) -> None:
-    """Print a run's evaluation as its kind lays it out (xross.anytime.kinds): paths, settings or student."""
-    for t in kind_of(config).show(config, result, run):
+    """Print a run's evaluation as its kind lays it out (xross.anytime.kinds): paths, settings or student;
+    a causal-LM run's paths with their perplexity (xross.cli.lm)."""
+    if config.causal_lm:
+        from xross.cli.lm import lm_tables  # the trainer it builds cohorts with imports much
+
+        tables = lm_tables(cast(TrainConfig, config), result, run)
+    else:
+        tables = kind_of(config).show(config, result, run)
+    for t in tables:
         if t.flops_on is None:
             console.print(table(t.title, t.columns, t.rows))
         else:

@@ -47,6 +47,7 @@ from xross.anytime.report import AnytimeReport, best_point, deadline_choice
 from xross.cli.anytime import add_exits, anytime
 from xross.cli.common import NoVerifyOpt, RunArg, TrustOpt, flops_input, opt, show_result
 from xross.cli.diagnose import diagnose_command, similarity_command
+from xross.cli.lm import eval_lm_run
 from xross.errors import XrossError
 from xross.run.config import DistillConfig, RunConfig, TrainConfig, config_from_options
 from xross.run.directory import (
@@ -167,6 +168,15 @@ def eval_run(
     """Top-1/top-5 of every path (of a distillation: student, teachers; of a mutualnet run: every width and
     resolution), ensembles, Pareto front; writes eval.json."""
     cfg = run_config(run)
+    if cfg.causal_lm:  # loss and perplexity of every path on the run's held-out windows
+        if eval_subset is not None:
+            raise XrossError("--eval-subset keeps a subset of images; a causal_lm run evaluates its held-out windows")
+        result = eval_lm_run(
+            run, typing.cast(TrainConfig, cfg), batch_size, trust_code=trust_code, verify=not no_verify
+        )
+        result.save(run / "eval.json")
+        show_result(cfg, result, run)
+        return
     kind, verify, split = kind_of(cfg), not no_verify, {}
     _, model = kind.load(run, trust_code=trust_code, verify=verify)  # models first, then data
 

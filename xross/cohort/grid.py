@@ -33,6 +33,7 @@ from surgery.core.specs import ValueSpec, known_specs
 from surgery.pieces.adapters import boundary_adapter
 from surgery.pieces.cut import piece_info
 from xross.cohort.exits import ExitHeads, head_factory
+from xross.cohort.lm import TextNets, check_lm, resolve_cuts, token_example
 from xross.cohort.logits import as_logits
 from xross.errors import XrossError
 
@@ -41,7 +42,7 @@ Route = tuple[int, ...]
 
 
 def build_net(
-    source: str | nn.Module, num_classes: int, stem: str = "imagenet", *, trust_code: bool = False
+    source: str | nn.Module, num_classes: int | None, stem: str = "imagenet", *, trust_code: bool = False
 ) -> nn.Module:
     """A network by reference (:mod:`surgery.files.refs`: a name, ``timm:NAME(img_size=32)``, a saved directory, ...)
     or as given, with an optional CIFAR stem for ResNet-style nets.
@@ -117,6 +118,9 @@ class Cohort(nn.Module):
         # each net whole, sharing its modules with its pieces (not a submodule: saved once, as the pieces);
         # what growth during training grows (xross.cohort.grow)
         self.wholes: list[nn.Module | None] = list(wholes) if wholes is not None else [None] * len(nets)
+        # (boundary, src, dst) -> why no adapter maps it: no path crosses there
+        self.unstitched: dict[tuple[int, int, int], str] = {}
+        self.text: TextNets | None = None  # set for causal LMs: what they read is token ids
 
     # --- construction ---------------------------------------------------------------------------
 
@@ -125,9 +129,11 @@ class Cohort(nn.Module):
         cls,
         nets: Sequence[str | nn.Module],
         cuts: Sequence[str] | Sequence[Sequence[str]],
-        num_classes: int,
+        num_classes: int | None,
         image_size: int = 32,
         *,
+        text: TextNets | None = None,
+        require_stitches: bool = True,
         stem: str = "imagenet",
         adapter_batchnorm: bool = False,
         adapter_relu: bool = True,
@@ -152,12 +158,20 @@ class Cohort(nn.Module):
             exits: an exit head after every part but the last of every net (:mod:`xross.cohort.exits`),
                 built after everything else, so that the nets and adapters start as without them.
             exit_head: ``module:callable`` making each head (default pool + linear).
+            text: causal LMs (:mod:`xross.cohort.lm`): built without ``num_classes``, checked against the
+                vocabulary and window length, cut (``block:N`` too) on a window of token ids.
+            require_stitches: False: a pair of nets whose boundary no adapter maps (a LLaMA and a GPT-2 decoder
+                hand over different side values) is left unstitched, and :meth:`paths` omits the paths across it
+                (methods without cross paths); True: one line naming the pair.
         """
         per_net_cuts = normalise_cuts(cuts, len(nets))
-        example = torch.zeros(1, 3, image_size, image_size)
+        example: Any = torch.zeros(1, 3, image_size, image_size) if text is None else token_example(text.seq_len)
         pieces, names, wholes = [], [], []
-        for src, net_cuts in zip(nets, per_net_cuts):
+        for k, (src, net_cuts) in enumerate(zip(nets, per_net_cuts)):
             net = build_net(src, num_classes, stem, trust_code=trust_code)
+            if text is not None:
+                net = check_lm(net, text.vocab, text.seq_len, f"net {k} ({src if isinstance(src, str) else ''})")
+                net_cuts = resolve_cuts(net, net_cuts)
             if transform_net is not None:
                 net = transform_net(net)
             cut_net = surgery.cut(net.eval(), net_cuts, example)
@@ -165,6 +179,7 @@ class Cohort(nn.Module):
             wholes.append(net)
             names.append(src if isinstance(src, str) else type(src).__name__)
         adapters: dict[str, nn.Module] = {}
+        unstitched: dict[tuple[int, int, int], str] = {}
         for b in range(len(per_net_cuts[0])):
             for i, j in itertools.permutations(range(len(nets)), 2):
                 down = piece_info(pieces[j][b + 1])
@@ -178,6 +193,9 @@ class Cohort(nn.Module):
                         relu=adapter_relu,
                     )
                 except SurgeryError as e:
+                    if not require_stitches:
+                        unstitched[(b, i, j)] = f"nets {i} and {j} at cut {b}: {e}"
+                        continue
                     raise XrossError(
                         f"nets {i} and {j} at cut {b} ({per_net_cuts[i][b]} / {per_net_cuts[j][b]}): {e}"
                     ) from None
@@ -186,8 +204,11 @@ class Cohort(nn.Module):
         heads = None
         if exits:
             shapes = [[_out_shape(net[b]) for b in range(len(net) - 1)] for net in pieces]
+            assert num_classes is not None, "exit heads classify: a causal_lm config refuses exits"
             heads = ExitHeads.build(shapes, num_classes, head_factory(exit_head, trust_code=trust_code))
-        return cls(pieces, adapters, names, heads, wholes)
+        cohort = cls(pieces, adapters, names, heads, wholes)
+        cohort.unstitched, cohort.text = unstitched, text
+        return cohort
 
     # --- structure ------------------------------------------------------------------------------
 
@@ -214,8 +235,9 @@ class Cohort(nn.Module):
         )
 
     def paths(self) -> list[Route]:
-        """All K**P paths, in lexicographic order (own paths included)."""
-        return list(itertools.product(range(self.num_nets), repeat=self.num_parts))
+        """All K**P paths, in lexicographic order (own paths included), less those across an unstitched pair."""
+        every = itertools.product(range(self.num_nets), repeat=self.num_parts)
+        return [p for p in every if not any((b, p[b], p[b + 1]) in self.unstitched for b in range(len(p) - 1))]
 
     def own_path(self, net: int) -> Route:
         return (net,) * self.num_parts
@@ -304,10 +326,17 @@ class Cohort(nn.Module):
         path = path if path is not None else self.own_path(0)
         return self.forward_paths(x, [path])[path]
 
-    def forward_flops(self, paths: Iterable[Route], image_size: int) -> int:
-        """Forward FLOPs per image of computing ``paths`` (every shared prefix once, as a training step does)."""
+    def example_input(self, image_size: int) -> torch.Tensor:
+        """One input of the nets: an image of side ``image_size`` (zeros), or, for causal LMs, a window of ids."""
         ref = next(self.parameters())
-        x = torch.zeros(1, 3, image_size, image_size, dtype=ref.dtype, device=ref.device)
+        if self.text is not None:
+            return token_example(self.text.seq_len, ref.device).args[0]
+        return torch.zeros(1, 3, image_size, image_size, dtype=ref.dtype, device=ref.device)
+
+    def forward_flops(self, paths: Iterable[Route], image_size: int) -> int:
+        """Forward FLOPs per sample (an image, or a window of tokens) of computing ``paths`` (every shared prefix
+        once, as a training step does)."""
+        x = self.example_input(image_size)
         with torch.no_grad():
             return surgery.count_flops(_PathsCall(self, list(paths)), x)
 

@@ -40,6 +40,7 @@ __all__ = [
     "ARCHIVE_SUFFIXES",
     "DATASETS",
     "EVAL_SPLITS",
+    "TEXT_PREFIX",
     "Listing",
     "Split",
     "is_image",
@@ -52,6 +53,7 @@ __all__ = [
 
 DATASETS = {"cifar10": "CIFAR10", "cifar100": "CIFAR100"}  # name -> torchvision.datasets class
 ARCHIVE_SUFFIXES = (".tar", ".tar.gz", ".tgz", ".tar.xz")
+TEXT_PREFIX = "text:"  # text:DIR, a folder of text files for --task causal_lm (xross.data.text reads it)
 EVAL_SPLITS = ("test", "val")
 """The split a run evaluates on, by preference: ``test/`` when the source has one (then ``val/`` is left to
 the user), else ``val/`` (ImageNet's own layout: ``train/`` and ``val/``)."""
@@ -73,6 +75,8 @@ def resolve_source(source: str | os.PathLike) -> str | Path:
     """The dataset name, or the absolute path of an existing directory or archive."""
     if isinstance(source, str) and source in DATASETS:
         return source
+    if isinstance(source, str) and source.startswith(TEXT_PREFIX):
+        raise XrossError(f"'{source}' is text, not images: train language models on it with --task causal_lm")
     path = Path(source).expanduser().absolute()
     if not path.exists():
         if isinstance(source, str) and os.sep not in source and "/" not in source:

@@ -31,6 +31,8 @@ from surgery.core.util import evaluating
 from xross.analysis.similarity import cohort_cka
 from xross.cohort.exits import exit_loss, exit_prefixes
 from xross.cohort.grow import grow_net
+from xross.cohort.lm import per_token
+from xross.cohort.lm_cohort import lm_cohort, lm_epoch_metrics, refuse_unstitched
 from xross.cohort.logits import as_logits
 from xross.data import ImageTensors
 from xross.data.labels import labeled_accuracy
@@ -40,7 +42,7 @@ from xross.run.config import TrainConfig, resolve_config
 from xross.run.directory import build_cohort, check_sources, load_cohort_weights
 from xross.run.distributed import sum_over_ranks
 from xross.run.engine import RunEngine
-from xross.run.evaluate import EvalResult, evaluate
+from xross.run.evaluate import EvalResult, evaluate, evaluate_lm
 from xross.run.grower import HowToGrow
 from xross.run.optim import ParamGroup
 from xross.run.table import Method, method_of, objective_options, register_method
@@ -77,13 +79,19 @@ class Trainer(RunEngine):
     def build(self, resume: bool) -> None:
         config = self.config
         self.train_logits: dict[int, torch.Tensor] = {}  # each student's own-path logits of the last step
-        self.cohort = build_cohort(config, self.device, self.dist.enabled, trust_code=self.trust_typed).to(self.dtype)
+        if config.causal_lm:
+            assert self.vocab is not None, "a causal_lm run's data gives the tokenizer's vocabulary"
+            self.cohort = lm_cohort(config, self.vocab, self.device, trust_code=self.trust_typed).to(self.dtype)
+        else:
+            self.cohort = build_cohort(config, self.device, self.dist.enabled, trust_code=self.trust_typed)
+            self.cohort = self.cohort.to(self.dtype)
         if config.channels_last:
             self.cohort = self.cohort.to(memory_format=torch.channels_last)
         method = method_of(config)
         assert method.objective is not None, f"method {method.name} trains a cohort: it needs an objective"
         self.mode: Mode = method.objective(**objective_options(config, method))
         self.paths = self.mode.paths(self.cohort)
+        refuse_unstitched(self.cohort, self.paths, config.mode)
         self.exit_prefixes = exit_prefixes(self.paths, self.cohort.num_parts) if config.exits else []
         if config.init_from and not resume:
             load_cohort_weights(self.cohort, Path(config.init_from), verify=self.verify)
@@ -187,6 +195,9 @@ class Trainer(RunEngine):
         values: dict = {}
         with self.autocast(), torch.set_grad_enabled(not self.config.frozen_cohort):
             logits = self.cohort.forward_paths(images, self.paths, shared=self.config.shared_prefixes, prefixes=values)
+        if self.config.causal_lm:  # (B, T, V) and (B, T) as tokens: every term is then a mean over tokens
+            logits, labels = per_token(logits, labels)
+        self.train_targets = labels
         with self.autocast():
             target = self.teacher_logits(images)
             losses = {i: self._loss(i, logits, values, labels, target) for i in students}
@@ -257,7 +268,7 @@ class Trainer(RunEngine):
         row: dict[str, float] = {}
         for i, loss in losses.items():
             row[f"loss{i}"] = float(loss.total.detach())
-            row[f"acc{i}"] = labeled_accuracy(self.train_logits[i], labels)
+            row[f"acc{i}"] = labeled_accuracy(self.train_logits[i], self.train_targets)
             for group, value in term_groups(loss.terms).items():
                 row[f"{group}{i}"] = value
         return row
@@ -271,6 +282,8 @@ class Trainer(RunEngine):
     def epoch_metrics(self) -> dict[str, float]:
         own = [self.cohort.own_path(i) for i in range(self.cohort.num_nets)]
         result = self.evaluate(own)
+        if self.config.causal_lm:
+            return lm_epoch_metrics(result, self.cohort.num_nets, self.cohort.num_parts)
         row = {f"top1_net{i}": result.own(i, self.cohort.num_parts).top1 for i in range(self.cohort.num_nets)}
         row["top1_ensemble"] = result.ensembles["nets"].top1
         row.update({f"top1_exit_{'-'.join(map(str, e.prefix))}": e.top1 for e in result.exits})  # with --exits
@@ -289,13 +302,17 @@ class Trainer(RunEngine):
         return {f"cka_{key}": value for key, value in cohort_cka(self.cohort, images).items()}
 
     def evaluate(self, paths: list[tuple[int, ...]] | None = None) -> EvalResult:
-        """Top-1/top-5 of ``paths`` (default all) on the evaluation split; each rank scores its part of every batch."""
+        """Top-1/top-5 of ``paths`` (default all) on the evaluation split (causal LMs: loss and perplexity too);
+        each rank scores its part of every batch."""
+        reduce = functools.partial(sum_over_ranks, info=self.dist)
+        if self.config.causal_lm:
+            return evaluate_lm(self.cohort, self.eval_batches(), paths, reduce=reduce)
         return evaluate(
             self.cohort,
             self.eval_batches(),
             self.config.image_size or 0,  # known once the data is loaded, before the first step
             paths,
-            reduce=functools.partial(sum_over_ranks, info=self.dist),
+            reduce=reduce,
         )
 
 

@@ -18,6 +18,7 @@ from pydantic import Field, NonNegativeFloat, NonNegativeInt, PositiveInt, field
 from surgery.core.errors import SurgeryError
 from surgery.core.schema import DEFAULT_FIX, FileModel, Float, parse
 from surgery.core.util import atomic_write_text, first_line
+from xross.data.sources import TEXT_PREFIX
 from xross.errors import XrossError
 from xross.run.table import unused_option, uses
 
@@ -28,6 +29,7 @@ AmpName = Literal["off", "bf16", "fp16"]
 DtypeName = Literal["float32", "float64"]
 GrowOptimizerName = Literal["carry", "reset"]
 GrowInitName = Literal["copy", "random"]
+TaskName = Literal["classify", "causal_lm"]
 GROWING = uses(kinds=("cohort", "student"))  # the fields of growth during training (xross.run.growing)
 
 # CLI hints carried by fields: the option name when it differs, how a list is given
@@ -47,7 +49,9 @@ class RunConfig(FileModel):
     )
     # data
     data: str = Field(
-        "cifar10", description="cifar10 | cifar100 | ImageFolder (train/; test/ or val/) | a .tar(.gz/.xz)"
+        "cifar10",
+        description="cifar10 | cifar100 | ImageFolder (train/; test/ or val/) | a .tar(.gz/.xz) | "
+        "text:DIR (--task causal_lm: *.txt, *.py, *.md under DIR)",
     )
     subset: PositiveInt | None = Field(None, description="stratified subset of the training split")
     eval_subset: PositiveInt | None = Field(None, description="stratified subset of the evaluation split")
@@ -162,6 +166,11 @@ class RunConfig(FileModel):
                 flag = "--" + name.replace("_", "-")
                 raise ValueError(f"{name} applies with --grow only; add a --grow schedule or drop {flag}")
 
+    @property
+    def causal_lm(self) -> bool:
+        """Whether the run trains language models (only a config with a ``task`` can say so)."""
+        return False
+
     def default_holdout(self, train_images: int, num_classes: int) -> int:
         """Images held out of training when ``holdout`` is not given (none unless a run calibrates something)."""
         return 0
@@ -221,6 +230,79 @@ class TeacherOptions(FileModel):
         if not re.fullmatch(r"all|full|\d+(-\d+)+(,\d+(-\d+)+)*", value):
             raise ValueError("should be all, full or a list of paths like 0-1,1-0")
         return value
+
+
+LM = uses("independent", "dml", "xml")  # the methods that train causal language models (task causal_lm)
+# the options of image classification that a causal_lm run cannot use, and why
+CLASSIFY_ONLY = {
+    "stem": "it changes a ResNet's image stem",
+    "subset": "it keeps a stratified subset of images",
+    "eval_subset": "it keeps a stratified subset of images",
+    "image_size": "it resizes images (a window's length is --seq-len)",
+    "num_classes": "the outputs are the nets' vocabulary",
+    "augment": "it crops and flips images",
+    "holdout": "it holds out images to calibrate exits",
+    "labeled_fraction": "text windows have no labels to drop",
+    "unlabeled": "it adds a folder of images",
+    "cka_images": "it compares image features",
+    "exits": "exit heads pool image features",
+    "exit_head": "exit heads pool image features",
+    "exit_weights": "exit heads pool image features",
+    "frozen_cohort": "it trains exit heads only",
+    "channels_last": "it is a memory format of images",
+    "grow": "growing during training measures new layers on images",
+}
+LM_ONLY = ("seq_len", "tokenizer", "eval_fraction")
+
+
+class TaskOptions(FileModel):
+    """What a run learns: image classification (the default) or causal language modelling on text files."""
+
+    task: TaskName = Field(
+        "classify",
+        json_schema_extra=LM,
+        description="classify (images) or causal_lm (next-token prediction on --data text:DIR)",
+    )
+    seq_len: PositiveInt = Field(128, json_schema_extra=LM, description="causal_lm: tokens a training window predicts")
+    tokenizer: str | None = Field(
+        None,
+        json_schema_extra=LM,
+        description="causal_lm: hf:DIR, a tokenizer saved with save_pretrained (default: bytes, vocabulary 256)",
+    )
+    eval_fraction: Float = Field(
+        0.1, gt=0, lt=1, json_schema_extra=LM, description="causal_lm: the fraction of windows held out to evaluate"
+    )
+
+    @property
+    def causal_lm(self) -> bool:
+        """Whether the run trains language models: the one place that says which task a run is."""
+        return self.task == "causal_lm"
+
+    @field_validator("tokenizer")
+    @classmethod
+    def _local_tokenizer(cls, value: str | None) -> str | None:
+        if value is not None and (not value.startswith("hf:") or len(value) == 3):
+            raise ValueError(
+                f"'{value}' is not hf:DIR; give a tokenizer directory written by save_pretrained (never a download)"
+            )
+        return value
+
+    def refuse_options_of_other_task(self) -> None:
+        """One line for an option the run's task cannot use (set to other than its default)."""
+        fields = type(self).model_fields
+        if not self.causal_lm:
+            for name in LM_ONLY:
+                if getattr(self, name) != fields[name].get_default(call_default_factory=True):
+                    raise ValueError(f"{name} applies to --task causal_lm only; add --task causal_lm or drop it")
+            if str(getattr(self, "data", "")).startswith(TEXT_PREFIX):
+                raise ValueError("--data text:DIR is text: add --task causal_lm, or give images")
+            return
+        for name, why in CLASSIFY_ONLY.items():
+            if name in fields and getattr(self, name) != fields[name].get_default(call_default_factory=True):
+                flag = "--" + name.replace("_", "-")
+                raise ValueError(f"{name} does not apply to --task causal_lm ({why}): drop {flag}")
+        if not str(getattr(self, "data", "")).startswith(TEXT_PREFIX):
+            raise ValueError(f"--task causal_lm reads text files: give --data {TEXT_PREFIX}DIR")
 
 
 def refuse_unused_options(config: RunConfig) -> None:

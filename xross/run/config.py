@@ -29,7 +29,7 @@ from pydantic import Field, NonNegativeInt, PositiveInt, field_validator, model_
 from surgery.core.registry import Registry
 from surgery.core.schema import Float
 from xross.errors import XrossError
-from xross.run.base_config import RunConfig, TeacherOptions, cli_hint, read_yaml, refuse_unused_options
+from xross.run.base_config import RunConfig, TaskOptions, TeacherOptions, cli_hint, read_yaml, refuse_unused_options
 from xross.run.table import command_methods, method_of, saved_without_unused_options, uses
 
 # the --mode values of the methods xross registers (the table, xross.run.table, is what validates a mode)
@@ -41,11 +41,12 @@ AdapterUpdate = Literal["student", "up", "down"]
 DiscriminatorName = Literal["joint", "grl", "off"]
 KindName = Literal["train", "distill"]
 
+LM_DEFAULT_CUT = "block:half"  # xross.cohort.lm resolves it in each decoder
 COHORT = uses(kinds=("cohort",))  # the fields every method training a cohort of cut networks uses
 MUTUALNET = uses("mutualnet")
 
 
-class TrainConfig(TeacherOptions, RunConfig):
+class TrainConfig(TeacherOptions, TaskOptions, RunConfig):
     """Every option of a cohort's training run (see the field descriptions; ``xross train --help`` shows them).
 
     >>> import xross
@@ -70,7 +71,8 @@ class TrainConfig(TeacherOptions, RunConfig):
         default_factory=lambda: ["layer2"],
         min_length=1,
         json_schema_extra=cli_hint("cut"),
-        description="cut point: one name for all nets or one per net 'a,b'; repeat for P > 2 parts",
+        description="cut point: one name for all nets or one per net 'a,b'; repeat for P > 2 parts "
+        "(causal_lm: block:N cuts after decoder layer N, block:half in the middle, the default there)",
     )
     adapter_batchnorm: bool = Field(
         False, json_schema_extra=COHORT, description="BatchNorm (LayerNorm for tokens) after each adapter"
@@ -231,9 +233,18 @@ class TrainConfig(TeacherOptions, RunConfig):
         """The name of the method in the table (:mod:`xross.run.table`) this config trains: its ``mode``."""
         return self.mode
 
+    @model_validator(mode="before")
+    @classmethod
+    def _task_default_cut(cls, data: Any) -> Any:
+        """A causal_lm run without --cut cuts each decoder in the middle (``layer2`` names no decoder's layer)."""
+        if isinstance(data, dict) and data.get("task") == "causal_lm" and "cuts" not in data:
+            return {**data, "cuts": [LM_DEFAULT_CUT]}
+        return data
+
     @model_validator(mode="after")
     def _consistent(self) -> TrainConfig:
         refuse_unused_options(self)
+        self.refuse_options_of_other_task()
         self.refuse_growth_options_without_growth()
         self._consistent_exits()
         if self.grow and self.exits:

@@ -28,7 +28,7 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 
@@ -36,6 +36,7 @@ from surgery.core.errors import SurgeryError, UserError
 from surgery.core.util import atomic_write_text, first_line
 from surgery.files.io import versions
 from xross.data import EVAL_SPLITS, Augment, BatchLoader, ImageTensors, derive_seed, load_split, split_holdout
+from xross.data.text import TokenLoader, load_text
 from xross.errors import Interrupted, TrainingDiverged, XrossError
 from xross.run.checkpoint import CheckpointDir
 from xross.run.config import DistillConfig, RunConfig, TrainConfig
@@ -116,14 +117,8 @@ class RunEngine(GrowthDuringTraining):
             torch.set_num_threads(config.threads)
         torch.use_deterministic_algorithms(True, warn_only=True)
         self._check_options(config)
-        train, test = self._load_data(config)
-        self.eval_split = test.split  # test/, else val/: named in eval.json and the result tables
-        config.num_classes = config.num_classes or len(train.classes)
-        config.image_size = config.image_size or int(train.images.shape[-1])
-        if config.holdout is None:
-            config.holdout = config.default_holdout(len(train), config.num_classes)
-        train, _ = split_holdout(train, config.holdout, config.seed)
-        train = self.training_images(train, config)
+        train, test, loader = self._training_data(config)
+        self.eval_split = test.split  # test/, else val/ (held-out windows of text): in eval.json and the tables
         self.config = config
         self.build(resume)
         groups = self.param_groups()
@@ -138,8 +133,8 @@ class RunEngine(GrowthDuringTraining):
             "rank": self.dist.rank,
             "world_size": self.dist.world_size,
         }
-        self.train_loader = BatchLoader(train, config.batch_size, train=True, augment=augment, **kw)
-        self.test_loader = BatchLoader(test, config.batch_size, train=False, augment=augment, **kw)
+        self.train_loader = loader(train, config.batch_size, train=True, augment=augment, **kw)
+        self.test_loader = loader(test, config.batch_size, train=False, augment=augment, **kw)
         self.total_steps = config.epochs * len(self.train_loader)
         self._start_growth()
         self.checkpoints = CheckpointDir(self.run_dir, config.keep_checkpoints)
@@ -217,6 +212,8 @@ class RunEngine(GrowthDuringTraining):
         return torch.autocast("cuda", dtype=torch.bfloat16 if self.config.amp == "bf16" else torch.float16)
 
     def prepare_images(self, images: torch.Tensor) -> torch.Tensor:
+        if self.config.causal_lm:
+            return images  # token ids
         images = images.to(self.dtype)
         return images.contiguous(memory_format=torch.channels_last) if self.config.channels_last else images
 
@@ -243,6 +240,8 @@ class RunEngine(GrowthDuringTraining):
         self.scaler.update()
 
     def eval_batches(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        if self.config.causal_lm:
+            return self.test_loader.epoch(0)  # token ids as they are
         return ((x.to(self.dtype), y) for x, y in self.test_loader.epoch(0))
 
     # --- set-up ---------------------------------------------------------------------------------
@@ -263,6 +262,25 @@ class RunEngine(GrowthDuringTraining):
             for flag, on in (("--amp", config.amp != "off"), ("--compile", config.compile)):
                 if on:
                     print(f"note: {flag} works on CUDA only; ignored on {self.device.type}", file=sys.stderr)
+
+    def _training_data(self, config: RunConfig) -> tuple[Any, Any, type[BatchLoader]]:
+        """(what the run trains on, what it evaluates on, the loader of both): windows of token ids for a
+        causal_lm run (``self.vocab``: the tokenizer's size), else images (the config learns their classes and
+        size, the holdout is set aside)."""
+        self.vocab: int | None = None
+        if config.causal_lm:
+            lm = cast(TrainConfig, config)
+            train_text, test_text, self.vocab = load_text(
+                lm.data, lm.seq_len, tokenizer=lm.tokenizer, eval_fraction=lm.eval_fraction, seed=lm.seed
+            )
+            return train_text, test_text, TokenLoader
+        train, test = self._load_data(config)
+        config.num_classes = config.num_classes or len(train.classes)
+        config.image_size = config.image_size or int(train.images.shape[-1])
+        if config.holdout is None:
+            config.holdout = config.default_holdout(len(train), config.num_classes)
+        train, _ = split_holdout(train, config.holdout, config.seed)
+        return self.training_images(train, config), test, BatchLoader
 
     def _load_data(self, config: RunConfig) -> tuple[ImageTensors, ImageTensors]:
         def load() -> tuple[ImageTensors, ImageTensors]:

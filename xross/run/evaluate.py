@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Annotated, Literal
@@ -24,6 +25,7 @@ from surgery.core.util import atomic_write_text, evaluating, first_line
 from surgery.graph.flops import count_flops, count_params, human
 from xross.cohort.exits import exit_prefixes, feature
 from xross.cohort.grid import Cohort, Route, call_part
+from xross.cohort.lm import per_token
 from xross.cohort.logits import as_logits
 from xross.errors import XrossError
 from xross.run.teachers import Teachers, ensemble_probs
@@ -48,11 +50,15 @@ class PathResult(FileModel):
     flops: NonNegativeFloat
     width: Float | None = Field(None, gt=0, le=1)
     resolution: PositiveInt | None = None
+    loss: NonNegativeFloat | None = None  # causal LMs: mean next-token cross-entropy (nats); top-1/5 of the token
+    perplexity: NonNegativeFloat | None = None  # exp(loss)
 
 
 class Accuracy(FileModel):
     top1: Float = Field(ge=0, le=100)
     top5: Float = Field(ge=0, le=100)
+    loss: NonNegativeFloat | None = None  # causal LMs, as PathResult's
+    perplexity: NonNegativeFloat | None = None
 
 
 class ExitResult(FileModel):
@@ -132,7 +138,7 @@ def path_costs(
 
     With ``exits=True`` each ``path`` is an exit's prefix and the cost includes its exit head.
     """
-    x = torch.zeros(1, 3, image_size, image_size, device=device, dtype=next(cohort.parameters()).dtype)
+    x = cohort.example_input(image_size).to(device)
     flops: dict[int, float] = {}
     out: dict[Route, tuple[int, float]] = {}
     with torch.no_grad():
@@ -208,6 +214,51 @@ def evaluate(
     ]
     accuracy = {k: Accuracy(top1=pct[len(paths) + i][0], top5=pct[len(paths) + i][1]) for i, k in enumerate(ensembles)}
     return EvalResult(paths=results, ensembles=accuracy, samples=n, exits=exits)
+
+
+@torch.no_grad()
+def evaluate_lm(
+    cohort: Cohort,
+    batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
+    paths: Sequence[Route] | None = None,
+    reduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
+) -> EvalResult:
+    """Causal LMs: per path (default all), the mean next-token cross-entropy over the scored tokens
+    (``loss``), ``perplexity = exp(loss)`` and next-token top-1/top-5 (%); ensembles (mean softmax) alike.
+    ``samples`` counts the tokens scored; ``reduce`` sums over ranks as :func:`evaluate`'s does."""
+    paths = list(paths) if paths is not None else cohort.paths()
+    own = [cohort.own_path(i) for i in range(cohort.num_nets)]
+    groups = {"nets": own, "all_paths": paths}
+    rows = len(paths) + len(groups)
+    sums = torch.zeros(rows, 3, dtype=torch.float64)  # cross-entropy summed over tokens, top-1 and top-5 hits
+    n = 0
+    with evaluating(cohort):
+        for ids, targets in batches:
+            if len(targets) == 0:
+                continue
+            logits, y = per_token(cohort.forward_paths(ids, list(dict.fromkeys([*paths, *own]))), targets)
+            log_probs = [torch.log_softmax(logits[p].double(), 1) for p in paths]
+            log_probs += [
+                torch.stack([logits[p].double().softmax(1) for p in m]).mean(0).log() for m in groups.values()
+            ]
+            for row, lp in enumerate(log_probs):
+                sums[row, 0] += float(-lp.gather(1, y[:, None]).sum())
+                sums[row, 1:] += topk_correct(lp, y).double()
+            n += len(y)
+    if reduce is not None:
+        total = reduce(torch.cat([sums.flatten(), torch.tensor([float(n)], dtype=torch.float64)]))
+        sums, n = total[:-1].view_as(sums), int(total[-1])
+    if n == 0:
+        raise XrossError("the evaluation windows hold no token to predict")
+    scores = [{"loss": ce / n, "perplexity": math.exp(ce / n), "top1": 100 * t1 / n, "top5": 100 * t5 / n}
+              for ce, t1, t5 in sums.tolist()]  # fmt: skip
+    costs = path_costs(cohort, paths, 0, next(cohort.parameters()).device)
+    results = [
+        PathResult(path=p, name=cohort.path_name(p), params=costs[p][0], flops=costs[p][1], **scores[row])
+        for row, p in enumerate(paths)
+    ]
+    ensembles = {k: Accuracy(**scores[len(paths) + i]) for i, k in enumerate(groups)}
+    return EvalResult(paths=results, ensembles=ensembles, samples=n)
 
 
 def _cost(module: nn.Module, path: Route | None, image_size: int) -> tuple[int, float]:
