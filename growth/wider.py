@@ -28,8 +28,10 @@ from torch import fx, nn
 from growth.errors import GrowthError
 from growth.graphedit import Workbench
 from growth.registry import MAX_GROWTH, GrowthOp, Proposal, not_applicable, register_op
+from growth.transformer.heads import grow_heads, head_counts, head_sites
 from surgery.channels import ChannelGroup
 from surgery.channels.remap import ChannelMap, remap_channels
+from surgery.models.layouts import attention_heads
 
 
 def net2wider(
@@ -72,6 +74,16 @@ def net2wider(
         raise GrowthError("net2wider needs at least one layer name in at=")
     _check_amount(factor, new_width)
     seed = random.randrange(2**31) if seed is None else int(seed)
+    heads = [name for name in names if name in head_sites(model)]
+    if heads:  # attention sites grow on the model's own modules, before the graph is traced
+        if factor is None:
+            raise GrowthError("attention sites grow by a factor of their heads: give factor= (e.g. 2), not new_width=")
+        source, model = model, grow_heads(model, heads, factor, seed, example_input, check)
+        names = [name for name in names if name not in heads]
+        if not names:
+            work = Workbench(model, example_input)
+            work.source = source
+            return work.finish("net2wider", check, at=at if isinstance(at, str) else heads, factor=factor, seed=seed)
     work = Workbench(model, example_input)
     widths: dict[int, tuple[ChannelGroup, int]] = {}
     for name in names:
@@ -190,7 +202,18 @@ def wider_sites(work: Workbench, factor: float | None = None, new_width: int | N
     """
     if factor is not None or new_width is not None:
         _check_amount(factor, new_width)
-    return [name for name, group in _widenable(work) if _accepts(group, name, factor, new_width)]
+    found = [name for name, group in _widenable(work) if _accepts(group, name, factor, new_width)]
+    return found + [site for site in head_sites(work.source) if _heads_accept(work.source, site, factor, new_width)]
+
+
+def _heads_accept(model: nn.Module, site: str, factor: float | None, new_width: int | None) -> bool:
+    """Does an attention site take this amount (a factor giving whole heads; any amount when none is given)."""
+    if new_width is not None:
+        return False
+    if factor is None:
+        return True
+    heads, kv_heads, _ = attention_heads(model.get_submodule(site))
+    return head_counts(heads, kv_heads, factor) is not None
 
 
 def _propose(rng: random.Random, work: Workbench) -> Proposal | None:

@@ -51,6 +51,8 @@ def writes_along(module: nn.Module, leaf: str, axes: tuple[str, ...]) -> set[str
 
 
 def _grow_norm(tensor: torch.Tensor, leaf: str, hidden: AxisMap) -> torch.Tensor:
+    if not hidden.changes:
+        return tensor
     grown = hidden.write(tensor, 0)
     if not hidden.padded:
         return grown
