@@ -27,6 +27,7 @@ from growth.mutation import MutationRecord, apply_step, mutate, read_log
 from growth.mutation import replay as replay_log
 from growth.registry import OPS, SITE_JOIN, get_op
 from growth.registry import sites as op_sites
+from growth.transformer.command import check_saveable, grow_uniform, parse_uniform, save_uniform, uniform_keys
 from surgery.cli.kit import console, load_model_arg, print_table, run_app, table
 from surgery.core.errors import renamed_argument
 from surgery.files.io import prepare_output_dir, save
@@ -185,10 +186,18 @@ def _op_args(op: str, given: dict[str, Any]) -> tuple[str, dict[str, Any]]:
 @app.command(name="mutate")
 def mutate_command(
     model: ModelArg,
-    op: Annotated[str, typer.Option("--op", help=f"one of {', '.join(sorted(OPS))}")],
+    op: Annotated[Optional[str], typer.Option("--op", help=f"one of {', '.join(sorted(OPS))}")] = None,
     at: Annotated[
         Optional[str],
         typer.Option(help="layer to widen / branch beside / whose kernel to grow; net2deeper: node to insert after"),
+    ] = None,
+    set_: Annotated[
+        Optional[list[str]],
+        typer.Option(
+            "--set",
+            help="instead of --op, grow a transformer uniformly, keeping its class: KEY=VALUE, repeatable, with the "
+            f"keys of growth.grow_transformer ({', '.join(uniform_keys())})",
+        ),
     ] = None,
     after: Annotated[Optional[str], typer.Option(hidden=True, help="the former name of --at (net2deeper)")] = None,
     src: Annotated[Optional[str], typer.Option(help="add_skip: where the skip starts")] = None,
@@ -230,13 +239,30 @@ def mutate_command(
     given = {
         k: v
         for k, v in locals().items()
-        if k not in ("model", "op", "after", "out", "force", "input", "num_classes", "trust_code")
+        if k not in ("model", "op", "after", "out", "force", "input", "num_classes", "trust_code", "set_")
     }
+    if (op is None) == (set_ is None):
+        raise GrowthError("give --op (one growth step) or --set KEY=VALUE (a uniform transformer growth), not both")
+    if set_ is not None:
+        sizes = parse_uniform(set_, {k: v for k, v in given.items() if v is not None and k != "seed"})
+        net = _start(model, out, force, num_classes, trust_code)
+        check_saveable(net, out)
+        grown = grow_uniform(net, sizes, seed or 0, _example(net, input), model)
+        if out is not None:
+            save_uniform(grown, out, force)
+        return
+    assert op is not None, "checked above: --op or --set"
     site, args = _op_args(op, given)
     net = _start(model, out, force, num_classes, trust_code)
     example = _step_input(net, input)
     grown, record = apply_step(net, MutationRecord(op=op, site=site, args=args, **input_record(example)), example)
     _finish(f"{op} on {model}", [record], example.specs(), grown, out, force)
+    if out is not None and callable(getattr(net, "save_pretrained", None)):
+        console.print(
+            f"{op} grows one place, so the config no longer describes the model: saved as a graph (surgery.load); "
+            "`--set KEY=VALUE` grows every layer alike and writes a from_pretrained directory",
+            soft_wrap=True,
+        )
 
 
 @app.command(name="random")

@@ -45,6 +45,7 @@ from surgery.core.util import atomic_directory, first_line
 from surgery.files.recipe_file import FORMAT, CutEntry, ModuleEntry, RecipeFile, SpecEntry
 from surgery.graph.inputs import Example, vocab_size
 from surgery.models.build import assign_state, is_code_source, rebuild
+from surgery.models.ecosystems import quiet_hf
 from surgery.pieces.cut import META_KEY, Origin, PieceInfo, Pieces, cut, piece_info
 
 RECIPE_FILE = "recipe.json"
@@ -191,6 +192,21 @@ def save(obj: nn.Module, directory: str | os.PathLike[str], *, force: bool = Fal
         (tmp / RECIPE_FILE).write_text(json.dumps(recipe, indent=2) + "\n")
 
     atomic_directory(target, fill)
+    return target
+
+
+def save_pretrained(model: nn.Module, directory: str | os.PathLike[str], *, force: bool = False) -> Path:
+    """A Hugging Face model's own ``save_pretrained`` directory (config + safetensors), written atomically.
+
+    ``from_pretrained`` reads it back with no code from this library; a non-empty
+    directory is refused unless ``force``.
+    """
+    writer = getattr(model, "save_pretrained", None)
+    if not callable(writer):
+        raise SurgeryError(f"a {type(model).__name__} has no save_pretrained; save it with surgery.save")
+    target = prepare_output_dir(directory, force)
+    with quiet_hf():
+        atomic_directory(target, lambda tmp: writer(str(tmp)))
     return target
 
 

@@ -113,6 +113,18 @@ def _quiet_transformers(transformers: ModuleType) -> Iterator[None]:
             logging.enable_progress_bar()
 
 
+@contextlib.contextmanager
+def quiet_hf() -> Iterator[None]:
+    """No progress bars or advice from transformers inside the block (nothing to quiet when it is not installed)."""
+    try:
+        import transformers
+    except ImportError:
+        yield
+        return
+    with _quiet_transformers(transformers):
+        yield
+
+
 def _hf_from_directory(directory: Path, kwargs: dict[str, Any]) -> tuple[nn.Module, Recipe]:
     transformers = _require("transformers", "hf")
     with _quiet_transformers(transformers):
