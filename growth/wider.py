@@ -30,8 +30,8 @@ from growth.graphedit import Workbench
 from growth.registry import MAX_GROWTH, GrowthOp, Proposal, not_applicable, register_op
 from growth.transformer.heads import grow_heads, head_counts, head_sites
 from surgery.channels import ChannelGroup
+from surgery.channels.layouts import attention_heads
 from surgery.channels.remap import ChannelMap, remap_channels
-from surgery.models.layouts import attention_heads
 
 
 def net2wider(

@@ -20,12 +20,12 @@ from torch import nn
 
 from growth.errors import GrowthError
 from growth.transformer.grow import Sizes, grow_transformer, output_change, sizes_of
+from surgery.channels.layouts import Layout, layout_of
 from surgery.cli.kit import console, table
 from surgery.core.errors import SurgeryError
 from surgery.files.io import save_pretrained
 from surgery.graph.flops import count_params, human
 from surgery.graph.inputs import Example
-from surgery.models.layouts import Layout, layout_of
 
 _NOT_SIZES = ("seed", "example_input", "check")
 

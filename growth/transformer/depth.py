@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from growth.transformer.resize import is_norm, writes_along
-from surgery.models.layouts import Layout, layer_list
+from surgery.channels.layouts import Layout, layer_list
 
 
 def layer_sources(old: int, new: int) -> list[int]:

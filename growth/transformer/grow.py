@@ -40,9 +40,10 @@ from growth.errors import GrowthError
 from growth.transformer import maps as axis_maps
 from growth.transformer.depth import add_layers, layer_sources
 from growth.transformer.resize import is_norm, norm_kind, resize, scale_eps
+from surgery.channels.layouts import Layout, attention_heads, layer_list, layout_of
+from surgery.channels.rebuild import rebuilt
 from surgery.core.errors import SurgeryError
 from surgery.graph.inputs import Example, default_example
-from surgery.models.layouts import Layout, attention_heads, layer_list, layout_of
 
 TOLERANCE = 1e-5  # relative to the largest output
 
@@ -212,7 +213,7 @@ def grow_transformer(
 
     Args:
         model: a Hugging Face LLaMA / Mistral / Qwen2 / Qwen3 / Gemma / GPT-2 / BERT / RoBERTa
-            model or a timm VisionTransformer (the families of :mod:`surgery.models.layouts`).
+            model or a timm VisionTransformer (the families of :mod:`surgery.channels.layouts`).
         hidden_size, intermediate_size, num_attention_heads, num_key_value_heads, num_hidden_layers:
             the new sizes, named as Hugging Face configs name them (timm: ``embed_dim``,
             the MLP's width, ``num_heads``, ``depth``); any left out stays.
@@ -246,7 +247,7 @@ def grow_transformer(
         layout.set_heads(layer.get_submodule(layout.attention), new.num_attention_heads, new.num_key_value_heads)
     sources = layer_sources(old.num_hidden_layers, new.num_hidden_layers)
     add_layers(grown, layout, sources)
-    result = _as_own_class(model, grown, layout, new, maps["h"], sources)
+    result = _as_own_class(model, grown, new, maps["h"], sources)
     if check:
         check_grown(model, result, example_input, "grow_transformer")
     return result
@@ -274,54 +275,30 @@ def _finish_stream(grown: nn.Module, layout: Layout, hidden: axis_maps.AxisMap) 
 
 
 def _as_own_class(
-    model: nn.Module, grown: nn.Module, layout: Layout, new: Sizes, hidden: axis_maps.AxisMap, sources: list[int]
+    model: nn.Module, grown: nn.Module, new: Sizes, hidden: axis_maps.AxisMap, sources: list[int]
 ) -> nn.Module:
     """A Hugging Face model rebuilt as its class from the grown config with the grown weights; else ``grown``."""
     config = getattr(model, "config", None)
     if config is None or not hasattr(config, "to_dict"):
         return grown
-    config = copy.deepcopy(config)
-    for ours, theirs in layout.config.items():
-        value = {
-            "hidden": new.hidden_size,
-            "intermediate": new.intermediate_size,
-            "heads": new.num_attention_heads,
-            "kv_heads": new.num_key_value_heads,
-            "layers": new.num_hidden_layers,
-        }[ours]
-        if ours == "kv_heads" and not hasattr(config, theirs):
-            continue
-        if ours == "intermediate" and getattr(config, theirs, None) is None and value == 4 * new.hidden_size:
-            continue  # GPT-2's n_inner=None means 4 x hidden
-        setattr(config, theirs, value)
-    if hasattr(config, "head_dim"):
-        config.head_dim = new.head_dim
+    changes: dict[str, Any] = {}
     if hidden.padded:
         for key, value in config.to_dict().items():
             if key.endswith(("_eps", "_epsilon")) and isinstance(value, float):
-                setattr(config, key, value * hidden.old / hidden.new)
+                changes[key] = value * hidden.old / hidden.new
     if isinstance(getattr(config, "layer_types", None), list):
-        config.layer_types = [config.layer_types[s] for s in sources]
-    rebuilt = _build(type(model), config, model)
-    state = grown.state_dict()
-    missing, unexpected = rebuilt.load_state_dict(state, strict=False)
-    if unexpected or [m for m in missing if m not in _tied_names(rebuilt)]:
-        raise GrowthError(
-            f"the grown {type(model).__name__} does not match its class: missing {missing}, unexpected {unexpected}"
-        )
-    return rebuilt.train(model.training)
-
-
-def _build(cls: type, config: Any, like: nn.Module) -> nn.Module:
-    param = next(like.parameters())
-    with torch.device(param.device):
-        rebuilt = cls(config)
-    return rebuilt.to(param.dtype)
-
-
-def _tied_names(model: nn.Module) -> set[str]:
-    unique = {name for name, _ in model.named_parameters()}
-    return {name for name, _ in model.named_parameters(remove_duplicate=False)} - unique
+        changes["layer_types"] = [config.layer_types[s] for s in sources]
+    sizes = {
+        "hidden": new.hidden_size,
+        "intermediate": new.intermediate_size,
+        "heads": new.num_attention_heads,
+        "kv_heads": new.num_key_value_heads,
+        "layers": new.num_hidden_layers,
+    }
+    try:
+        return rebuilt(model, grown.state_dict(), sizes, **changes)
+    except SurgeryError as e:
+        raise GrowthError(f"the grown {type(model).__name__} does not fit its class ({e}); this is a bug") from None
 
 
 def _main_output(value: Any) -> torch.Tensor:

@@ -31,7 +31,7 @@ from growth.errors import GrowthError
 from growth.transformer import maps as axis_maps
 from growth.transformer.grow import check_grown
 from growth.transformer.resize import MapsOf, resize
-from surgery.models.layouts import attention_heads, find_layout, layer_list
+from surgery.channels.layouts import attention_heads, find_layout, layer_list
 
 
 def head_sites(model: nn.Module) -> list[str]:

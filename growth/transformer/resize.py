@@ -1,6 +1,6 @@
 """Apply axis maps to a transformer in place: every parameter, the modules' size attributes, shared weights.
 
-Each parameter's axes come from its family's layout (:mod:`surgery.models.layouts`);
+Each parameter's axes come from its family's layout (:mod:`surgery.channels.layouts`);
 whether a layer reads or writes along an axis comes from the layer's type (a Linear
 writes along its weight's rows and reads along its columns; HF's ``Conv1D`` the other
 way round; an embedding, a bias, a class token write). Norm gains and biases follow
@@ -19,7 +19,7 @@ from torch import nn
 
 from growth.errors import GrowthError
 from growth.transformer.maps import PAD, AxisMap
-from surgery.models.layouts import Layout
+from surgery.channels.layouts import Layout
 
 MapsOf = Callable[[str], dict[str, AxisMap]]  # parameter name -> the maps of the dimensions it spans
 

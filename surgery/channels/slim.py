@@ -38,6 +38,7 @@ import contextlib
 import copy
 import io
 import math
+import warnings
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -48,6 +49,8 @@ from torch.func import functional_call
 
 from surgery.channels import ChannelAnalysis, ChannelGroup, analyze_channels
 from surgery.channels.batchnorm import recalibrate_bn
+from surgery.channels.layouts import find_layout
+from surgery.channels.rebuild import as_own_class
 from surgery.channels.remap import ChannelMap, remap_channels
 from surgery.core.errors import SurgeryError
 from surgery.core.recipe import extend_recipe, register_replay
@@ -174,6 +177,7 @@ class SlimNet(nn.Module):
         if divisor < 1:
             raise SurgeryError(f"divisor={divisor}; give a positive channel multiple (8, or 1 for none)")
         self.model = model if isinstance(model, fx.GraphModule) else trace(model, example_input=example_input)
+        self._like = [model] if find_layout(model) is not None else []  # a family whose class extract() rebuilds
         self.divisor = divisor
         self._analysis: ChannelAnalysis = analyze_channels(self.model, example_input)
         self.groups: dict[int, ChannelGroup] = {}
@@ -313,13 +317,27 @@ class SlimNet(nn.Module):
 
     # --- standalone networks and statistics ------------------------------------------------------------
 
-    def extract(self, width: float | None = None, resolution: Resolution | None = None) -> fx.GraphModule:
+    def extract(self, width: float | None = None, resolution: Resolution | None = None) -> nn.Module:
         """A plain network at ``width`` (default: the current) with copies of its weights.
 
         BatchNorm statistics are those calibrated for ``resolution`` (an input's spatial size,
         e.g. ``(224, 224)``) when given, else the full network's sliced. The result equals the
         view at that width and resolution exactly, and is independent of it.
+
+        A Hugging Face transformer of a family with a layout (:mod:`surgery.channels.layouts`)
+        comes back as its own class with a config at the kept sizes, when one config
+        describes them (every layer alike); otherwise as a graph, with a warning saying why.
         """
+        graph = self._extract_graph(width, resolution)
+        if not self._like or not hasattr(getattr(self._like[0], "config", None), "to_dict"):
+            return graph
+        try:
+            return as_own_class(self._like[0], graph)
+        except SurgeryError as e:
+            warnings.warn(f"slim: extracted as a graph, not a {type(self._like[0]).__name__}: {e}", stacklevel=2)
+            return graph
+
+    def _extract_graph(self, width: float | None, resolution: Resolution | None) -> fx.GraphModule:
         w = self.width if width is None else check_width(width)
         result = copy.deepcopy(self.model)
         plan = self._plan(w)
@@ -339,7 +357,7 @@ class SlimNet(nn.Module):
         resolution = _resolution((batches[0][0] if isinstance(batches[0], (tuple, list)) else batches[0],))
         assert resolution is not None
         self.bn_stats.pop((self.width, resolution), None)
-        net = recalibrate_bn(self.extract(), batches)
+        net = recalibrate_bn(self._extract_graph(None, None), batches)
         stats = {name: t for name, t in net.named_buffers() if name in self._sources()}
         self.bn_stats[(self.width, resolution)] = stats
 
@@ -380,4 +398,4 @@ def slim(model: nn.Module, width: float = 1.0, divisor: int = 8, *, example_inpu
 
 @register_replay("slim")
 def _replay_slim(model: nn.Module, width: float, divisor: int = 8) -> nn.Module:
-    return SlimNet(model, width, divisor).extract()
+    return SlimNet(model, width, divisor)._extract_graph(None, None)

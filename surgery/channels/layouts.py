@@ -16,7 +16,7 @@ by the end of their path (``embed_tokens.weight``), so the prefix a model wraps 
 (``model.``, ``transformer.``, ``bert.``) is read from the model, never assumed.
 
 >>> import transformers
->>> from surgery.models.layouts import layout_of
+>>> from surgery.channels.layouts import layout_of
 >>> config = transformers.LlamaConfig(hidden_size=32, intermediate_size=64, num_attention_heads=4,
 ...     num_key_value_heads=2, num_hidden_layers=2, vocab_size=64)
 >>> model = transformers.LlamaForCausalLM(config)
@@ -77,7 +77,7 @@ class Layout:
             if name == end or name.endswith("." + end):
                 return axes
         raise SurgeryError(
-            f"'{name}' is not in the {self.name} layout (surgery/models/layouts.py): its axes are unknown, "
+            f"'{name}' is not in the {self.name} layout (surgery/channels/layouts.py): its axes are unknown, "
             "so its sizes cannot change; add it to the family's table"
         )
 
