@@ -64,8 +64,12 @@ def grow_uniform(net: nn.Module, sizes: dict[str, Any], seed: int, example: Exam
     change, scale = output_change(net, grown, example)
     rows = [(field, getattr(before, field), getattr(after, field)) for field in Sizes.__dataclass_fields__]
     rows.append(("parameters", human(count_params(net)), human(count_params(grown))))
-    console.print(table(f"grow_transformer on {name}: {type(grown).__name__}", ["size", "before", "after"], rows))
-    console.print(f"max |Δ output| {change:.3g} (max |y| {scale:.3g}, eval mode)", highlight=False)
+    console.print(table(f"grow_transformer on {name}", ["size", "before", "after"], rows))
+    console.print(
+        f"a {type(grown).__name__} again; max |Δ output| {change:.3g} (max |y| {scale:.3g}, eval mode)",
+        highlight=False,
+        soft_wrap=True,
+    )
     return grown
 
 
