@@ -169,6 +169,11 @@ def _check_allowed(model: nn.Module, layout: Layout, old: Sizes, new: Sizes) -> 
             f"{layout.name} normalises after each residual sum: its stream widens by integer factors only "
             f"(hidden_size a multiple of {old.hidden_size})"
         )
+    if new.num_hidden_layers != old.num_hidden_layers and getattr(config, "scale_attn_by_inverse_layer_idx", False):
+        raise GrowthError(
+            f"this {layout.name} scales each layer's attention by 1 / (its index + 1) "
+            "(scale_attn_by_inverse_layer_idx), so new layers would change the old ones' scales; grow its width only"
+        )
     if new.num_hidden_layers != old.num_hidden_layers and layout.post_norm:
         raise GrowthError(
             f"{layout.name} normalises after each residual sum, so a new layer cannot start as an identity; "
@@ -313,7 +318,11 @@ def _main_output(value: Any) -> torch.Tensor:
 
 
 def output_change(before: nn.Module, after: nn.Module, example_input: Any = None) -> tuple[float, float]:
-    """``(max |after - before|, max |before|)`` of the main output (logits), both in eval mode."""
+    """``(max |after - before|, max |before|)`` of the main output (logits), both in eval mode.
+
+    A model without a head outputs the stream itself, which widens: the grown stream holds the
+    old channels first (copies and padding come after them), and those are compared.
+    """
     example = Example.of(example_input) or default_example(before, batch=2)
     modes = before.training, after.training
     before.eval(), after.eval()
@@ -322,6 +331,8 @@ def output_change(before: nn.Module, after: nn.Module, example_input: Any = None
             y, z = _main_output(example(before)), _main_output(example(after))
     finally:
         before.train(modes[0]), after.train(modes[1])
+    if y.dim() and y.shape[:-1] == z.shape[:-1] and z.shape[-1] > y.shape[-1]:  # the stream: its old channels
+        z = z[..., : y.shape[-1]]
     if y.shape != z.shape:
         return float("inf"), float(y.abs().max())
     return float((z - y).abs().max()), float(y.abs().max())
