@@ -33,28 +33,31 @@ def noisy(model: nn.Module, seed: int = 0) -> nn.Module:
     return model.eval()
 
 
+LLAMA = {"hidden_size": 32, "intermediate_size": 64, "num_attention_heads": 4, "num_key_value_heads": 2}
+LLAMA |= {"num_hidden_layers": 2, "vocab_size": VOCAB}
+
+
 def llama(**config: Any) -> nn.Module:
-    base = {"hidden_size": 32, "intermediate_size": 64, "num_attention_heads": 4, "num_key_value_heads": 2}
-    base |= {"num_hidden_layers": 2, "vocab_size": VOCAB}
-    return noisy(transformers.LlamaForCausalLM(transformers.LlamaConfig(**base | config)))
+    return noisy(transformers.LlamaForCausalLM(transformers.LlamaConfig(**LLAMA | config)))
 
 
 def qwen2(**config: Any) -> nn.Module:
-    base = {"hidden_size": 32, "intermediate_size": 64, "num_attention_heads": 4, "num_key_value_heads": 2}
-    base |= {"num_hidden_layers": 2, "vocab_size": VOCAB}
-    return noisy(transformers.Qwen2ForCausalLM(transformers.Qwen2Config(**base | config)))
+    return noisy(transformers.Qwen2ForCausalLM(transformers.Qwen2Config(**LLAMA | config)))
+
+
+GPT2 = {"n_embd": 32, "n_layer": 2, "n_head": 4, "vocab_size": VOCAB, "n_positions": 32}
+BERT = {"hidden_size": 32, "intermediate_size": 64, "num_attention_heads": 4, "num_hidden_layers": 2}
+BERT |= {"vocab_size": VOCAB, "max_position_embeddings": 32}
 
 
 def gpt2(**config: Any) -> nn.Module:
     """Built by ``surgery.build_model``, so that its grown graphs have a recipe ``surgery.save`` can write."""
-    base = {"n_embd": 32, "n_layer": 2, "n_head": 4, "vocab_size": VOCAB, "n_positions": 32}
-    return noisy(surgery.build_model("hf:GPT2LMHeadModel", config=base | config))
+    return noisy(surgery.build_model("hf:GPT2LMHeadModel", config=GPT2 | config))
 
 
 def bert(**config: Any) -> nn.Module:
-    base = {"hidden_size": 32, "intermediate_size": 64, "num_attention_heads": 4, "num_hidden_layers": 2}
-    base |= {"vocab_size": VOCAB, "max_position_embeddings": 32, "num_labels": 3}
-    return noisy(transformers.BertForSequenceClassification(transformers.BertConfig(**base | config)))
+    config = BERT | {"num_labels": 3} | config
+    return noisy(transformers.BertForSequenceClassification(transformers.BertConfig(**config)))
 
 
 def vit() -> nn.Module:
@@ -171,6 +174,11 @@ def test_net2wider_at_an_attention_site_doubles_its_heads_and_keeps_the_function
     assert_same_function(model, wide, x)
 
 
+def test_the_attention_modules_are_net2wider_sites() -> None:
+    sites = growth.sites(model_of("vit"), "net2wider")
+    assert {"blocks.0.attn", "blocks.1.attn", "blocks.0.mlp.fc1"} <= set(sites)
+
+
 def test_a_graph_traced_without_a_mask_says_so_when_given_one() -> None:
     wide, _ = widened("gpt2")
     with pytest.raises(TypeError, match="attention_mask"):
@@ -190,15 +198,6 @@ def test_one_and_a_half_times_the_heads_where_whole_heads_result(family: str) ->
     if family in ("llama", "qwen2"):
         assert grown.get_submodule(site).k_proj.out_features == 3 * head_size(grown.get_submodule(site))
         assert_same_function(model, grown, padded(3, 10))
-
-
-def test_a_per_layer_heads_graph_saves_and_loads_as_the_same_function(tmp_path: Any) -> None:
-    wide, _ = widened("gpt2")
-    surgery.save(wide, tmp_path / "wide")
-    again = surgery.load(tmp_path / "wide")
-    for length in (7, 12):
-        x = {"input_ids": ids(2, length)}
-        assert torch.equal(output(again, x), output(wide, x))
 
 
 # --- grouped-query attention: every query head reads the copy of its own key-value group -------------------
@@ -270,9 +269,7 @@ def tied_llama() -> nn.Module:
     return llama(tie_word_embeddings=True)
 
 
-@functools.cache
-def untied_llama() -> nn.Module:
-    return llama()
+untied_llama = functools.partial(model_of, "llama")
 
 
 @pytest.mark.parametrize(
@@ -291,7 +288,8 @@ def test_the_residual_stream_widens_exactly_and_a_tied_head_stays_tied(
     make: Callable[[], nn.Module], sizes: dict[str, Any]
 ) -> None:
     model = make()
-    old_eps, before = dict(_eps(model)), snapshot(model)
+    (eps_key,) = [k for k in model.config.to_dict() if k.endswith(("_eps", "_epsilon"))]
+    old_eps, before = getattr(model.config, eps_key), snapshot(model)
     grown = growth.grow_transformer(model, **sizes)
     assert_unchanged(model, before)
     hidden = grown.config.hidden_size
@@ -300,24 +298,13 @@ def test_the_residual_stream_widens_exactly_and_a_tied_head_stays_tied(
     tied = model.get_output_embeddings().weight is model.get_input_embeddings().weight
     assert (grown.get_output_embeddings().weight is grown.get_input_embeddings().weight) == tied
     ratio = 1.0 if hidden % model.config.hidden_size == 0 else model.config.hidden_size / hidden
-    for key, value in _eps(grown):  # the config's eps, so that from_pretrained builds the same norms
-        assert value == pytest.approx(old_eps[key] * ratio, rel=1e-12)
+    # the config's eps (from_pretrained builds the norms from it) and every norm's own
+    assert getattr(grown.config, eps_key) == pytest.approx(old_eps * ratio, rel=1e-12)
     norms = [m for m in grown.modules() if type(m).__name__.endswith(("RMSNorm", "LayerNorm"))]
-    assert norms and all(
-        getattr(m, "eps", getattr(m, "variance_epsilon", None)) == pytest.approx(old_eps_value(old_eps) * ratio)
-        for m in norms
-    )
+    eps = [getattr(m, "eps", getattr(m, "variance_epsilon", None)) for m in norms]
+    assert norms and eps == pytest.approx([old_eps * ratio] * len(norms), rel=1e-12)
     assert_same_function(model, grown, {"input_ids": ids(3, 12)})
     assert_same_function(model, grown, padded(2, 9))
-
-
-def _eps(model: nn.Module) -> list[tuple[str, float]]:
-    return [(k, v) for k, v in model.config.to_dict().items() if k.endswith(("_eps", "_epsilon"))]
-
-
-def old_eps_value(eps: dict[str, float]) -> float:
-    (value,) = set(eps.values())
-    return value
 
 
 # --- depth ---------------------------------------------------------------------------------------------------
@@ -325,16 +312,9 @@ def old_eps_value(eps: dict[str, float]) -> float:
 
 def writers(layer: nn.Module) -> list[torch.Tensor]:
     """The parameters of a layer that write to the residual stream: the attention's and the MLP's output."""
+    modules = dict(layer.named_modules())
     names = ("self_attn.o_proj", "mlp.down_proj", "attn.c_proj", "mlp.c_proj")
-    return [p for n in names if _has(layer, n) for p in layer.get_submodule(n).parameters()]
-
-
-def _has(module: nn.Module, path: str) -> bool:
-    try:
-        module.get_submodule(path)
-    except AttributeError:
-        return False
-    return True
+    return [p for n in names if n in modules for p in modules[n].parameters()]
 
 
 @pytest.mark.parametrize(
@@ -417,6 +397,7 @@ def resnet() -> nn.Module:
         (untied_llama, {"width": 0.5}, "at least 1"),
         (untied_llama, {"width": 1.3}, "not a whole number"),
         (functools.partial(model_of, "gpt2"), {"hidden_size": 48}, "needs num_attention_heads=6"),
+        (functools.partial(gpt2, scale_attn_by_inverse_layer_idx=True), {"depth": 2}, "grow its width only"),
     ],
 )
 def test_refusals_are_one_line(make: Callable[[], nn.Module], sizes: dict[str, Any], message: str) -> None:

@@ -1,16 +1,19 @@
 """A grown (or slimmed) Hugging Face transformer is its own class again: ``save_pretrained`` /
-``from_pretrained`` give it back bit for bit, ``generate`` continues as the model itself does, and the
+``from_pretrained`` give it back bit for bit, ``generate`` continues as the model itself does, a model
+without a head keeps its old channels first, a per-layer heads graph saves with ``surgery.save``, and the
 ``growth mutate hf:DIR --set KEY=VALUE --out DIR2`` command writes what :func:`growth.grow_transformer` returns.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
-from test_transformer_growth import bert, gpt2, ids, llama, output, padded
+import transformers
+from test_transformer_growth import BERT, GPT2, LLAMA, RELATIVE, bert, gpt2, ids, llama, noisy, output, padded, widened
 from torch import nn
 
 import growth
@@ -74,6 +77,38 @@ def test_a_grown_model_saves_loads_and_generates_as_its_own_class(
         made = again.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=8, do_sample=False)
         assert made.shape == (2, 13)
         assert torch.equal(made, continuation(grown, prompt, 8))
+
+
+@pytest.mark.parametrize(
+    "make, sizes",
+    [
+        (lambda: noisy(transformers.BertModel(transformers.BertConfig(**BERT))), {}),
+        (lambda: noisy(transformers.LlamaModel(transformers.LlamaConfig(**LLAMA))), {"hidden_size": 40}),
+        (
+            lambda: noisy(transformers.GPT2Model(transformers.GPT2Config(**GPT2))),
+            {"hidden_size": 48, "num_attention_heads": 6},
+        ),
+    ],
+    ids=["bert", "llama-40", "gpt2"],
+)
+def test_a_model_without_a_head_keeps_its_old_channels_first(make: Callable[[], nn.Module], sizes: dict) -> None:
+    """Its output is the stream, which widens: the old channels come first and are unchanged (the check says so)."""
+    model = make()
+    grown = growth.grow_transformer(model, **(sizes or {"width": 2}))
+    x = padded(3, 10)
+    with torch.no_grad():
+        y, z = model(**x).last_hidden_state, grown(**x).last_hidden_state
+    assert z.shape == (*y.shape[:-1], grown.config.hidden_size) and z.shape[-1] > y.shape[-1]
+    assert float((z[..., : y.shape[-1]] - y).abs().max()) <= RELATIVE * float(y.abs().max())
+
+
+def test_a_per_layer_heads_graph_saves_and_loads_as_the_same_function(tmp_path: Any) -> None:
+    wide, _ = widened("gpt2")
+    surgery.save(wide, tmp_path / "wide")
+    again = surgery.load(tmp_path / "wide")
+    for length in (7, 12):
+        x = {"input_ids": ids(2, length)}
+        assert torch.equal(output(again, x), output(wide, x))
 
 
 # --- the command line ----------------------------------------------------------------------------------------
