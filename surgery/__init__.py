@@ -25,6 +25,7 @@ from surgery.pieces.adapters import Adapter, adapter, stitch
 from surgery.pieces.cut import Pieces, cut
 from surgery.pieces.cutpoints import CutPoint, cut_points
 from surgery.pieces.matching import match_channels
+from surgery.pieces.pipeline import StagePlan, pipeline
 from surgery.pieces.render import render
 from surgery.pieces.replace import replace
 
@@ -46,6 +47,8 @@ __all__ = [
     "count_params",
     "cut",
     "cut_points",
+    "pipeline",
+    "StagePlan",
     "export",
     "list_models",
     "load",
