@@ -61,16 +61,21 @@ def images(root: Path, *, train: int, test: int, val: bool, seed: int) -> Path:
     return atomic_directory(root, fill)
 
 
-def bert(directory: Path, *, seed: int) -> Path:
-    """A random-weight BERT classifier saved with ``save_pretrained`` (safetensors) in ``directory``."""
+def _saved(directory: Path, model_class: str, config_class: str, config: dict[str, int], seed: int) -> Path:
+    """A random-weight ``transformers.<model_class>`` saved with ``save_pretrained`` (safetensors) in ``directory``."""
     import transformers
 
     if directory.is_dir():
         return directory
     transformers.utils.logging.disable_progress_bar()
     torch.manual_seed(seed)
-    model = transformers.BertForSequenceClassification(transformers.BertConfig(**BERT_SMALL))
-    return atomic_directory(directory, lambda tmp: model.save_pretrained(tmp, safe_serialization=True))
+    model = getattr(transformers, model_class)(getattr(transformers, config_class)(**config))
+    return atomic_directory(directory, lambda tmp: model.save_pretrained(tmp))
+
+
+def bert(directory: Path, *, seed: int) -> Path:
+    """A random-weight BERT classifier saved with ``save_pretrained`` in ``directory``."""
+    return _saved(directory, "BertForSequenceClassification", "BertConfig", BERT_SMALL, seed)
 
 
 LLAMA_SMALL = {
@@ -86,14 +91,7 @@ LLAMA_SMALL = {
 
 def llama(directory: Path, *, seed: int) -> Path:
     """A random-weight LLaMA language model over bytes, saved with ``save_pretrained`` in ``directory``."""
-    import transformers
-
-    if directory.is_dir():
-        return directory
-    transformers.utils.logging.disable_progress_bar()
-    torch.manual_seed(seed)
-    model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**LLAMA_SMALL))
-    return atomic_directory(directory, lambda tmp: model.save_pretrained(tmp))
+    return _saved(directory, "LlamaForCausalLM", "LlamaConfig", LLAMA_SMALL, seed)
 
 
 def text(directory: Path, *, files: int) -> Path:
