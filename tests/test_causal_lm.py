@@ -20,6 +20,7 @@ import transformers
 from helpers import assert_same_tensors, final_state
 
 import xross
+from xross.cli.lm import eval_lm_run
 from xross.cohort.lm_cohort import lm_cohort, refuse_unstitched
 from xross.data.text import TokenLoader, held_out, load_text, read_texts, windows
 from xross.errors import Interrupted, XrossError
@@ -28,6 +29,7 @@ from xross.methods.trainer import Trainer
 from xross.run.directory import _with_latest_weights
 from xross.run.engine import RunEngine
 from xross.run.evaluate import EvalResult, evaluate_lm
+from xross.run.growing import read_log
 
 transformers.logging.set_verbosity_error()
 LLAMA = (
@@ -180,6 +182,23 @@ def test_dml_of_a_llama_and_a_gpt2_logs_each_nets_terms(corpus, tmp_path) -> Non
         refuse_unstitched(trainer.cohort, XML().paths(trainer.cohort), "xml")
 
 
+def test_a_decoder_grows_deeper_then_wider_keeping_its_function_and_eval_replays_it(corpus, tmp_path) -> None:
+    grow = ["step=1:net2deeper:model.layers.0:kind=block", "step=3:net2wider:model.layers.0.mlp.up_proj:factor=2"]
+    options = _options(corpus, tmp_path, epochs=2, batch_size=40, grow=grow, grow_optimizer="reset")
+    config = xross.TrainConfig(**options)
+    result = xross.train(config, progress=False)
+    deeper, wider = read_log(Path(config.out))
+    assert deeper.params_before < deeper.params_after == wider.params_before < wider.params_after
+    for entry in (deeper, wider):  # the grown net computes what it computed
+        assert entry.max_logit_change <= 1e-5
+        assert math.isclose(entry.loss_before[0], entry.loss_after[0], rel_tol=1e-6)
+    assert result.paths[0].params == wider.params_after
+    again = eval_lm_run(Path(config.out), config, 64, trust_code=False, verify=True)  # replays both growths
+    assert again.paths[0].perplexity == result.paths[0].perplexity
+    with pytest.raises(XrossError, match="grow once, or give --grow-optimizer reset"):
+        xross.TrainConfig.from_dict({**options, "grow_optimizer": "carry"})
+
+
 # --- the command line -------------------------------------------------------------------------------------
 
 
@@ -209,7 +228,7 @@ def test_xml_of_two_llamas_on_the_command_line_reports_each_paths_perplexity(cli
         (["--tokenizer", "gpt2"], "'gpt2' is not hf:DIR"),
         (["--exits"], "exits does not apply to --task causal_lm"),
         (["--image-size", "32"], "image_size does not apply to --task causal_lm"),
-        (["--grow", "0.5:net2deeper:all"], "grow does not apply to --task causal_lm"),
+        (["--grow", "step=1:net2deeper:model.layers.0:kind=block"] * 2, "grow once, or give --grow-optimizer reset"),
         (["--seq-len", "100", "--nets", GPT2], "takes 64 positions but --seq-len is 100"),
         (["--mode", "mutualnet"], "task applies to independent, dml and xml, not mutualnet"),
     ],

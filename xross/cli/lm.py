@@ -11,11 +11,14 @@ from pathlib import Path
 import torch
 
 from surgery.graph.flops import FLOPS_COLUMN, human
+from xross.cohort.grid import Cohort
+from xross.cohort.grow import grow_net
 from xross.cohort.lm_cohort import lm_cohort
 from xross.data.text import TokenLoader, load_text, load_tokenizer
 from xross.run.config import TrainConfig
 from xross.run.directory import DTYPES, _with_latest_weights
 from xross.run.evaluate import EvalResult, evaluate_lm, pareto_front
+from xross.run.growing import GrowthEntry
 from xross.run.table import ResultTable
 
 
@@ -53,7 +56,14 @@ def eval_lm_run(run: Path, cfg: TrainConfig, batch_size: int, *, trust_code: boo
     """``xross eval`` of a causal-LM run: its newest weights on its held-out windows (as the run split them)."""
     _, vocab = load_tokenizer(cfg.tokenizer)
     cohort = lm_cohort(cfg, vocab, torch.device("cpu"), trust_code=trust_code).to(DTYPES[cfg.dtype])
-    cohort = _with_latest_weights(run, cohort, "cohort", cfg, verify, lambda c, _: c)  # causal_lm never grows
+
+    def regrow(cohort: Cohort, growths: list[GrowthEntry]) -> Cohort:
+        for entry in growths:
+            for net, steps in entry.steps().items():
+                grow_net(cohort, net, steps, 0)
+        return cohort
+
+    cohort = _with_latest_weights(run, cohort, "cohort", cfg, verify, regrow)
     _, test, _ = load_text(
         cfg.data, cfg.seq_len, tokenizer=cfg.tokenizer, eval_fraction=cfg.eval_fraction, seed=cfg.seed
     )

@@ -75,9 +75,15 @@ def _boundary_shapes(pieces: surgery.Pieces) -> list[Shape]:
 
 
 def _channel_copies(
-    whole: nn.Module, steps: Sequence[MutationRecord], cuts: list[str], example: torch.Tensor, changed: list[int]
+    whole: nn.Module,
+    steps: Sequence[MutationRecord],
+    cuts: list[str],
+    example: torch.Tensor,
+    changed: list[int],
+    vocab: int | None = None,
 ) -> dict[int, ChannelCopies]:
-    """Which old channel each new channel copies at the ``changed`` boundaries, matched on random weights."""
+    """Which old channel each new channel copies at the ``changed`` boundaries, matched on random weights (and
+    random inputs: token ids below ``vocab`` for causal LMs)."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
         twin = copy.deepcopy(whole).double().eval()
@@ -86,7 +92,7 @@ def _channel_copies(
                 p.copy_(
                     torch.randn_like(p) / max(p[0].numel(), 1) ** 0.5 if p.dim() > 1 else 1 + 0.1 * torch.randn_like(p)
                 )
-        x = torch.randn(example.shape, dtype=torch.float64)
+        x = torch.randn(example.shape, dtype=torch.float64) if vocab is None else torch.randint(0, vocab, example.shape)
         grown = grow_steps(twin, without_noise(steps), x).eval()
         old_values, new_values = _values_at(twin, cuts, x), _values_at(grown, cuts, x)
     found = {}
@@ -238,8 +244,12 @@ def grow_net(
             "(growth during training needs nets captured by torch.fx)"
         )
     ref = next(whole.parameters())
-    x = example if example is not None else torch.zeros(2, 3, image_size, image_size, dtype=ref.dtype)
-    x = x.to(ref.device, ref.dtype)
+    if cohort.text is not None:  # causal LMs read token ids, as they are
+        x = example if example is not None else torch.zeros(2, cohort.text.seq_len, dtype=torch.int64)
+        x = x.to(ref.device)
+    else:
+        x = example if example is not None else torch.zeros(2, 3, image_size, image_size, dtype=ref.dtype)
+        x = x.to(ref.device, ref.dtype)
     cuts = list(old_pieces.cuts)
     try:
         grown, origins = grow_model(whole, steps, x, carry=carry, init=init, seed=seed)
@@ -253,7 +263,7 @@ def grow_net(
     changed = [b for b, (o, n) in enumerate(zip(old_shapes, new_shapes)) if o != n]
     if changed:
         with evaluating(whole):
-            maps = _channel_copies(whole, steps, cuts, x[:2], changed)
+            maps = _channel_copies(whole, steps, cuts, x[:2], changed, cohort.text.vocab if cohort.text else None)
         _grow_adapters(cohort, net, maps, old_shapes, new_shapes, pieces, origins, ref)
     cohort.nets[net] = pieces
     cohort.wholes[net] = grown

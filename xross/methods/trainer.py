@@ -35,7 +35,7 @@ from xross.cohort.lm import per_token
 from xross.cohort.lm_cohort import lm_cohort, lm_epoch_metrics, refuse_unstitched
 from xross.cohort.logits import as_logits
 from xross.data import ImageTensors
-from xross.data.labels import labeled_accuracy
+from xross.data.labels import UNLABELED, labeled_accuracy
 from xross.data.semi import keep_labels, labeled_only, load_unlabeled, with_unlabeled
 from xross.methods.objectives import DML, KD, XML, Independent, LossTerms, Mode, check_cross, check_peers, growth_kd
 from xross.run.config import TrainConfig, resolve_config
@@ -141,11 +141,23 @@ class Trainer(RunEngine):
         self.trainables = [self._trainables(i) for i in range(self.cohort.num_nets)]
         return origins
 
+    def _grow(self, planned: Any, images: torch.Tensor, labels: torch.Tensor) -> None:
+        if self.config.causal_lm:  # growth.jsonl's token CE ignores the padded positions (-100: PyTorch's ignore)
+            labels = labels.masked_fill(labels == UNLABELED, -100)
+        super()._grow(planned, images, labels)
+
+    def _growth_example(self) -> torch.Tensor:
+        if self.config.causal_lm:  # what a decoder's growth is measured on: two windows of token ids
+            return torch.zeros(2, self.config.seq_len, dtype=torch.int64, device=self.device)
+        return super()._growth_example()
+
     def growth_probe(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
         own = [self.cohort.own_path(i) for i in range(self.cohort.num_nets)]
         paths = list(dict.fromkeys([*own, *self.paths]))
         with torch.no_grad(), evaluating(self.cohort):
             logits = self.cohort.forward_paths(images, paths)
+        if self.config.causal_lm:  # (B, V, T): the layout of a cross-entropy per token against (B, T) targets
+            logits = {p: v.transpose(1, 2) for p, v in logits.items()}
         return {(f"net{p[0]}" if p in own else "path" + "-".join(map(str, p))): v for p, v in logits.items()}
 
     def forward_flops(self) -> tuple[int, int]:
@@ -195,13 +207,14 @@ class Trainer(RunEngine):
         values: dict = {}
         with self.autocast(), torch.set_grad_enabled(not self.config.frozen_cohort):
             logits = self.cohort.forward_paths(images, self.paths, shared=self.config.shared_prefixes, prefixes=values)
+        windows = labels
         if self.config.causal_lm:  # (B, T, V) and (B, T) as tokens: every term is then a mean over tokens
             logits, labels = per_token(logits, labels)
         self.train_targets = labels
         with self.autocast():
             target = self.teacher_logits(images)
             losses = {i: self._loss(i, logits, values, labels, target) for i in students}
-            losses = self._with_growth_kd(images, logits, losses)
+            losses = self._with_growth_kd(images, logits, losses, windows)
         for i, loss in losses.items():
             self.check_finite(loss.terms, f" of net {i} ({self.config.nets[i]})")
         self.optimizer.zero_grad(set_to_none=True)
@@ -221,7 +234,11 @@ class Trainer(RunEngine):
         return losses
 
     def _with_growth_kd(
-        self, images: torch.Tensor, logits: dict[tuple[int, ...], torch.Tensor], losses: dict[int, LossTerms]
+        self,
+        images: torch.Tensor,
+        logits: dict[tuple[int, ...], torch.Tensor],
+        losses: dict[int, LossTerms],
+        windows: torch.Tensor,
     ) -> dict[int, LossTerms]:
         """``--grow-kd``: the nets just grown also distil from themselves as they were before."""
         kd = self.config.grow_kd_terms()
@@ -233,6 +250,8 @@ class Trainer(RunEngine):
             if before is not None:
                 with torch.no_grad():
                     target = as_logits(before(images), "the net before its growth")
+                if self.config.causal_lm:  # its tokens, as the student's
+                    target = per_token({(): target}, windows)[0][()]
                 out[i] = growth_kd(losses[i], logits[self.cohort.own_path(i)], target, kd[0], kd[1])
         return out
 

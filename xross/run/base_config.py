@@ -250,7 +250,6 @@ CLASSIFY_ONLY = {
     "exit_weights": "exit heads pool image features",
     "frozen_cohort": "it trains exit heads only",
     "channels_last": "it is a memory format of images",
-    "grow": "growing during training measures new layers on images",
 }
 LM_ONLY = ("seq_len", "tokenizer", "eval_fraction")
 
@@ -303,6 +302,14 @@ class TaskOptions(FileModel):
                 raise ValueError(f"{name} does not apply to --task causal_lm ({why}): drop {flag}")
         if not str(getattr(self, "data", "")).startswith(TEXT_PREFIX):
             raise ValueError(f"--task causal_lm reads text files: give --data {TEXT_PREFIX}DIR")
+        grow = getattr(self, "grow", [])
+        if len(grow) > 1 and (
+            getattr(self, "grow_optimizer", "") == "carry" or getattr(self, "grow_init", "") == "random"
+        ):
+            raise ValueError(
+                "growth cannot yet trace the lineage (--grow-optimizer carry, --grow-init random) of a decoder grown "
+                "once (a graph): grow once, or give --grow-optimizer reset --grow-init copy"
+            )
 
 
 def refuse_unused_options(config: RunConfig) -> None:
