@@ -31,15 +31,22 @@ setting's ``compute_saved`` is 1 - the mean fraction when every seed reaches the
 per-seed fractions are in ``fraction``). ``minutes``: the runs' own wall times summed (a reused run counts
 its own).
 
-    python -u bench/growth_training.py --quick    # a smoke run, ~1 min idle (set-up dominates)
-    python -u bench/growth_training.py            # 800 images x 4 epochs, 1000 test, seeds 0,1
+    python -u bench/growth_training.py --quick    # a smoke run of both settings, ~3 min idle
+    python -u bench/growth_training.py            # both: CNN (800 images x 4 epochs, 1000 test, seeds 0,1), LM
+    python -u bench/growth_training.py --cnn      # the CNN setting only
+    python -u bench/growth_training.py --lm       # the language-model setting only (bench/growth_training_lm.py)
+
+The language-model setting (``--lm``: GPT-2 and LLaMA on the stdlib's bytes, grown wider / deeper at 25 % by
+``growth.grow_transformer``) is described in ``bench/growth_training_lm.py``; its full run is ~40 min on 2
+idle cores, its ``--quick`` (40 steps, seed 0) ~2 min.
 
 The default took 21.4 min on 2 cores shared with other jobs (seed 0 at ~30 images/s under load 6, seed 1
 at ~500 images/s on the then idle machine, ~4 min for its 10 runs): scale ``--subset``/``--epochs`` up when
 the machine is idle.
 
 Last line: {"cnn_compute_saved", "cnn_best_setting", "cnn_settings": {setting: {...}}, "carry_vs_reset",
-"copy_vs_random", "minutes"}
+"copy_vs_random", "minutes"} when the CNN ran, plus {"lm_compute_saved", "lm_best_setting", "lm_settings":
+{"gpt2_wider": {"compute_saved", "fraction", ...}, ...}, "lm_minutes"} when the LM ran.
 """
 
 from __future__ import annotations
@@ -53,6 +60,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import growth_training_lm as lm
 import torch
 from rich.console import Console
 from rich.table import Table
@@ -272,19 +280,49 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--seeds", default="0,1")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", type=Path, default=ROOT / "runs" / "bench-growth-training", help="runs, plots, JSON")
-    ap.add_argument("--reuse", action="store_true", help="keep runs whose directory holds their record")
-    ap.add_argument("--quick", action="store_true", help="smoke run: 200 images, 1 epoch, 100 test, seed 0")
+    ap.add_argument(
+        "--reuse", action="store_true", help="keep runs whose record is there (CNN: its run directory; LM: OUT/lm/runs)"
+    )
+    ap.add_argument("--quick", action="store_true", help="smoke run: 200 images, 1 epoch, 100 test, seed 0; "
+                    "LM: 40 steps, 16 held-out windows")  # fmt: skip
+    which = ap.add_mutually_exclusive_group()
+    which.add_argument("--cnn", action="store_true", help="the CNN setting only (default: CNN and LM)")
+    which.add_argument("--lm", action="store_true", help="the language-model setting only (default: CNN and LM)")
+    lm.add_arguments(ap)
     args = ap.parse_args()
+    lm_only = {"lm_steps", "lm_batch", "lm_seq", "lm_lr", "lm_eval"}
+    cnn_only = {"data", "subset", "eval_subset", "epochs", "batch_size", "lr"}
+    for flag, other in (("--cnn", lm_only), ("--lm", cnn_only)):
+        moved = sorted(k for k in other if getattr(args, flag[2:]) and getattr(args, k) != ap.get_default(k))
+        if moved:
+            ap.error(f"{', '.join('--' + k.replace('_', '-') for k in moved)} does not apply with {flag}: drop it")
+    sized = sorted(k for k in (*lm_only - {"lm_lr"}, "subset", "epochs", "eval_subset", "seeds")
+                   if args.quick and getattr(args, k) != ap.get_default(k))  # fmt: skip
+    if sized:
+        ap.error(f"--quick sets {', '.join('--' + k.replace('_', '-') for k in sized)} itself: drop one or the other")
     if args.quick:
         args.subset, args.epochs, args.eval_subset, args.seeds = 200, 1, 100, "0"
+        lm.quick(args)
+    try:
+        args.seed_list = [int(s) for s in args.seeds.split(",")]
+    except ValueError:
+        ap.error(f"--seeds takes comma-separated integers (e.g. 0,1), not {args.seeds!r}")
     return args
 
 
 def main() -> None:
     args = parse_args()
     torch.set_num_threads(args.threads)
-    seeds = [int(s) for s in args.seeds.split(",")]
     console = Console(width=200)
+    line: dict[str, Any] = {} if args.lm else run_cnn(args, console)
+    if not args.cnn:
+        line |= lm.run_lm(args, args.seed_list, console)
+    print(json.dumps(line), flush=True)
+
+
+def run_cnn(args: argparse.Namespace, console: Console) -> dict[str, Any]:
+    """Every CNN run; the table, one plot per setting, and the last line's CNN keys."""
+    seeds = args.seed_list
     print(
         f"grow while training: {args.subset} training images, {args.epochs} epochs, batch {args.batch_size}, "
         f"SGD lr {args.lr} cosine, {args.eval_subset} test images, seeds {seeds}, {len(VARIANTS)} variants",
@@ -322,7 +360,7 @@ def main() -> None:
     print(
         f"runs {minutes} min ({(time.time() - start) / 60:.1f} min now); runs, plots and JSON in {args.out}", flush=True
     )
-    print(json.dumps(line), flush=True)
+    return line
 
 
 if __name__ == "__main__":

@@ -20,13 +20,20 @@ size, audio length); a size the model itself refuses is noted and skipped. "yes"
 bit (``torch.equal``), "close" within the tolerance above, "NO" a miss; every miss is
 named with its reason under the table.
 
+Two columns grow the whole model with ``growth.grow_transformer`` (bench/zoo_transformer_growth.py):
+"heads", twice the heads at a fixed head size (GPT-2/BERT-style configs: hidden x2 with them; configs with a
+``head_dim``: the heads only, key-value heads x2 too), "yes" within 1e-5 x max |output|; "HF class kept",
+``width=2`` returns the model's own class and ``save_pretrained`` -> ``from_pretrained`` gives identical
+logits. A refusal (a family without a transformer layout, a size the family cannot take) is "no" with its
+one-line reason under the table.
+
     python bench/transformers_zoo.py                 # every family below
     python bench/transformers_zoo.py --models gpt2,bert
     python bench/transformers_zoo.py --real-size     # GPT-2 124M, a 1.1B LLaMA, ViT-B/16 (see zoo_real_size.py)
 
 Last line: {"models": N, "exact": E, "median_cut_over_capture": r, "wider_preserves": w, "deeper_preserves": d,
 "median_cut_over_capture_cpu": rc, "called_like_model": c, "called_like_model_close": cc, "other_length": o,
-"other_length_close": oc}
+"other_length_close": oc, "heads_preserves": h, "hf_class_kept": k}
 (--real-size: {"real_size": true, "models": {...}, "median_cut_over_export": r, "max_grow_s": s,
 "max_peak_over_params": m, ...}).
 """
@@ -45,6 +52,7 @@ from typing import Any
 import torch
 import transformers
 import zoo_real_size as real
+import zoo_transformer_growth as whole
 from rich.console import Console
 from rich.table import Table
 from zoo_calls import TOLERANCE, called_like_the_model, error_line, first_tensor
@@ -262,6 +270,8 @@ class Result:
     other: str = "-"
     wider: str = "-"
     deeper: str = "-"
+    heads: str = "-"
+    class_kept: str = "-"
     notes: list[str] = field(default_factory=list)
 
 
@@ -332,6 +342,10 @@ def bench(family: Family) -> Result:
     )
     result.wider = _grow(family.name, model, example, "net2wider", result)
     result.deeper = _grow(family.name, model, example, "net2deeper", result)
+    for column, check in (("heads", whole.heads_column), ("class_kept", whole.class_kept_column)):
+        value, note = check(model, example)
+        setattr(result, column, value)
+        result.notes += [note] if note else []
     return result
 
 
@@ -366,7 +380,7 @@ def main() -> None:
         )
     table = Table(title="transformer families: cut at every layer, grow (float32, eval)", header_style="bold")
     columns = ("model", "tracer", "layers", "exact", "called like the model", "other length", "cut s", "export s")
-    for column in (*columns, "cut/export (cpu)", "net2wider", "net2deeper"):
+    for column in (*columns, "cut/export (cpu)", "net2wider", "net2deeper", "heads", "HF class kept"):
         table.add_column(
             column, justify="right" if column in ("layers", "cut s", "export s", "cut/export (cpu)") else "left"
         )
@@ -384,6 +398,8 @@ def main() -> None:
             f"{ratio:.2f} ({r.cut_cpu / r.export_cpu if r.export_cpu else float('nan'):.2f})",
             r.wider,
             r.deeper,
+            r.heads,
+            r.class_kept,
         )
     console.print(table)
     for name, r in results.items():
@@ -404,6 +420,8 @@ def main() -> None:
                 "called_like_model_close": sum(r.called.startswith("close") for r in results.values()),
                 "other_length": sum(r.other.startswith("yes") for r in results.values()),
                 "other_length_close": sum(r.other.startswith("close") for r in results.values()),
+                "heads_preserves": sum(r.heads.startswith("yes") for r in results.values()),
+                "hf_class_kept": sum(r.class_kept == "yes" for r in results.values()),
             }
         )
     )
