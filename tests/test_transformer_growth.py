@@ -60,10 +60,11 @@ def bert(**config: Any) -> nn.Module:
     return noisy(transformers.BertForSequenceClassification(transformers.BertConfig(**config)))
 
 
-def vit() -> nn.Module:
+def vit(**options: Any) -> nn.Module:
     return noisy(
         timm.create_model(
             "vit_tiny_patch16_224",
+            **options,
             pretrained=False,
             img_size=32,
             patch_size=8,
@@ -264,23 +265,22 @@ def test_grow_transformer_heads_keep_the_head_size_and_the_function(family: str,
         assert_same_function(model, grown, torch.randn(3, 3, 32, 32))
 
 
-@functools.cache
-def tied_llama() -> nn.Module:
-    return llama(tie_word_embeddings=True)
-
-
 untied_llama = functools.partial(model_of, "llama")
+# a large eps, so that one not rescaled with a padded stream moves the output beyond the tolerance
+tied_llama = functools.cache(functools.partial(llama, tie_word_embeddings=True, rms_norm_eps=0.1))
+large_eps_llama = functools.cache(functools.partial(llama, rms_norm_eps=0.1))
+large_eps_gpt2 = functools.cache(functools.partial(gpt2, layer_norm_epsilon=0.1))
 
 
 @pytest.mark.parametrize(
     "make, sizes",
     [
-        (functools.partial(model_of, "gpt2"), {"width": 2}),
-        (functools.partial(model_of, "gpt2"), {"hidden_size": 48, "num_attention_heads": 6}),
+        (large_eps_gpt2, {"width": 2}),
+        (large_eps_gpt2, {"hidden_size": 48, "num_attention_heads": 6}),
         (tied_llama, {"width": 2}),
         (tied_llama, {"hidden_size": 48, "num_attention_heads": 6, "num_key_value_heads": 3}),
-        (untied_llama, {"hidden_size": 40}),  # RMSNorm, padded by 8 with the heads as they were
-        (untied_llama, {"hidden_size": 48, "intermediate_size": 100}),
+        (large_eps_llama, {"hidden_size": 40}),  # RMSNorm, padded by 8 with the heads as they were
+        (large_eps_llama, {"hidden_size": 48, "intermediate_size": 100}),
     ],
     ids=["gpt2-x2", "gpt2-48", "llama-tied-x2", "llama-tied-48", "llama-40", "llama-48"],
 )
@@ -305,6 +305,16 @@ def test_the_residual_stream_widens_exactly_and_a_tied_head_stays_tied(
     assert norms and eps == pytest.approx([old_eps * ratio] * len(norms), rel=1e-12)
     assert_same_function(model, grown, {"input_ids": ids(3, 12)})
     assert_same_function(model, grown, padded(2, 9))
+
+
+def test_a_vit_stream_pads_exactly_with_every_norm_rescaled() -> None:
+    model = vit(norm_layer=functools.partial(nn.LayerNorm, eps=0.1))  # a large eps: a wrong one shows
+    grown = growth.grow_transformer(model, hidden_size=40, num_hidden_layers=3)
+    norms = [m for m in grown.modules() if isinstance(m, nn.LayerNorm)]
+    assert len(norms) == 2 * 3 + 1 and all(m.eps == pytest.approx(0.1 * 32 / 40) for m in norms)
+    assert grown.embed_dim == grown.num_features == 40 and grown.pos_embed.shape[-1] == 40
+    assert all(m.eps == 0.1 for m in model.modules() if isinstance(m, nn.LayerNorm))
+    assert_same_function(model, grown, torch.randn(3, 3, 32, 32))
 
 
 # --- depth ---------------------------------------------------------------------------------------------------
