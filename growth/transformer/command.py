@@ -18,15 +18,14 @@ from typing import Any
 
 from torch import nn
 
-from growth.check import output_change
 from growth.errors import GrowthError
-from growth.transformer.grow import Sizes, grow_transformer, sizes_of
+from growth.transformer.grow import Sizes, grow_transformer, output_change, sizes_of
 from surgery.channels.layouts import Layout, layout_of
 from surgery.cli.kit import console, table
 from surgery.core.errors import SurgeryError
 from surgery.files.io import save_pretrained
 from surgery.graph.flops import count_params, human
-from surgery.graph.inputs import Example, default_example
+from surgery.graph.inputs import Example
 
 _NOT_SIZES = ("seed", "example_input", "check")
 
@@ -62,12 +61,12 @@ def grow_uniform(net: nn.Module, sizes: dict[str, Any], seed: int, example: Exam
     before = sizes_of(net, _layout(net))
     grown = grow_transformer(net, **sizes, seed=seed, example_input=example)
     after = sizes_of(grown, _layout(grown))
-    change = output_change(net, grown, example or default_example(net, batch=2))
+    change, scale = output_change(net, grown, example)
     rows = [(field, getattr(before, field), getattr(after, field)) for field in Sizes.__dataclass_fields__]
     rows.append(("parameters", human(count_params(net)), human(count_params(grown))))
     console.print(table(f"grow_transformer on {name}", ["size", "before", "after"], rows))
     console.print(
-        f"a {type(grown).__name__} again; max |Δ output| {change.max_abs:.3g} (max |y| {change.scale:.3g}, eval mode)",
+        f"a {type(grown).__name__} again; max |Δ output| {change:.3g} (max |y| {scale:.3g}, eval mode)",
         highlight=False,
         soft_wrap=True,
     )

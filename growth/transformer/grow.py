@@ -36,7 +36,6 @@ from typing import Any
 import torch
 from torch import nn
 
-from growth.check import output_change
 from growth.errors import GrowthError
 from growth.transformer import maps as axis_maps
 from growth.transformer.depth import add_layers, layer_sources
@@ -307,12 +306,42 @@ def _as_own_class(
         raise GrowthError(f"the grown {type(model).__name__} does not fit its class ({e}); this is a bug") from None
 
 
-def check_grown(before: nn.Module, after: nn.Module, example_input: Any, op: str) -> None:
-    """Raise if ``after`` moved the output beyond ``TOLERANCE`` x max |output| on the example (default: guessed)."""
+def _main_output(value: Any) -> torch.Tensor:
+    for attr in ("logits", "last_hidden_state"):
+        if isinstance(getattr(value, attr, None), torch.Tensor):
+            return getattr(value, attr)
+    if isinstance(value, torch.Tensor):
+        return value
+    if isinstance(value, (tuple, list)) and value and isinstance(value[0], torch.Tensor):
+        return value[0]
+    raise GrowthError(f"cannot find the output tensor of a {type(value).__name__} to check")
+
+
+def output_change(before: nn.Module, after: nn.Module, example_input: Any = None) -> tuple[float, float]:
+    """``(max |after - before|, max |before|)`` of the main output (logits), both in eval mode.
+
+    A model without a head outputs the stream itself, which widens: the grown stream holds the
+    old channels first (copies and padding come after them), and those are compared.
+    """
     example = Example.of(example_input) or default_example(before, batch=2)
-    change = output_change(before, after, example)
-    if not change.max_abs <= TOLERANCE * max(change.scale, 1e-12):
+    modes = before.training, after.training
+    before.eval(), after.eval()
+    try:
+        with torch.no_grad():
+            y, z = _main_output(example(before)), _main_output(example(after))
+    finally:
+        before.train(modes[0]), after.train(modes[1])
+    if y.dim() and y.shape[:-1] == z.shape[:-1] and z.shape[-1] > y.shape[-1]:  # the stream: its old channels
+        z = z[..., : y.shape[-1]]
+    if y.shape != z.shape:
+        return float("inf"), float(y.abs().max())
+    return float((z - y).abs().max()), float(y.abs().max())
+
+
+def check_grown(before: nn.Module, after: nn.Module, example_input: Any, op: str) -> None:
+    change, scale = output_change(before, after, example_input)
+    if not change <= TOLERANCE * max(scale, 1e-12):
         raise GrowthError(
-            f"{op} moved the output by {change.max_abs:.3g} (max |y| = {change.scale:.3g}), beyond "
-            f"{TOLERANCE:g} x max |y|; this is a bug, please report it"
+            f"{op} moved the output by {change:.3g} (max |y| = {scale:.3g}), beyond {TOLERANCE:g} x max |y|; "
+            "this is a bug, please report it"
         )
