@@ -136,7 +136,8 @@ def target_sizes(old: Sizes, width: float | None, depth: float | None, given: di
 def _final_norm(model: nn.Module, layout: Layout) -> nn.Module | None:
     if not layout.final_norm:
         return None
-    found = [m for path, m in model.named_modules() if path.rsplit(".", 1)[-1] == layout.final_norm and is_norm(m)]
+    end = layout.final_norm
+    found = [m for path, m in model.named_modules() if (path == end or path.endswith("." + end)) and is_norm(m)]
     return found[0] if len(found) == 1 else None
 
 

@@ -56,7 +56,7 @@ class Layout:
     layer_params: dict[str, Axes]
     top_params: dict[str, Axes]
     attention: str  # an attention module's path inside a layer
-    final_norm: str  # the last part of the path of the norm read by the output head
+    final_norm: str  # the end of the path of the norm read by the output head (``norm``, ``transform.LayerNorm``)
     set_heads: HeadSetter
     config: dict[str, str] = field(default_factory=dict)
     post_norm: bool = False
@@ -225,9 +225,16 @@ LAYOUTS: list[Layout] = [
             "classifier.dense.bias": ("p",),
             "classifier.out_proj.weight": ("-", "p"),
             "classifier.out_proj.bias": ("-",),
+            "cls.predictions.transform.dense.weight": ("h", "h"),  # the masked-LM head, tied to the embedding
+            "cls.predictions.transform.dense.bias": ("h",),
+            "cls.predictions.transform.LayerNorm.weight": ("h",),
+            "cls.predictions.transform.LayerNorm.bias": ("h",),
+            "cls.predictions.decoder.weight": ("-", "h"),
+            "cls.predictions.decoder.bias": ("-",),
+            "cls.predictions.bias": ("-",),
         },
         "attention.self",
-        "",
+        "predictions.transform.LayerNorm",
         _set_bert,
         {k: v for k, v in _HF_SIZES.items() if k != "kv_heads"},
         post_norm=True,
