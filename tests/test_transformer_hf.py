@@ -30,6 +30,15 @@ def causal_gpt2() -> nn.Module:
     return gpt2(**NO_SPECIAL_TOKENS)
 
 
+def bert_mlm() -> nn.Module:
+    """A masked-LM BERT: its head's decoder is the word embedding (tied) behind a dense layer and a LayerNorm."""
+    return noisy(transformers.BertForMaskedLM(transformers.BertConfig(**BERT)))
+
+
+def tied(model: nn.Module) -> bool:
+    return model.get_output_embeddings().weight is model.get_input_embeddings().weight
+
+
 def continuation(model: nn.Module, prompt: torch.Tensor, steps: int) -> torch.Tensor:
     """The greedy continuation by repeated calls of the model on the whole sequence."""
     tokens = prompt
@@ -56,8 +65,9 @@ def reloaded(model: nn.Module, directory: Path) -> nn.Module:
         ),
         (causal_gpt2, {"width": 2, "num_hidden_layers": 3}, {"n_embd": 64, "n_head": 8, "n_layer": 3}),
         (bert, {"width": 2}, {"hidden_size": 64, "intermediate_size": 128, "num_attention_heads": 8}),
+        (bert_mlm, {"width": 2}, {"hidden_size": 64, "intermediate_size": 128, "num_attention_heads": 8}),
     ],
-    ids=["llama-x2", "llama-48", "gpt2", "bert"],
+    ids=["llama-x2", "llama-48", "gpt2", "bert", "bert-mlm"],
 )
 def test_a_grown_model_saves_loads_and_generates_as_its_own_class(
     make: Any, sizes: dict[str, Any], expected: dict[str, int], tmp_path: Path
@@ -68,6 +78,8 @@ def test_a_grown_model_saves_loads_and_generates_as_its_own_class(
     assert {key: getattr(grown.config, key) for key in expected} == expected
     again = reloaded(grown, tmp_path / "grown")
     assert type(again) is type(model)
+    if model.get_output_embeddings() is not None:
+        assert tied(grown) == tied(again) == tied(model)
     for x in ({"input_ids": ids(3, 11)}, padded(2, 9)):
         assert torch.equal(output(again, x), output(grown, x))
         y = output(model, x)
