@@ -56,6 +56,7 @@ repeats at batch 4; diagnostics on the 20 test images."""
 
 NOT_RUN = (
     "torchrun --nproc_per_node=2 -m xross train",
+    "torchrun --nproc_per_node=2 examples/pipeline_gpt2.py",
     "--data cifar10 --epochs 30 --out runs/c10",
 )
 """Fragments of the lines the README marks as not run (multi-process, download)."""
