@@ -139,7 +139,10 @@ def load_text(
     texts = read_texts(root)
     if not texts:
         raise XrossError(f"no readable text files ({', '.join(TEXT_SUFFIXES)}) under {root}; add some")
-    stream = torch.tensor([t for text in texts for t in encode(text)], dtype=torch.int64)
+    if tokenizer is None:  # bytes: the ids are the bytes themselves
+        stream = torch.frombuffer(bytearray(b"".join(texts)), dtype=torch.uint8).to(torch.int64)
+    else:
+        stream = torch.tensor([t for text in texts for t in encode(text)], dtype=torch.int64)
     tokens = windows(stream, seq_len)
     if len(tokens) < 2:
         raise XrossError(
@@ -154,9 +157,14 @@ class TokenLoader(BatchLoader):
     """:class:`~xross.data.loader.BatchLoader`'s epochs (order, shards, resumption) of ``(inputs, targets)``
     windows: nothing to augment or normalise."""
 
-    def __init__(self, data: TokenWindows, batch_size: int, **kwargs: Any) -> None:
+    def __init__(self, data: TokenWindows, batch_size: int, *, train: bool = True, **kwargs: Any) -> None:
         kwargs.pop("augment", None)
-        super().__init__(data, batch_size, **kwargs)  # type: ignore[arg-type]  # it reads images and labels
+        if train and len(data) < batch_size:
+            raise XrossError(
+                f"{len(data)} training windows make no full batch of {batch_size}; lower --batch-size or --seq-len, "
+                "or add text"
+            )
+        super().__init__(data, batch_size, train=train, **kwargs)  # type: ignore[arg-type]  # it reads images and labels
 
     def _batch(self, order: torch.Tensor, epoch: int, step: int) -> tuple[torch.Tensor, torch.Tensor]:
         batch = order[step * self.batch_size : (step + 1) * self.batch_size]
