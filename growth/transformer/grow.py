@@ -229,6 +229,12 @@ def grow_transformer(
         seed: which units extra copies are drawn from.
         example_input: the input the check runs (default: the model's own, guessed).
         check: run both models and raise if the output moved by more than 1e-5 x max |output|.
+
+    >>> import transformers, growth
+    >>> config = transformers.GPT2Config(n_layer=2, n_embd=32, n_head=4, vocab_size=64, n_positions=32)
+    >>> big = growth.grow_transformer(transformers.GPT2LMHeadModel(config), width=1.5)
+    >>> big.config.n_embd, big.config.n_head, big.lm_head.weight is big.transformer.wte.weight
+    (48, 6, True)
     """
     try:
         layout = layout_of(model)

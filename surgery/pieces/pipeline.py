@@ -131,6 +131,13 @@ class StagePlan:
 
     ``stages[i]`` is the run of pieces stage ``i`` computes, ``cuts`` the layers the stages
     end at, ``costs`` each stage's cost (``balance``), ``unit_costs`` each piece's.
+
+    >>> import torch, surgery
+    >>> from surgery.pieces.pipeline import StagePlan
+    >>> net = torch.nn.Sequential(*[torch.nn.Linear(4, 4) for _ in range(4)])
+    >>> plan = StagePlan(surgery.cut(net, ["0", "1", "2"]), [0, 2], [1.0, 1.0, 1.0, 3.0], "flops")
+    >>> plan.cuts, plan.costs, round(plan.imbalance, 2)
+    (['1'], [2.0, 4.0], 0.33)
     """
 
     pieces: Pieces
@@ -226,6 +233,12 @@ def pipeline(
             costs are measured on it and the stages' boundaries traced with it.
         balance: ``"flops"`` (forward FLOPs), ``"params"`` or ``"latency"`` (measured here).
         layers: the layer paths whose boundaries may be cut (default: the longest layer stack).
+
+    >>> import torch, surgery
+    >>> net = torch.nn.Sequential(*[torch.nn.Linear(8, 8) for _ in range(6)])
+    >>> plan = surgery.pipeline(net, 3, torch.randn(2, 8))
+    >>> plan.cuts, [round(s, 2) for s in plan.shares]
+    (['1', '3'], [0.33, 0.33, 0.33])
     """
     example = Example.of(example_input)
     if example is None:

@@ -360,7 +360,7 @@ def load_config(path: str | Path) -> TrainConfig | DistillConfig:
     """The config of a run directory's ``config.yaml``, of the class its ``kind`` names (default ``train``)."""
     data = read_yaml(path)
     kind = data.get("kind", "train") if isinstance(data, dict) else "train"
-    if kind not in CONFIGS:
+    if not isinstance(kind, str) or kind not in CONFIGS:
         raise XrossError(f"{path}: field 'kind' is '{kind}'; expected one of {', '.join(CONFIGS)}")
     config_class = CONFIGS[kind]
     kept, notes = saved_without_unused_options(config_class, data, str(path))
