@@ -28,18 +28,18 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
 import torch
 
 from surgery.core.errors import SurgeryError, UserError
 from surgery.core.util import atomic_write_text, first_line
 from surgery.files.io import versions
-from xross.data import EVAL_SPLITS, Augment, BatchLoader, ImageTensors, derive_seed, load_split, split_holdout
-from xross.data.text import TokenLoader, load_text
+from xross.data import Augment, ImageTensors, derive_seed
 from xross.errors import Interrupted, TrainingDiverged, XrossError
 from xross.run.checkpoint import CheckpointDir
 from xross.run.config import DistillConfig, RunConfig, TrainConfig
+from xross.run.data import load_run_data
 from xross.run.directory import DTYPES
 from xross.run.distributed import DistInfo, any_rank, average_gradients, init_distributed
 from xross.run.evaluate import EvalResult
@@ -117,7 +117,10 @@ class RunEngine(GrowthDuringTraining):
             torch.set_num_threads(config.threads)
         torch.use_deterministic_algorithms(True, warn_only=True)
         self._check_options(config)
-        train, test, loader = self._training_data(config)
+        data = load_run_data(config, self.dist, self.progress)
+        train, test, loader, self.vocab = data.train, data.test, data.loader, data.vocab
+        if self.vocab is None:  # images: what the run's method trains on (a subclass may take a part)
+            train = self.training_images(train, config)
         self.eval_split = test.split  # test/, else val/ (held-out windows of text): in eval.json and the tables
         self.config = config
         self.build(resume)
@@ -262,46 +265,6 @@ class RunEngine(GrowthDuringTraining):
             for flag, on in (("--amp", config.amp != "off"), ("--compile", config.compile)):
                 if on:
                     print(f"note: {flag} works on CUDA only; ignored on {self.device.type}", file=sys.stderr)
-
-    def _training_data(self, config: RunConfig) -> tuple[Any, Any, type[BatchLoader]]:
-        """(what the run trains on, what it evaluates on, the loader of both): windows of token ids for a
-        causal_lm run (``self.vocab``: the tokenizer's size), else images (the config learns their classes and
-        size, the holdout is set aside)."""
-        self.vocab: int | None = None
-        if config.causal_lm:
-            lm = cast(TrainConfig, config)
-            train_text, test_text, self.vocab = load_text(
-                lm.data, lm.seq_len, tokenizer=lm.tokenizer, eval_fraction=lm.eval_fraction, seed=lm.seed
-            )
-            return train_text, test_text, TokenLoader
-        train, test = self._load_data(config)
-        config.num_classes = config.num_classes or len(train.classes)
-        config.image_size = config.image_size or int(train.images.shape[-1])
-        if config.holdout is None:
-            config.holdout = config.default_holdout(len(train), config.num_classes)
-        train, _ = split_holdout(train, config.holdout, config.seed)
-        return self.training_images(train, config), test, BatchLoader
-
-    def _load_data(self, config: RunConfig) -> tuple[ImageTensors, ImageTensors]:
-        def load() -> tuple[ImageTensors, ImageTensors]:
-            kw: dict[str, Any] = {
-                "image_size": config.image_size,
-                "cache_dir": config.cache_dir,
-                "seed": config.seed,
-                "progress": self.progress,
-            }
-            return load_split(config.data, "train", subset=config.subset, **kw), load_split(
-                config.data, EVAL_SPLITS, subset=config.eval_subset, **kw
-            )
-
-        if not self.dist.enabled:
-            return load()
-        if self.dist.is_main:  # decode once; the other ranks read the cache
-            data = load()
-        self.dist.barrier()
-        if not self.dist.is_main:
-            data = load()
-        return data
 
     def _write_run_files(self, command: str | None) -> None:
         self.config.save(self.run_dir / "config.yaml")
