@@ -46,14 +46,20 @@ def distributed() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
+def all_reduce(t: torch.Tensor) -> torch.Tensor:
+    """A differentiable sum over ranks (``torch.distributed.nn``'s, whose deprecation warning on every call,
+    in favour of functional collectives, is silenced: one line per BatchNorm per step otherwise)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        from torch.distributed.nn.functional import all_reduce as differentiable_all_reduce
+
+        return differentiable_all_reduce(t)
+
+
 def global_batch_norm(bn: BatchNorm, x: torch.Tensor) -> torch.Tensor:
     """``bn`` in training mode on ``x``, the rank's slice of a batch, with the statistics of the whole batch over
     every rank: two differentiable all-reduces (the sums, for the mean; the squared deviations, for the variance).
     The running statistics are updated as :class:`torch.nn.BatchNorm2d` does (``momentum=None``: cumulative)."""
-    with warnings.catch_warnings():  # deprecated in favour of functional collectives, which lack autograd here
-        warnings.simplefilter("ignore", FutureWarning)
-        from torch.distributed.nn.functional import all_reduce
-
     c, dims = x.shape[1], [0, *range(2, x.dim())]
     shape = (1, c) + (1,) * (x.dim() - 2)
     count = torch.tensor([x.numel() / c], device=x.device, dtype=x.dtype)

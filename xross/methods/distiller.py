@@ -218,7 +218,7 @@ class Distiller(RunEngine):
                 terms.update(d)
         self.check_finite({"loss": total, **terms}, f" of the student ({self.config.student})")
         self.optimizer.zero_grad(set_to_none=True)
-        self.scaler.scale(total).backward()
+        self.backward(total, self.params)
         self.optimizer_step()
         acc = 100.0 * (logits.detach().argmax(1) == labels).float().mean()
         return {"loss": total.detach(), **{k: v.detach() for k, v in terms.items()}, "acc": acc}

@@ -190,7 +190,7 @@ class MutualNetTrainer(RunEngine):
                     loss = F.kl_div(F.log_softmax(logits.float(), dim=1), target, reduction="batchmean")
                     terms["kl_min" if i == 1 else f"kl_{i}"] = loss
             self.check_finite(terms, f" of the net at width {width:g}")
-            self.scaler.scale(loss).backward()
+            self.backward(loss, self.params)
         self.slim.width = settings[0][0]
         self.optimizer_step()
         total = sum(t.detach() for t in terms.values())

@@ -45,6 +45,7 @@ from xross.run.engine import RunEngine
 from xross.run.evaluate import EvalResult, evaluate, evaluate_lm
 from xross.run.grower import HowToGrow
 from xross.run.optim import ParamGroup
+from xross.run.parallel import PARALLEL_ENGINES
 from xross.run.table import Method, method_of, objective_options, register_method
 from xross.run.teachers import ensemble_probs
 
@@ -59,6 +60,7 @@ class Trainer(RunEngine):
 
     config: TrainConfig
     command_name = "train"
+    parallel_engines = PARALLEL_ENGINES
 
     # --- the engine's hooks ----------------------------------------------------------------------
 
@@ -95,6 +97,7 @@ class Trainer(RunEngine):
         self.exit_prefixes = exit_prefixes(self.paths, self.cohort.num_parts) if config.exits else []
         if config.init_from and not resume:
             load_cohort_weights(self.cohort, Path(config.init_from), verify=self.verify)
+        self.parallel.shard(self.cohort, self.units())
         self.trainables = [self._trainables(i) for i in range(self.cohort.num_nets)]
 
     def param_groups(self) -> list[ParamGroup]:
@@ -102,11 +105,17 @@ class Trainer(RunEngine):
             return [{"params": list(self.cohort.exits.parameters())}]  # type: ignore[union-attr]
         return [{"params": list(self.cohort.parameters())}]
 
+    def units(self) -> list[nn.Module]:
+        """What ``--parallel fsdp`` shards one by one: every piece of every net, every adapter, every exit head."""
+        pieces = [piece for net in self.cohort.nets for piece in net]  # type: ignore[attr-defined]
+        heads = list(self.cohort.exits.heads.values()) if self.cohort.exits is not None else []
+        return [*pieces, *self.cohort.adapters.values(), *heads]
+
     def model_state(self) -> dict[str, Any]:
-        return {"cohort": self.cohort.state_dict()}
+        return {"cohort": self.parallel.model_state(self.cohort)}
 
     def load_model_state(self, state: dict[str, Any]) -> None:
-        self.cohort.load_state_dict(state["cohort"])
+        self.parallel.load_model_state(self.cohort, state["cohort"])
 
     def compile(self) -> None:
         for net in self.cohort.nets:
@@ -219,16 +228,10 @@ class Trainer(RunEngine):
             self.check_finite(loss.terms, f" of net {i} ({self.config.nets[i]})")
         self.optimizer.zero_grad(set_to_none=True)
         if self.config.schedule == "joint":
-            self.scaler.scale(torch.stack([loss.total for loss in losses.values()]).sum()).backward()
+            self.backward(torch.stack([loss.total for loss in losses.values()]).sum(), self.params)
         else:
             for n, (i, loss) in enumerate(losses.items()):
-                params = self.trainables[i]
-                grads = torch.autograd.grad(
-                    self.scaler.scale(loss.total), params, retain_graph=n < len(losses) - 1, allow_unused=True
-                )
-                for p, g in zip(params, grads):
-                    if g is not None:
-                        p.grad = g if p.grad is None else p.grad + g
+                self.backward(loss.total, self.trainables[i], retain_graph=n < len(losses) - 1)
         self.optimizer_step()
         self.train_logits = {i: logits[self.cohort.own_path(i)].detach() for i in students}
         return losses
@@ -324,14 +327,16 @@ class Trainer(RunEngine):
         """Top-1/top-5 of ``paths`` (default all) on the evaluation split (causal LMs: loss and perplexity too);
         each rank scores its part of every batch."""
         reduce = functools.partial(sum_over_ranks, info=self.dist)
+        lockstep = self.parallel.lockstep
         if self.config.causal_lm:
-            return evaluate_lm(self.cohort, self.eval_batches(), paths, reduce=reduce)
+            return evaluate_lm(self.cohort, self.eval_batches(), paths, reduce=reduce, lockstep=lockstep)
         return evaluate(
             self.cohort,
             self.eval_batches(),
             self.config.image_size or 0,  # known once the data is loaded, before the first step
             paths,
             reduce=reduce,
+            lockstep=lockstep,
         )
 
 

@@ -30,6 +30,7 @@ DtypeName = Literal["float32", "float64"]
 GrowOptimizerName = Literal["carry", "reset"]
 GrowInitName = Literal["copy", "random"]
 TaskName = Literal["classify", "causal_lm"]
+ParallelName = Literal["ddp", "fsdp", "manual"]
 GROWING = uses(kinds=("cohort", "student"))  # the fields of growth during training (xross.run.growing)
 
 # CLI hints carried by fields: the option name when it differs, how a list is given
@@ -114,6 +115,11 @@ class RunConfig(FileModel):
     channels_last: bool = Field(False, description="channels-last memory format (CUDA)")
     compile: bool = Field(False, description="torch.compile the trained networks (CUDA)")
     sync_bn: bool = Field(True, description="global BatchNorm statistics when data-parallel")
+    parallel: ParallelName = Field(
+        "ddp",
+        description="under torchrun: ddp (DistributedDataParallel), fsdp (FSDP2: parameters, gradients and "
+        "optimiser state sharded; cohorts), manual (one flat all-reduce); see xross.run.parallel",
+    )
     threads: PositiveInt | None = Field(None, description="CPU threads")
     eval_every: NonNegativeInt = Field(1, description="evaluate the full nets every N epochs (0: only at the end)")
     log_every: PositiveInt = Field(10, description="log every N steps")

@@ -41,12 +41,13 @@ from xross.run.checkpoint import CheckpointDir
 from xross.run.config import DistillConfig, RunConfig, TrainConfig
 from xross.run.data import load_run_data
 from xross.run.directory import DTYPES
-from xross.run.distributed import DistInfo, any_rank, average_gradients, init_distributed
+from xross.run.distributed import DistInfo, any_rank, init_distributed
 from xross.run.evaluate import EvalResult
 from xross.run.grower import GrowthDuringTraining
 from xross.run.growing import checkpoint_growth, write_log
 from xross.run.metrics import MetricsLog
 from xross.run.optim import ParamGroup, lr_at, make_optimizer, set_lr
+from xross.run.parallel import make_engine
 from xross.run.teachers import Teachers, load_teachers
 
 
@@ -74,6 +75,7 @@ class RunEngine(GrowthDuringTraining):
     """
 
     command_name = "train"  # the xross sub-command that resumes this kind of run
+    parallel_engines: tuple[str, ...] = ("ddp", "manual")  # the --parallel engines that can run its step
 
     def __init__(
         self,
@@ -116,7 +118,8 @@ class RunEngine(GrowthDuringTraining):
         if config.threads:
             torch.set_num_threads(config.threads)
         torch.use_deterministic_algorithms(True, warn_only=True)
-        self._check_options(config)
+        self._check_options(config, resume)
+        self.parallel = make_engine(config.parallel, self.dist)  # how the ranks share a step (xross.run.parallel)
         data = load_run_data(config, self.dist, self.progress)
         train, test, loader, self.vocab = data.train, data.test, data.loader, data.vocab
         if self.vocab is None:  # images: what the run's method trains on (a subclass may take a part)
@@ -124,6 +127,8 @@ class RunEngine(GrowthDuringTraining):
         self.eval_split = test.split  # test/, else val/ (held-out windows of text): in eval.json and the tables
         self.config = config
         self.build(resume)
+        if self.dist.enabled and self.dist.is_main:
+            print(self.parallel.describe(), file=sys.stderr)
         groups = self.param_groups()
         self.params = [p for group in groups for p in group["params"]]
         self.optimizer = make_optimizer(groups, config)
@@ -233,9 +238,13 @@ class RunEngine(GrowthDuringTraining):
             f"{last if last else 'none (no epoch finished yet)'}"
         )
 
+    def backward(self, loss: torch.Tensor, params: list[torch.nn.Parameter], retain_graph: bool = False) -> None:
+        """Accumulate the gradient of ``loss`` (scaled for AMP) into ``params`` alone, as the run's engine does."""
+        self.parallel.backward(self.scaler.scale(loss), params, retain_graph)
+
     def optimizer_step(self) -> None:
-        """Average gradients over ranks, clip, step (through the AMP scaler)."""
-        average_gradients(self.params, self.dist)
+        """Finish the gradients' reduction over ranks, clip, step (through the AMP scaler)."""
+        self.parallel.reduce(self.params)
         if self.config.grad_clip:
             self.scaler.unscale_(self.optimizer)
             torch.nn.utils.clip_grad_norm_(self.params, self.config.grad_clip)
@@ -259,8 +268,18 @@ class RunEngine(GrowthDuringTraining):
             shutil.rmtree(self.run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
 
-    def _check_options(self, config: RunConfig) -> None:
-        """Say which options have no effect here (the config validated everything else)."""
+    def _check_options(self, config: RunConfig, resume: bool = False) -> None:
+        """Refuse the engines this run cannot use; say which options have no effect here (the config validated
+        everything else)."""
+        why = None
+        if config.parallel not in self.parallel_engines:
+            why = f"this method's step runs on {' or '.join(self.parallel_engines)}"
+        elif config.parallel == "fsdp" and config.grow:
+            why = "a growth rebuilds the nets, which would then have to be sharded again; use --parallel ddp"
+        elif config.parallel != "ddp" and not self.dist.enabled and not resume:
+            why = "it applies under torchrun (WORLD_SIZE > 1); launch with torchrun or drop --parallel"
+        if why:
+            raise XrossError(f"--parallel {config.parallel}: {why}")
         if self.dist.is_main and self.device.type != "cuda":
             for flag, on in (("--amp", config.amp != "off"), ("--compile", config.compile)):
                 if on:
@@ -350,10 +369,11 @@ class RunEngine(GrowthDuringTraining):
 
     def _save_checkpoint(self) -> Path | None:
         path = None
+        models, optimizer = self.model_state(), self.parallel.optimizer_state(self.optimizer)  # fsdp: gathered
         if self.dist.is_main:
             state = {
-                **self.model_state(),
-                "optimizer": self.optimizer.state_dict(),
+                **models,
+                "optimizer": optimizer,
                 "scaler": self.scaler.state_dict(),
                 "position": dataclasses.asdict(self.position),
                 **self._growth_checkpoint(),
@@ -371,7 +391,7 @@ class RunEngine(GrowthDuringTraining):
         try:
             self._replay_growth(checkpoint_growth(state), state)
             self.load_model_state(state)
-            self.optimizer.load_state_dict(state["optimizer"])
+            self.parallel.load_optimizer_state(self.optimizer, state["optimizer"])
             self.scaler.load_state_dict(state["scaler"])
             self.position = Position(**state["position"])
         except (KeyError, RuntimeError, ValueError, TypeError, SurgeryError) as e:

@@ -168,13 +168,15 @@ def evaluate(
     image_size: int,
     paths: Sequence[Route] | None = None,
     reduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    lockstep: bool = False,
 ) -> EvalResult:
     """Top-1/top-5 (%) of every path (default all K**P) plus ensembles, in eval mode.
 
     Ensembles average softmax outputs: ``nets`` over the K full networks,
     ``all_paths`` over every evaluated path. In a distributed run each rank passes its
     shard of ``batches`` and a ``reduce`` that sums a tensor of counts over the ranks,
-    so every rank returns the result on the whole evaluation set.
+    so every rank returns the result on the whole evaluation set; with ``lockstep`` (a sharded
+    cohort, whose pieces gather their weights in their forward) a rank runs even an empty shard's forward.
     """
     paths = list(paths) if paths is not None else cohort.paths()
     own = [cohort.own_path(i) for i in range(cohort.num_nets)]
@@ -186,9 +188,11 @@ def evaluate(
     device = next(cohort.parameters()).device
     with evaluating(cohort):
         for images, labels in batches:
-            if len(labels) == 0:  # a rank's part of a short last batch
-                continue
             values: dict[Route, object] = {}
+            if len(labels) == 0:  # a rank's part of a short last batch
+                if lockstep:
+                    cohort.forward_paths(images, list(dict.fromkeys([*paths, *own])), prefixes=values)
+                continue
             logits = cohort.forward_paths(images, list(dict.fromkeys([*paths, *own])), prefixes=values)
             for row, p in enumerate(paths):
                 hits[row] += topk_correct(logits[p].float(), labels)
@@ -222,10 +226,11 @@ def evaluate_lm(
     batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
     paths: Sequence[Route] | None = None,
     reduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    lockstep: bool = False,
 ) -> EvalResult:
     """Causal LMs: per path (default all), the mean next-token cross-entropy over the scored tokens
     (``loss``), ``perplexity = exp(loss)`` and next-token top-1/top-5 (%); ensembles (mean softmax) alike.
-    ``samples`` counts the tokens scored; ``reduce`` sums over ranks as :func:`evaluate`'s does."""
+    ``samples`` counts the tokens scored; ``reduce`` and ``lockstep`` as :func:`evaluate`'s."""
     paths = list(paths) if paths is not None else cohort.paths()
     own = [cohort.own_path(i) for i in range(cohort.num_nets)]
     groups = {"nets": own, "all_paths": paths}
@@ -235,6 +240,8 @@ def evaluate_lm(
     with evaluating(cohort):
         for ids, targets in batches:
             if len(targets) == 0:
+                if lockstep:
+                    cohort.forward_paths(ids, list(dict.fromkeys([*paths, *own])))
                 continue
             logits, y = per_token(cohort.forward_paths(ids, list(dict.fromkeys([*paths, *own]))), targets)
             log_probs = [torch.log_softmax(logits[p].double(), 1) for p in paths]

@@ -33,6 +33,7 @@ from xross.run.config import RunConfig
 from xross.run.distributed import DistInfo, globalise_batchnorm, same_on_every_rank
 from xross.run.growing import GrowthEntry, GrowthItem, parse_item, write_log
 from xross.run.optim import ParamGroup, make_optimizer
+from xross.run.parallel import Engine
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,6 +66,7 @@ class GrowthDuringTraining:
     progress: bool
     params: list[nn.Parameter]
     optimizer: torch.optim.Optimizer
+    parallel: Engine
     total_steps: int
     train_loader: Any
     position: Any
@@ -294,6 +296,7 @@ class GrowthDuringTraining:
         groups = self.param_groups()
         self.params = [p for group in groups for p in group["params"]]
         self.optimizer = carry.rebuild(self.optimizer, make_optimizer(groups, self.config), origins, mode)
+        self.parallel.reset()  # DDP wrappers hold the parameters as they were
         if self.config.compile and self.device.type == "cuda":
             self.compile()
 
