@@ -45,8 +45,9 @@ def ddp_args(archive: Path, cache: Path, *extra: str) -> list[str]:
     ]
 
 
-def torchrun(*args: str, nproc: int = 2) -> None:
-    """`torchrun --nproc_per_node=N -m xross ARGS` on CPU (gloo); fails the test with its stderr if it fails."""
+def torchrun(*args: str, nproc: int = 2) -> str:
+    """`torchrun --nproc_per_node=N -m xross ARGS` on CPU (gloo); fails the test with its stderr if it fails,
+    else returns the stderr."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     done = subprocess.run(
         [
@@ -66,6 +67,7 @@ def torchrun(*args: str, nproc: int = 2) -> None:
         timeout=300,
     )
     assert done.returncode == 0, done.stderr[-3000:]
+    return done.stderr
 
 
 @pytest.mark.slow
@@ -87,20 +89,6 @@ def test_torchrun_two_processes_match_one_process(tmp_path, cifar10_archive, dat
     e1, e2 = EvalResult.load(tmp_path / "one" / "eval.json"), EvalResult.load(tmp_path / "two" / "eval.json")
     assert e1.samples == e2.samples == 48
     assert [(r.path, r.top1, r.top5) for r in e1.paths] == [(r.path, r.top1, r.top5) for r in e2.paths]
-
-
-@pytest.mark.slow
-def test_torchrun_resume_is_bit_identical(tmp_path, cifar10_archive, data_cache) -> None:
-    common = ddp_args(cifar10_archive, data_cache, "--eval-subset", "32")
-    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
-    torchrun(*common, "--epochs", "2", "--out", str(straight))
-    torchrun(*common, "--epochs", "1", "--out", str(resumed))
-    assert final_state(resumed)["position"]["epoch"] == 1
-    torchrun("train", "--resume", "--out", str(resumed), "--epochs", "2", "--no-progress")
-    a, b = final_state(straight), final_state(resumed)
-    assert a["position"] == b["position"] == {**a["position"], "epoch": 2, "step": 0, "global_step": 8}
-    assert_same_tensors(a["cohort"], b["cohort"])
-    assert (straight / "steps.csv").read_text() == (resumed / "steps.csv").read_text()
 
 
 @pytest.mark.slow
