@@ -27,6 +27,7 @@ difference A - B exceeds twice its standard error (sd / sqrt(seeds)); otherwise 
     python bench/xross_cifar10.py --geometry research --ablations
     python bench/xross_cifar10.py --subset 500 --epochs 1 --seeds 0   # a quick look
 
+On a GPU: ``--amp bf16 --channels-last [--compile]`` (the run config's fields; all off by default).
 Runs are kept in ``--runs``; ``--reuse`` skips a run whose directory already holds its results.
 Last line (research): {"geometry", "seeds", "independent": [[m, s], [m, s]], "dml", "xml", "xml_paths_min",
 "xml_paths_max", "cka_xml", "cka_dml", "cka_independent", "entropy": {...}, "noise_drop": {...}}
@@ -101,7 +102,8 @@ def run(name: str, mode: str, options: dict[str, Any], seed: int, args: argparse
         "mode": mode, "data": args.data, "subset": args.subset, "eval_subset": args.eval_subset,
         "image_size": args.image_size, "epochs": args.epochs, "batch_size": args.batch_size, "optimizer": "adam",
         "lr": args.lr, "lr_schedule": args.lr_schedule, "augment": args.augment, "seed": seed, "eval_every": 0,
-        "out": str(out), "nets": NETS, "cuts": ["layer2"], **options,
+        "out": str(out), "nets": NETS, "cuts": ["layer2"], "device": args.device, "amp": args.amp,
+        "channels_last": args.channels_last, "compile": args.compile, "threads": args.threads, **options,
     })  # fmt: skip
     start = time.time()
     trainer = Trainer(cfg, force=True, progress=not args.quiet, command=f"bench/xross_cifar10.py {name} seed {seed}")
@@ -255,6 +257,11 @@ def main() -> None:
     ap.add_argument("--reuse", action="store_true", help="keep runs whose directory holds their results")
     ap.add_argument("--report", type=Path, default=ROOT / "docs" / "results", help="where the JSON and plots go")
     ap.add_argument("--quiet", action="store_true")
+    ap.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    ap.add_argument("--amp", choices=("off", "bf16", "fp16"), default="off", help="mixed precision (CUDA only)")
+    ap.add_argument("--channels-last", action="store_true", help="channels-last memory format (CUDA)")
+    ap.add_argument("--compile", action="store_true", help="torch.compile the nets' pieces (CUDA)")
+    ap.add_argument("--threads", type=int, help="CPU threads (default: torch's)")
     args = ap.parse_args()
     if args.ablations:
         args.geometry = "research"
