@@ -65,6 +65,7 @@ mkdir -p "$OUT"
 OUT=$(cd "$OUT" && pwd)
 exec > >(tee -a "$OUT/log.txt") 2>&1
 export PYTHONUNBUFFERED=1
+export XROSS_CACHE=${XROSS_CACHE:-/tmp/xross-cache}  # decoded images: not under a home that may be read-only
 set -o pipefail
 BEGAN=$(date +%s)
 CPU=${GPU_SH_CPU:-0}
@@ -125,7 +126,7 @@ part() {  # part NAME SECONDS COMMAND...: run under its own timeout; its exit st
     start=$(date +%s)
     echo
     echo "== part $name ($((start - BEGAN)) s in, limit $limit s): $*"
-    timeout -k 15 "$limit" "$@"
+    timeout -k 5 "$limit" "$@"
     rc=$?
     echo "== part $name: exit $rc after $(($(date +%s) - start)) s"
     STATUS+=("$name:$rc:$(($(date +%s) - start))")
