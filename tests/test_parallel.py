@@ -16,6 +16,7 @@ from helpers import assert_same_tensors, final_state, finish, xross
 from test_distributed import torchrun
 from torch import nn
 
+from xross.run.evaluate import EvalResult
 from xross.run.parallel import leaves_reached
 
 VGG = "growth.models:small_vgg(widths=[8, 16], image_size=8)"
@@ -115,3 +116,37 @@ def test_leaves_reached_are_the_parameters_a_backward_pass_accumulates_into() ->
     loss.backward()
     assert all(p.grad is not None for p in [*a.parameters(), *b.parameters()])
     assert all(p.grad is None for p in c.parameters())
+
+
+LLAMA = (
+    'hf:LlamaForCausalLM(config={"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2, '
+    '"num_key_value_heads": 1, "intermediate_size": 64, "vocab_size": 256})'
+)
+
+
+@pytest.mark.slow
+def test_causal_lm_cohort_sharded_by_fsdp_matches_one_process(tmp_path, data_cache) -> None:
+    """Two LLaMAs (GQA, RoPE) in xml, each cut after its first layer and sharded piece by piece; the text ends
+    in a short window, so the ranks hold different numbers of tokens in one of the batches: the loss is still
+    the mean over every rank's tokens, and so the run equals one process's."""
+    from xross.data.labels import UNLABELED
+    from xross.data.text import TokenLoader, load_text
+
+    corpus = tmp_path / "text"
+    corpus.mkdir()
+    (corpus / "a.py").write_text("".join(f"def f{i}(x):\n    return x * {i} + {i % 7}\n" for i in range(36)))
+    train, _, _ = load_text(f"text:{corpus}", 32)
+    halves = [TokenLoader(train, 16, rank=r, world_size=2, device=torch.device("cpu"), seed=0) for r in (0, 1)]
+    counts = [[int((y != UNLABELED).sum()) for _, y in half.epoch(0)] for half in halves]
+    assert counts[0] != counts[1]  # the short window is in a training batch: its halves hold different counts
+    args = ["train", "--task", "causal_lm", "--mode", "xml", "--nets", f"{LLAMA},{LLAMA}", "--cut", "block:0"]
+    args += ["--data", f"text:{corpus}", "--seq-len", "32", "--batch-size", "16", "--epochs", "1", "--dtype"]
+    args += ["float64", "--optimizer", "sgd", "--lr", "0.05", "--no-progress", "--cache-dir", str(data_cache)]
+    one_process(args, tmp_path / "one")
+    err = torchrun(*args, "--parallel", "fsdp", "--out", str(tmp_path / "fsdp"))
+    assert "parallel: fsdp (4 units fully_shard-ed)" in err
+    assert worst_difference(tmp_path / "one", tmp_path / "fsdp") <= 1e-9
+    e1, e2 = (EvalResult.load(tmp_path / run / "eval.json") for run in ("one", "fsdp"))
+    assert e1.samples == e2.samples
+    for a, b in zip(e1.paths, e2.paths):
+        assert a.path == b.path and abs(a.perplexity - b.perplexity) <= 1e-9 * a.perplexity

@@ -172,6 +172,7 @@ class Cohort(nn.Module):
             if text is not None:
                 net = check_lm(net, text.vocab, text.seq_len, f"net {k} ({src if isinstance(src, str) else ''})")
                 net_cuts = resolve_cuts(net, net_cuts)
+                net = net.to(text.dtype)
             if transform_net is not None:
                 net = transform_net(net)
             cut_net = surgery.cut(net.eval(), net_cuts, example)

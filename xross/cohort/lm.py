@@ -35,10 +35,12 @@ BLOCK = "block:"
 
 @dataclasses.dataclass(frozen=True)
 class TextNets:
-    """What a cohort of causal LMs is built for: the tokenizer's vocabulary and the window length."""
+    """What a cohort of causal LMs is built for: the tokenizer's vocabulary, the window length and the dtype
+    (a captured decoder asserts the dtype of its rotary tables: it is cut in the dtype it trains in)."""
 
     vocab: int
     seq_len: int
+    dtype: torch.dtype = torch.float32
 
 
 def token_example(seq_len: int, device: torch.device | str = "cpu") -> Example:

@@ -27,7 +27,7 @@ def lm_cohort(config: Any, vocab: int, device: torch.device, *, trust_code: bool
         config.nets,
         config.per_net_cuts(),
         None,
-        text=TextNets(vocab, config.seq_len),
+        text=TextNets(vocab, config.seq_len, getattr(torch, config.dtype)),  # "float32" or "float64"
         require_stitches=False,
         adapter_batchnorm=config.adapter_batchnorm,
         always_adapt=config.always_adapt,

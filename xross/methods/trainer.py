@@ -227,14 +227,25 @@ class Trainer(RunEngine):
         for i, loss in losses.items():
             self.check_finite(loss.terms, f" of net {i} ({self.config.nets[i]})")
         self.optimizer.zero_grad(set_to_none=True)
+        share = self._token_share(labels) if self.config.causal_lm else 1.0
         if self.config.schedule == "joint":
-            self.backward(torch.stack([loss.total for loss in losses.values()]).sum(), self.params)
+            self.backward(torch.stack([loss.total for loss in losses.values()]).sum() * share, self.params)
         else:
             for n, (i, loss) in enumerate(losses.items()):
-                self.backward(loss.total, self.trainables[i], retain_graph=n < len(losses) - 1)
+                self.backward(loss.total * share, self.trainables[i], retain_graph=n < len(losses) - 1)
         self.optimizer_step()
         self.train_logits = {i: logits[self.cohort.own_path(i)].detach() for i in students}
         return losses
+
+    def _token_share(self, tokens: torch.Tensor) -> float:
+        """This rank's tokens over the mean number per rank: a rank's terms are means over its own tokens, and a
+        window cut short at the end of the text leaves the ranks different numbers of them; weighting each
+        rank's loss so makes the averaged gradient the gradient of the mean over every rank's tokens (1.0 in
+        one process)."""
+        if not self.dist.enabled:
+            return 1.0
+        total = sum_over_ranks(torch.tensor([float(len(tokens))], dtype=torch.float64), self.dist)
+        return len(tokens) * self.dist.world_size / float(total)
 
     def _with_growth_kd(
         self,

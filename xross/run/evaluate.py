@@ -176,7 +176,8 @@ def evaluate(
     ``all_paths`` over every evaluated path. In a distributed run each rank passes its
     shard of ``batches`` and a ``reduce`` that sums a tensor of counts over the ranks,
     so every rank returns the result on the whole evaluation set; with ``lockstep`` (a sharded
-    cohort, whose pieces gather their weights in their forward) a rank runs even an empty shard's forward.
+    cohort, whose pieces gather their weights in their forward) a rank with an empty shard of a batch runs
+    the forward of one dummy row.
     """
     paths = list(paths) if paths is not None else cohort.paths()
     own = [cohort.own_path(i) for i in range(cohort.num_nets)]
@@ -190,8 +191,8 @@ def evaluate(
         for images, labels in batches:
             values: dict[Route, object] = {}
             if len(labels) == 0:  # a rank's part of a short last batch
-                if lockstep:
-                    cohort.forward_paths(images, list(dict.fromkeys([*paths, *own])), prefixes=values)
+                if lockstep:  # one row of zeros: some models refuse an empty batch
+                    cohort.forward_paths(images.new_zeros((1, *images.shape[1:])), list(dict.fromkeys([*paths, *own])))
                 continue
             logits = cohort.forward_paths(images, list(dict.fromkeys([*paths, *own])), prefixes=values)
             for row, p in enumerate(paths):
@@ -240,8 +241,8 @@ def evaluate_lm(
     with evaluating(cohort):
         for ids, targets in batches:
             if len(targets) == 0:
-                if lockstep:
-                    cohort.forward_paths(ids, list(dict.fromkeys([*paths, *own])))
+                if lockstep:  # one window of zeros: a decoder refuses an empty batch
+                    cohort.forward_paths(ids.new_zeros((1, *ids.shape[1:])), list(dict.fromkeys([*paths, *own])))
                 continue
             logits, y = per_token(cohort.forward_paths(ids, list(dict.fromkeys([*paths, *own]))), targets)
             log_probs = [torch.log_softmax(logits[p].double(), 1) for p in paths]
