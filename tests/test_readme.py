@@ -55,8 +55,9 @@ after a tenth is held out) and 2 test images; 3 growth steps; 5 images timed one
 repeats at batch 4; diagnostics on the 20 test images."""
 
 NOT_RUN = (
-    "torchrun --nproc_per_node=2 -m xross train",
+    "torchrun --nproc_per_node=2 -m xross train --nets",
     "torchrun --nproc_per_node=2 examples/pipeline_gpt2.py",
+    "torchrun --nproc_per_node=2 -m xross train --parallel fsdp",
     "--data cifar10 --epochs 30 --out runs/c10",
 )
 """Fragments of the lines the README marks as not run (multi-process, download)."""

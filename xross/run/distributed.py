@@ -1,12 +1,11 @@
-"""Data-parallel training under ``torchrun`` (gloo on CPU, nccl on CUDA).
+"""Data-parallel training under ``torchrun`` (gloo on CPU, nccl on CUDA): the process group and what the
+ranks share besides gradients.
 
-Each rank trains on its slice of every global batch; after the backward passes the
-gradients are averaged across ranks (one flat all-reduce), so every rank takes the
-same optimizer step. This is DistributedDataParallel's contract, done by hand because
-the ``alternate`` schedule runs one restricted backward pass per student, which
-``torch.nn.parallel.DistributedDataParallel``'s one-backward-per-forward hooks do not
-allow. BatchNorm statistics are made global across ranks (``SyncBatchNorm`` on CUDA,
-:class:`GlobalBatchNorm2d` on CPU, where ``SyncBatchNorm`` refuses to run).
+Each rank trains on its slice of every global batch; how the gradients meet is the run's ``--parallel``
+engine (:mod:`xross.run.parallel`: DDP, FSDP2, or :func:`average_gradients`, the hand-written flat
+all-reduce). BatchNorm statistics are made global across ranks (``SyncBatchNorm`` on CUDA,
+:class:`GlobalBatchNorm2d` on CPU, where ``SyncBatchNorm`` refuses to run); stop requests, growth examples
+and evaluation counts are shared by the helpers below.
 """
 
 from __future__ import annotations
