@@ -226,14 +226,20 @@ class RunEngine(GrowthDuringTraining):
         return images.contiguous(memory_format=torch.channels_last) if self.config.channels_last else images
 
     def check_finite(self, terms: dict[str, torch.Tensor], owner: str = "") -> None:
-        """Stop (without saving) at the first non-finite term, naming it, its ``owner`` and the last good checkpoint."""
+        """Stop (without saving) at the first non-finite term, naming it, its ``owner`` and the last good checkpoint;
+        under torchrun every rank stops when one does (the others would wait for it in the gradients' reduction)."""
         values = torch.stack([v.detach().double().reshape(()) for v in terms.values()])
-        if bool(torch.isfinite(values).all()):
+        if not any_rank(not bool(torch.isfinite(values).all()), self.dist):
             return
-        name, v = next((n, v) for n, v in terms.items() if not bool(torch.isfinite(v)))
+        name, v = next(((n, v) for n, v in terms.items() if not bool(torch.isfinite(v))), ("", None))
         last, p = self.checkpoints.latest(), self.position
+        what = (
+            f"loss term '{name}'{owner} is {float(v.detach())}"
+            if v is not None
+            else f"a loss term{owner} of another rank is not finite"
+        )
         raise TrainingDiverged(
-            f"loss term '{name}'{owner} is {float(v.detach())} at epoch {p.epoch + 1} step {p.step + 1} "
+            f"{what} at epoch {p.epoch + 1} step {p.step + 1} "
             f"(global step {p.global_step + 1}); stopped without saving; the last good checkpoint is "
             f"{last if last else 'none (no epoch finished yet)'}"
         )
