@@ -63,6 +63,7 @@ SAMPLES: dict[str, tuple[typing.Any, dict[str, typing.Any]]] = {
     "channels_last": (True, {}),
     "compile": (True, {}),
     "sync_bn": (False, {}),
+    "parallel": ("manual", {}),
     "threads": (1, {}),
     "eval_every": (2, {}),
     "log_every": (5, {}),
