@@ -47,7 +47,7 @@ from xross.run.grower import GrowthDuringTraining
 from xross.run.growing import checkpoint_growth, write_log
 from xross.run.metrics import MetricsLog
 from xross.run.optim import ParamGroup, lr_at, make_optimizer, set_lr
-from xross.run.parallel import make_engine
+from xross.run.parallel import make_engine, refuse_engine
 from xross.run.teachers import Teachers, load_teachers
 
 
@@ -277,15 +277,7 @@ class RunEngine(GrowthDuringTraining):
     def _check_options(self, config: RunConfig, resume: bool = False) -> None:
         """Refuse the engines this run cannot use; say which options have no effect here (the config validated
         everything else)."""
-        why = None
-        if config.parallel not in self.parallel_engines:
-            why = f"this method's step runs on {' or '.join(self.parallel_engines)}"
-        elif config.parallel == "fsdp" and config.grow:
-            why = "a growth rebuilds the nets, which would then have to be sharded again; use --parallel ddp"
-        elif config.parallel != "ddp" and not self.dist.enabled and not resume:
-            why = "it applies under torchrun (WORLD_SIZE > 1); launch with torchrun or drop --parallel"
-        if why:
-            raise XrossError(f"--parallel {config.parallel}: {why}")
+        refuse_engine(config, self.parallel_engines, self.dist.enabled or resume)
         if self.dist.is_main and self.device.type != "cuda":
             for flag, on in (("--amp", config.amp != "off"), ("--compile", config.compile)):
                 if on:

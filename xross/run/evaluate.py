@@ -187,14 +187,15 @@ def evaluate(
     hits = torch.zeros(len(paths) + len(ensembles) + len(prefixes), 2, dtype=torch.int64)
     n = 0
     device = next(cohort.parameters()).device
+    computed = list(dict.fromkeys([*paths, *own]))
     with evaluating(cohort):
         for images, labels in batches:
-            values: dict[Route, object] = {}
             if len(labels) == 0:  # a rank's part of a short last batch
                 if lockstep:  # one row of zeros: some models refuse an empty batch
-                    cohort.forward_paths(images.new_zeros((1, *images.shape[1:])), list(dict.fromkeys([*paths, *own])))
+                    cohort.forward_paths(images.new_zeros((1, *images.shape[1:])), computed)
                 continue
-            logits = cohort.forward_paths(images, list(dict.fromkeys([*paths, *own])), prefixes=values)
+            values: dict[Route, object] = {}
+            logits = cohort.forward_paths(images, computed, prefixes=values)
             for row, p in enumerate(paths):
                 hits[row] += topk_correct(logits[p].float(), labels)
             for row, members in enumerate(ensembles.values(), start=len(paths)):
@@ -238,13 +239,14 @@ def evaluate_lm(
     rows = len(paths) + len(groups)
     sums = torch.zeros(rows, 3, dtype=torch.float64)  # cross-entropy summed over tokens, top-1 and top-5 hits
     n = 0
+    computed = list(dict.fromkeys([*paths, *own]))
     with evaluating(cohort):
         for ids, targets in batches:
             if len(targets) == 0:
                 if lockstep:  # one window of zeros: a decoder refuses an empty batch
-                    cohort.forward_paths(ids.new_zeros((1, *ids.shape[1:])), list(dict.fromkeys([*paths, *own])))
+                    cohort.forward_paths(ids.new_zeros((1, *ids.shape[1:])), computed)
                 continue
-            logits, y = per_token(cohort.forward_paths(ids, list(dict.fromkeys([*paths, *own]))), targets)
+            logits, y = per_token(cohort.forward_paths(ids, computed), targets)
             log_probs = [torch.log_softmax(logits[p].double(), 1) for p in paths]
             log_probs += [
                 torch.stack([logits[p].double().softmax(1) for p in m]).mean(0).log() for m in groups.values()

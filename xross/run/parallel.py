@@ -151,10 +151,10 @@ class FSDP(Engine):
         super().shard(root, units)
         mesh = init_device_mesh(self.info.device.type, (self.info.world_size,))
         for unit in units:
-            if any(True for _ in unit.parameters()):
+            if any(True for _ in unit.parameters()):  # a unit without parameters has nothing to shard
                 fully_shard(unit, mesh=mesh)
+                self.units += 1
         self.sharded = list(root.parameters())
-        self.units = sum(1 for _ in root.modules() if hasattr(_, "unshard"))  # what fully_shard made FSDPModules
 
     def describe(self) -> str:
         return f"parallel: fsdp ({self.units} units fully_shard-ed) over {self.info.world_size} ranks"
@@ -188,8 +188,6 @@ class FSDP(Engine):
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
         assert self.root is not None, "shard() comes before the optimiser"
-        if not any(isinstance(k, str) for k in state.get("state", {})) and state.get("state"):
-            raise ValueError("the optimiser state is a one-process run's (numbered parameters), not an fsdp run's")
         set_optimizer_state_dict(self.root, optimizer, state, options=StateDictOptions(full_state_dict=True))
 
 
@@ -235,6 +233,20 @@ def sharded_like(current: dict[str, Any], full: dict[str, Any]) -> dict[str, Any
             local = {"src_data_rank": None} if "src_data_rank" in shard_options else {}  # torch >= 2.7: no scatter
             out[key] = distribute_tensor(whole, now.device_mesh, now.placements, **local)
     return out
+
+
+def refuse_engine(config: Any, allowed: Sequence[str], distributed: bool) -> None:
+    """One line if ``config.parallel`` cannot run here: not one of the method's ``allowed`` engines, fsdp with
+    a growth, or a non-default engine outside torchrun (``distributed``: under torchrun, or resuming a run)."""
+    name, why = config.parallel, None
+    if name not in allowed:
+        why = f"this method's step runs on {' or '.join(allowed)}"
+    elif name == "fsdp" and config.grow:
+        why = "a growth rebuilds the nets, which would then have to be sharded again; use --parallel ddp"
+    elif name != "ddp" and not distributed:
+        why = "it applies under torchrun (WORLD_SIZE > 1); launch with torchrun or drop --parallel"
+    if why:
+        raise XrossError(f"--parallel {name}: {why}")
 
 
 def make_engine(name: str, info: DistInfo) -> Engine:
